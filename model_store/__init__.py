@@ -1,0 +1,34 @@
+"""Persistence of per-product adapter bundles (versioned, checksummed, crash-safe)."""
+
+from .errors import (
+    BackboneMismatch,
+    BundleCorrupt,
+    BundleNotFound,
+    ConcurrentModification,
+    InvalidInput,
+    InvalidName,
+    StoreError,
+    UnsupportedSchema,
+    VersionNotFound,
+)
+from .manifest import SCHEMA_VERSION, BackboneRef, Manifest, ShotRef, TrainingInfo
+from .store import AdapterStore, validate_category
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "AdapterStore",
+    "BackboneMismatch",
+    "BackboneRef",
+    "BundleCorrupt",
+    "BundleNotFound",
+    "ConcurrentModification",
+    "InvalidInput",
+    "InvalidName",
+    "Manifest",
+    "ShotRef",
+    "StoreError",
+    "TrainingInfo",
+    "UnsupportedSchema",
+    "VersionNotFound",
+    "validate_category",
+]

@@ -1,0 +1,99 @@
+"""Everything one product needs at inference, and its flat tensor form for safetensors bundles."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+
+import torch
+
+from clipshot.calibration import Calibration
+from clipshot.fusion import ScoringConfig
+from clipshot.lora import LoraSpec
+from clipshot.memory_branch import MemoryBank
+from clipshot.prompts import PromptSpec
+
+
+@dataclass
+class Adapter:
+    """A product's adapter: cached text embeddings, memory bank, LoRA, prompts, calibration.
+
+    ``backbone`` records the layer/resolution layout the tensors were made with, so a bundle is never
+    applied to features of another shape.
+    """
+
+    category: str
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    text: torch.Tensor | None = None
+    memory: MemoryBank | None = None
+    lora: LoraSpec | None = None
+    lora_state: dict[str, torch.Tensor] | None = None
+    prompt: PromptSpec | None = None
+    prompt_state: dict[str, torch.Tensor] | None = None
+    calibration: Calibration | None = None
+    object_name: str | None = None
+    backbone: dict = field(default_factory=dict)
+    version: int | None = None
+    uid: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    @property
+    def threshold(self) -> float | None:
+        return None if self.calibration is None else self.calibration.threshold
+
+    @property
+    def branches(self) -> list[str]:
+        return [name for name, part in (("text", self.text), ("memory", self.memory)) if part is not None]
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        tensors: dict[str, torch.Tensor] = {}
+        if self.text is not None:
+            tensors["text.embeddings"] = self.text.detach().cpu().float().contiguous()
+        if self.memory is not None:
+            for i, layer in enumerate(self.memory.layers):
+                tensors[f"memory.layer{i}"] = layer.detach().cpu().contiguous()
+        for key, value in (self.lora_state or {}).items():
+            tensors[f"lora.{key}"] = value.detach().cpu().float().contiguous()
+        for key, value in (self.prompt_state or {}).items():
+            tensors[key] = value.detach().cpu().float().contiguous()
+        return tensors
+
+    def config(self) -> dict:
+        return {
+            "scoring": self.scoring.to_dict(),
+            "lora": None if self.lora is None else self.lora.to_dict(),
+            "prompt": None if self.prompt is None else self.prompt.to_dict(),
+            "calibration": None if self.calibration is None else self.calibration.to_dict(),
+            "memory_layers": 0 if self.memory is None else len(self.memory.layers),
+            "object_name": self.object_name,
+            "backbone": self.backbone,
+        }
+
+    @classmethod
+    def from_tensors(cls, category: str, tensors: dict[str, torch.Tensor], config: dict,
+                     version: int | None = None) -> Adapter:
+        """Inverse of ``to_tensors``/``config``; a missing tensor the config promises is a corrupt bundle."""
+        layers = int(config.get("memory_layers", 0))
+        try:
+            memory = MemoryBank([tensors[f"memory.layer{i}"] for i in range(layers)]) if layers else None
+        except KeyError as exc:
+            raise ValueError(f"bundle config promises {layers} memory layers but {exc} is missing") from exc
+        lora_state = {k[len("lora."):]: v for k, v in tensors.items() if k.startswith("lora.")}
+        prompt_state = {k: v for k, v in tensors.items() if k.startswith("prompt.")}
+        if config.get("lora") and not lora_state:
+            raise ValueError("bundle config has a LoRA spec but no LoRA tensors")
+        cal = config.get("calibration")
+        return cls(
+            category=category,
+            scoring=ScoringConfig(**config.get("scoring", {})),
+            text=tensors.get("text.embeddings"),
+            memory=memory,
+            lora=LoraSpec(**config["lora"]) if config.get("lora") else None,
+            lora_state=lora_state or None,
+            prompt=PromptSpec(**config["prompt"]) if config.get("prompt") else None,
+            prompt_state=prompt_state or None,
+            calibration=Calibration(**cal) if cal else None,
+            object_name=config.get("object_name"),
+            backbone=dict(config.get("backbone", {})),
+            version=version,
+            uid=f"{category}@v{version}" if version is not None else uuid.uuid4().hex,
+        )

@@ -1,0 +1,44 @@
+"""One entry point, ``load_backbone(spec)``, for every backbone clipshot can run on."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from clipshot.backbone.base import Backbone, resolve_device
+from clipshot.backbone.clip import BackboneLoadError, ClipBackbone, load_clip
+from clipshot.backbone.efficientnet import EfficientNetBackbone
+from clipshot.backbone.spec import (
+    DEFAULT_BACKBONE,
+    EFFICIENTNET_LITE0,
+    TINY_CLIP,
+    BackboneSpec,
+    BackboneSpecError,
+    parse_spec,
+)
+
+__all__ = [
+    "Backbone", "BackboneLoadError", "BackboneSpec", "BackboneSpecError", "ClipBackbone", "DEFAULT_BACKBONE",
+    "EFFICIENTNET_LITE0", "EfficientNetBackbone", "TINY_CLIP", "load_backbone", "parse_spec", "resolve_device",
+]
+
+
+def load_backbone(
+    spec: str,
+    *,
+    device: str = "cpu",
+    precision: str = "fp32",
+    image_size: int | None = None,
+    layers: Sequence[int] | None = None,
+    dpam_layers: Sequence[int] | None = None,
+    quick_gelu: bool | None = None,
+) -> Backbone:
+    """Build a frozen backbone from a spec string (see ``parse_spec`` for the accepted forms)."""
+    parsed = parse_spec(spec)
+    if parsed.family == "imagenet":
+        if layers or dpam_layers:
+            raise ValueError(f"{EFFICIENTNET_LITE0} has fixed feature layers; do not pass layers/dpam_layers")
+        return EfficientNetBackbone(device=device, precision=precision, image_size=image_size)
+    return load_clip(
+        parsed, device=device, precision=precision, image_size=image_size, layers=layers,
+        dpam_layers=dpam_layers, quick_gelu=quick_gelu,
+    )

@@ -1,0 +1,71 @@
+"""What every backbone offers the scoring code: preprocessing and multi-layer patch features."""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from clipshot.features import Features
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``auto`` picks CUDA when present so one config works on laptops, CI and GPU servers alike."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} requested but CUDA is not available; use 'cpu' or 'auto'")
+    return resolved
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class Backbone(ABC):
+    """A frozen feature extractor; subclasses fill in the model-specific parts."""
+
+    spec: str
+    image_size: int
+    supports_text: bool = False
+    weights_sha256: str
+    device: torch.device
+    dtype: torch.dtype
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    layers: tuple[int, ...]
+
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Squash-resize to the square input (no crop: a crop could cut a defect at the border) and normalise."""
+        size = self.image_size
+        arrays = [
+            np.asarray(img.convert("RGB").resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32)
+            for img in images
+        ]
+        batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).div_(255.0)
+        mean = torch.tensor(self.mean).view(1, 3, 1, 1)
+        std = torch.tensor(self.std).view(1, 3, 1, 1)
+        return ((batch - mean) / std).to(self.device)
+
+    def autocast(self):
+        """Half-precision autocast on CUDA keeps fp32 LoRA weights usable next to a half backbone."""
+        if self.device.type == "cuda" and self.dtype != torch.float32:
+            return torch.autocast("cuda", dtype=self.dtype)
+        return nullcontext()
+
+    @abstractmethod
+    def extract(self, pixels: torch.Tensor, *, dpam: bool = False) -> Features:
+        """Features of a preprocessed batch."""

@@ -1,0 +1,182 @@
+"""Frozen open_clip backbone: projected CLS + multi-layer patch tokens, optional DPAM, LoRA-ready attention."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clipshot.backbone.attention import split_attention
+from clipshot.backbone.base import PRECISIONS, Backbone, resolve_device
+from clipshot.backbone.spec import EFFICIENTNET_LITE0, BackboneSpec
+from clipshot.features import Features
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
+TINY_ARCH = "clipshot-tiny-clip"
+_configs_registered = False
+
+
+class BackboneLoadError(RuntimeError):
+    """The backbone could not be built; the message says what to pass instead."""
+
+
+def _register_configs() -> None:
+    global _configs_registered
+    if not _configs_registered:
+        open_clip.add_model_config(CONFIG_DIR)
+        _configs_registered = True
+
+
+def state_dict_sha256(model: nn.Module) -> str:
+    """Hash of every weight (names + bytes): identifies the weights however they were obtained (tag, file, seed)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def even_layers(depth: int, count: int = 4) -> tuple[int, ...]:
+    """``count`` evenly spaced 1-based block indices ending at the last block (3/6/9/12 for 12 blocks)."""
+    return tuple(sorted({max(1, round(depth * (i + 1) / count)) for i in range(count)}))
+
+
+def _create(spec: BackboneSpec, image_size: int | None, quick_gelu: bool | None) -> nn.Module:
+    _register_configs()
+    arch = TINY_ARCH if spec.family == "test" else spec.arch
+    if arch not in open_clip.list_models():
+        close = [m for m in open_clip.list_models() if spec.arch.lower().split("-")[0] in m.lower()][:8]
+        raise BackboneLoadError(f"unknown open_clip architecture {spec.arch!r}; similar: {close}")
+    kwargs: dict = {"force_image_size": image_size} if image_size else {}
+    if quick_gelu is None and spec.weights_is_path and "openai" in Path(spec.weights).name.lower():
+        warnings.warn(
+            "OpenAI CLIP weights were trained with QuickGELU; using the -quickgelu activation for "
+            f"{spec.weights}. Pass the '-quickgelu' architecture explicitly to silence this.",
+            stacklevel=3,
+        )
+        quick_gelu = True
+    if quick_gelu:
+        kwargs["force_quick_gelu"] = True
+    if spec.weights is None:  # random init: seed it, so every process builds the same weights (same sha)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return open_clip.create_model(arch, pretrained=None, **kwargs)
+    if spec.weights_is_path and not Path(spec.weights).is_file():
+        raise BackboneLoadError(
+            f"CLIP checkpoint file {spec.weights!r} does not exist. Pass the path of a local .safetensors/.pt "
+            f"open_clip checkpoint, or use '{EFFICIENTNET_LITE0}' (bundled, offline, memory branch only)."
+        )
+    try:
+        return open_clip.create_model(arch, pretrained=spec.weights, **kwargs)
+    except Exception as exc:  # network, missing tag, bad file: all end in the same advice
+        raise BackboneLoadError(
+            f"could not load CLIP weights {spec.weights!r} for {spec.arch} ({type(exc).__name__}: {exc}). "
+            "open_clip downloads pretrained tags on first use, which needs network access to the model hub. "
+            f"Offline: download the checkpoint elsewhere and pass 'open_clip:{spec.arch}:/path/to/"
+            f"open_clip_model.safetensors', or use '{EFFICIENTNET_LITE0}' (bundled, memory branch only)."
+        ) from exc
+
+
+class ClipBackbone(Backbone):
+    """open_clip model, frozen; features are read from its own modules block by block."""
+
+    supports_text = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        spec: str,
+        device: str | torch.device = "cpu",
+        precision: str = "fp32",
+        layers: Sequence[int] | None = None,
+        dpam_layers: Sequence[int] | None = None,
+        weights_sha256: str | None = None,
+    ):
+        visual = model.visual
+        if getattr(visual, "attn_pool", None) is not None or getattr(visual, "pool_type", "tok") != "tok":
+            raise BackboneLoadError("only open_clip ViTs with CLS-token pooling are supported")
+        if not getattr(visual.transformer, "batch_first", True):
+            raise BackboneLoadError("open_clip transformers must be batch_first (open_clip >= 3 default)")
+        if getattr(visual, "final_ln_after_pool", False) or visual.proj is None:
+            raise BackboneLoadError("only open_clip ViTs with ln_post + proj heads are supported")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        self.spec = spec
+        self.weights_sha256 = weights_sha256 or state_dict_sha256(model)
+        self.device = resolve_device(device)
+        self.dtype = PRECISIONS[precision]
+        self.precision = precision
+        split_attention(visual.transformer.resblocks)
+        model.eval().requires_grad_(False)
+        self.model = model.to(self.device)
+        if self.device.type == "cuda" and self.dtype != torch.float32:
+            self.model.to(self.dtype)
+        size = visual.image_size
+        self.image_size = int(size[0] if isinstance(size, tuple | list) else size)
+        cfg = getattr(visual, "preprocess_cfg", {}) or {}
+        self.mean = tuple(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN))
+        self.std = tuple(cfg.get("std", open_clip.OPENAI_DATASET_STD))
+        self.depth = len(visual.transformer.resblocks)
+        self.layers = tuple(layers) if layers else even_layers(self.depth)
+        default_dpam = tuple(range(self.depth // 2 + 1, self.depth + 1))
+        self.dpam_layers = tuple(dpam_layers) if dpam_layers else default_dpam
+        for name, values in (("layers", self.layers), ("dpam_layers", self.dpam_layers)):
+            if not values or min(values) < 1 or max(values) > self.depth:
+                raise ValueError(f"{name} must be 1-based block indices in 1..{self.depth}, got {values}")
+        grid = visual.grid_size
+        self.grid = (int(grid[0]), int(grid[1]))
+
+    @property
+    def visual(self) -> nn.Module:
+        return self.model.visual
+
+    def _to_joint_space(self, tokens: torch.Tensor) -> torch.Tensor:
+        """ln_post + proj: the head CLIP uses for CLS, applied to patch tokens (AnomalyCLIP / APRIL-GAN)."""
+        return F.normalize((self.visual.ln_post(tokens) @ self.visual.proj).float(), dim=-1)
+
+    def extract(self, pixels: torch.Tensor, *, dpam: bool = False) -> Features:
+        """CLS from the original path; patch tokens from the V-V path on DPAM layers when ``dpam``."""
+        visual = self.visual
+        dpam_set = set(self.dpam_layers) if dpam else set()
+        with self.autocast():
+            x = visual._embeds(pixels.to(self.dtype if self.device.type == "cuda" else torch.float32))
+            vv: torch.Tensor | None = None
+            taken: list[torch.Tensor] = []
+            for index, block in enumerate(visual.transformer.resblocks, start=1):
+                if index in dpam_set:
+                    if vv is None:
+                        vv = x
+                    vv = vv + block.ls_1(block.attn.value_value(block.ln_1(x)))
+                x = block(x)
+                if index in self.layers:
+                    source = vv if index in dpam_set else x
+                    taken.append(self._to_joint_space(source[:, 1:]))
+            cls = self._to_joint_space(x[:, 0])
+        return Features(cls=cls, patches=taken, grid=self.grid)
+
+
+def load_clip(
+    spec: BackboneSpec,
+    *,
+    device: str = "cpu",
+    precision: str = "fp32",
+    image_size: int | None = None,
+    layers: Sequence[int] | None = None,
+    dpam_layers: Sequence[int] | None = None,
+    quick_gelu: bool | None = None,
+) -> ClipBackbone:
+    model = _create(spec, image_size, quick_gelu)
+    return ClipBackbone(
+        model, spec=str(spec) if spec.family != "test" else "test:tiny-clip", device=device,
+        precision=precision, layers=layers, dpam_layers=dpam_layers,
+    )

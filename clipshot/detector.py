@@ -1,0 +1,216 @@
+"""The pure model: backbone + adapter -> image scores and heatmaps. No HTTP, no files, no training loop."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from clipshot import lora
+from clipshot.adapter import Adapter
+from clipshot.anomaly_map import pixel_map
+from clipshot.backbone import Backbone, ClipBackbone
+from clipshot.calibration import DEFAULT_FALSE_ALARM_RATE, calibrate, light_views
+from clipshot.features import Features
+from clipshot.fusion import ScoringConfig, fuse_maps, image_score
+from clipshot.memory_branch import MemoryBank
+from clipshot.prompts import handcrafted_embeddings
+from clipshot.text_branch import text_maps, text_scores
+
+log = logging.getLogger(__name__)
+RECOMMENDED_MIN_SHOTS = 4
+FEATURE_BATCH = 32
+
+
+@dataclass
+class Prediction:
+    score: float
+    threshold: float | None
+    is_anomalous: bool | None
+    anomaly_map: np.ndarray | None  # float32 (H, W)
+
+
+class Detector:
+    """Scores images against a product's adapter on one shared frozen backbone."""
+
+    def __init__(self, backbone: Backbone):
+        self.backbone = backbone
+
+    # -- layout checks ---------------------------------------------------------------------------
+    def layout(self) -> dict:
+        """Backbone facts an adapter's tensors depend on (recorded in every adapter)."""
+        return {
+            "spec": self.backbone.spec,
+            "image_size": self.backbone.image_size,
+            "layers": list(self.backbone.layers),
+            "dpam_layers": list(getattr(self.backbone, "dpam_layers", ())),
+        }
+
+    def check_compatible(self, adapter: Adapter) -> None:
+        recorded = adapter.backbone
+        current = self.layout()
+        for key in ("image_size", "layers"):
+            if recorded and recorded.get(key) != current[key]:
+                raise ValueError(
+                    f"adapter {adapter.category!r} was built with backbone {key}={recorded.get(key)}, "
+                    f"this service runs {key}={current[key]}; re-register the category or change the settings"
+                )
+        if adapter.text is not None and not self.backbone.supports_text:
+            raise ValueError(f"adapter {adapter.category!r} has a text branch; {self.backbone.spec} has no text tower")
+
+    # -- LoRA residency --------------------------------------------------------------------------
+    def _require_clip(self, what: str) -> ClipBackbone:
+        if not isinstance(self.backbone, ClipBackbone):
+            raise ValueError(f"{what} needs a CLIP backbone; {self.backbone.spec} supports the memory branch only")
+        return self.backbone
+
+    def resident(self) -> set[str]:
+        if not isinstance(self.backbone, ClipBackbone):
+            return set()
+        return lora.resident_adapters(self.backbone.visual)
+
+    def attach(self, adapter: Adapter) -> None:
+        """Make the adapter's LoRA resident on the device (no-op for adapters without LoRA)."""
+        if adapter.lora is None or adapter.uid in self.resident():
+            return
+        backbone = self._require_clip("LoRA")
+        lora.add_adapter(backbone.visual, adapter.uid, adapter.lora, adapter.lora_state)
+
+    def detach(self, adapter: Adapter | str) -> None:
+        uid = adapter if isinstance(adapter, str) else adapter.uid
+        if uid in self.resident():
+            lora.remove_adapter(self.backbone.visual, uid)
+
+    @contextmanager
+    def using(self, adapter: Adapter | None) -> Iterator[None]:
+        """Route the backbone through the adapter's LoRA for the duration (callers serialise device work)."""
+        if isinstance(self.backbone, ClipBackbone):
+            if adapter is not None and adapter.lora is not None:
+                self.attach(adapter)
+                lora.activate(self.backbone.visual, adapter.uid)
+            else:
+                lora.activate(self.backbone.visual, None)
+        try:
+            yield
+        finally:
+            if isinstance(self.backbone, ClipBackbone):
+                lora.activate(self.backbone.visual, None)
+
+    # -- features and scoring --------------------------------------------------------------------
+    def features(self, pixels: torch.Tensor, adapter: Adapter | None, *, dpam: bool = False) -> Features:
+        with self.using(adapter):
+            return self.backbone.extract(pixels, dpam=dpam)
+
+    def features_of(self, images: Sequence[Image.Image], adapter: Adapter | None, *, dpam: bool = False) -> Features:
+        """Features of many images, extracted in bounded batches and concatenated."""
+        parts = [
+            self.features(self.backbone.preprocess(images[i : i + FEATURE_BATCH]), adapter, dpam=dpam)
+            for i in range(0, len(images), FEATURE_BATCH)
+        ]
+        return Features(
+            cls=None if parts[0].cls is None else torch.cat([p.cls for p in parts]),
+            patches=[torch.cat([p.patches[i] for p in parts]) for i in range(len(parts[0].patches))],
+            grid=parts[0].grid,
+        )
+
+    def score_features(self, features: Features, adapter: Adapter,
+                       memory: MemoryBank | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores (B,), maps (B, S, S)) at the model's input resolution; ``memory`` overrides the bank."""
+        cfg = adapter.scoring
+        bank = memory if memory is not None else adapter.memory
+        t_map = None if adapter.text is None else text_maps(features, adapter.text, cfg.temperature)
+        m_map = None if bank is None else bank.distances(features)
+        maps = pixel_map(fuse_maps(t_map, m_map, cfg), self.backbone.image_size, cfg.sigma)
+        cls = None
+        if adapter.text is not None and features.cls is not None:
+            cls = text_scores(features, adapter.text, cfg.temperature)
+        return image_score(cls, maps, cfg), maps
+
+    @torch.inference_mode()
+    def forward(self, pixels: torch.Tensor, adapter: Adapter) -> tuple[torch.Tensor, torch.Tensor]:
+        """Device work for one batch; the service calls this from its single device worker."""
+        self.check_compatible(adapter)
+        return self.score_features(self.features(pixels, adapter, dpam=adapter.scoring.dpam), adapter)
+
+    def predict(self, images: Sequence[Image.Image], adapter: Adapter,
+                *, map_size: tuple[int, int] | str | None = "input") -> list[Prediction]:
+        """Score PIL images; ``map_size`` = "input" (each image's own size), (H, W), or None (no map)."""
+        out: list[Prediction] = []
+        for start in range(0, len(images), FEATURE_BATCH):
+            chunk = images[start : start + FEATURE_BATCH]
+            scores, maps = self.forward(self.backbone.preprocess(chunk), adapter)
+            for image, score, heat in zip(chunk, scores.tolist(), maps, strict=True):
+                out.append(self.make_prediction(score, heat, adapter, image.size, map_size))
+        return out
+
+    @staticmethod
+    def make_prediction(score: float, heat: torch.Tensor, adapter: Adapter, image_size: tuple[int, int],
+                        map_size: tuple[int, int] | str | None) -> Prediction:
+        """Verdict plus the heatmap resized for the caller (CPU post-processing, off the device worker)."""
+        threshold = adapter.threshold
+        heatmap = None
+        if map_size is not None:
+            size = (image_size[1], image_size[0]) if map_size == "input" else tuple(map_size)
+            heatmap = F.interpolate(heat[None, None].float().cpu(), size=size, mode="bilinear",
+                                    align_corners=False)[0, 0].numpy()
+        verdict = None if threshold is None else bool(score > threshold)
+        return Prediction(float(score), threshold, verdict, heatmap)
+
+    # -- adapters without training -----------------------------------------------------------------
+    def text_adapter(self, *, category: str, object_name: str | None = None,
+                     scoring: ScoringConfig | None = None) -> Adapter:
+        """Zero-shot adapter from the handcrafted prompt ensemble (no shots, so no calibration)."""
+        backbone = self._require_clip("the text branch")
+        with torch.inference_mode():
+            text = handcrafted_embeddings(backbone.model, object_name)
+        return Adapter(category=category, scoring=scoring or ScoringConfig(), text=text,
+                       object_name=object_name, backbone=self.layout())
+
+    def fit_memory(self, shots: Sequence[Image.Image], *, category: str, text: bool | None = None,
+                   object_name: str | None = None, coreset_ratio: float | None = None,
+                   scoring: ScoringConfig | None = None, false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE,
+                   calibration_views: int = 2) -> Adapter:
+        """Memory adapter (plus handcrafted text on CLIP when ``text``), calibrated: usable immediately."""
+        if not shots:
+            raise ValueError("fit_memory needs at least one normal image")
+        if len(shots) < RECOMMENDED_MIN_SHOTS:
+            warnings.warn(f"{len(shots)} shot(s) given; {RECOMMENDED_MIN_SHOTS}-16 give reliable memory and "
+                          "calibration", stacklevel=2)
+        use_text = self.backbone.supports_text if text is None else text
+        adapter = self.text_adapter(category=category, object_name=object_name, scoring=scoring) if use_text \
+            else Adapter(category=category, scoring=scoring or ScoringConfig(), object_name=object_name,
+                         backbone=self.layout())
+        return self.refit_memory(adapter, shots, coreset_ratio=coreset_ratio, false_alarm_rate=false_alarm_rate,
+                                 calibration_views=calibration_views)
+
+    @torch.inference_mode()
+    def refit_memory(self, adapter: Adapter, shots: Sequence[Image.Image], *, coreset_ratio: float | None = None,
+                     false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE, calibration_views: int = 2) -> Adapter:
+        """(Re)build the memory bank through the adapter's own LoRA, then calibrate the full scorer."""
+        dpam = adapter.scoring.dpam
+        feats = self.features_of(list(shots), adapter, dpam=dpam)
+        adapter.memory = MemoryBank.from_features(feats, coreset_ratio)
+        adapter.calibration = self._calibrate(adapter, list(shots), feats, false_alarm_rate, calibration_views)
+        return adapter
+
+    def _calibrate(self, adapter: Adapter, shots: list[Image.Image], feats: Features, rate: float,
+                   views: int):
+        """Leave-one-out: each shot (and light variants of it) is scored against a memory of the others."""
+        n = len(shots)
+        extra = [light_views(img, views) for img in shots] if views else [[] for _ in shots]
+        scores: list[float] = []
+        for i in range(n):
+            rest = [j for j in range(n) if j != i] or [i]
+            bank = MemoryBank.from_features(feats.select(torch.tensor(rest)))
+            query = [shots[i]] + extra[i] if n > 1 else extra[i] or [shots[i]]
+            q_feats = self.features_of(query, adapter, dpam=adapter.scoring.dpam)
+            scores.extend(self.score_features(q_feats, adapter, bank)[0].tolist())
+        method = "leave-one-out" if n > 1 else "single-shot-augmented"
+        return calibrate(scores, rate, method)

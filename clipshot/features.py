@@ -1,0 +1,32 @@
+"""The one data structure that flows from a backbone into the scoring branches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Features:
+    """Per-image embeddings of one batch.
+
+    ``cls`` lives in the joint image-text space (``None`` for vision-only backbones); ``patches`` holds one
+    L2-normalised ``(B, h*w, D)`` tensor per selected layer, all on the same ``grid``.
+    """
+
+    cls: torch.Tensor | None
+    patches: list[torch.Tensor]
+    grid: tuple[int, int]
+
+    @property
+    def batch_size(self) -> int:
+        return self.patches[0].shape[0]
+
+    def select(self, index: torch.Tensor | slice) -> Features:
+        """Rows ``index`` of every tensor, so callers can split a batch without knowing the layout."""
+        return Features(
+            cls=None if self.cls is None else self.cls[index],
+            patches=[p[index] for p in self.patches],
+            grid=self.grid,
+        )

@@ -1,0 +1,120 @@
+"""LoRA on the image encoder through peft, with several named adapters resident at once.
+
+Several products share one frozen backbone: each product's LoRA is injected under its own adapter name and
+switched on per batch, so hot-swapping a product costs a pointer flip, not a weight copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "c_fc", "c_proj")
+
+
+@dataclass
+class LoraSpec:
+    """Hyper-parameters of one LoRA adapter (stored in the bundle manifest)."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = field(default_factory=lambda: DEFAULT_TARGETS)
+
+    def __post_init__(self) -> None:
+        self.targets = tuple(self.targets)
+        unknown = set(self.targets) - set(DEFAULT_TARGETS)
+        if unknown or not self.targets:
+            raise ValueError(f"LoRA targets must be a non-empty subset of {DEFAULT_TARGETS}, got {self.targets}")
+        if self.rank < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1:
+            raise ValueError(f"invalid LoRA hyper-parameters rank={self.rank} alpha={self.alpha} dropout={self.dropout}")
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "targets": list(self.targets)}
+
+    def peft_config(self) -> LoraConfig:
+        # B starts at zero (peft's default init), so an untrained adapter is exactly the frozen model.
+        return LoraConfig(
+            r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=list(self.targets)
+        )
+
+
+def _tuner_layers(module: nn.Module) -> list[BaseTunerLayer]:
+    return [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def resident_adapters(module: nn.Module) -> set[str]:
+    names: set[str] = set()
+    for layer in _tuner_layers(module):
+        names.update(layer.lora_A.keys())
+    return names
+
+
+def add_adapter(module: nn.Module, name: str, spec: LoraSpec, state: dict[str, torch.Tensor] | None = None) -> int:
+    """Inject adapter ``name`` (optionally with trained tensors); returns its parameter count."""
+    if name in resident_adapters(module):
+        raise ValueError(f"LoRA adapter {name!r} is already resident")
+    inject_adapter_in_model(spec.peft_config(), module, adapter_name=name)
+    params = adapter_parameters(module, name)
+    if state is not None:
+        load_state(module, name, state)
+    activate(module, None)
+    return sum(p.numel() for p in params.values())
+
+
+def adapter_parameters(module: nn.Module, name: str) -> dict[str, nn.Parameter]:
+    """Adapter tensors keyed without the adapter name, so a bundle loads under any name."""
+    marker = f".{name}."
+    return {
+        key.replace(marker, "."): param
+        for key, param in module.named_parameters()
+        if ("lora_A" in key or "lora_B" in key) and marker in key
+    }
+
+
+def state(module: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    return {k: p.detach().to("cpu", torch.float32).clone() for k, p in adapter_parameters(module, name).items()}
+
+
+def load_state(module: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> None:
+    params = adapter_parameters(module, name)
+    if set(params) != set(tensors):
+        missing, extra = sorted(set(params) - set(tensors))[:3], sorted(set(tensors) - set(params))[:3]
+        raise ValueError(f"LoRA tensors do not match the adapter layout (missing {missing}, unexpected {extra})")
+    with torch.no_grad():
+        for key, param in params.items():
+            if param.shape != tensors[key].shape:
+                raise ValueError(f"LoRA tensor {key} has shape {tuple(tensors[key].shape)}, expected {tuple(param.shape)}")
+            param.copy_(tensors[key])
+
+
+def activate(module: nn.Module, name: str | None) -> None:
+    """Route every LoRA layer through adapter ``name``; ``None`` runs the plain frozen backbone."""
+    for layer in _tuner_layers(module):
+        if name is None or name not in layer.lora_A:
+            layer.enable_adapters(False)
+        else:
+            layer.enable_adapters(True)
+            layer.set_adapter(name)
+            for param in (layer.lora_A[name].weight, layer.lora_B[name].weight):
+                param.requires_grad_(False)
+
+
+def set_trainable(module: nn.Module, name: str) -> list[nn.Parameter]:
+    """Make exactly adapter ``name``'s tensors trainable and return them."""
+    activate(module, name)
+    params = list(adapter_parameters(module, name).values())
+    for param in params:
+        param.requires_grad_(True)
+    return params
+
+
+def remove_adapter(module: nn.Module, name: str) -> None:
+    for layer in _tuner_layers(module):
+        if name in layer.lora_A:
+            layer.delete_adapter(name)
+    activate(module, None)

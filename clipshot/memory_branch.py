@@ -1,0 +1,83 @@
+"""Visual-memory branch: distance of every patch to its nearest normal patch (PatchCore / WinCLIP+)."""
+
+from __future__ import annotations
+
+import torch
+
+from clipshot.features import Features
+
+CHUNK = 4096  # query rows per matmul: bounds peak memory to CHUNK x bank size
+
+
+def greedy_coreset(bank: torch.Tensor, ratio: float, *, projection_dim: int = 128, seed: int = 0) -> torch.Tensor:
+    """Indices of a k-center greedy coreset (PatchCore): keeps coverage of the normal manifold while
+    shrinking the bank, which bounds nearest-neighbour cost for large shot counts."""
+    count = bank.shape[0]
+    keep = max(1, int(round(count * ratio)))
+    if keep >= count:
+        return torch.arange(count, device=bank.device)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    dim = bank.shape[1]
+    if dim > projection_dim:
+        proj = torch.randn(dim, projection_dim, generator=generator).to(bank.device, torch.float32)
+        points = bank.float() @ proj
+    else:
+        points = bank.float()
+    selected = [int(torch.randint(count, (1,), generator=generator))]
+    distance = torch.cdist(points, points[selected[-1]][None]).squeeze(1)
+    for _ in range(keep - 1):
+        nxt = int(torch.argmax(distance))
+        selected.append(nxt)
+        distance = torch.minimum(distance, torch.cdist(points, points[nxt][None]).squeeze(1))
+    return torch.tensor(selected, device=bank.device)
+
+
+class MemoryBank:
+    """Normal patch embeddings per layer, stored fp16 (half the bytes, cosine error ~1e-3)."""
+
+    def __init__(self, layers: list[torch.Tensor]):
+        if not layers or any(layer.ndim != 2 for layer in layers):
+            raise ValueError("a memory bank needs one (M, D) tensor per layer")
+        self.layers = [layer.to(torch.float16).contiguous() for layer in layers]
+        self._cache: dict[tuple, list[torch.Tensor]] = {}
+
+    @classmethod
+    def from_features(cls, features: Features, coreset_ratio: float | None = None) -> MemoryBank:
+        layers = [p.reshape(-1, p.shape[-1]) for p in features.patches]
+        if coreset_ratio is not None and coreset_ratio < 1:
+            layers = [layer[greedy_coreset(layer, coreset_ratio)] for layer in layers]
+        return cls([layer.detach() for layer in layers])
+
+    @property
+    def size(self) -> int:
+        return self.layers[0].shape[0]
+
+    def _on(self, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
+        key = (str(device), dtype)
+        if key not in self._cache:
+            self._cache = {key: [layer.to(device, dtype) for layer in self.layers]}
+        return self._cache[key]
+
+    def to(self, device: torch.device | str) -> MemoryBank:
+        """Move the stored bank (used by the adapter cache's device/CPU tiers)."""
+        self.layers = [layer.to(device) for layer in self.layers]
+        self._cache = {}
+        return self
+
+    def distances(self, features: Features) -> torch.Tensor:
+        """(B, h, w): per layer (1 - max cosine)/2 to the bank, so 0 = seen before and 1 = opposite; averaged."""
+        if len(features.patches) != len(self.layers):
+            raise ValueError(f"memory bank has {len(self.layers)} layers, features have {len(features.patches)}")
+        h, w = features.grid
+        query0 = features.patches[0]
+        compute = torch.float32 if query0.device.type == "cpu" else torch.float16
+        banks = self._on(query0.device, compute)
+        total = torch.zeros(query0.shape[0] * query0.shape[1], device=query0.device)
+        for query, bank in zip(features.patches, banks, strict=True):
+            if query.shape[-1] != bank.shape[-1]:
+                raise ValueError(f"feature dim {query.shape[-1]} does not match memory dim {bank.shape[-1]}")
+            flat = query.reshape(-1, query.shape[-1]).to(compute)
+            for start in range(0, flat.shape[0], CHUNK):
+                sim = (flat[start : start + CHUNK] @ bank.t()).amax(dim=1).float()
+                total[start : start + CHUNK] += (1 - sim.clamp(-1, 1)) / 2
+        return (total / len(self.layers)).view(query0.shape[0], h, w)

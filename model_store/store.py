@@ -1,0 +1,165 @@
+"""``AdapterStore``: the public facade over per-category and generic bundle storage.
+
+Layout (see docs/reference/bundle-format.md)::
+
+    <root>/categories/<category>/v<N>/{adapter.safetensors,manifest.json}
+    <root>/categories/<category>/{active.json,.lock,shots/}
+    <root>/generic/v<N>/...  and  <root>/generic/active.json
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .atomic import TRASH_PREFIX, fsync_dir, locked, sweep_stale
+from .bundles import VersionedBundles
+from .errors import BundleNotFound, InvalidName
+from .manifest import Manifest
+from .shots import SHOTS_DIR, list_shots, store_shots, validate_shots
+
+CATEGORY_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+GENERIC_NAME = "generic"
+
+
+def validate_category(category: object) -> str:
+    """Reject anything that is not a plain lowercase slug, before it is ever joined into a path."""
+    if not isinstance(category, str) or not CATEGORY_NAME.fullmatch(category):
+        raise InvalidName(
+            f"invalid category name {category!r}: use 1-64 chars of a-z, 0-9, '.', '_', '-', "
+            "starting with a letter or digit"
+        )
+    return category
+
+
+class AdapterStore:
+    """Versioned, crash-safe persistence of adapter bundles and their shot images under ``root``.
+
+    Stateless apart from ``root``: every call reads the disk, so several processes (API workers,
+    the trainer) can share one root. Writers serialise on a per-category ``flock``.
+    """
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+        self._categories_dir = self.root / "categories"
+        self.generic = VersionedBundles(self.root / GENERIC_NAME, name=GENERIC_NAME, kind="generic")
+
+    def _bundles(self, category: str) -> VersionedBundles:
+        name = validate_category(category)
+        return VersionedBundles(self._categories_dir / name, name=name, kind="category")
+
+    # ---- category bundles --------------------------------------------------------------
+    def save(
+        self,
+        category: str,
+        tensors: dict[str, torch.Tensor],
+        manifest: dict[str, Any],
+        *,
+        activate: bool = True,
+    ) -> int:
+        """Store a new version for ``category`` (validated before anything is written); returns N."""
+        return self._bundles(category).save(tensors, manifest, activate=activate)
+
+    def load(
+        self,
+        category: str,
+        version: int | None = None,
+        *,
+        backbone_spec: str | None = None,
+        backbone_sha256: str | None = None,
+        device: str | torch.device = "cpu",
+    ) -> tuple[dict[str, torch.Tensor], Manifest]:
+        """Load a version (default: active), verifying files, schema, backbone and checksum."""
+        return self._bundles(category).load(
+            version, backbone_spec=backbone_spec, backbone_sha256=backbone_sha256, device=device
+        )
+
+    def manifest(self, category: str, version: int | None = None) -> Manifest:
+        """A version's manifest (default: active) without reading the tensors."""
+        return self._bundles(category).manifest(version)
+
+    def versions(self, category: str) -> list[int]:
+        """Committed versions of ``category``, ascending ([] if it does not exist)."""
+        return self._bundles(category).versions()
+
+    def active_version(self, category: str) -> int | None:
+        """The version ``load`` uses by default, or None."""
+        return self._bundles(category).active_version()
+
+    def activate(self, category: str, version: int) -> None:
+        """Make an existing version active; raises VersionNotFound otherwise."""
+        self._bundles(category).activate(version)
+
+    def rollback(self, category: str) -> int:
+        """Activate the newest version older than the active one; returns it."""
+        return self._bundles(category).rollback()
+
+    def categories(self) -> list[str]:
+        """Categories holding at least one version or shot, sorted."""
+        if not self._categories_dir.is_dir():
+            return []
+        found = []
+        for entry in self._categories_dir.iterdir():
+            if not CATEGORY_NAME.fullmatch(entry.name) or entry.is_symlink() or not entry.is_dir():
+                continue
+            bundles = VersionedBundles(entry, name=entry.name, kind="category")
+            if bundles.versions() or list_shots(entry / SHOTS_DIR):
+                found.append(entry.name)
+        return sorted(found)
+
+    def delete(self, category: str) -> None:
+        """Remove a category with all versions and shots.
+
+        The directory is first renamed to a hidden trash name (atomic: readers see all or nothing),
+        then removed; a crash mid-removal leaves only hidden trash, swept by a later delete.
+        """
+        path = self._bundles(category).path
+        if not path.is_dir():
+            raise BundleNotFound(f"category {category!r} does not exist")
+        trash = self._categories_dir / f"{TRASH_PREFIX}{category}-{uuid.uuid4().hex}"
+        with locked(path):
+            os.rename(path, trash)
+            fsync_dir(self._categories_dir)
+        shutil.rmtree(trash, ignore_errors=True)
+        sweep_stale(self._categories_dir)
+
+    # ---- shots -------------------------------------------------------------------------
+    def save_shots(self, category: str, files: list[tuple[str, bytes]]) -> list[str]:
+        """Store uploaded images as ``<sha256><ext>`` (deduplicated); returns the stored name per file."""
+        path = self._bundles(category).path
+        named = validate_shots(files)
+        if not named:
+            return []
+        path.mkdir(parents=True, exist_ok=True)
+        with locked(path):
+            return store_shots(path / SHOTS_DIR, named)
+
+    def shot_paths(self, category: str) -> list[Path]:
+        """Stored shot files of ``category``, sorted ([] if none)."""
+        return list_shots(self._bundles(category).path / SHOTS_DIR)
+
+    # ---- generic (zero-shot, object-agnostic) bundle -----------------------------------
+    def save_generic(
+        self, tensors: dict[str, torch.Tensor], manifest: dict[str, Any], *, activate: bool = True
+    ) -> int:
+        """Store a new generic version (same format and rules as categories); returns N."""
+        return self.generic.save(tensors, manifest, activate=activate)
+
+    def load_generic(
+        self,
+        version: int | None = None,
+        *,
+        backbone_spec: str | None = None,
+        backbone_sha256: str | None = None,
+        device: str | torch.device = "cpu",
+    ) -> tuple[dict[str, torch.Tensor], Manifest]:
+        """Load the generic bundle (default: active version) with the same checks as ``load``."""
+        return self.generic.load(
+            version, backbone_spec=backbone_spec, backbone_sha256=backbone_sha256, device=device
+        )
