@@ -82,7 +82,8 @@ def area_up_to(fpr: np.ndarray, pro: np.ndarray, max_fpr: float) -> float:
     y_at_limit = y0 + (y1 - y0) * (max_fpr - x0) / (x1 - x0)  # x1 > x0 since x0 < max_fpr <= x1
     xs = np.append(fpr[:k], max_fpr)
     ys = np.append(pro[:k], y_at_limit)
-    return float(np.trapezoid(ys, xs) / max_fpr)
+    area = float(np.trapezoid(ys, xs) / max_fpr)
+    return min(max(area, 0.0), 1.0)  # clip float round-off (1.0000000000000002 for a perfect map)
 
 
 def aupro(masks: ArrayLike2D, maps: ArrayLike2D, *, max_fpr: float = 0.3,
@@ -114,11 +115,12 @@ def _binner(maps: list[np.ndarray], num_bins: int | None
     hi = max(float(m.max()) for m in maps)
     if hi == lo:
         return (lambda _i, m: np.zeros(m.size, dtype=np.intp)), 1
-    scale = num_bins / (hi - lo)
+    dtype = np.result_type(*maps)  # one arithmetic for all images keeps cross-image ties tied
+    low, scale = dtype.type(lo), dtype.type(num_bins / (hi - lo))
 
     def index(_i: int, amap: np.ndarray) -> np.ndarray:
-        t = amap.reshape(-1) - amap.dtype.type(lo)
-        t *= amap.dtype.type(scale)
+        t = np.subtract(amap.reshape(-1), low, dtype=dtype)
+        t *= scale
         idx = t.astype(np.intp)
         np.minimum(idx, num_bins - 1, out=idx)  # the maximum score lands exactly on num_bins
         return idx

@@ -1,0 +1,125 @@
+"""FastAPI dependencies: the app's settings/services and bearer-key authentication.
+
+Two scopes exist. **admin** keys manage products and jobs; **client** keys (production lines) may
+only predict. Admin keys are accepted wherever a client key is (admin is a superset), so an engineer
+can try a prediction with the key they already hold; a client key on an admin endpoint gets 403.
+
+Keys are compared with ``hmac.compare_digest`` on SHA-256 digests of both sides, against *every*
+configured key of *both* scopes, with no early exit: response time reveals neither which key
+matched nor how long the keys are. Missing/malformed credentials -> 401 with
+``WWW-Authenticate: Bearer``; an unknown key -> 401 ``invalid_token``. When both key lists are empty
+and ``insecure_dev`` is set, every request is allowed (the service refuses to start otherwise, and if
+it somehow did, these dependencies still fail closed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Annotated, Literal
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from app.core.config import Settings
+from app.errors import ForbiddenError, UnauthorizedError
+from app.metrics import Metrics
+from app.services.job_store import JobStore
+
+Scope = Literal["admin", "client"]
+
+# auto_error=False: we raise our own 401 so the body has the service-wide error shape.
+_bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="BearerKey",
+    description="`Authorization: Bearer <key>`: an admin key (everything) or a client key (predict only).",
+)
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: the granted scope and a non-secret key fingerprint for logs and audit."""
+
+    scope: Scope
+    key_id: str  # first 12 hex chars of sha256(key); "insecure-dev" when auth is disabled
+    authenticated: bool = True
+
+
+def get_settings(request: Request) -> Settings:
+    """The Settings the app was built with (``app.state.settings``), never a process-global copy."""
+    return request.app.state.settings
+
+
+def get_metrics(request: Request) -> Metrics:
+    """The app's ``Metrics`` (``app.state.metrics``)."""
+    return request.app.state.metrics
+
+
+def get_job_store(request: Request) -> JobStore:
+    """The app's ``JobStore`` (``app.state.job_store``)."""
+    return request.app.state.job_store
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+CredentialsDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode("utf-8")).digest()
+
+
+def _matches_any(token_digest: bytes, keys: Sequence[str]) -> bool:
+    """Constant-time membership: every key is compared, results OR-ed without branching on them."""
+    found = 0
+    for key in keys:
+        found |= hmac.compare_digest(token_digest, _digest(key))
+    return bool(found)
+
+
+def authenticate(settings: Settings, credentials: HTTPAuthorizationCredentials | None) -> Principal:
+    """Resolve credentials to the broadest scope they grant, or raise 401."""
+    if not settings.auth_enabled:
+        if settings.insecure_dev:
+            return Principal(scope="admin", key_id="insecure-dev", authenticated=False)
+        raise UnauthorizedError(
+            "Authentication is not configured on this server.", bearer_error="invalid_token"
+        )
+    if credentials is None or not credentials.credentials.strip():
+        raise UnauthorizedError("Missing or malformed credentials: send `Authorization: Bearer <key>`.")
+    token = _digest(credentials.credentials.strip())
+    is_admin = _matches_any(token, settings.admin_keys)
+    is_client = _matches_any(token, settings.client_keys)  # always evaluated: no early exit
+    if not (is_admin or is_client):
+        raise UnauthorizedError("Invalid API key.", code="invalid_key", bearer_error="invalid_token")
+    return Principal(scope="admin" if is_admin else "client", key_id=token.hex()[:12])
+
+
+def require_client(settings: SettingsDep, credentials: CredentialsDep) -> Principal:
+    """Allow prediction: any client key, or an admin key."""
+    return authenticate(settings, credentials)
+
+
+def require_admin(settings: SettingsDep, credentials: CredentialsDep) -> Principal:
+    """Allow product/job management: admin keys only (a client key gets 403)."""
+    principal = authenticate(settings, credentials)
+    if principal.scope != "admin":
+        raise ForbiddenError(
+            "This endpoint needs an admin key; the key given is a client (predict-only) key."
+        )
+    return principal
+
+
+def require_metrics_access(settings: SettingsDep, credentials: CredentialsDep) -> Principal | None:
+    """Guard ``/metrics`` only when ``metrics_require_key`` is set; then any valid key will do."""
+    if not settings.metrics_require_key:
+        return None
+    return authenticate(settings, credentials)
+
+
+AdminDep = Annotated[Principal, Depends(require_admin)]
+ClientDep = Annotated[Principal, Depends(require_client)]
+MetricsAccessDep = Annotated[Principal | None, Depends(require_metrics_access)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+JobStoreDep = Annotated[JobStore, Depends(get_job_store)]

@@ -1,0 +1,265 @@
+"""The service's single source of configuration: one pydantic-settings ``Settings`` object.
+
+Every knob is read from ``CLIPSHOT_<FIELD>`` environment variables (or a ``.env`` file) and
+validated at startup, so a typo fails loudly before the model is loaded rather than at the first
+request. There is deliberately no module-level singleton: the app factory builds one ``Settings``
+and stores it on ``app.state.settings`` so tests can run several apps side by side.
+``docs/reference/settings.md`` is generated from these fields (``python -m app.core.settings_doc``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+log = logging.getLogger(__name__)
+
+ENV_PREFIX = "CLIPSHOT_"
+MiB = 1024 * 1024
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+Precision = Literal["fp32", "fp16", "bf16"]
+# NoDecode: take the raw env string so "k1,k2" works; the validator below also accepts a JSON list.
+KeyList = Annotated[list[str], NoDecode]
+
+
+class InsecureConfigurationError(RuntimeError):
+    """Raised by ``Settings.validate_security`` when the service would start with no authentication."""
+
+
+class Settings(BaseSettings):
+    """Runtime configuration of the clipshot service (env prefix ``CLIPSHOT_``)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        validate_default=True,
+        validate_assignment=True,
+    )
+
+    # --- model -------------------------------------------------------------------------------
+    backbone: str = Field(
+        "open_clip:ViT-B-16-plus-240:laion400m_e32",
+        min_length=1,
+        description="Frozen backbone spec: `open_clip:<arch>:<pretrained tag or path>`, "
+        "`imagenet:efficientnet-lite0` or `test:tiny-clip`. Adapters are only valid for the backbone "
+        "they were built with.",
+    )
+    device: str = Field(
+        "auto",
+        description="Torch device: `auto` (first CUDA GPU if available, else CPU), `cpu`, `cuda` "
+        "or `cuda:N`.",
+    )
+    precision: Precision = Field(
+        "fp32",
+        description="Backbone compute precision: `fp32`, `fp16` or `bf16`. Half precision only pays off "
+        "on GPU.",
+    )
+    image_size: int | None = Field(
+        None,
+        ge=32,
+        le=2048,
+        description="Backbone input resolution in pixels; empty/`none` uses the backbone's native size.",
+    )
+
+    # --- storage and adapter cache --------------------------------------------------------------
+    store: Path = Field(
+        Path("store"),
+        description="Directory holding adapters, reference shots and the job database (`jobs.sqlite3`). "
+        "Relative paths resolve against the working directory.",
+    )
+    adapter_cache_device: int = Field(
+        8, ge=0, description="Adapters kept resident on the accelerator (hot tier); 0 disables the tier."
+    )
+    adapter_cache_cpu: int = Field(
+        64, ge=0, description="Adapters kept in host memory (warm tier) after eviction from the device tier."
+    )
+
+    # --- batching ------------------------------------------------------------------------------
+    max_batch_size: int = Field(
+        32,
+        ge=1,
+        le=1024,
+        description="Most images the batcher sends through the backbone in one forward pass.",
+    )
+    max_batch_wait_ms: float = Field(
+        5.0,
+        ge=0,
+        le=1000,
+        description="How long the batcher waits for more requests before running a partial batch (ms).",
+    )
+
+    # --- upload limits -------------------------------------------------------------------------
+    max_upload_bytes: int = Field(
+        20 * MiB, ge=1, description="Largest accepted single image file (bytes); larger -> 413."
+    )
+    max_request_bytes: int = Field(
+        256 * MiB,
+        ge=1,
+        description="Largest accepted request body (bytes) over all files; larger -> 413. "
+        "Must be at least `max_upload_bytes`.",
+    )
+    max_image_pixels: int = Field(
+        40_000_000,
+        ge=1,
+        description="Largest accepted image area (width x height) read from the header before decoding; "
+        "guards against decompression bombs -> 413.",
+    )
+
+    # --- few-shot limits -----------------------------------------------------------------------
+    min_shots: int = Field(
+        1, ge=1, description="Fewest good reference photos accepted when registering a product."
+    )
+    max_shots: int = Field(
+        16, ge=1, description="Most good reference photos accepted when registering a product."
+    )
+    recommended_min_shots: int = Field(
+        4, ge=1, description="Below this many shots registration succeeds but the response carries a warning."
+    )
+    max_predict_images: int = Field(32, ge=1, description="Most images accepted in one predict request.")
+
+    # --- auth ----------------------------------------------------------------------------------
+    admin_keys: KeyList = Field(
+        default_factory=list,
+        repr=False,
+        description="Bearer keys allowed to manage products and jobs (and to predict). "
+        'Comma-separated (`k1,k2`) or a JSON list (`["k1","k2"]`).',
+    )
+    client_keys: KeyList = Field(
+        default_factory=list,
+        repr=False,
+        description="Bearer keys allowed to predict only (production lines). Same format as `admin_keys`.",
+    )
+    metrics_require_key: bool = Field(
+        False,
+        description="Require an admin or client key on `/metrics` (configure it in the Prometheus "
+        "scrape job).",
+    )
+    insecure_dev: bool = Field(
+        False,
+        description="Allow starting with no keys at all, which disables authentication. Development only: "
+        "without it the service refuses to start when both key lists are empty.",
+    )
+
+    # --- fine-tuning ---------------------------------------------------------------------------
+    finetune_steps: int = Field(
+        200, ge=1, le=100_000, description="Default optimisation steps of a fine-tune job."
+    )
+    finetune_seconds: float = Field(
+        600.0,
+        gt=0,
+        le=86_400,
+        description="Default wall-clock budget of a fine-tune job (s); it stops early when spent.",
+    )
+
+    # --- server --------------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", min_length=1, description="Interface `clipshot serve` binds to.")
+    port: int = Field(8000, ge=1, le=65535, description="TCP port `clipshot serve` listens on.")
+
+    @field_validator("device", mode="before")
+    @classmethod
+    def _check_device(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = v.strip().lower()
+            if not _DEVICE_RE.match(v):
+                raise ValueError(
+                    f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N' (N a GPU index), got {v!r}"
+                )
+        return v
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _normalise_precision(cls, v: Any) -> Any:
+        return v.strip().lower() if isinstance(v, str) else v
+
+    @field_validator("image_size", mode="before")
+    @classmethod
+    def _empty_image_size(cls, v: Any) -> Any:
+        if isinstance(v, str) and v.strip().lower() in ("", "none", "null", "native"):
+            return None
+        return v
+
+    @field_validator("store", mode="after")
+    @classmethod
+    def _expand_store(cls, v: Path) -> Path:
+        return v.expanduser()
+
+    @field_validator("admin_keys", "client_keys", mode="before")
+    @classmethod
+    def _parse_keys(cls, v: Any) -> Any:
+        """Accept `a,b`, `["a","b"]` or a Python list; strip blanks so a trailing comma is harmless."""
+        if v is None:
+            return []
+        if isinstance(v, str):
+            text = v.strip()
+            if text.startswith("["):
+                try:
+                    v = json.loads(text)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"key list looks like JSON but does not parse: {e.msg}") from None
+            else:
+                v = text.split(",")
+        if not isinstance(v, list | tuple):
+            raise ValueError("expected a comma-separated string or a list of strings")
+        keys: list[str] = []
+        for item in v:
+            if not isinstance(item, str):
+                raise ValueError("every key must be a string")
+            key = item.strip()
+            if not key:
+                continue
+            if any(c.isspace() for c in key):
+                raise ValueError(
+                    "keys must not contain whitespace (they are sent as `Authorization: Bearer <key>`)"
+                )
+            if key not in keys:
+                keys.append(key)
+        return keys
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> Settings:
+        if self.min_shots > self.max_shots:
+            raise ValueError(f"min_shots ({self.min_shots}) must be <= max_shots ({self.max_shots})")
+        if not self.min_shots <= self.recommended_min_shots <= self.max_shots:
+            raise ValueError(
+                f"recommended_min_shots ({self.recommended_min_shots}) must lie between "
+                f"min_shots ({self.min_shots}) and max_shots ({self.max_shots})"
+            )
+        if self.max_request_bytes < self.max_upload_bytes:
+            raise ValueError(
+                f"max_request_bytes ({self.max_request_bytes}) must be >= "
+                f"max_upload_bytes ({self.max_upload_bytes})"
+            )
+        return self
+
+    @property
+    def auth_enabled(self) -> bool:
+        """False only in the explicit insecure-dev mode, where every request is allowed."""
+        return bool(self.admin_keys or self.client_keys)
+
+    def validate_security(self) -> None:
+        """Refuse to run unauthenticated by accident: call at startup, before serving traffic."""
+        if self.auth_enabled:
+            return
+        if not self.insecure_dev:
+            raise InsecureConfigurationError(
+                f"No API keys configured: set {ENV_PREFIX}ADMIN_KEYS and/or {ENV_PREFIX}CLIENT_KEYS "
+                f"(comma-separated), or set {ENV_PREFIX}INSECURE_DEV=true to run WITHOUT authentication "
+                "(development only)."
+            )
+        log.warning(
+            "clipshot is running WITHOUT authentication (%sINSECURE_DEV=true, no keys set)", ENV_PREFIX
+        )
+
+
+def env_var(field_name: str) -> str:
+    """Environment variable that sets ``field_name``; used by docs and error messages."""
+    return f"{ENV_PREFIX}{field_name.upper()}"

@@ -1,0 +1,154 @@
+"""Typed HTTP errors with one JSON shape for every failure the API reports.
+
+Services raise these instead of ``fastapi.HTTPException`` so that the status code, a stable
+machine-readable ``code`` and a human ``message`` travel together, and clients on the production
+line can branch on ``error.code`` without parsing prose. Wire-format::
+
+    {"error": {"code": "image_too_large", "message": "..."}}
+
+``install_error_handlers(app)`` renders these, plain ``HTTPException`` and request-validation
+errors in that same shape.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+
+class ClipshotHTTPError(Exception):
+    """Base class: an error that maps to exactly one HTTP response."""
+
+    status_code: int = 500
+    code: str = "internal_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        status_code: int | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        if status_code is not None:
+            self.status_code = status_code
+        self.headers: dict[str, str] = dict(headers or {})
+
+    def body(self) -> dict[str, Any]:
+        """The JSON body, kept separate from the response so tests and logs can use it."""
+        return {"error": {"code": self.code, "message": self.message}}
+
+    def to_response(self) -> JSONResponse:
+        """Render as a JSONResponse carrying the status and any extra headers."""
+        return JSONResponse(self.body(), status_code=self.status_code, headers=self.headers or None)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.status_code}, {self.code!r}, {self.message!r})"
+
+
+class BadRequestError(ClipshotHTTPError):
+    """The request is well-formed HTTP but its content is unusable (400)."""
+
+    status_code = 400
+    code = "bad_request"
+
+
+class ImageError(ClipshotHTTPError):
+    """An uploaded image was rejected; status is 400 (corrupt/empty), 413 (too big) or 415 (not an image)."""
+
+    def __init__(self, status_code: int, code: str, message: str) -> None:
+        if status_code not in (400, 413, 415):
+            raise ValueError(f"ImageError status must be 400, 413 or 415, got {status_code}")
+        super().__init__(message, code=code, status_code=status_code)
+
+
+class UnauthorizedError(ClipshotHTTPError):
+    """No usable credentials (401); carries ``WWW-Authenticate`` as RFC 6750 requires."""
+
+    status_code = 401
+    code = "unauthorized"
+
+    def __init__(self, message: str, *, code: str | None = None, bearer_error: str | None = None) -> None:
+        challenge = "Bearer" if bearer_error is None else f'Bearer error="{bearer_error}"'
+        super().__init__(message, code=code, headers={"WWW-Authenticate": challenge})
+
+
+class ForbiddenError(ClipshotHTTPError):
+    """Valid credentials that lack the scope this endpoint needs (403)."""
+
+    status_code = 403
+    code = "forbidden"
+
+
+class NotFoundError(ClipshotHTTPError):
+    """The addressed resource (category, job, version) does not exist (404)."""
+
+    status_code = 404
+    code = "not_found"
+
+
+class ConflictError(ClipshotHTTPError):
+    """The request conflicts with the current state, e.g. a job already running (409)."""
+
+    status_code = 409
+    code = "conflict"
+
+
+class OverloadedError(ClipshotHTTPError):
+    """The service sheds load (503); ``Retry-After`` tells well-behaved clients when to come back."""
+
+    status_code = 503
+    code = "overloaded"
+
+    def __init__(self, message: str, *, retry_after: float = 1.0, code: str | None = None) -> None:
+        self.retry_after = max(1, math.ceil(retry_after))  # Retry-After takes whole seconds
+        super().__init__(message, code=code, headers={"Retry-After": str(self.retry_after)})
+
+
+def _status_code_name(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")
+    except ValueError:
+        return f"http_{status}"
+
+
+async def _clipshot_handler(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ClipshotHTTPError)
+    return exc.to_response()
+
+
+async def _http_exception_handler(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    message = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
+    err = ClipshotHTTPError(
+        message, code=_status_code_name(exc.status_code), status_code=exc.status_code, headers=exc.headers
+    )
+    return err.to_response()
+
+
+async def _validation_handler(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    parts = []
+    for e in exc.errors():
+        loc = ".".join(str(p) for p in e.get("loc", ()))
+        parts.append(f"{loc}: {e.get('msg', 'invalid')}" if loc else str(e.get("msg", "invalid")))
+    err = ClipshotHTTPError("; ".join(parts) or "invalid request", code="validation_error", status_code=422)
+    return err.to_response()
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Register handlers so every error response, ours or FastAPI's, has the same JSON shape."""
+    app.add_exception_handler(ClipshotHTTPError, _clipshot_handler)
+    app.add_exception_handler(StarletteHTTPException, _http_exception_handler)
+    app.add_exception_handler(RequestValidationError, _validation_handler)

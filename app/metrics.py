@@ -1,0 +1,258 @@
+"""Prometheus metrics, one ``Metrics`` object (with its own ``CollectorRegistry``) per app.
+
+A dedicated registry instead of prometheus_client's global one lets tests build several apps in
+one process without "Duplicated timeseries" errors, and keeps ``/metrics`` limited to what we
+document. ``docs/reference/metrics.md`` is generated from the specs recorded here
+(``python -m app.metrics > docs/reference/metrics.md``); a test fails if it drifts.
+
+Label values are bounded on purpose: ``route`` is the route *template* (``/v1/predict/{category}``),
+never the raw path, and unmatched paths are lumped into ``"unmatched"``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+STAGES = ("decode", "preprocess", "forward", "postprocess")
+TIERS = ("device", "cpu")
+VERDICTS = ("normal", "anomalous", "unknown")  # unknown: no calibrated threshold yet
+QUEUES = ("predict", "train")
+BATCH_CATEGORY = "*"  # category label for per-batch work shared by several categories
+DEVICE_MEMORY = "clipshot_device_memory_bytes"
+_DEVICE_MEMORY_HELP = (
+    "Memory in use: kind=allocated/reserved from torch.cuda (current device, only once CUDA is initialised); "
+    "kind=rss is the process resident set size (kind=peak_rss where only the peak is available)."
+)
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """What the docs say about one family: exposition name, type, labels, meaning."""
+
+    name: str
+    type: str
+    labels: tuple[str, ...]
+    help: str
+
+
+class DeviceMemoryCollector(Collector):
+    """Reads memory at scrape time, so the gauge is never stale and costs nothing between scrapes."""
+
+    def describe(self) -> Iterable[GaugeMetricFamily]:
+        return [GaugeMetricFamily(DEVICE_MEMORY, _DEVICE_MEMORY_HELP, labels=["kind"])]
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        family = GaugeMetricFamily(DEVICE_MEMORY, _DEVICE_MEMORY_HELP, labels=["kind"])
+        # Only look at torch if something already imported it: importing it here would cost seconds,
+        # and touching torch.cuda before the model does would create a CUDA context on the wrong device.
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+            family.add_metric(["allocated"], float(torch.cuda.memory_allocated()))
+            family.add_metric(["reserved"], float(torch.cuda.memory_reserved()))
+        kind, value = _host_memory()
+        if value is not None:
+            family.add_metric([kind], float(value))
+        return [family]
+
+
+def _host_memory() -> tuple[str, int | None]:
+    try:
+        import psutil
+
+        return "rss", psutil.Process().memory_info().rss
+    except Exception:  # psutil missing or unsupported platform
+        pass
+    try:
+        with open("/proc/self/statm") as f:
+            return "rss", int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return "peak_rss", peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
+    except (ImportError, OSError):
+        return "rss", None
+
+
+class Metrics:
+    """All clipshot metric families, registered on ``self.registry``."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.specs: list[MetricSpec] = []
+        self.http_request_duration = self._histogram(
+            "clipshot_http_request_duration_seconds",
+            "Time from request start to the end of the response, by route template, method and status code.",
+            ("route", "method", "status"),
+            (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        self.inference_stage = self._histogram(
+            "clipshot_inference_stage_seconds",
+            "Time spent per inference stage (decode, preprocess, forward, postprocess), per category. "
+            "Work done once for a mixed-category batch (the backbone forward) uses category=`*`.",
+            ("stage", "category"),
+            (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+        )
+        self.batch_size = self._histogram(
+            "clipshot_batch_size",
+            "Images per backbone forward pass formed by the dynamic batcher.",
+            (),
+            (1, 2, 4, 8, 16, 32, 64, 128),
+        )
+        self.adapter_cache_hits = self._counter(
+            "clipshot_adapter_cache_hits_total",
+            "Adapter lookups served from a cache tier (device = on the accelerator, cpu = host memory).",
+            ("tier",),
+        )
+        self.adapter_cache_misses = self._counter(
+            "clipshot_adapter_cache_misses_total",
+            "Adapter lookups not found in a tier (a cpu-tier miss means a load from the store).",
+            ("tier",),
+        )
+        self.adapter_cache_evictions = self._counter(
+            "clipshot_adapter_cache_evictions_total",
+            "Adapters evicted from a tier because it was full (LRU).",
+            ("tier",),
+        )
+        self.adapter_load = self._histogram(
+            "clipshot_adapter_load_seconds",
+            "Time to load an adapter from the store on disk and move it to the device.",
+            (),
+            (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+        )
+        self.adapters_resident = self._gauge(
+            "clipshot_adapters_resident", "Adapters currently held in each cache tier.", ("tier",)
+        )
+        self.jobs = self._gauge("clipshot_jobs", "Jobs in the job store, by state.", ("state",))
+        self.job_duration = self._histogram(
+            "clipshot_job_duration_seconds",
+            "Wall-clock run time of finished background jobs, by final state.",
+            ("state",),
+            (10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200),
+        )
+        self.queue_depth = self._gauge(
+            "clipshot_queue_depth",
+            "Items waiting: predict = images queued for the batcher, train = jobs queued for a worker.",
+            ("queue",),
+        )
+        self.predictions = self._counter(
+            "clipshot_predictions_total",
+            "Images scored, by category and verdict (normal, anomalous, or unknown when uncalibrated).",
+            ("category", "verdict"),
+        )
+        self.registry.register(DeviceMemoryCollector())
+        self.specs.append(MetricSpec(DEVICE_MEMORY, "gauge", ("kind",), _DEVICE_MEMORY_HELP))
+
+    def _histogram(
+        self, name: str, doc: str, labels: tuple[str, ...], buckets: tuple[float, ...]
+    ) -> Histogram:
+        self.specs.append(MetricSpec(name, "histogram", labels, doc))
+        return Histogram(name, doc, labels, registry=self.registry, buckets=buckets)
+
+    def _counter(self, name: str, doc: str, labels: tuple[str, ...]) -> Counter:
+        self.specs.append(MetricSpec(name, "counter", labels, doc))
+        return Counter(name, doc, labels, registry=self.registry)
+
+    def _gauge(self, name: str, doc: str, labels: tuple[str, ...]) -> Gauge:
+        self.specs.append(MetricSpec(name, "gauge", labels, doc))
+        return Gauge(name, doc, labels, registry=self.registry)
+
+    @contextmanager
+    def time_stage(self, stage: str, category: str) -> Iterator[None]:
+        """``with metrics.time_stage("forward", cat): ...``; unknown stages are a bug, not a new label."""
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.inference_stage.labels(stage, category).observe(time.perf_counter() - start)
+
+    def set_job_counts(self, counts: Mapping[str, int]) -> None:
+        """Set ``clipshot_jobs`` from ``JobStore.count_by_state()`` (missing states read as 0)."""
+        for state in ("queued", "running", "succeeded", "failed", "cancelled"):
+            self.jobs.labels(state).set(counts.get(state, 0))
+
+    def render(self) -> tuple[bytes, str]:
+        """Exposition body and its content type, for the ``/metrics`` endpoint."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class RequestMetricsMiddleware:
+    """Pure-ASGI middleware observing ``clipshot_http_request_duration_seconds`` for every request."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500  # if the app raises before responding, the server answers 500
+
+        async def send_with_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_status)
+        finally:
+            # The router stores the matched route in the (shared) scope; use its template, not the path.
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            self.metrics.http_request_duration.labels(route, scope["method"], str(status)).observe(
+                time.perf_counter() - start
+            )
+
+
+def render_metrics_markdown(metrics: Metrics | None = None) -> str:
+    """``docs/reference/metrics.md``: one row per family, generated from ``Metrics.specs``."""
+    specs = (metrics or Metrics()).specs
+    lines = [
+        "# Metrics reference",
+        "",
+        "<!-- Generated by `python -m app.metrics > docs/reference/metrics.md`; do not edit by hand. -->",
+        "",
+        "`GET /metrics` serves these families in the Prometheus text format from a registry private to",
+        "the app (no default process/platform collectors). It needs a key only when",
+        "`CLIPSHOT_METRICS_REQUIRE_KEY=true`. Histograms expose `_bucket`, `_sum` and `_count` series;",
+        "counters and histograms also expose a `_created` timestamp series.",
+        "",
+        f"Label values: `stage` in {', '.join(f'`{s}`' for s in STAGES)}; `tier` in "
+        f"{', '.join(f'`{t}`' for t in TIERS)}; `verdict` in {', '.join(f'`{v}`' for v in VERDICTS)}; "
+        f"`queue` in {', '.join(f'`{q}`' for q in QUEUES)}; `state` is a job state; `route` is the route "
+        "template (`unmatched` for 404s).",
+        "",
+        "| Name | Type | Labels | Meaning |",
+        "|---|---|---|---|",
+    ]
+    for s in specs:
+        labels = ", ".join(f"`{label}`" for label in s.labels) or "—"
+        lines.append(f"| `{s.name}` | {s.type} | {labels} | {s.help} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(render_metrics_markdown(), end="")

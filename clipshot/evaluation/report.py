@@ -1,0 +1,155 @@
+"""Aggregation over seeds and the written outputs: results.json, results.md and the two plots.
+
+Everything needed to reproduce a table row goes into results.json: the raw per-seed records
+(including which shot files were used), the aggregates, the command line and the settings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import platform
+import shlex
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .metrics import QUALITY_METRICS
+
+if TYPE_CHECKING:
+    from .protocol import ProtocolResult
+
+TIME_METRICS = ("register_s", "finetune_s", "ms_per_image")
+ALL_METRICS = QUALITY_METRICS + TIME_METRICS
+MEAN_CATEGORY = "mean"  # the across-category row, as in papers' "Mean" row
+_COLUMNS = {  # metric -> (column header, scale, decimals)
+    "image_auroc": ("image AUROC", 100.0, 1), "pixel_auroc": ("pixel AUROC", 100.0, 1),
+    "aupro": ("AUPRO", 100.0, 1), "image_f1max": ("image F1-max", 100.0, 1),
+    "pixel_f1max": ("pixel F1-max", 100.0, 1), "register_s": ("register s", 1.0, 2),
+    "finetune_s": ("fine-tune s", 1.0, 2), "ms_per_image": ("ms/image", 1.0, 1),
+}
+
+
+def _mean_std(values: Sequence[float]) -> dict[str, float | int]:
+    """Mean and sample std (ddof=1; 0 for a single seed) so spreads from few seeds are not understated."""
+    arr = np.asarray(values, dtype=np.float64)
+    std = float(np.std(arr, ddof=1)) if arr.size > 1 else 0.0
+    return {"mean": float(np.mean(arr)), "std": std, "n": int(arr.size)}
+
+
+def aggregate(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean ± std over seeds per (category, mode, shots), plus a ``"mean"`` category.
+
+    The mean row first averages over categories within each seed, then takes mean ± std over
+    seeds, so its std is the seed-to-seed spread of the benchmark average (not category spread).
+    NaN metrics stay NaN (undefined metrics must stay visible, not be averaged away).
+    """
+    groups: dict[tuple[str, str, int], dict[int, dict[str, float]]] = defaultdict(dict)
+    for rec in records:
+        groups[(rec["category"], rec["mode"], int(rec["shots"]))][int(rec["seed"])] = rec["metrics"]
+    categories = {cat for cat, _, _ in groups}
+    if len(categories) > 1:
+        per_seed: dict[tuple[str, int], dict[int, list[dict[str, float]]]] = defaultdict(
+            lambda: defaultdict(list))
+        for (_cat, mode, k), by_seed in groups.items():
+            for seed, metrics in by_seed.items():
+                per_seed[(mode, k)][seed].append(metrics)
+        for (mode, k), by_seed in per_seed.items():
+            groups[(MEAN_CATEGORY, mode, k)] = {
+                seed: {m: float(np.mean([x[m] for x in lst])) for m in ALL_METRICS if m in lst[0]}
+                for seed, lst in by_seed.items()}
+    rows = []
+    for (cat, mode, k), by_seed in groups.items():
+        seeds = sorted(by_seed)
+        names = [m for m in ALL_METRICS if all(m in by_seed[s] for s in seeds)]
+        rows.append({"category": cat, "mode": mode, "shots": k, "seeds": seeds,
+                     "metrics": {m: _mean_std([by_seed[s][m] for s in seeds]) for m in names}})
+    rows.sort(key=lambda r: (r["mode"], r["category"] == MEAN_CATEGORY, r["category"], r["shots"]))
+    return rows
+
+
+def _fmt(stat: dict[str, float | int] | None, scale: float, decimals: int) -> str:
+    if stat is None:
+        return "–"
+    mean = f"{stat['mean'] * scale:.{decimals}f}"
+    return mean if stat["n"] < 2 else f"{mean} ± {stat['std'] * scale:.{decimals}f}"
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], *, command: str = "") -> str:
+    """Paper-style table per mode: rows category × shots; quality metrics in %, times as measured."""
+    lines = ["# Evaluation results", ""]
+    if command:
+        lines += ["```", command, "```", ""]
+    lines += ["Values are mean ± sample std over seeds (a single seed shows the value alone). "
+              "Quality metrics in %; AUPRO integrated to FPR 0.3.", ""]
+    header = ["category", "shots"] + [_COLUMNS[m][0] for m in ALL_METRICS]
+    for mode in sorted({r["mode"] for r in rows}):
+        lines += [f"## mode: {mode}", "", "| " + " | ".join(header) + " |",
+                  "|" + "---|" * 2 + "---:|" * len(ALL_METRICS)]
+        for r in (r for r in rows if r["mode"] == mode):
+            cells = [_fmt(r["metrics"].get(m), *_COLUMNS[m][1:]) for m in ALL_METRICS]
+            cat = f"**{r['category']}**" if r["category"] == MEAN_CATEGORY else r["category"]
+            lines.append("| " + " | ".join([cat, str(r["shots"]), *cells]) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _json_safe(obj: Any) -> Any:
+    """NaN/inf -> null (strict JSON), numpy scalars -> Python, paths -> str."""
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for dist in ("clipshot", "torch", "open_clip_torch", "numpy", "scipy", "scikit-learn"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[dist] = metadata.version(dist)
+    return out
+
+
+def write_results(out_dir: str | Path, records: Sequence[dict[str, Any]], *,
+                  command: str | Sequence[str], settings: dict[str, Any]) -> dict[str, Path]:
+    """Write results.json (raw + aggregated + command + settings) and results.md; return paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = command if isinstance(command, str) else shlex.join(command)
+    rows = aggregate(records)
+    payload = {"command": cmd, "settings": settings, "versions": _versions(),
+               "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
+               "metrics": list(ALL_METRICS), "records": list(records), "aggregated": rows}
+    json_path, md_path = out / "results.json", out / "results.md"
+    json_path.write_text(json.dumps(_json_safe(payload), indent=2, allow_nan=False) + "\n")
+    md_path.write_text(markdown_table(rows, command=cmd) + "\n")
+    return {"results.json": json_path, "results.md": md_path}
+
+
+def write_outputs(out_dir: str | Path, result: ProtocolResult, *, command: str | Sequence[str],
+                  settings: dict[str, Any] | None = None) -> dict[str, Path]:
+    """Everything the ``clipshot eval`` command leaves behind: JSON, markdown and both plots.
+
+    ``settings`` (backbone spec, weights hash, device, ...) is merged over the protocol's own.
+    """
+    from .plots import plot_examples, plot_shots  # matplotlib only when plots are written
+
+    paths = write_results(out_dir, result.records, command=command,
+                          settings={**result.settings, **(settings or {})})
+    paths["shots.png"] = plot_shots(aggregate(result.records), Path(out_dir) / "shots.png")
+    if result.examples:
+        paths["examples.png"] = plot_examples(result.examples, Path(out_dir) / "examples.png")
+    return paths

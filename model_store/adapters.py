@@ -1,0 +1,63 @@
+"""Glue between the core's ``Adapter`` and the generic bundle store: one place that maps one onto the other."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from clipshot.adapter import Adapter
+from clipshot.detector import Detector
+
+from .errors import BundleCorrupt
+from .manifest import Manifest
+from .store import AdapterStore
+
+
+def bundle_manifest(detector: Detector, adapter: Adapter, **fields: Any) -> dict[str, Any]:
+    """Partial manifest for ``adapter`` fitted on ``detector``'s backbone (store fills the rest)."""
+    backbone = detector.backbone
+    return {
+        "backbone": {"spec": backbone.spec, "sha256": backbone.weights_sha256},
+        "adapter": adapter.config(),
+        **fields,
+    }
+
+
+def save_adapter(store: AdapterStore, detector: Detector, adapter: Adapter, *, activate: bool = True,
+                 generic: bool = False, **fields: Any) -> int:
+    """Persist ``adapter`` as the next version; ``fields`` go to the manifest (shots, training, metrics, ...)."""
+    manifest = bundle_manifest(detector, adapter, **fields)
+    if generic:
+        version = store.save_generic(adapter.to_tensors(), manifest, activate=activate)
+    else:
+        version = store.save(adapter.category, adapter.to_tensors(), manifest, activate=activate)
+    adapter.version = version
+    adapter.uid = f"{'generic' if generic else adapter.category}@v{version}"
+    return version
+
+
+def _to_adapter(category: str, tensors: dict, manifest: Manifest, detector: Detector) -> Adapter:
+    try:
+        adapter = Adapter.from_tensors(category, tensors, manifest.adapter, version=manifest.version)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BundleCorrupt(f"bundle {category} v{manifest.version} does not decode into an adapter: {exc}") from exc
+    detector.check_compatible(adapter)
+    return adapter
+
+
+def load_adapter(store: AdapterStore, detector: Detector, category: str,
+                 version: int | None = None) -> tuple[Adapter, Manifest]:
+    """Load and validate (checksum, backbone identity, layer layout) a category's bundle."""
+    backbone = detector.backbone
+    tensors, manifest = store.load(category, version, backbone_spec=backbone.spec,
+                                   backbone_sha256=backbone.weights_sha256)
+    return _to_adapter(category, tensors, manifest, detector), manifest
+
+
+def load_generic_adapter(store: AdapterStore, detector: Detector,
+                         version: int | None = None) -> tuple[Adapter, Manifest]:
+    backbone = detector.backbone
+    tensors, manifest = store.load_generic(version, backbone_spec=backbone.spec,
+                                           backbone_sha256=backbone.weights_sha256)
+    adapter = _to_adapter("generic", tensors, manifest, detector)
+    adapter.uid = f"generic@v{manifest.version}"
+    return adapter, manifest

@@ -1,0 +1,274 @@
+"""Few-shot registration: fine-tune LoRA + learnable prompts on a new product's 1-16 normal photos.
+
+Why this shape: the memory adapter (no training) is already usable, so fine-tuning is only worth promoting
+when it measurably beats it. With no defect photos, the comparison uses held-out shots plus synthetic
+anomalies of them (never test data); the final adapter is then rebuilt from ALL shots through the LoRA.
+``steps()`` does exactly one optimisation step per ``next()`` so the service's single device worker can
+interleave training with prediction batches.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+from PIL import Image
+
+from clipshot import lora
+from clipshot.adapter import Adapter
+from clipshot.calibration import DEFAULT_FALSE_ALARM_RATE
+from clipshot.detector import FEATURE_BATCH, RECOMMENDED_MIN_SHOTS, Detector
+from clipshot.fusion import ScoringConfig
+from clipshot.memory_branch import MemoryBank
+from clipshot.prompts import GENERIC_OBJECT
+from training.anomalies import KINDS, AnomalySynthesizer
+from training.augment import NormalAugment
+from training.progress import CancelToken, Progress, ProgressCallback
+from training.step import StepEngine, TrainConfig, auroc, pil_to_unit, require_clip
+
+__all__ = ["FewShotConfig", "FewShotResult", "FewShotTrainer", "default_holdout", "train_fewshot"]
+
+MIN_SHOTS = 1
+MAX_SHOTS = 16
+
+
+@dataclass
+class FewShotConfig(TrainConfig):
+    """Few-shot recipe on top of ``TrainConfig`` (budget, optimiser, LoRA, prompts, loss weights, seed)."""
+
+    synthetic_p: float = 0.5  # share of training images turned into synthetic anomalies
+    anomaly_kinds: tuple[str, ...] = KINDS
+    augment: NormalAugment = field(default_factory=NormalAugment)
+    holdout: int | None = None  # None: default_holdout(n)
+    val_anomalies_per_shot: int = 4
+    val_normal_views: int = 3  # normal-preserving augmentations of each held-out shot, also scored as normal
+    min_gain: float = 0.0  # fine-tuned AUROC must exceed memory-only AUROC by more than this
+    text_weight: float = 0.5  # ScoringConfig.text_weight of the fine-tuned adapter
+    coreset_ratio: float | None = None
+    false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE
+    max_shots: int = MAX_SHOTS
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.anomaly_kinds = tuple(self.anomaly_kinds)
+        if not 0 < self.synthetic_p <= 1:
+            raise ValueError("synthetic_p must be in (0, 1]: training needs synthetic anomalies")
+        if self.val_anomalies_per_shot < 1 or self.val_normal_views < 0:
+            raise ValueError("val_anomalies_per_shot must be >= 1 and val_normal_views >= 0")
+
+
+def default_holdout(n: int) -> int:
+    """max(1, n // 4) held-out shots from 4 shots up; below that every shot is needed for training."""
+    return max(1, n // 4) if n >= RECOMMENDED_MIN_SHOTS else 0
+
+
+@dataclass
+class FewShotResult:
+    """``adapter`` = fine-tuned (promote only if ``promotable``); ``memory_adapter`` = no-training baseline on
+    all shots, the safe fallback."""
+
+    adapter: Adapter
+    memory_adapter: Adapter
+    metrics: dict
+    seconds: float
+    promotable: bool
+    config: dict
+
+
+class FewShotTrainer:
+    """Trains one product's LoRA + prompts; see the module docstring for the protocol."""
+
+    def __init__(self, detector: Detector, shots: Sequence[Image.Image], *, category: str,
+                 object_name: str | None = None, config: FewShotConfig | None = None,
+                 progress: ProgressCallback | None = None, cancel: CancelToken | None = None):
+        cfg = config or FewShotConfig()
+        shots = list(shots)
+        if len(shots) < MIN_SHOTS:
+            raise ValueError("few-shot training needs at least one normal image")
+        if len(shots) > cfg.max_shots:
+            raise ValueError(f"{len(shots)} shots given; use at most {cfg.max_shots} (the most representative)")
+        if len(shots) < RECOMMENDED_MIN_SHOTS:
+            warnings.warn(f"{len(shots)} shot(s): with fewer than {RECOMMENDED_MIN_SHOTS} nothing can be held out "
+                          "for validation, so the fine-tuned adapter is never marked promotable", stacklevel=2)
+        backbone = require_clip(detector, "few-shot fine-tuning")
+        holdout = default_holdout(len(shots)) if cfg.holdout is None else cfg.holdout
+        if not 0 <= holdout < len(shots):
+            raise ValueError(f"holdout must be in [0, {len(shots) - 1}] for {len(shots)} shots, got {holdout}")
+        self.detector, self.config, self.category = detector, cfg, category
+        self.object_name = object_name
+        self.shots = shots
+        order = torch.randperm(len(shots), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+        self.held_index, self.train_index = sorted(order[:holdout]), sorted(order[holdout:])
+        size = backbone.image_size
+        self.train_unit = pil_to_unit([shots[i] for i in self.train_index], size)
+        name = object_name or category.replace("_", " ").replace("-", " ").strip() or GENERIC_OBJECT
+        self.prompt_spec = replace(cfg.prompt, object_name=name) if cfg.prompt.object_name == GENERIC_OBJECT \
+            else cfg.prompt
+        self.engine = StepEngine(detector, cfg, self.prompt_spec, dpam=False, progress=progress, cancel=cancel,
+                                 tag="fewshot")
+        self.generator = torch.Generator().manual_seed(cfg.seed + 1)
+        self.synth = AnomalySynthesizer(p=cfg.synthetic_p, kinds=cfg.anomaly_kinds)
+        self.val_pixels, self.val_labels = self._validation_set(pil_to_unit([shots[i] for i in self.held_index], size)
+                                                                if holdout else None)
+        self.metrics: dict = {"shots": len(shots), "train_shots": len(self.train_index), "holdout": holdout,
+                              "val_normals": self.val_labels.count(0), "val_anomalies": self.val_labels.count(1)}
+        self.seconds = 0.0
+        self._exhausted = False
+
+    # -- data -----------------------------------------------------------------------------------------
+    def _validation_set(self, held: torch.Tensor | None) -> tuple[torch.Tensor | None, list[int]]:
+        """Held-out shots (+ light views) as normals, synthetic anomalies of them as anomalies; fixed seed."""
+        if held is None:
+            return None, []
+        cfg = self.config
+        g = torch.Generator().manual_seed(cfg.seed + 2)
+        synth = replace(self.synth, p=1.0)
+        sources = list(self.train_unit)
+        normals, anomalies = [], []
+        for shot in held:
+            normals.append(shot)
+            normals.extend(cfg.augment(shot, g) for _ in range(cfg.val_normal_views))
+            made = 0
+            for _ in range(4 * cfg.val_anomalies_per_shot):  # a try can fail on flat regions; bounded retries
+                out, _mask, label = synth(shot, sources, g)
+                made += label
+                if label:
+                    anomalies.append(out)
+                if made >= cfg.val_anomalies_per_shot:
+                    break
+        return torch.stack(normals + anomalies), [0] * len(normals) + [1] * len(anomalies)
+
+    def _batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        g, cfg = self.generator, self.config
+        picks = torch.randint(len(self.train_unit), (cfg.batch_size,), generator=g).tolist()
+        sources = list(self.train_unit)
+        images, masks, labels = [], [], []
+        for i in picks:
+            out, mask, label = self.synth(cfg.augment(self.train_unit[i], g), sources, g)
+            images.append(out)
+            masks.append(mask)
+            labels.append(label)
+        return torch.stack(images), torch.stack(masks), torch.tensor(labels, dtype=torch.float32)
+
+    # -- scoring helpers ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _val_auroc(self, adapter: Adapter) -> float | None:
+        """Validation image AUROC of ``adapter``'s full scorer (whatever branches it has)."""
+        if self.val_pixels is None:
+            return None
+        backbone = self.detector.backbone
+        mean = torch.tensor(backbone.mean).view(1, 3, 1, 1)
+        std = torch.tensor(backbone.std).view(1, 3, 1, 1)
+        scores: list[float] = []
+        for start in range(0, len(self.val_pixels), FEATURE_BATCH):
+            pixels = ((self.val_pixels[start : start + FEATURE_BATCH] - mean) / std).to(backbone.device)
+            feats = self.detector.features(pixels, adapter, dpam=adapter.scoring.dpam)
+            scores.extend(self.detector.score_features(feats, adapter)[0].float().cpu().tolist())
+        return auroc(self.val_labels, scores)
+
+    def _bank(self, adapter: Adapter | None) -> MemoryBank:
+        """Memory of the TRAINING shots only, so held-out shots stay unseen during validation."""
+        feats = self.detector.features_of([self.shots[i] for i in self.train_index], adapter)
+        return MemoryBank.from_features(feats, self.config.coreset_ratio)
+
+    def _baseline(self) -> None:
+        """Memory-only (handcrafted text + memory, no training) and untrained-prompt text AUROCs."""
+        if self.val_pixels is None:
+            return
+        memory = self.detector.text_adapter(category=self.category, object_name=self.object_name)
+        memory.memory = self._bank(None)
+        untrained = Adapter(category=self.category, scoring=self._scoring(), text=self.engine.text_embeddings())
+        self.metrics.update(auroc_memory=self._val_auroc(memory), text_auroc_initial=self._val_auroc(untrained))
+
+    def _scoring(self) -> ScoringConfig:
+        return ScoringConfig(text_weight=self.config.text_weight, temperature=self.config.temperature)
+
+    # -- protocol -------------------------------------------------------------------------------------
+    def steps(self) -> Iterator[Progress]:
+        """One optimisation step per ``next()``; cancellation is checked before each. On any exit other than
+        exhaustion (cancel, error, ``close()`` of the generator) the temporary LoRA is removed."""
+        engine = self.engine
+        try:
+            while not engine.finished():
+                engine.check_cancel()
+                if engine.step_index == 0 and "auroc_memory" not in self.metrics:
+                    started = time.perf_counter()
+                    self._baseline()
+                    self.seconds += time.perf_counter() - started
+                batch = self._batch()
+                before = engine.elapsed
+                progress = engine.step(*batch)
+                self.seconds += engine.elapsed - before
+                yield progress
+            self._exhausted = True
+        except BaseException:
+            engine.close()
+            raise
+
+    def result(self) -> FewShotResult:
+        """Validate, rebuild memory + calibration from all shots through the LoRA, and package the adapter."""
+        if not self._exhausted:
+            raise RuntimeError("training is not finished: iterate steps() to the end (or call run()) first")
+        engine, detector, cfg = self.engine, self.detector, self.config
+        started = time.perf_counter()
+        try:
+            engine.check_cancel()
+            engine.report("validate")
+            adapter = Adapter(
+                category=self.category, scoring=self._scoring(), text=engine.text_embeddings(),
+                lora=cfg.lora, lora_state=lora.state(engine.visual, engine.name) if engine.resident() else None,
+                prompt=self.prompt_spec, prompt_state=engine.prompts.state(), object_name=self.object_name,
+                backbone=detector.layout(), uid=engine.name,  # routes features through the resident training LoRA
+            )
+            if self.val_pixels is not None:
+                adapter.memory = self._bank(adapter)
+                self.metrics.update(auroc_finetuned=self._val_auroc(adapter),
+                                    text_auroc=self._val_auroc(replace(adapter, memory=None)))
+            engine.check_cancel()
+            engine.report("finalize")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the shot-count warning was already given at construction
+                detector.refit_memory(adapter, self.shots, coreset_ratio=cfg.coreset_ratio,
+                                      false_alarm_rate=cfg.false_alarm_rate)
+                memory_adapter = detector.fit_memory(self.shots, category=self.category,
+                                                     object_name=self.object_name, coreset_ratio=cfg.coreset_ratio,
+                                                     false_alarm_rate=cfg.false_alarm_rate)
+        finally:
+            engine.close()
+        adapter.uid = uuid.uuid4().hex  # the training LoRA is gone; attach() must inject this one afresh
+        self.seconds += time.perf_counter() - started
+        ft, mem = self.metrics.get("auroc_finetuned"), self.metrics.get("auroc_memory")
+        promotable = ft is not None and mem is not None and ft > mem + cfg.min_gain
+        k = max(1, min(10, len(engine.losses) // 4))
+        self.metrics.update(
+            steps=engine.step_index, loss_first=_mean(engine.losses[:k]), loss_last=_mean(engine.losses[-k:]),
+            promotable_rule=f"auroc_finetuned > auroc_memory + {cfg.min_gain}"
+            if self.val_pixels is not None else "no held-out shot (fewer than 4 shots): never promotable",
+        )
+        engine.report("done", engine.losses[-1] if engine.losses else None)
+        return FewShotResult(adapter, memory_adapter, dict(self.metrics), self.seconds, promotable, cfg.to_dict())
+
+    def run(self) -> FewShotResult:
+        for _ in self.steps():
+            pass
+        return self.result()
+
+    def close(self) -> None:
+        """Drop the temporary LoRA without building anything (for callers that abandon a job)."""
+        self.engine.close()
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def train_fewshot(detector: Detector, shots: Sequence[Image.Image], *, category: str,
+                  object_name: str | None = None, config: FewShotConfig | None = None,
+                  progress: ProgressCallback | None = None, cancel: CancelToken | None = None) -> FewShotResult:
+    """One-call few-shot training (CLI and scripts); the service drives ``FewShotTrainer.steps`` itself."""
+    return FewShotTrainer(detector, shots, category=category, object_name=object_name, config=config,
+                          progress=progress, cancel=cancel).run()

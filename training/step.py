@@ -1,0 +1,277 @@
+"""The optimisation machinery both trainers share: budget, seeding, temporary LoRA, prompts, one step.
+
+Why one engine: the few-shot and the generic (zero-shot) trainer differ only in where batches come from and
+what they build at the end; the step itself (features through the temporary LoRA, learnable prompts, text
+losses, clipping, cosine schedule) must behave identically, and must survive being interleaved with
+prediction batches of other adapters on the same backbone.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+from sklearn.metrics import roc_auc_score
+
+from clipshot import lora
+from clipshot.anomaly_map import upsample
+from clipshot.backbone import ClipBackbone
+from clipshot.detector import Detector
+from clipshot.lora import LoraSpec
+from clipshot.prompts import PromptLearner, PromptSpec
+from clipshot.text_branch import anomaly_probability, text_maps
+from training.losses import LossWeights, combine_losses, compute_loss_parts
+from training.progress import CancelToken, Progress, ProgressCallback
+
+__all__ = ["Budget", "StepEngine", "TrainConfig", "auroc", "pil_to_unit", "require_clip", "seeded"]
+
+
+@dataclass
+class TrainConfig:
+    """Settings every trainer shares. ``seconds`` counts time inside training steps only; with ``steps``
+    also set, whichever runs out first ends training (a seconds budget makes the run non-deterministic)."""
+
+    steps: int | None = 300
+    seconds: float | None = None
+    batch_size: int = 8
+    lr: float = 1e-3
+    prompt_lr: float | None = None  # None: same as lr
+    weight_decay: float = 0.01
+    optimizer: str = "adamw"  # "adamw" | "sgd"
+    momentum: float = 0.9  # sgd only
+    warmup: float = 0.05  # fraction of the budget with a linear warm-up
+    grad_clip: float | None = 1.0
+    lora: LoraSpec | None = field(default_factory=LoraSpec)
+    prompt: PromptSpec = field(default_factory=PromptSpec)
+    losses: LossWeights = field(default_factory=LossWeights)
+    temperature: float = 100.0  # must match ScoringConfig.temperature of the adapter built
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps is None and self.seconds is None:
+            raise ValueError("give a budget: steps and/or seconds")
+        if (self.steps is not None and self.steps < 1) or (self.seconds is not None and self.seconds <= 0):
+            raise ValueError("steps must be >= 1 and seconds > 0")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
+        if self.batch_size < 1 or self.lr <= 0 or not 0 <= self.warmup < 1:
+            raise ValueError("batch_size must be >= 1, lr > 0 and warmup in [0, 1)")
+
+    def to_dict(self) -> dict:
+        """JSON-ready (tuples become lists) so it can go straight into a bundle manifest."""
+        return json.loads(json.dumps(asdict(self)))
+
+
+def require_clip(detector: Detector, what: str) -> ClipBackbone:
+    if not isinstance(detector.backbone, ClipBackbone):
+        raise ValueError(f"{what} needs a CLIP backbone (text tower + attention for LoRA); "
+                         f"{detector.backbone.spec} supports the memory branch only")
+    return detector.backbone
+
+
+@contextmanager
+def seeded(seed: int, device: torch.device | None = None) -> Iterator[None]:
+    """Seed torch's global RNG for code that only uses it (peft/prompt init, dropout) without disturbing the
+    caller's RNG stream: the service's other jobs must not see their randomness shift because we trained."""
+    devices = [device.index or 0] if device is not None and device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def pil_to_unit(images: Sequence[Image.Image], size: int) -> torch.Tensor:
+    """(N, 3, S, S) in [0, 1], resized exactly like ``Backbone.preprocess`` so training sees what inference sees."""
+    arrays = [np.asarray(img.convert("RGB").resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32)
+              for img in images]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).div(255.0).clamp(0.0, 1.0)
+
+
+def auroc(labels: Sequence[int], scores: Sequence[float]) -> float | None:
+    """Image AUROC, or None when only one class is present (undefined)."""
+    if len(set(labels)) < 2:
+        return None
+    return float(roc_auc_score(np.asarray(labels), np.asarray(scores, dtype=np.float64)))
+
+
+class Budget:
+    """Steps and/or seconds: when to stop, how far along (for the cosine schedule), and the ETA."""
+
+    def __init__(self, steps: int | None, seconds: float | None):
+        self.steps, self.seconds = steps, seconds
+
+    def done(self, step: int, elapsed: float) -> bool:
+        return (self.steps is not None and step >= self.steps) or (self.seconds is not None and elapsed >= self.seconds)
+
+    def fraction(self, step: int, elapsed: float) -> float:
+        parts = [step / self.steps] if self.steps else []
+        if self.seconds:
+            parts.append(elapsed / self.seconds)
+        return min(1.0, max(parts))
+
+    def eta(self, step: int, elapsed: float) -> float | None:
+        etas = []
+        if self.steps is not None and step > 0:
+            etas.append(elapsed / step * max(0, self.steps - step))
+        if self.seconds is not None:
+            etas.append(max(0.0, self.seconds - elapsed))
+        return min(etas) if etas else None
+
+
+class StepEngine:
+    """Owns the temporary training LoRA, the prompt learner and the optimiser; ``step`` does one update.
+
+    The LoRA lives under a unique name on the shared backbone until ``close``; every step re-selects it as the
+    only trainable adapter, because prediction batches between steps switch (and freeze) adapters.
+    """
+
+    def __init__(self, detector: Detector, config: TrainConfig, prompt: PromptSpec, *, dpam: bool,
+                 progress: ProgressCallback | None = None, cancel: CancelToken | None = None, tag: str = "train"):
+        self.detector = detector
+        self.backbone = require_clip(detector, "training")
+        self.config, self.dpam = config, dpam
+        self.name = f"{tag}-{uuid.uuid4().hex[:12]}"
+        self.callback, self.cancel = progress, cancel
+        self.budget = Budget(config.steps, config.seconds)
+        with seeded(config.seed, self.backbone.device):
+            self.prompts = PromptLearner(self.backbone.model, prompt)
+        self.lora_params: list[torch.nn.Parameter] = []
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scaler: torch.amp.GradScaler | None = None
+        self.step_index, self.elapsed = 0, 0.0
+        self.losses: list[float] = []
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    @property
+    def visual(self) -> torch.nn.Module:
+        return self.backbone.visual
+
+    def start(self) -> None:
+        """Inject the zero-initialised LoRA (B = 0: step 0 is exactly the frozen model) and build the optimiser."""
+        if self.optimizer is not None:
+            return
+        cfg = self.config
+        if cfg.lora is not None:
+            with seeded(cfg.seed + 1, self.backbone.device):
+                lora.add_adapter(self.visual, self.name, cfg.lora)
+            # peft casts adapters to the base dtype; a half backbone would leave fp16 master weights, which
+            # AdamW cannot update reliably, so train in fp32 under autocast.
+            self.lora_params = list(lora.adapter_parameters(self.visual, self.name).values())
+            for param in self.lora_params:
+                param.data = param.data.float()
+        groups = [{"params": list(self.prompts.parameters()), "lr": cfg.prompt_lr or cfg.lr}]
+        if self.lora_params:
+            groups.append({"params": self.lora_params, "lr": cfg.lr})
+        for group in groups:
+            group["base_lr"] = group["lr"]
+        if cfg.optimizer == "adamw":
+            self.optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+        else:
+            self.optimizer = torch.optim.SGD(groups, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        half = self.backbone.device.type == "cuda" and self.backbone.dtype == torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=half)
+
+    def resident(self) -> bool:
+        return self.name in lora.resident_adapters(self.visual)
+
+    def close(self) -> None:
+        """Remove the temporary LoRA (idempotent); the shared backbone is left as it was found."""
+        if self.resident():
+            lora.remove_adapter(self.visual, self.name)
+
+    def check_cancel(self) -> None:
+        if self.cancel is not None and self.cancel.cancelled:
+            self.close()
+            self.cancel.raise_if_cancelled()
+
+    def report(self, phase: str, loss: float | None = None, parts: dict[str, float] | None = None) -> Progress:
+        eta = self.budget.eta(self.step_index, self.elapsed) if phase == "train" else None
+        progress = Progress(phase, self.step_index, self.config.steps, loss, dict(parts or {}), self.elapsed, eta)
+        if self.callback is not None:
+            self.callback(progress)
+        return progress
+
+    def finished(self) -> bool:
+        return self.budget.done(self.step_index, self.elapsed)
+
+    # -- one optimisation step -----------------------------------------------------------------------
+    @contextmanager
+    def _training_mode(self) -> Iterator[list[torch.nn.Parameter]]:
+        """Our LoRA active and trainable, its dropout in train mode, everything else untouched; undone after."""
+        dropouts = [m.lora_dropout[self.name] for m in self.visual.modules()
+                    if hasattr(m, "lora_dropout") and self.name in m.lora_dropout]
+        params = lora.set_trainable(self.visual, self.name) if self.lora_params else []
+        for module in dropouts:
+            module.train()
+        try:
+            yield params
+        finally:
+            for module in dropouts:
+                module.eval()
+            lora.activate(self.visual, None)
+            for param in params:
+                param.requires_grad_(False)
+
+    def text_embeddings(self) -> torch.Tensor:
+        """Current (2, D) normal/anomalous prompt embeddings, detached (what an adapter caches)."""
+        with torch.inference_mode(False), torch.no_grad():
+            return self.prompts().detach().float().clone()
+
+    def loss(self, pixels01: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Image focal + margin on the CLS text score, pixel focal + dice on the upsampled text map of anomalous
+        images, and alignment of normal images' CLS/patch features to the normal prompt."""
+        backbone, cfg = self.backbone, self.config
+        mean = torch.tensor(backbone.mean, device=backbone.device).view(1, 3, 1, 1)
+        std = torch.tensor(backbone.std, device=backbone.device).view(1, 3, 1, 1)
+        feats = backbone.extract((pixels01.to(backbone.device) - mean) / std, dpam=self.dpam)
+        text = self.prompts().float()
+        labels = labels.to(backbone.device).float()
+        parts = compute_loss_parts(cfg.losses, image_scores=anomaly_probability(feats.cls, text, cfg.temperature),
+                                   labels=labels)
+        anomalous = labels > 0.5
+        if anomalous.any():
+            size = pixels01.shape[-2:]
+            maps = upsample(text_maps(feats, text, cfg.temperature), (size[0], size[1]))[:, None]
+            parts.update(compute_loss_parts(cfg.losses, pixel_scores=maps[anomalous],
+                                            masks=masks.to(backbone.device)[anomalous]))
+        if cfg.losses.alignment > 0 and (~anomalous).any():
+            normal = torch.cat([feats.cls[~anomalous][:, None]] + [p[~anomalous] for p in feats.patches], dim=1)
+            parts.update(compute_loss_parts(cfg.losses, features=normal, t_normal=text[0], t_anomalous=text[1]))
+        return combine_losses(parts, cfg.losses)
+
+    def step(self, pixels01: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor) -> Progress:
+        """One update on a batch: (B,3,S,S) images in [0,1], (B,1,S,S) masks, (B,) labels."""
+        self.check_cancel()
+        self.start()
+        cfg, optimizer, scaler = self.config, self.optimizer, self.scaler
+        assert optimizer is not None and scaler is not None
+        started = time.perf_counter()
+        frac = self.budget.fraction(self.step_index, self.elapsed)
+        first = 1.0 / cfg.steps if cfg.steps else 0.01  # so the very first warm-up step does not get lr = 0
+        warm = min(1.0, (frac + first) / cfg.warmup) if cfg.warmup else 1.0
+        for group in optimizer.param_groups:
+            group["lr"] = group["base_lr"] * warm * 0.5 * (1 + math.cos(math.pi * frac))
+        with torch.inference_mode(False), torch.enable_grad(), self._training_mode(), \
+                seeded(cfg.seed + 7919 * (self.step_index + 1), self.backbone.device):
+            self.prompts.train()
+            optimizer.zero_grad(set_to_none=True)
+            total, parts = self.loss(pixels01, masks, labels)
+            scaler.scale(total).backward()
+            if cfg.grad_clip:
+                scaler.unscale_(optimizer)
+                params = [p for group in optimizer.param_groups for p in group["params"]]
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            self.prompts.eval()
+        self.step_index += 1
+        self.elapsed += time.perf_counter() - started
+        self.losses.append(parts["total"])
+        return self.report("train", parts["total"], parts)
