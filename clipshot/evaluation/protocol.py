@@ -100,7 +100,9 @@ def run_protocol(root: str | Path, detector: DetectorLike, make_adapter: MakeAda
     missing = sorted(set(cats) - set(available))
     if missing:
         raise ValueError(f"unknown categories {missing}; available: {', '.join(available)}")
-    example_k = shot_list[-1] if example_shots is None else example_shots
+    example_k = shot_list[-1] if example_shots is None else int(example_shots)
+    if example_k not in shot_list:
+        raise ValueError(f"example_shots={example_k} is not one of the evaluated shot counts {shot_list}")
     map_size: str | tuple[int, int] = "input" if size == "full" else (size, size)
     plan = [(c, s, k) for c in cats for s in seed_list for k in shot_list
             if k > 0 or repeat_zero_shot or s == seed_list[0]]

@@ -19,7 +19,8 @@ edge is a threshold whose FPR and PRO are exact; only the curve *between* two ad
 replaced by its chord. The error is therefore at most the largest FPR step inside one bin
 (negligible for 2**20 bins). ``num_bins=None`` gives the exact curve over every distinct score
 (ties are joined by a straight segment, like ``sklearn.metrics.roc_curve``); tests use it as the
-reference.
+reference; it is also used automatically when there are no more pixels than bins, where it is
+both exact and cheaper.
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ def _binner(maps: list[np.ndarray], num_bins: int | None
 
     Monotone means ties always share a bin and a higher score never gets a lower bin.
     """
-    if num_bins is None:  # exact: one bin per distinct score over all images
+    if num_bins is None or sum(m.size for m in maps) <= num_bins:  # exact: one bin per distinct score
         uniq, inverse = np.unique(np.concatenate([m.reshape(-1) for m in maps]), return_inverse=True)
         bounds = np.cumsum([0] + [m.size for m in maps])
         return (lambda i, _m: inverse[bounds[i]:bounds[i + 1]]), uniq.size

@@ -1,0 +1,81 @@
+"""Feature extraction + scoring speed per backbone (not a test: numbers go into the README).
+
+Weights' values do not change speed, so the real CLIP architecture is timed with random weights
+(``open_clip:ViT-B-16-plus-240:random``) on a GPU when one is present.
+
+    python benchmarks/core_speed.py [--device auto] [--precision bf16] [--repeats 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+from clipshot.backbone import load_backbone
+from clipshot.detector import Detector
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _images(count: int, size: int) -> list[Image.Image]:
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)) for _ in range(count)]
+
+
+def bench(spec: str, device: str, precision: str, repeats: int) -> list[dict]:
+    detector = Detector(load_backbone(spec, device=device, precision=precision))
+    backbone = detector.backbone
+    adapter = detector.fit_memory(_images(4, backbone.image_size), category="bench", calibration_views=0)
+    rows = []
+    for batch in (1, 32):
+        pixels = backbone.preprocess(_images(batch, backbone.image_size))
+        for _ in range(3):
+            detector.forward(pixels, adapter)
+        times = []
+        for _ in range(repeats):
+            _sync(backbone.device)
+            start = time.perf_counter()
+            detector.forward(pixels, adapter)
+            _sync(backbone.device)
+            times.append(time.perf_counter() - start)
+        p50 = statistics.median(times)
+        rows.append({
+            "backbone": spec, "device": str(backbone.device), "precision": precision, "batch": batch,
+            "branches": "+".join(adapter.branches), "ms_per_batch_p50": 1000 * p50,
+            "ms_per_image": 1000 * p50 / batch, "images_per_s": batch / p50,
+        })
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args()
+    cuda = torch.cuda.is_available() and args.device != "cpu"
+    precision = args.precision or ("bf16" if cuda else "fp32")
+    specs = ["test:tiny-clip", "imagenet:efficientnet-lite0"]
+    if cuda:
+        specs.append("open_clip:ViT-B-16-plus-240:random")
+    name = torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine()
+    print(f"machine: {name}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print("| backbone | device | precision | branches | batch | ms/batch p50 | ms/image | images/s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for spec in specs:
+        for row in bench(spec, "cuda" if cuda else "cpu", precision if cuda else "fp32", args.repeats):
+            print(f"| {row['backbone']} | {row['device']} | {row['precision']} | {row['branches']} | {row['batch']} | "
+                  f"{row['ms_per_batch_p50']:.1f} | {row['ms_per_image']:.2f} | {row['images_per_s']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""``clipshot eval``: the standard few-/zero-shot MVTec protocol, reproducible with one command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+MODES = ("memory", "text", "fused", "finetuned")
+
+
+def _int_list(value: str) -> list[int]:
+    try:
+        return [int(v) for v in value.split(",") if v.strip() != ""]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from exc
+
+
+def add_eval_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "eval", help="run the MVTec AD few-/zero-shot protocol on an MVTec-layout dataset",
+        description=(
+            "Evaluate on <root>/<category>/{train/good,test/<defect>,ground_truth/<defect>}. For each category, "
+            "seed and shot count, k shots are drawn from the sorted train/good listing (a fixed per-seed "
+            "permutation, so 1-shot sets are inside 2-shot sets, ...), the same for every mode. Writes "
+            "results.json, results.md, shots.png and examples.png to --out. Accuracy of the CLIP modes needs "
+            "real CLIP weights (--backbone open_clip:ARCH:/path/to/weights); test:tiny-clip is a pipeline check."
+        ),
+    )
+    parser.add_argument("--data", required=True, type=Path, help="MVTec-AD-layout root folder")
+    parser.add_argument("--categories", default=None, help="comma-separated subset (default: all in --data)")
+    parser.add_argument("--shots", type=_int_list, default=[0, 1, 2, 4, 8, 16], help="e.g. 0,1,2,4,8,16")
+    parser.add_argument("--seeds", type=_int_list, default=[0, 1, 2], help="e.g. 0,1,2")
+    parser.add_argument("--mode", choices=MODES, default="memory",
+                        help="memory: visual memory only; text: prompts only; fused: memory + handcrafted text; "
+                        "finetuned: LoRA + learned prompts + memory. 0 shots always means zero-shot.")
+    parser.add_argument("--backbone", default="imagenet:efficientnet-lite0", help="backbone spec")
+    parser.add_argument("--image-size", type=int, default=None, help="backbone input resolution override")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
+    parser.add_argument("--generic", type=Path, default=None,
+                        help="store folder whose active generic (zero-shot) bundle serves the 0-shot runs")
+    parser.add_argument("--mask-size", default="full", help="full (ground-truth resolution), 256 or 518")
+    parser.add_argument("--steps", type=int, default=None, help="fine-tune steps for --mode finetuned")
+    parser.add_argument("--examples-per-defect", type=int, default=2)
+    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.set_defaults(func=run_eval)
+
+
+def _adapter_factory(detector, args: argparse.Namespace):
+    """Build the per-run adapter for the chosen mode; detaches the previous run's LoRA from the device."""
+    generic = None
+    if args.generic is not None:
+        from model_store import AdapterStore
+        from model_store.adapters import load_generic_adapter
+
+        generic, _ = load_generic_adapter(AdapterStore(args.generic), detector)
+    previous: list[Any] = []
+
+    def make_adapter(shots: list[Image.Image], k: int, seed: int, *, category: str):
+        for old in previous:
+            detector.detach(old)
+        previous.clear()
+        start = time.perf_counter()
+        if k == 0:
+            adapter = generic or detector.text_adapter(category=category, object_name=None)
+            return adapter, time.perf_counter() - start, 0.0
+        if args.mode == "text":
+            adapter = detector.text_adapter(category=category, object_name=category)
+            return adapter, time.perf_counter() - start, 0.0
+        if args.mode in ("memory", "fused"):
+            adapter = detector.fit_memory(shots, category=category, text=args.mode == "fused", object_name=category)
+            return adapter, time.perf_counter() - start, 0.0
+        from training.fewshot import FewShotConfig, train_fewshot
+
+        config = FewShotConfig(seed=seed) if args.steps is None else FewShotConfig(seed=seed, steps=args.steps)
+        result = train_fewshot(detector, shots, category=category, object_name=category, config=config)
+        previous.append(result.adapter)
+        fit_s = time.perf_counter() - start - result.seconds
+        return result.adapter, fit_s, result.seconds
+
+    return make_adapter
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from clipshot.backbone import load_backbone
+    from clipshot.detector import Detector
+    from clipshot.evaluation import run_protocol, write_outputs
+
+    detector = Detector(load_backbone(args.backbone, device=args.device, precision=args.precision,
+                                      image_size=args.image_size))
+    if not detector.backbone.supports_text and (args.mode != "memory" or 0 in args.shots):
+        raise ValueError(f"{args.backbone} supports the memory branch only: use --mode memory and shots >= 1, "
+                         "or a CLIP backbone for text/fused/finetuned/zero-shot")
+    categories = [c for c in args.categories.split(",") if c] if args.categories else None
+    result = run_protocol(args.data, detector, _adapter_factory(detector, args), mode=args.mode,
+                          categories=categories, shots=args.shots, seeds=args.seeds, mask_size=args.mask_size,
+                          examples_per_defect=args.examples_per_defect)
+    settings = {"backbone": detector.backbone.spec, "backbone_sha256": detector.backbone.weights_sha256,
+                "image_size": detector.backbone.image_size, "device": str(detector.backbone.device),
+                "precision": args.precision}
+    paths = write_outputs(args.out, result, command=["clipshot", *sys.argv[1:]], settings=settings)
+    print((args.out / "results.md").read_text())
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
