@@ -27,14 +27,16 @@ def _info(args: argparse.Namespace) -> int:
     print(f"weights sha256 {backbone.weights_sha256}")
     print(f"image size:    {backbone.image_size}")
     print(f"layers:        {list(backbone.layers)}")
-    print(f"branches:      {'text + memory (zero-shot, LoRA fine-tuning)' if backbone.supports_text else 'memory only'}")
+    branches = "text + memory (zero-shot, LoRA fine-tuning)" if backbone.supports_text else "memory only"
+    print(f"branches:      {branches}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     from app.cli import add_serve_parser
-    from clipshot.evaluation.command import add_eval_parser
     from training.cli import add_train_parser
+
+    from clipshot.evaluation.command import add_eval_parser
 
     parser = argparse.ArgumentParser(
         prog="clipshot",

@@ -31,7 +31,9 @@ class LoraSpec:
         if unknown or not self.targets:
             raise ValueError(f"LoRA targets must be a non-empty subset of {DEFAULT_TARGETS}, got {self.targets}")
         if self.rank < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1:
-            raise ValueError(f"invalid LoRA hyper-parameters rank={self.rank} alpha={self.alpha} dropout={self.dropout}")
+            raise ValueError(
+                f"invalid LoRA hyper-parameters rank={self.rank} alpha={self.alpha} dropout={self.dropout}"
+            )
 
     def to_dict(self) -> dict:
         return {**asdict(self), "targets": list(self.targets)}
@@ -88,7 +90,8 @@ def load_state(module: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -
     with torch.no_grad():
         for key, param in params.items():
             if param.shape != tensors[key].shape:
-                raise ValueError(f"LoRA tensor {key} has shape {tuple(tensors[key].shape)}, expected {tuple(param.shape)}")
+                got, want = tuple(tensors[key].shape), tuple(param.shape)
+                raise ValueError(f"LoRA tensor {key} has shape {got}, expected {want}")
             param.copy_(tensors[key])
 
 

@@ -116,7 +116,8 @@ class PromptLearner(nn.Module):
                 x = torch.cat([x[:, :1], self.deep[index - 1].to(cast), x[:, 1 + k :]], dim=1)
             x = block(x, attn_mask=mask)
         x = model.ln_final(x)
-        pooled = text_global_pool(x, self.tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
+        eos = getattr(model, "text_eos_id", None)
+        pooled = text_global_pool(x, self.tokens, model.text_pool_type, eos_token_id=eos)
         projection = model.text_projection
         pooled = projection(pooled) if isinstance(projection, nn.Linear) else pooled @ projection
         return F.normalize(pooled.float(), dim=-1)

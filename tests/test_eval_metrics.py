@@ -206,3 +206,20 @@ def test_compute_metrics_keys_and_range() -> None:
         out = compute_metrics(labels, scores, masks, maps)
     assert tuple(out) == QUALITY_METRICS
     assert all(0.0 <= v <= 1.0 for v in out.values())
+
+
+def test_binned_pixel_metrics_match_exact_sklearn_on_large_inputs():
+    """Inputs above 2 x 2**20 pixels are binned; the result must equal scikit-learn on raw pixels."""
+    from sklearn.metrics import precision_recall_curve, roc_auc_score
+
+    from clipshot.evaluation.metrics import pixel_auroc, pixel_f1max
+
+    rng = np.random.default_rng(0)
+    masks = [rng.random((1100, 1100)) < 0.05 for _ in range(2)]
+    maps = [m * 0.3 + rng.random(m.shape).astype(np.float32) for m in masks]
+    y = np.concatenate([m.ravel() for m in masks])
+    s = np.concatenate([m.ravel() for m in maps])
+    assert pixel_auroc(masks, maps) == pytest.approx(roc_auc_score(y, s), abs=1e-5)
+    precision, recall, _ = precision_recall_curve(y, s)
+    exact_f1 = np.max(2 * precision * recall / np.maximum(precision + recall, 1e-12))
+    assert pixel_f1max(masks, maps) == pytest.approx(exact_f1, abs=1e-4)

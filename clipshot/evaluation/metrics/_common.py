@@ -74,3 +74,30 @@ def has_both_classes(y: np.ndarray, what: str) -> bool:
 def _check_finite(s: np.ndarray) -> None:
     if not np.isfinite(s).all():
         raise ValueError("scores/maps contain NaN or infinite values")
+
+
+PIXEL_BINS = 2**20  # same resolution as AUPRO's sweep; ties only inside 1/1M of the score range
+
+
+def weighted_pixels(y: np.ndarray, s: np.ndarray, num_bins: int = PIXEL_BINS
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Compress millions of pixels into per-bin (label, score, count) rows for scikit-learn.
+
+    Full-resolution MVTec maps are ~67M pixels per category; sorting them inside scikit-learn takes
+    ~45 s. Equal-width bins keep the ranking exact except between pixels that share one bin, and
+    ``sample_weight`` carries the counts, so the ROC/PR curves are the library's own. Small inputs
+    are passed through unchanged (exact).
+    """
+    if s.size <= 2 * num_bins:
+        return y, s, None
+    lo, hi = float(s.min()), float(s.max())
+    if hi <= lo:
+        return y[:1].repeat(2), np.zeros(2), None
+    idx = np.minimum(((s - lo) * ((num_bins - 1) / (hi - lo))).astype(np.int64), num_bins - 1)
+    neg = np.bincount(idx[~y], minlength=num_bins)
+    pos = np.bincount(idx[y], minlength=num_bins)
+    neg_bins, pos_bins = np.flatnonzero(neg), np.flatnonzero(pos)
+    labels = np.concatenate([np.zeros(neg_bins.size, bool), np.ones(pos_bins.size, bool)])
+    scores = np.concatenate([neg_bins, pos_bins]).astype(np.float64)
+    weights = np.concatenate([neg[neg_bins], pos[pos_bins]]).astype(np.float64)
+    return labels, scores, weights
