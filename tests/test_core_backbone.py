@@ -128,3 +128,16 @@ def test_efficientnet_refuses_text_and_dpam():
         detector.text_adapter(category="x")
     with pytest.raises(ValueError, match="DPAM needs a CLIP backbone"):
         detector.backbone.extract(torch.zeros(1, 3, 64, 64), dpam=True)
+
+
+def test_checkpoint_at_other_resolution_interpolates_position_embeddings(tmp_path, reference_pair):
+    """336/518-style inputs: open_clip resizes the position embeddings of a checkpoint made at 64 px."""
+    ref, _ = reference_pair
+    path = tmp_path / "tiny.pt"
+    torch.save(ref.state_dict(), path)
+    loaded = load_backbone(f"open_clip:clipshot-tiny-clip:{path}", image_size=96)
+    assert loaded.image_size == 96 and loaded.grid == (12, 12)
+    feats = loaded.extract(torch.randn(1, 3, 96, 96))
+    assert feats.patches[0].shape == (1, 144, 32)
+    # the CLS embedding / patch embedding weights themselves are the checkpoint's (only positions are resized)
+    assert torch.equal(loaded.visual.conv1.weight, ref.visual.conv1.weight)

@@ -42,7 +42,7 @@ def plot_shots(rows: Sequence[dict[str, Any]], out_path: str | Path, *,
     xpos = {k: i for i, k in enumerate(shot_values)}
     ncols = min(4, len(categories))
     nrows = math.ceil(len(categories) / ncols)
-    fig = _figure((4.2 * ncols, 3.3 * nrows))
+    fig = _figure((max(7.0, 4.2 * ncols), 3.3 * nrows + 0.8))  # room for the legend below
     axes = fig.subplots(nrows, ncols, squeeze=False, sharey=True)
     colors = mpl.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, cat in zip(axes.flat, categories, strict=False):
@@ -65,8 +65,8 @@ def plot_shots(rows: Sequence[dict[str, Any]], out_path: str | Path, *,
     for ax in list(axes.flat)[len(categories):]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(5, max(1, len(labels))), fontsize=8)
-    fig.tight_layout(rect=(0, 0.08 if nrows == 1 else 0.04, 1, 1))
+    fig.legend(handles, labels, loc="lower center", ncol=min(3, max(1, len(labels))), fontsize=8)
+    fig.tight_layout(rect=(0, 0.16 if nrows == 1 else 0.08, 1, 1))
     return _save(fig, out_path)
 
 
