@@ -131,9 +131,8 @@ async def _clipshot_handler(_: Request, exc: Exception) -> JSONResponse:
 async def _http_exception_handler(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     message = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
-    err = ClipshotHTTPError(
-        message, code=_status_code_name(exc.status_code), status_code=exc.status_code, headers=exc.headers
-    )
+    code = getattr(exc, "code", None) or _status_code_name(exc.status_code)  # subclasses may pin a stable code
+    err = ClipshotHTTPError(message, code=code, status_code=exc.status_code, headers=exc.headers)
     return err.to_response()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from dataclasses import dataclass, field
 
@@ -12,6 +13,12 @@ from clipshot.fusion import ScoringConfig
 from clipshot.lora import LoraSpec
 from clipshot.memory_branch import MemoryBank
 from clipshot.prompts import PromptSpec
+
+
+def adapter_uid(kind: str, name: str, version: int | None) -> str:
+    """A peft-safe adapter name (peft keys adapters in ModuleDicts: no '.' allowed) that cannot collide
+    between a category called "generic" and the generic bundle."""
+    return re.sub(r"[^A-Za-z0-9_]", "_", f"{kind}_{name}_v{version}")
 
 
 @dataclass
@@ -95,5 +102,5 @@ class Adapter:
             object_name=config.get("object_name"),
             backbone=dict(config.get("backbone", {})),
             version=version,
-            uid=f"{category}@v{version}" if version is not None else uuid.uuid4().hex,
+            uid=adapter_uid("c", category, version) if version is not None else uuid.uuid4().hex,
         )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from clipshot.adapter import Adapter
+from clipshot.adapter import Adapter, adapter_uid
 from clipshot.detector import Detector
 
 from .errors import BundleCorrupt
@@ -31,7 +31,7 @@ def save_adapter(store: AdapterStore, detector: Detector, adapter: Adapter, *, a
     else:
         version = store.save(adapter.category, adapter.to_tensors(), manifest, activate=activate)
     adapter.version = version
-    adapter.uid = f"{'generic' if generic else adapter.category}@v{version}"
+    adapter.uid = adapter_uid("g", "generic", version) if generic else adapter_uid("c", adapter.category, version)
     return version
 
 
@@ -59,5 +59,5 @@ def load_generic_adapter(store: AdapterStore, detector: Detector,
     tensors, manifest = store.load_generic(version, backbone_spec=backbone.spec,
                                            backbone_sha256=backbone.weights_sha256)
     adapter = _to_adapter("generic", tensors, manifest, detector)
-    adapter.uid = f"generic@v{manifest.version}"
+    adapter.uid = adapter_uid("g", "generic", manifest.version)
     return adapter, manifest

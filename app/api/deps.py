@@ -26,7 +26,10 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from app.core.config import Settings
 from app.errors import ForbiddenError, UnauthorizedError
 from app.metrics import Metrics
+from app.services.adapter_cache import AdapterCache
+from app.services.inference import InferenceService
 from app.services.job_store import JobStore
+from app.services.readiness import ReadinessProbe
 
 Scope = Literal["admin", "client"]
 
@@ -60,6 +63,21 @@ def get_metrics(request: Request) -> Metrics:
 def get_job_store(request: Request) -> JobStore:
     """The app's ``JobStore`` (``app.state.job_store``)."""
     return request.app.state.job_store
+
+
+def get_inference(request: Request) -> InferenceService:
+    """The app's prediction pipeline (``app.state.inference``)."""
+    return request.app.state.inference
+
+
+def get_adapter_cache(request: Request) -> AdapterCache:
+    """The app's ``AdapterCache`` (``app.state.adapter_cache``); invalidate it after deleting a category."""
+    return request.app.state.adapter_cache
+
+
+def get_readiness(request: Request) -> ReadinessProbe:
+    """The app's readiness probe (``app.state.readiness``)."""
+    return request.app.state.readiness
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
@@ -123,3 +141,6 @@ ClientDep = Annotated[Principal, Depends(require_client)]
 MetricsAccessDep = Annotated[Principal | None, Depends(require_metrics_access)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 JobStoreDep = Annotated[JobStore, Depends(get_job_store)]
+InferenceDep = Annotated[InferenceService, Depends(get_inference)]
+AdapterCacheDep = Annotated[AdapterCache, Depends(get_adapter_cache)]
+ReadinessDep = Annotated[ReadinessProbe, Depends(get_readiness)]

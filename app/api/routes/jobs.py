@@ -1,0 +1,65 @@
+"""Background job routes: poll, list and cancel fine-tune jobs.
+
+Auth: **admin** keys only, reads included: jobs are the engineers' workflow (production lines only
+predict), and job records carry training parameters and errors that mention store paths.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+from starlette.concurrency import run_in_threadpool
+
+from app.api.deps import AdminDep, JobStoreDep
+from app.schemas import JobList
+from app.services.job_runner import JobRunner
+from app.services.job_store import Job, JobNotFoundError, JobState
+from app.services.registry import CategoryService
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+CANCEL_WAIT_S = 5.0  # a running job stops within one training step; wait that long for the final record
+
+
+def get_job_runner(request: Request) -> JobRunner:
+    """The app's ``JobRunner`` (``app.state.job_runner``)."""
+    return request.app.state.job_runner
+
+
+RunnerDep = Annotated[JobRunner, Depends(get_job_runner)]
+
+
+@router.get("", response_model=JobList)
+def list_jobs(
+    _: AdminDep,
+    jobs: JobStoreDep,
+    category: Annotated[str | None, Query(description="Only this category's jobs.")] = None,
+    state: Annotated[JobState | None, Query(description="Only jobs in this state.")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000, description="Most jobs returned.")] = 100,
+) -> JobList:
+    """Jobs newest first, optionally filtered. Admin only."""
+    if category is not None:
+        category = CategoryService.name(category)
+    return JobList(jobs=jobs.list(category=category, state=state, limit=limit))
+
+
+@router.get("/{job_id}", response_model=Job)
+def get_job(job_id: str, _: AdminDep, jobs: JobStoreDep) -> Job:
+    """State, progress, validation metrics and error of one job. Admin only."""
+    job = jobs.get(job_id)
+    if job is None:
+        raise JobNotFoundError(f"No job with id {job_id!r}.")
+    return job
+
+
+@router.delete("/{job_id}", response_model=Job)
+async def cancel_job(job_id: str, _: AdminDep, runner: RunnerDep, response: Response) -> Job:
+    """Cancel a job: 200 with the final record, or 202 while a running job is still finishing its step.
+
+    Admin only; 409 if the job already finished.
+    """
+    job = await run_in_threadpool(runner.cancel, job_id)
+    if job.active:
+        job = await run_in_threadpool(runner.wait, job_id, CANCEL_WAIT_S) or job
+    response.status_code = 202 if job.active else 200
+    return job

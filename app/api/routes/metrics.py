@@ -1,0 +1,20 @@
+"""Prometheus scrape endpoint (outside /v1; key-protected only if ``metrics_require_key``)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+
+from app.api.deps import MetricsAccessDep, MetricsDep
+
+router = APIRouter(tags=["metrics"])
+
+
+@router.get("/metrics", response_class=Response, summary="Prometheus metrics",
+            responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format."}})
+async def metrics(request: Request, registry: MetricsDep, _: MetricsAccessDep) -> Response:
+    """Job counts are read at scrape time, so the gauge is never stale."""
+    job_store = getattr(request.app.state, "job_store", None)
+    if job_store is not None:
+        registry.set_job_counts(job_store.count_by_state())
+    body, content_type = registry.render()
+    return Response(body, media_type=content_type)

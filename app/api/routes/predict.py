@@ -1,0 +1,74 @@
+"""Prediction endpoints: thin HTTP adapters over ``InferenceService``."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, File, Form, Path, Query, UploadFile
+
+from app.api.deps import ClientDep, InferenceDep
+from app.errors import ClipshotHTTPError
+from app.schemas import HeatmapMode, PredictResponse
+
+API_PREFIX = "/v1"
+# Full prefix on the router itself: nested include prefixes do not reach scope["route"].path (metrics label).
+router = APIRouter(prefix=API_PREFIX, tags=["predict"])
+
+_ERROR = {"description": "Error (JSON body `{\"error\": {\"code\", \"message\"}}`)."}
+RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {**_ERROR, "description": "Corrupt/empty image or invalid name."},
+    401: {**_ERROR, "description": "Missing or unknown API key."},
+    404: {**_ERROR, "description": "Unknown category or no active adapter version."},
+    409: {**_ERROR, "description": "Adapter incompatible with the backbone, or zero-shot without CLIP."},
+    413: {**_ERROR, "description": "Request, file or image too large, or too many images."},
+    415: {**_ERROR, "description": "Not a supported image format."},
+    422: {**_ERROR, "description": "Invalid parameters (e.g. unknown `heatmap` value)."},
+    503: {**_ERROR, "description": "Device out of memory or shutting down; honour `Retry-After`."},
+}
+_HEATMAP_DOC = "`png` (overlay on the input, default), `raw` (float16 grid at model resolution) or `none`."
+Files = Annotated[list[UploadFile], File(description="1 to CLIPSHOT_MAX_PREDICT_IMAGES image files.")]
+HeatmapQuery = Annotated[HeatmapMode | None, Query(alias="heatmap", description=_HEATMAP_DOC)]
+HeatmapForm = Annotated[HeatmapMode | None, Form(alias="heatmap", description=_HEATMAP_DOC)]
+_OBJECT_DOC = "Object name for handcrafted CLIP prompts (e.g. `bottle`); omit for the generic bundle."
+ObjectQuery = Annotated[str | None, Query(alias="object", max_length=64, description=_OBJECT_DOC)]
+ObjectForm = Annotated[str | None, Form(alias="object", max_length=64, description=_OBJECT_DOC)]
+
+
+def _one(name: str, query: str | None, form: str | None, default: str | None) -> str | None:
+    """A parameter may come as query or form field; both at once must agree."""
+    if query is not None and form is not None and query != form:
+        raise ClipshotHTTPError(f"`{name}` given twice with different values ({query!r} vs {form!r})",
+                                code="validation_error", status_code=422)
+    return query if query is not None else form if form is not None else default
+
+
+@router.post("/categories/{category}/predict", response_model=PredictResponse, responses=RESPONSES,
+             summary="Score images against a product's active adapter")
+async def predict_category(
+    category: Annotated[str, Path(description="Product category (lowercase slug).")],
+    files: Files,
+    _: ClientDep,
+    inference: InferenceDep,
+    heatmap_query: HeatmapQuery = None,
+    heatmap_form: HeatmapForm = None,
+) -> PredictResponse:
+    """Few-shot prediction; each answer names the adapter version that produced it."""
+    heatmap = _one("heatmap", heatmap_query, heatmap_form, "png")
+    return await inference.predict_category(category, files, heatmap)  # type: ignore[arg-type]
+
+
+@router.post("/predict", response_model=PredictResponse, responses=RESPONSES,
+             summary="Zero-shot prediction without a registered product")
+async def predict_zero_shot(
+    files: Files,
+    _: ClientDep,
+    inference: InferenceDep,
+    heatmap_query: HeatmapQuery = None,
+    heatmap_form: HeatmapForm = None,
+    object_query: ObjectQuery = None,
+    object_form: ObjectForm = None,
+) -> PredictResponse:
+    """Generic bundle, or handcrafted prompts for ``object`` (CLIP backbones only)."""
+    heatmap = _one("heatmap", heatmap_query, heatmap_form, "png")
+    object_name = _one("object", object_query, object_form, None)
+    return await inference.predict_zero_shot(files, heatmap, object_name)  # type: ignore[arg-type]

@@ -1,0 +1,139 @@
+"""Application factory: ``create_app(settings)`` wires one backbone, one device thread and the services.
+
+Everything heavy happens in the lifespan (not at import), so ``create_app`` is cheap, tests can build
+several apps side by side, and a startup failure (no weights, no keys) stops the server before it
+accepts traffic, with a message that says what to change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
+
+from app.api.limits import BodySizeLimitMiddleware
+from app.api.routes import OPTIONAL_ROUTERS, all_routers, optional_routers
+from app.core.config import Settings, env_var
+from app.errors import install_error_handlers
+from app.metrics import Metrics, RequestMetricsMiddleware
+from app.services.adapter_cache import AdapterCache
+from app.services.batcher import Batcher
+from app.services.device_worker import DeviceWorker
+from app.services.inference import InferenceService
+from app.services.job_store import JobStore
+from app.services.readiness import ReadinessProbe
+from clipshot.backbone import EFFICIENTNET_LITE0, Backbone, BackboneLoadError, BackboneSpecError, load_backbone
+from clipshot.detector import Detector
+from model_store import AdapterStore
+
+log = logging.getLogger(__name__)
+API_VERSION = "0.1.0"
+SHUTDOWN_WAIT_S = 30.0
+
+
+class StartupError(RuntimeError):
+    """The service cannot start; the message is meant for the operator, without a traceback."""
+
+
+def load_service_backbone(settings: Settings) -> Backbone:
+    """Load the configured backbone, turning every known failure into advice on what to set instead."""
+    try:
+        return load_backbone(settings.backbone, device=settings.device, precision=settings.precision,
+                             image_size=settings.image_size)
+    except (BackboneLoadError, BackboneSpecError, RuntimeError, ValueError) as exc:
+        raise StartupError(
+            f"Cannot load backbone {settings.backbone!r}: {exc}\n"
+            f"Fix: set {env_var('backbone')}=open_clip:<arch>:/path/to/open_clip_model.safetensors to use a "
+            f"local CLIP checkpoint file, or {env_var('backbone')}={EFFICIENTNET_LITE0} (bundled, works "
+            "offline, memory branch only: few-shot categories, no zero-shot or fine-tuning)."
+        ) from exc
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Build services in dependency order; the exit stack tears down in reverse (job runner before device)."""
+    state = app.state
+    settings: Settings = state.settings
+    metrics: Metrics = state.metrics
+    settings.validate_security()
+    backbone = state.preloaded_backbone or await run_in_threadpool(load_service_backbone, settings)
+    state.preloaded_backbone = None  # the app owns it now; a second lifespan run reloads
+    log.info("backbone %s on %s (image size %d)", backbone.spec, backbone.device, backbone.image_size)
+    async with contextlib.AsyncExitStack() as stack:
+        state.detector = detector = Detector(backbone)
+        state.store = store = AdapterStore(settings.store)
+        state.job_store = job_store = JobStore(settings.store)
+        stack.callback(job_store.close)
+        job_store.mark_interrupted()
+        state.device_worker = worker = DeviceWorker(metrics)
+        worker.start()
+        stack.push_async_callback(run_in_threadpool, worker.stop)
+        state.adapter_cache = cache = AdapterCache(store, detector, metrics, worker,
+                                                   device_capacity=settings.adapter_cache_device,
+                                                   cpu_capacity=settings.adapter_cache_cpu)
+        stack.push_async_callback(_release_adapters, worker, cache)
+        state.batcher = batcher = Batcher(detector, worker, cache, metrics, max_batch_size=settings.max_batch_size,
+                                          max_wait_ms=settings.max_batch_wait_ms)
+        await batcher.start()
+        stack.push_async_callback(batcher.stop)
+        state.inference = InferenceService(settings, detector, cache, batcher, metrics)
+        state.readiness = ReadinessProbe(backbone, worker)
+        state.job_runner = state.categories = state.category_service = None
+        _start_optional_services(app, stack)
+        yield
+
+
+async def _release_adapters(worker: DeviceWorker, cache: AdapterCache) -> None:
+    """Detach LoRAs on the device thread before it stops (best effort: shutdown must not hang)."""
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(worker.run(cache.clear), SHUTDOWN_WAIT_S)
+
+
+def _start_optional_services(app: FastAPI, stack: contextlib.AsyncExitStack) -> None:
+    """Category registration and fine-tune jobs, when those modules exist; the runner stops before the device."""
+    if not optional_routers():
+        return
+    from app.services.job_runner import JobRunner
+    from app.services.registry import CategoryService
+
+    s = app.state
+    runner = JobRunner(settings=s.settings, store=s.store, job_store=s.job_store, detector=s.detector,
+                       device_worker=s.device_worker, adapter_cache=s.adapter_cache, metrics=s.metrics)
+    runner.start()
+    stack.push_async_callback(run_in_threadpool, runner.stop)
+    s.job_runner = runner
+    s.categories = s.category_service = CategoryService(
+        settings=s.settings, store=s.store, detector=s.detector, device_worker=s.device_worker,
+        adapter_cache=s.adapter_cache, job_runner=runner)
+
+
+def create_app(settings: Settings | None = None, *, backbone: Backbone | None = None) -> FastAPI:
+    """Build the ASGI app; ``backbone`` lets the CLI load (and report failures) before the server starts."""
+    settings = settings or Settings()
+    metrics = Metrics()
+    app = FastAPI(
+        title="clipshot",
+        version=API_VERSION,
+        summary="Few-shot industrial anomaly detection on one frozen CLIP with per-product adapters.",
+        lifespan=lifespan,
+        docs_url="/docs",
+        openapi_url="/openapi.json",
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.preloaded_backbone = backbone
+    install_error_handlers(app)
+    for router in all_routers():
+        app.include_router(router)
+    # Last added = outermost: metrics see every response, including early 413s.
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
+    return app
+
+
+__all__ = ["OPTIONAL_ROUTERS", "StartupError", "create_app", "lifespan", "load_service_backbone"]

@@ -1,0 +1,180 @@
+"""Dynamic micro-batching: concurrent requests share one backbone forward per adapter.
+
+Why: a forward over 16 images costs little more than over 1 on an accelerator, and production
+lines send one image at a time from many cameras. Images are collected for up to
+``max_batch_wait_ms`` or ``max_batch_size`` images, grouped by adapter object (category + version,
+so a hot swap mid-window simply yields two groups), and each group is ONE device task:
+``ensure_resident`` + ``Detector.forward``. Decoding/preprocessing happen before ``submit`` and
+post-processing after, off the event loop, so the device thread only ever does device work.
+
+At most ``max_inflight`` collected batches wait for the device at once; while they do, new
+images pile up here and form the next (larger) batch, which is what makes batches grow under load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from app.errors import OverloadedError
+from app.metrics import Metrics
+from app.services.adapter_cache import AdapterCache
+from app.services.device_worker import PREDICT, DeviceWorker
+from clipshot.adapter import Adapter
+from clipshot.detector import Detector
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """One image's share of a batch: raw score and model-resolution map, plus where the time went."""
+
+    score: float
+    heat: torch.Tensor  # (S, S) float32 on CPU
+    batch_size: int
+    queue_s: float  # submit -> device task start (collection window + waiting for the device)
+    forward_s: float  # residency + forward + copy back, shared by the whole batch
+
+
+@dataclass
+class _Item:
+    adapter: Adapter
+    pixels: torch.Tensor  # (3, S, S) on CPU
+    label: str
+    future: asyncio.Future[BatchResult]
+    submitted: float = field(default_factory=time.perf_counter)
+
+
+class Batcher:
+    """``await submit(adapter, pixels, label)`` -> ``BatchResult``; one collector task per app."""
+
+    def __init__(self, detector: Detector, worker: DeviceWorker, cache: AdapterCache, metrics: Metrics,
+                 *, max_batch_size: int, max_wait_ms: float, max_inflight: int = 2) -> None:
+        self.detector = detector
+        self.worker = worker
+        self.cache = cache
+        self.metrics = metrics
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_ms / 1000.0
+        self.max_inflight = max_inflight
+        self._pending: collections.deque[_Item] = collections.deque()
+        self._wakeup: asyncio.Event | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self._collector: asyncio.Task | None = None
+        self._tasks: set[asyncio.Task] = set()
+
+    async def start(self) -> None:
+        """Start the collector on the running loop (the lifespan's)."""
+        self._wakeup = asyncio.Event()
+        self._slots = asyncio.Semaphore(self.max_inflight)
+        self._collector = asyncio.create_task(self._collect(), name="clipshot-batcher")
+
+    async def stop(self) -> None:
+        """Stop collecting and fail whatever is still waiting (the service is shutting down)."""
+        if self._collector is not None:
+            self._collector.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._collector
+            self._collector = None
+        while self._pending:
+            self._fail([self._pending.popleft()], OverloadedError("the service is shutting down"))
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    async def submit(self, adapter: Adapter, pixels: torch.Tensor, label: str) -> BatchResult:
+        """Queue one preprocessed image (3, S, S) and wait for its batch to come back."""
+        if self._collector is None or self._wakeup is None:
+            raise OverloadedError("the batcher is not running")
+        item = _Item(adapter, pixels, label, asyncio.get_running_loop().create_future())
+        self._pending.append(item)
+        self.metrics.queue_depth.labels("predict").inc()
+        self._wakeup.set()
+        return await item.future
+
+    # -- collector ---------------------------------------------------------------------------
+    async def _collect(self) -> None:
+        assert self._wakeup is not None and self._slots is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self._pending:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            await self._slots.acquire()  # wait while the device already has enough queued
+            deadline = loop.time() + self.max_wait_s
+            while len(self._pending) < self.max_batch_size:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                self._wakeup.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), remaining)
+            batch = [self._pending.popleft() for _ in range(min(self.max_batch_size, len(self._pending)))]
+            self.metrics.queue_depth.labels("predict").dec(len(batch))
+            live = [item for item in batch if not item.future.done()]  # skip requests that went away
+            if not live:
+                self._slots.release()
+                continue
+            self._dispatch(live)
+
+    def _dispatch(self, batch: list[_Item]) -> None:
+        """One device task per adapter group; the slot is freed when every group has finished."""
+        assert self._slots is not None
+        groups: dict[str, list[_Item]] = {}
+        for item in batch:
+            groups.setdefault(item.adapter.uid, []).append(item)
+        remaining = [len(groups)]
+
+        def finished(_: asyncio.Task) -> None:
+            remaining[0] -= 1
+            if remaining[0] == 0:
+                self._slots.release()
+
+        for group in groups.values():
+            task = asyncio.create_task(self._run_group(group))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(finished)
+
+    async def _run_group(self, group: list[_Item]) -> None:
+        adapter, label = group[0].adapter, group[0].label
+        pixels = torch.stack([item.pixels for item in group])
+        try:
+            scores, maps, started, forward_s = await self.worker.run(
+                lambda: self._device_task(adapter, pixels, label), priority=PREDICT, weight=len(group)
+            )
+        except asyncio.CancelledError:
+            self._fail(group, OverloadedError("the service is shutting down"))
+            raise
+        except BaseException as exc:
+            self._fail(group, exc)
+            return
+        self.metrics.batch_size.observe(len(group))
+        for i, item in enumerate(group):
+            if not item.future.done():
+                item.future.set_result(BatchResult(
+                    score=float(scores[i]), heat=maps[i], batch_size=len(group),
+                    queue_s=max(0.0, started - item.submitted), forward_s=forward_s,
+                ))
+
+    def _device_task(self, adapter: Adapter, pixels: torch.Tensor,
+                     label: str) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+        """Runs on the device thread: nothing else touches the backbone or residency meanwhile."""
+        started = time.perf_counter()
+        with self.metrics.time_stage("forward", label):
+            self.cache.ensure_resident(adapter)
+            device = self.detector.backbone.device
+            scores, maps = self.detector.forward(pixels.to(device, non_blocking=True), adapter)
+            scores, maps = scores.float().cpu(), maps.float().cpu()
+            self.cache.trim_device()
+        return scores, maps, started, time.perf_counter() - started
+
+    @staticmethod
+    def _fail(items: list[_Item], exc: BaseException) -> None:
+        for item in items:
+            if not item.future.done():
+                item.future.set_exception(exc)

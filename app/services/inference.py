@@ -1,0 +1,165 @@
+"""Request-level prediction pipeline: read -> decode -> preprocess -> batcher -> post-process.
+
+Everything CPU-bound (decoding, resizing/normalising, heatmap resize, PNG encoding) runs in the
+threadpool so the event loop keeps accepting requests; the batcher hands only the stacked tensor
+to the device thread. The adapter is resolved once per request and kept for all its images, so a
+hot swap never splits one request across versions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from fastapi import UploadFile
+from PIL import Image
+from starlette.concurrency import run_in_threadpool
+
+from app.core.config import Settings
+from app.errors import ClipshotHTTPError, ConflictError, ImageError, NotFoundError
+from app.metrics import Metrics
+from app.schemas import Heatmap, HeatmapMode, ImagePrediction, PredictResponse, StageTimings
+from app.services.adapter_cache import ZERO_SHOT_LABEL, AdapterCache
+from app.services.batcher import Batcher, BatchResult
+from app.services.heatmap import b64, colour_scale, png_overlay, raw_grid
+from app.services.images import DecodedImage, decode_image
+from clipshot.adapter import Adapter
+from clipshot.detector import Detector
+
+OBJECT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class Upload:
+    filename: str | None
+    data: bytes
+
+
+class InferenceService:
+    """Turns uploaded files into ``PredictResponse``s; routes call only this."""
+
+    def __init__(self, settings: Settings, detector: Detector, cache: AdapterCache, batcher: Batcher,
+                 metrics: Metrics) -> None:
+        self.settings = settings
+        self.detector = detector
+        self.cache = cache
+        self.batcher = batcher
+        self.metrics = metrics
+        # Backbone.preprocess ends with .to(device); a CPU twin keeps device transfers on the device thread.
+        self._cpu_backbone = copy.copy(detector.backbone)
+        self._cpu_backbone.device = torch.device("cpu")
+
+    # -- entry points ------------------------------------------------------------------------
+    async def predict_category(self, category: str, files: Sequence[UploadFile],
+                               heatmap: HeatmapMode) -> PredictResponse:
+        """Score images with the category's active adapter (404 if there is none)."""
+        self._check_count(files)
+        adapter = await run_in_threadpool(self.cache.get, category)
+        return await self._predict(adapter, category, "category", files, heatmap)
+
+    async def predict_zero_shot(self, files: Sequence[UploadFile], heatmap: HeatmapMode,
+                                object_name: str | None) -> PredictResponse:
+        """Score without shots: handcrafted prompts for ``object_name``, else the generic bundle."""
+        self._check_count(files)
+        if object_name is not None and not OBJECT_NAME.fullmatch(object_name.strip()):
+            raise ClipshotHTTPError(
+                "object must be 1-64 letters, digits, spaces, '_' or '-' (e.g. 'bottle', 'metal nut')",
+                code="invalid_object", status_code=422,
+            )
+        adapter, source = await run_in_threadpool(self._zero_shot_adapter, object_name and object_name.strip())
+        label = "generic" if source == "generic" else ZERO_SHOT_LABEL
+        return await self._predict(adapter, label, source, files, heatmap)
+
+    def _zero_shot_adapter(self, object_name: str | None) -> tuple[Adapter, str]:
+        clip = self.detector.backbone.supports_text
+        needs_clip = (f"zero-shot prediction needs a CLIP backbone (text prompts); this service runs "
+                      f"{self.detector.backbone.spec}, which supports the few-shot memory branch only. "
+                      "Register the product with good shots and use /v1/categories/{category}/predict.")
+        if object_name is not None:
+            if not clip:
+                raise ConflictError(needs_clip, code="zero_shot_needs_clip")
+            return self.cache.get_text(object_name), "handcrafted"
+        try:
+            return self.cache.get_generic(), "generic"
+        except NotFoundError:
+            if not clip:
+                raise ConflictError(needs_clip, code="zero_shot_needs_clip") from None
+            return self.cache.get_text(None), "handcrafted"
+
+    # -- pipeline ----------------------------------------------------------------------------
+    def _check_count(self, files: Sequence[UploadFile]) -> None:
+        limit = self.settings.max_predict_images
+        if not files:
+            raise ClipshotHTTPError("send at least one image in the `files` field", code="no_images",
+                                    status_code=422)
+        if len(files) > limit:
+            raise ClipshotHTTPError(f"{len(files)} images sent; at most {limit} per request",
+                                    code="too_many_images", status_code=413)
+
+    async def _predict(self, adapter: Adapter, label: str, source: str, files: Sequence[UploadFile],
+                       heatmap: HeatmapMode) -> PredictResponse:
+        uploads = [await self._read(f) for f in files]
+        decoded = await asyncio.gather(*(run_in_threadpool(self._decode, u, label) for u in uploads))
+        images = [d.image for d, _ in decoded]
+        pixels, preprocess_s = await run_in_threadpool(self._preprocess, images, label)
+        results = await asyncio.gather(*(self.batcher.submit(adapter, pixels[i], label) for i in range(len(images))))
+        predictions = await asyncio.gather(*(
+            run_in_threadpool(self._postprocess, adapter, label, upload, image, result, heatmap, decode_s, preprocess_s)
+            for upload, image, result, (_, decode_s) in zip(uploads, images, results, decoded, strict=True)
+        ))
+        return PredictResponse(category=predictions[0].category, adapter_version=adapter.version,
+                               adapter_source=source, predictions=list(predictions))
+
+    async def _read(self, file: UploadFile) -> Upload:
+        """Read at most one byte past the per-file limit, so an oversized part is never held whole."""
+        data = await file.read(self.settings.max_upload_bytes + 1)
+        return Upload(file.filename, data)
+
+    def _decode(self, upload: Upload, label: str) -> tuple[DecodedImage, float]:
+        start = time.perf_counter()
+        with self.metrics.time_stage("decode", label):
+            try:
+                decoded = decode_image(upload.data, max_pixels=self.settings.max_image_pixels,
+                                       max_bytes=self.settings.max_upload_bytes)
+            except ImageError as exc:
+                name = upload.filename or "upload"
+                raise ImageError(exc.status_code, exc.code, f"{name}: {exc.message}") from exc
+        return decoded, time.perf_counter() - start
+
+    def _preprocess(self, images: list[Image.Image], label: str) -> tuple[torch.Tensor, float]:
+        start = time.perf_counter()
+        with self.metrics.time_stage("preprocess", label):
+            pixels = self._cpu_backbone.preprocess(images)
+        return pixels, time.perf_counter() - start
+
+    def _postprocess(self, adapter: Adapter, label: str, upload: Upload, image: Image.Image,
+                     result: BatchResult, mode: HeatmapMode, decode_s: float, preprocess_s: float) -> ImagePrediction:
+        start = time.perf_counter()
+        with self.metrics.time_stage("postprocess", label):
+            pred = Detector.make_prediction(result.score, result.heat, adapter, image.size,
+                                            "input" if mode == "png" else None)
+            heatmap = None
+            if mode == "png" and pred.anomaly_map is not None:
+                vmin, vmax = colour_scale(pred.threshold)
+                png = png_overlay(image, pred.anomaly_map, vmin=vmin, vmax=vmax)
+                heatmap = Heatmap(encoding="png", data=b64(png), shape=[image.height, image.width],
+                                  vmin=vmin, vmax=vmax)
+            elif mode == "raw":
+                data, shape = raw_grid(result.heat)
+                heatmap = Heatmap(encoding="raw", data=b64(data), shape=shape, dtype="float16")
+        verdict = "unknown" if pred.is_anomalous is None else ("anomalous" if pred.is_anomalous else "normal")
+        self.metrics.predictions.labels(label, verdict).inc()
+        ms = 1000.0
+        return ImagePrediction(
+            filename=upload.filename, category=adapter.category,
+            adapter_version=adapter.version, score=pred.score, threshold=pred.threshold,
+            is_anomalous=pred.is_anomalous, heatmap=heatmap, batch_size=result.batch_size,
+            timings=StageTimings(decode_ms=decode_s * ms, preprocess_ms=preprocess_s * ms,
+                                 queue_ms=result.queue_s * ms, forward_ms=result.forward_s * ms,
+                                 postprocess_ms=(time.perf_counter() - start) * ms),
+        )

@@ -1,0 +1,316 @@
+"""JobRunner: the background thread that runs fine-tune jobs one at a time on the shared device.
+
+Why a single thread driving ``FewShotTrainer.steps()`` one ``next()`` at a time through the device worker
+(``submit(..., priority=TRAIN)``): predictions keep priority between steps, so a 10-minute fine-tune never
+stalls a production line for more than one step. Jobs live in SQLite (``JobStore``) so clients can poll
+them across restarts; ``start()`` fails whatever a previous process left queued/running.
+
+Wiring (what ``app.main`` must pass; construct it BEFORE ``CategoryService``, which enqueues through it)::
+
+    runner = JobRunner(settings=settings, store=adapter_store, job_store=job_store, detector=detector,
+                       device_worker=device_worker, adapter_cache=adapter_cache, metrics=metrics)
+    runner.start()            # in lifespan startup: mark_interrupted() + start the thread
+    app.state.job_runner = runner
+    ...
+    runner.stop()             # in lifespan shutdown, BEFORE device_worker stops
+
+Outcome of a job: succeeded (a new version saved; activated and hot-swapped via
+``adapter_cache.invalidate`` only when the trainer marks it promotable and the category's shots did not
+change meanwhile, otherwise saved inactive with a message saying why), cancelled (by request; nothing
+written), or failed (error text; ``"service stopping"`` when ``stop()`` interrupted it).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import CancelledError, Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from typing import Any
+
+from app.core.config import Settings
+from app.errors import ConflictError, OverloadedError
+from app.metrics import Metrics
+from app.services.device_worker import TRAIN
+from app.services.job_store import ACTIVE_STATES, Job, JobNotFoundError, JobState, JobStore
+from app.services.registry import adapter_facts, load_shots
+from clipshot.detector import Detector
+from model_store import AdapterStore
+from model_store.adapters import save_adapter
+from training.fewshot import FewShotConfig, FewShotTrainer
+from training.progress import Cancelled, CancelToken, Progress
+
+log = logging.getLogger(__name__)
+STOPPING_ERROR = "service stopping: the job was interrupted; start it again with POST /v1/categories/{c}/finetune"
+TRAIN_SHARE = 0.9  # progress fraction reserved for optimisation steps; the rest is validation + saving
+_DONE = object()
+PHASE_MESSAGES = {"validate": "validating fine-tuned vs memory adapter on held-out shots and synthetic defects",
+                  "finalize": "rebuilding memory bank and calibration from all shots"}
+
+
+@dataclass
+class _Running:
+    """The job currently on the device: its cancel token and why it was cancelled."""
+
+    job_id: str
+    category: str
+    token: CancelToken = field(default_factory=CancelToken)
+    reason: str | None = None  # "request" or "stopping"
+    phase: str = "starting"
+    reported: str = "starting"
+
+    def observe(self, progress: Progress) -> None:
+        """Trainer progress callback (runs on the device worker): only remember the phase, never block."""
+        self.phase = progress.phase
+
+
+class JobRunner:
+    """Runs queued fine-tune jobs in creation order on one background thread."""
+
+    def __init__(self, *, settings: Settings, store: AdapterStore, job_store: JobStore, detector: Detector,
+                 device_worker: Any, adapter_cache: Any, metrics: Metrics,
+                 trainer_factory: Callable[..., Any] = FewShotTrainer, progress_interval: float = 0.5,
+                 poll_interval: float = 1.0) -> None:
+        self.settings, self.store, self.jobs, self.detector = settings, store, job_store, detector
+        self.worker, self.cache, self.metrics = device_worker, adapter_cache, metrics
+        self.trainer_factory = trainer_factory  # tests inject a scripted trainer with the same protocol
+        self.progress_interval, self.poll_interval = progress_interval, poll_interval
+        self._lock = threading.Lock()  # guards _current and the claim/cancel race on a job's state
+        self._finished = threading.Condition(self._lock)
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._current: _Running | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Fail jobs a previous process left active (they can never finish), then start the thread."""
+        interrupted = self.jobs.mark_interrupted()
+        if interrupted:
+            log.warning("marked %d interrupted job(s) failed: %s", len(interrupted), interrupted)
+        self._refresh_gauge()
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._loop, name="clipshot-job-runner", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """End promptly: cancel the running job (-> failed "service stopping"), fail queued ones, join."""
+        with self._lock:
+            self._stopping.set()
+            if self._current is not None:
+                self._current.reason = "stopping"
+                self._current.token.cancel()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning("job runner did not stop within %.1fs (a device call is still running)", timeout)
+        for job in self.jobs.list(state=JobState.queued, limit=10_000):
+            self._finish(job.id, None, state=JobState.failed, error=STOPPING_ERROR.format(c=job.category))
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping.is_set()
+
+    # -- API used by the routes / CategoryService -----------------------------------------------------
+    def enqueue(self, category: str, params: dict[str, Any]) -> Job:
+        """Queue a fine-tune (409 ``JobConflictError`` if the category already has an active job)."""
+        if not self.running:
+            raise OverloadedError("the job runner is not running (service starting or stopping)", retry_after=5)
+        job = self.jobs.create(category, "finetune", params)
+        self._refresh_gauge()
+        self._wake.set()
+        return job
+
+    def cancel(self, job_id: str) -> Job:
+        """Cancel a queued job at once, or ask the running one to stop at its next step; returns the record."""
+        with self._lock:
+            job = self.jobs.get(job_id)
+            if job is None:
+                raise JobNotFoundError(f"No job with id {job_id!r}.")
+            if job.state not in ACTIVE_STATES:
+                raise ConflictError(f"Job {job_id} already finished ({job.state}); nothing to cancel.",
+                                    code="job_finished")
+            if self._current is not None and self._current.job_id == job_id:
+                self._current.reason = self._current.reason or "request"
+                self._current.token.cancel()
+                job = self.jobs.update(job_id, message="cancellation requested")
+            else:  # queued: the runner has not claimed it, and cannot while we hold the lock
+                job = self.jobs.update(job_id, state=JobState.cancelled, message="cancelled before it started")
+        self._refresh_gauge()
+        return job
+
+    def wait(self, job_id: str, timeout: float) -> Job | None:
+        """Block until the job is final or ``timeout`` passes; returns the latest record."""
+        deadline = time.monotonic() + timeout
+        with self._finished:
+            while True:
+                job = self.jobs.get(job_id)
+                remaining = deadline - time.monotonic()
+                if job is None or job.state not in ACTIVE_STATES or remaining <= 0:
+                    return job
+                self._finished.wait(min(remaining, 0.25))
+
+    def cancel_category(self, category: str, *, timeout: float = 30.0) -> Job | None:
+        """Cancel the category's active job and wait for it to end (so nothing saves into a deleted category)."""
+        job = self.jobs.active_for(category)
+        if job is None:
+            return None
+        try:
+            self.cancel(job.id)
+        except ConflictError:  # finished in between
+            return self.jobs.get(job.id)
+        return self.wait(job.id, timeout)
+
+    # -- the thread -----------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                queued = self.jobs.list(state=JobState.queued, limit=10_000)
+                if queued:
+                    self._run(queued[-1])  # list() is newest first: run the oldest
+                    continue
+            except Exception:  # never let one job (or a database hiccup) kill the runner thread
+                log.exception("job runner: unexpected error")
+            self._wake.wait(self.poll_interval)
+            self._wake.clear()
+
+    def _claim(self, job: Job) -> _Running | None:
+        with self._lock:
+            if self._stopping.is_set():
+                return None
+            current = self.jobs.get(job.id)
+            if current is None or current.state != JobState.queued:
+                return None  # cancelled meanwhile
+            self.jobs.update(job.id, state=JobState.running, message="loading shots")
+            self._current = _Running(job.id, job.category)
+            return self._current
+
+    def _run(self, job: Job) -> None:
+        running = self._claim(job)
+        if running is None:
+            return
+        self._refresh_gauge()
+        fields: dict[str, Any]
+        try:
+            fields = {"state": JobState.succeeded, **self._train(job, running)}
+        except Cancelled:  # by request -> cancelled; by stop() or a stopped device worker -> failed
+            if running.reason == "request":
+                fields = {"state": JobState.cancelled, "message": "cancelled; no version was written"}
+            else:
+                fields = {"state": JobState.failed, "error": STOPPING_ERROR.format(c=job.category)}
+        except Exception as exc:
+            log.exception("fine-tune job %s (%s) failed", job.id, job.category)
+            fields = {"state": JobState.failed, "error": f"{type(exc).__name__}: {exc}"}
+        self._finish(job.id, running, **fields)
+
+    def _finish(self, job_id: str, running: _Running | None, **fields: Any) -> None:
+        with self._finished:
+            try:
+                job = self.jobs.update(job_id, **fields)
+            except ConflictError:  # already final (e.g. cancelled while queued)
+                job = None
+            if running is not None:
+                self._current = None
+            self._finished.notify_all()
+        if job is not None and job.started_at is not None and job.finished_at is not None:
+            seconds = (job.finished_at - job.started_at).total_seconds()
+            self.metrics.job_duration.labels(job.state.value).observe(seconds)
+        self._refresh_gauge()
+
+    def _train(self, job: Job, running: _Running) -> dict[str, Any]:
+        images, refs, object_name = load_shots(self.store, job.category, self.settings)
+        if not images:
+            raise RuntimeError(f"category {job.category!r} has no stored shots")
+        config = self._config(job.params)
+        trainer = self._device(lambda: self.trainer_factory(
+            self.detector, images, category=job.category, object_name=object_name, config=config,
+            progress=running.observe, cancel=running.token), running)
+        steps = None
+        try:
+            steps = trainer.steps()
+            last_write = 0.0
+            while (progress := self._device(lambda: next(steps, _DONE), running)) is not _DONE:
+                if time.monotonic() - last_write >= self.progress_interval:
+                    self.jobs.update(job.id, **self._progress_fields(progress, config))
+                    last_write = time.monotonic()
+            self.jobs.update(job.id, progress=TRAIN_SHARE, message="validating against the memory adapter")
+            result = self._device(trainer.result, running)
+        finally:
+            self._cleanup(trainer, steps)
+        running.token.raise_if_cancelled()  # a cancel that arrived during result(): write nothing
+        return self._save(job, result, refs)
+
+    def _config(self, params: dict[str, Any]) -> FewShotConfig:
+        """Request budget, else the settings' defaults; the seconds budget always caps a job."""
+        return FewShotConfig(steps=params.get("steps") or self.settings.finetune_steps,
+                             seconds=params.get("seconds") or self.settings.finetune_seconds,
+                             seed=params.get("seed") or 0, max_shots=self.settings.max_shots)
+
+    @staticmethod
+    def _progress_fields(progress: Progress, config: FewShotConfig) -> dict[str, Any]:
+        fractions = [progress.step / config.steps] if config.steps else []
+        if config.seconds:
+            fractions.append(progress.elapsed / config.seconds)
+        loss = "" if progress.loss is None else f", loss {progress.loss:.4f}"
+        return {"progress": round(min(1.0, max(fractions, default=0.0)) * TRAIN_SHARE, 4), "step": progress.step,
+                "total_steps": progress.total_steps, "message": f"training step {progress.step}{loss}"}
+
+    def _device(self, fn: Callable[[], Any], running: _Running) -> Any:
+        """Run ``fn`` on the device worker; a cancel/stop drops it while it still waits in the queue."""
+        future: Future = self.worker.submit(fn, priority=TRAIN)
+        while True:
+            try:
+                return future.result(timeout=0.1)
+            except FutureTimeout:
+                if running.token.cancelled and future.cancel():
+                    raise Cancelled("training cancelled") from None
+                if running.phase != running.reported and running.phase in PHASE_MESSAGES:
+                    running.reported = running.phase  # result() runs long: tell pollers which part
+                    self.jobs.update(running.job_id, message=PHASE_MESSAGES[running.phase])
+            except CancelledError:  # the device worker stopped and dropped queued work
+                raise Cancelled("device worker stopped") from None
+
+    def _cleanup(self, trainer: Any, steps: Any) -> None:
+        """Drop the temporary LoRA on the device worker (idempotent after a normal finish)."""
+        def close() -> None:
+            if steps is not None:
+                steps.close()
+            trainer.close()
+        try:
+            future = self.worker.submit(close, priority=TRAIN)
+            if not self._stopping.is_set():
+                future.result(timeout=60)
+        except Exception:
+            log.exception("could not release the training LoRA")
+
+    def _save(self, job: Job, result: Any, refs: list[dict[str, str]]) -> dict[str, Any]:
+        """Persist the fine-tuned bundle; activate (hot swap) only when promotable and still current."""
+        _, now_refs, _ = load_shots(self.store, job.category, self.settings, decode=False)
+        fresh = [r["sha256"] for r in now_refs] == [r["sha256"] for r in refs]
+        promote = bool(result.promotable) and fresh
+        metrics = {**result.metrics, **adapter_facts(result.adapter, "finetuned")}
+        version = save_adapter(self.store, self.detector, result.adapter, activate=promote, shots=refs,
+                               training={"config": result.config, "seconds": result.seconds, "job_id": job.id},
+                               metrics=metrics, promotable=bool(result.promotable))
+        if promote:
+            self.cache.invalidate(job.category)
+            message = f"version {version} promoted and active"
+        elif not fresh:
+            message = f"version {version} saved inactive: the category's shots changed during training"
+        else:
+            rule = result.metrics.get("promotable_rule", "validation did not beat the memory adapter")
+            ft, mem = result.metrics.get("auroc_finetuned"), result.metrics.get("auroc_memory")
+            message = (f"version {version} saved inactive: not promotable ({rule}; finetuned AUROC {ft}, "
+                       f"memory AUROC {mem}); the memory adapter stays active")
+        return {"progress": 1.0, "step": result.metrics.get("steps"), "result_version": version, "message": message,
+                "metrics": metrics}
+
+    def _refresh_gauge(self) -> None:
+        try:
+            self.metrics.set_job_counts({s.value: n for s, n in self.jobs.count_by_state().items()})
+        except Exception:  # metrics must never break job handling (e.g. store closed at shutdown)
+            log.debug("could not refresh the jobs gauge", exc_info=True)

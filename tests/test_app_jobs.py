@@ -1,0 +1,251 @@
+"""Fine-tune jobs over real HTTP: 409 while one is active, cancel, promotion/hot swap, failure, metrics,
+and persistence across an app restart. A scripted trainer (same protocol as ``FewShotTrainer``) makes
+timing deterministic; the real trainer runs end to end in test_app_categories.py."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from app.core.config import Settings
+from app.main import create_app
+from app.services.job_store import INTERRUPTED_ERROR, JobStore
+from model_store.adapters import load_adapter
+from training.fewshot import FewShotResult
+from training.progress import Cancelled, Progress
+
+ADMIN = {"Authorization": "Bearer admin-key"}
+
+
+def image_bytes(seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray((96 + rng.integers(0, 64, (64, 64, 3))).astype(np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def shots(seeds) -> list:
+    return [("files", (f"s{s}.png", image_bytes(s), "image/png")) for s in seeds]
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): "db" if p.name.startswith("jobs.sqlite3") else
+            hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+class Script:
+    """Builds ``ScriptedTrainer``s: ``steps`` steps of ``delay`` s, optional failure, chosen promotability."""
+
+    def __init__(self, *, steps: int = 3, delay: float = 0.0, promotable: bool = True, fail_at: int | None = None):
+        self.steps, self.delay, self.promotable, self.fail_at = steps, delay, promotable, fail_at
+        self.started = threading.Event()
+        self.closed = 0
+        self.configs: list = []
+        self.store = None  # the app's AdapterStore, set by start()
+
+    def __call__(self, detector, images, *, category, object_name=None, config, progress=None, cancel=None):
+        self.configs.append(config)
+        return ScriptedTrainer(self, detector, images, category, cancel)
+
+
+class ScriptedTrainer:
+    def __init__(self, script: Script, detector, images, category, cancel):
+        self.script, self.detector, self.category, self.cancel = script, detector, category, cancel
+
+    def steps(self):
+        s = self.script
+        for i in range(1, s.steps + 1):
+            if self.cancel.cancelled:
+                raise Cancelled("training cancelled")
+            s.started.set()
+            time.sleep(s.delay)
+            if s.fail_at == i:
+                raise RuntimeError(f"boom at step {i}")
+            yield Progress("train", i, s.steps, loss=1.0 / i, elapsed=i * s.delay)
+
+    def result(self) -> FewShotResult:
+        adapter, _ = load_adapter(self.script.store, self.detector, self.category)  # stands in for a fine-tune
+        adapter.version = None
+        metrics = {"auroc_memory": 0.5, "auroc_finetuned": 0.9 if self.script.promotable else 0.4,
+                   "steps": self.script.steps}
+        return FewShotResult(adapter, adapter, metrics, 0.01, self.script.promotable, {"steps": self.script.steps})
+
+    def close(self) -> None:
+        self.script.closed += 1
+
+
+def make_settings(store: Path) -> Settings:
+    return Settings(_env_file=None, backbone="test:tiny-clip", device="cpu", store=store, admin_keys=["admin-key"],
+                    client_keys=["client-key"], finetune_steps=7, finetune_seconds=120)
+
+
+@pytest.fixture()
+def store(tmp_path: Path) -> Path:
+    return tmp_path / "store"
+
+
+def start(store: Path, backbone, script: Script) -> TestClient:
+    client = TestClient(create_app(make_settings(store), backbone=backbone))
+    client.__enter__()
+    script.store = client.app.state.store
+    client.app.state.job_runner.trainer_factory = script
+    return client
+
+
+def register(client: TestClient, category: str, seeds=range(4)) -> None:
+    r = client.post(f"/v1/categories/{category}/shots", headers=ADMIN, files=shots(seeds), data={"finetune": "false"})
+    assert r.status_code == 201, r.text
+
+
+def wait_state(client: TestClient, job_id: str, states: set[str], timeout: float = 20.0) -> dict:
+    deadline = time.monotonic() + timeout
+    job: dict = {}
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/jobs/{job_id}", headers=ADMIN).json()
+        if job["state"] in states:
+            return job
+        time.sleep(0.02)
+    raise AssertionError(f"job {job_id} never reached {states}: {job}")
+
+
+@pytest.mark.parametrize("promotable", [True, False])
+def test_finished_job_saves_a_version_and_hot_swaps_only_when_promotable(store, tiny_backbone, promotable):
+    script = Script(steps=3, promotable=promotable)
+    client = start(store, tiny_backbone, script)
+    cache = client.app.state.adapter_cache
+    invalidated: list[str] = []
+    original = cache.invalidate
+    cache.invalidate = lambda c: (invalidated.append(c), original(c))[1]
+    try:
+        register(client, "widget")
+        assert invalidated == ["widget"]
+        r = client.post("/v1/categories/widget/finetune", headers=ADMIN, json={"steps": 3, "seed": 5})
+        assert r.status_code == 202, r.text
+        job = wait_state(client, r.json()["id"], {"succeeded", "failed", "cancelled"})
+        assert job["state"] == "succeeded", job
+        assert job["result_version"] == 2 and job["params"] == {"steps": 3, "seed": 5}
+        assert (script.configs[0].steps, script.configs[0].seed, script.configs[0].seconds) == (3, 5, 120)
+        assert job["metrics"]["auroc_finetuned"] == (0.9 if promotable else 0.4)
+        detail = client.get("/v1/categories/widget", headers=ADMIN).json()
+        assert detail["active_version"] == (2 if promotable else 1)
+        assert detail["versions"][1]["promotable"] is promotable
+        assert ("promoted" in job["message"]) is promotable
+        assert invalidated == ["widget"] * (2 if promotable else 1)  # the hot swap drops the cached adapter
+        if not promotable:
+            assert "not promotable" in job["message"] and "memory adapter stays active" in job["message"]
+        pred = client.post("/v1/categories/widget/predict?heatmap=none", headers=ADMIN, files=shots([9]))
+        assert pred.json()["adapter_version"] == (2 if promotable else 1)
+        metrics = client.get("/metrics").text
+        assert 'clipshot_jobs{state="succeeded"} 1.0' in metrics
+        assert 'clipshot_job_duration_seconds_count{state="succeeded"} 1.0' in metrics
+    finally:
+        client.__exit__(None, None, None)
+
+
+def test_second_finetune_conflicts_and_cancel_writes_nothing(store, tiny_backbone):
+    script = Script(steps=100_000, delay=0.02)
+    client = start(store, tiny_backbone, script)
+    try:
+        register(client, "widget")
+        register(client, "gear", [10, 11])
+        first = client.post("/v1/categories/widget/finetune", headers=ADMIN).json()
+        assert first["state"] == "queued" and first["params"] == {}
+        assert script.started.wait(20)
+        running = wait_state(client, first["id"], {"running"})
+        again = client.post("/v1/categories/widget/finetune", headers=ADMIN)
+        assert again.status_code == 409 and again.json()["error"]["code"] == "job_already_active"
+        assert first["id"] in again.json()["error"]["message"]
+        # Registering more shots while training still succeeds; the busy job is reported as a warning.
+        r = client.post("/v1/categories/widget/shots", headers=ADMIN, files=shots([20]))
+        assert r.status_code == 201 and r.json()["job_id"] is None and r.json()["version"] == 2
+        assert any("fine-tune not started" in w for w in r.json()["warnings"])
+
+        queued = client.post("/v1/categories/gear/finetune", headers=ADMIN).json()  # waits behind widget
+        r = client.delete(f"/v1/jobs/{queued['id']}", headers=ADMIN)
+        assert r.status_code == 200 and r.json()["state"] == "cancelled" and r.json()["started_at"] is None
+
+        time.sleep(0.3)  # let it report some progress first
+        progressed = client.get(f"/v1/jobs/{first['id']}", headers=ADMIN).json()
+        assert progressed["step"] > 0 and 0 < progressed["progress"] < 1 and running["started_at"]
+        before = snapshot(store)
+        started = time.monotonic()
+        r = client.delete(f"/v1/jobs/{first['id']}", headers=ADMIN)
+        assert r.status_code == 200, r.text
+        assert r.json()["state"] == "cancelled" and time.monotonic() - started < 5
+        assert snapshot(store) == before  # no version written
+        assert client.get("/v1/categories/widget", headers=ADMIN).json()["active_version"] == 2
+        assert script.closed >= 1  # the temporary LoRA was released
+        assert client.delete(f"/v1/jobs/{first['id']}", headers=ADMIN).status_code == 409  # already final
+
+        listed = client.get("/v1/jobs", headers=ADMIN, params={"state": "cancelled"}).json()["jobs"]
+        assert [j["id"] for j in listed] == [queued["id"], first["id"]]  # newest first
+        assert [j["id"] for j in client.get("/v1/jobs?category=gear", headers=ADMIN).json()["jobs"]] == [queued["id"]]
+        assert len(client.get("/v1/jobs?limit=1", headers=ADMIN).json()["jobs"]) == 1
+        # A new job may start once the category is free again.
+        assert client.post("/v1/categories/widget/finetune", headers=ADMIN).status_code == 202
+        r = client.delete("/v1/categories/widget", headers=ADMIN)  # cancels that job first
+        assert r.status_code == 200 and r.json()["cancelled_job_id"]
+        assert client.get(f"/v1/jobs/{r.json()['cancelled_job_id']}", headers=ADMIN).json()["state"] == "cancelled"
+        assert not (store / "categories" / "widget").exists()
+    finally:
+        client.__exit__(None, None, None)
+
+
+def test_failing_job_is_marked_failed_with_the_error(store, tiny_backbone):
+    script = Script(steps=5, fail_at=2)
+    client = start(store, tiny_backbone, script)
+    try:
+        register(client, "widget")
+        before = snapshot(store)
+        job_id = client.post("/v1/categories/widget/finetune", headers=ADMIN).json()["id"]
+        job = wait_state(client, job_id, {"succeeded", "failed", "cancelled"})
+        assert job["state"] == "failed" and "boom at step 2" in job["error"]
+        assert snapshot(store) == before
+        assert 'clipshot_jobs{state="failed"} 1.0' in client.get("/metrics").text
+    finally:
+        client.__exit__(None, None, None)
+
+
+def test_jobs_survive_a_restart_and_interrupted_ones_fail(store, tiny_backbone):
+    script = Script(steps=2)
+    client = start(store, tiny_backbone, script)
+    try:
+        register(client, "widget")
+        register(client, "gear", [10, 11])
+        done = client.post("/v1/categories/widget/finetune", headers=ADMIN).json()["id"]
+        assert wait_state(client, done, {"succeeded", "failed"})["state"] == "succeeded"
+        script.steps, script.delay = 100_000, 0.02
+        script.started.clear()
+        running = client.post("/v1/categories/widget/finetune", headers=ADMIN).json()["id"]
+        assert script.started.wait(20)
+        queued = client.post("/v1/categories/gear/finetune", headers=ADMIN).json()["id"]
+    finally:
+        stopping = time.monotonic()
+        client.__exit__(None, None, None)
+    assert time.monotonic() - stopping < 10  # stop() cancels the running job instead of waiting for it
+
+    with JobStore(store) as jobs:  # a process that died mid-job leaves a "running" record behind
+        crashed = jobs.create("other", "finetune", {})
+        jobs.update(crashed.id, state="running")
+
+    client = start(store, tiny_backbone, Script(steps=1))
+    try:
+        history = {j["id"]: j for j in client.get("/v1/jobs", headers=ADMIN).json()["jobs"]}
+        assert set(history) == {done, running, queued, crashed.id}
+        assert history[done]["state"] == "succeeded" and history[done]["result_version"] == 2
+        for job_id in (running, queued):
+            assert history[job_id]["state"] == "failed" and "service stopping" in history[job_id]["error"]
+        assert history[crashed.id]["state"] == "failed" and history[crashed.id]["error"] == INTERRUPTED_ERROR
+        assert client.get("/v1/categories/widget", headers=ADMIN).json()["versions"][-1]["version"] == 2
+        again = client.post("/v1/categories/gear/finetune", headers=ADMIN).json()["id"]  # the new runner works
+        assert wait_state(client, again, {"succeeded", "failed"})["state"] == "succeeded"
+    finally:
+        client.__exit__(None, None, None)

@@ -1,0 +1,194 @@
+"""POST /v1/categories/{category}/predict and /v1/predict over real HTTP (TestClient runs the lifespan)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import warnings
+
+import numpy as np
+import pytest
+from conftest import textured
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from app.core.config import Settings
+from app.main import create_app
+from model_store import AdapterStore
+from model_store.adapters import save_adapter
+
+CLIENT = {"Authorization": "Bearer client-key"}
+ADMIN = {"Authorization": "Bearer admin-key"}
+KEYS = {"client_keys": ["client-key"], "admin_keys": ["admin-key"]}
+LIMITS = {"max_predict_images": 4, "max_upload_bytes": 40_000, "max_request_bytes": 200_000,
+          "max_image_pixels": 8_000}
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def good(seed: int = 11, size: tuple[int, int] | None = None) -> Image.Image:
+    image = Image.fromarray(textured(seed))
+    return image.resize(size) if size else image
+
+
+def defect(seed: int = 12) -> Image.Image:
+    pixels = textured(seed)
+    pixels[20:40, 20:40] = 0
+    return Image.fromarray(pixels)
+
+
+def files(*items: tuple[str, bytes]) -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [("files", (name, data, "image/png")) for name, data in items]
+
+
+def snapshot(root) -> dict[str, float]:
+    """Every file under the store with its mtime: a rejected request must leave this unchanged."""
+    return {str(p): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file() and not p.name.startswith("jobs.")}
+
+
+@pytest.fixture(scope="module")
+def store_root(tmp_path_factory, tiny_detector):
+    root = tmp_path_factory.mktemp("predict-store")
+    shots = [good(seed) for seed in range(4)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        adapter = tiny_detector.fit_memory(shots, category="widget", text=False, calibration_views=0)
+    save_adapter(AdapterStore(root), tiny_detector, adapter)
+    return root
+
+
+@pytest.fixture(scope="module")
+def client(store_root):
+    settings = Settings(backbone="test:tiny-clip", device="cpu", store=store_root, max_batch_wait_ms=2,
+                        **KEYS, **LIMITS)
+    with TestClient(create_app(settings)) as test_client:
+        yield test_client
+
+
+def test_predict_png_heatmap_has_each_inputs_size(client):
+    wide, square = good(size=(80, 48)), defect()
+    r = client.post("/v1/categories/widget/predict", headers=CLIENT,
+                    files=files(("wide.png", png(wide)), ("defect.png", png(square))))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["category"] == "widget" and body["adapter_version"] == 1 and body["adapter_source"] == "category"
+    first, second = body["predictions"]
+    assert [first["filename"], second["filename"]] == ["wide.png", "defect.png"]
+    for pred, image in ((first, wide), (second, square)):
+        assert pred["category"] == "widget" and pred["adapter_version"] == 1
+        assert pred["heatmap"]["encoding"] == "png" and pred["heatmap"]["shape"] == [image.height, image.width]
+        overlay = Image.open(io.BytesIO(base64.b64decode(pred["heatmap"]["data"])))
+        assert overlay.format == "PNG" and overlay.size == image.size and overlay.mode == "RGB"
+        assert pred["threshold"] > 0 and set(pred["timings"]) == {
+            "decode_ms", "preprocess_ms", "queue_ms", "forward_ms", "postprocess_ms"}
+        assert all(v >= 0 for v in pred["timings"].values()) and pred["timings"]["forward_ms"] > 0
+    assert first["is_anomalous"] is False and second["is_anomalous"] is True
+    assert second["score"] > first["score"]
+
+
+def test_raw_heatmap_is_float16_grid_whose_max_is_the_score(client):
+    r = client.post("/v1/categories/widget/predict", headers=CLIENT, data={"heatmap": "raw"},
+                    files=files(("a.png", png(defect()))))
+    assert r.status_code == 200, r.text
+    pred = r.json()["predictions"][0]
+    heat = pred["heatmap"]
+    assert heat["encoding"] == "raw" and heat["dtype"] == "float16" and heat["shape"] == [64, 64]
+    grid = np.frombuffer(base64.b64decode(heat["data"]), dtype="<f2").reshape(heat["shape"])
+    assert np.isfinite(grid).all()
+    assert float(grid.max()) == pytest.approx(pred["score"], rel=1e-2)  # memory-only: score = map peak
+
+    r = client.post("/v1/categories/widget/predict?heatmap=none", headers=CLIENT, files=files(("a.png", png(good()))))
+    assert r.status_code == 200 and r.json()["predictions"][0]["heatmap"] is None
+
+
+def test_predict_needs_a_client_or_admin_key(client):
+    upload = files(("a.png", png(good())))
+    missing = client.post("/v1/categories/widget/predict", files=upload)
+    assert missing.status_code == 401 and missing.headers["www-authenticate"].startswith("Bearer")
+    wrong = client.post("/v1/categories/widget/predict", headers={"Authorization": "Bearer nope"}, files=upload)
+    assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_key"
+    assert client.post("/v1/predict", files=upload).status_code == 401
+    assert client.post("/v1/categories/widget/predict", headers=CLIENT, files=upload).status_code == 200
+    assert client.post("/v1/categories/widget/predict", headers=ADMIN, files=upload).status_code == 200
+
+
+def _bad_requests():
+    ok = png(good())
+    bomb = png(Image.new("RGB", (100, 100)))  # 10k pixels > max_image_pixels, decided from the header
+    noise = np.random.default_rng(0).integers(0, 255, 50_000, dtype=np.uint8).tobytes()
+    return [
+        ("not-an-image", "widget", files(("a.png", b"plain text, not pixels")), {}, 415, "unsupported_image"),
+        ("truncated", "widget", files(("a.png", ok[: len(ok) // 2])), {}, 400, "corrupt_image"),
+        ("empty-file", "widget", files(("a.png", b"")), {}, 400, "empty_file"),
+        ("bomb", "widget", files(("a.png", bomb)), {}, 413, "image_too_large"),
+        ("oversized-file", "widget", files(("a.png", noise)), {}, 413, "upload_too_large"),
+        ("too-many", "widget", files(*[(f"{i}.png", ok) for i in range(5)]), {}, 413, "too_many_images"),
+        ("unknown-category", "nope", files(("a.png", ok)), {}, 404, "category_not_found"),
+        ("invalid-category", "Bad Name", files(("a.png", ok)), {}, 400, "invalid_category"),
+        ("bad-heatmap", "widget", files(("a.png", ok)), {"heatmap": "jpeg"}, 422, "validation_error"),
+        ("no-files", "widget", None, {"heatmap": "png"}, 422, "validation_error"),
+        ("request-too-large", "widget", files(*[(f"{i}.bin", noise) for i in range(5)]), {}, 413,
+         "request_too_large"),
+    ]
+
+
+@pytest.mark.parametrize(("name", "category", "upload", "data", "status", "code"), _bad_requests(),
+                         ids=[case[0] for case in _bad_requests()])
+def test_bad_input_is_a_clear_4xx_and_mutates_nothing(client, store_root, name, category, upload, data, status,
+                                                      code):
+    before = snapshot(store_root)
+    r = client.post(f"/v1/categories/{category}/predict", headers=CLIENT, files=upload, data=data)
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["code"] == code and r.json()["error"]["message"]
+    assert snapshot(store_root) == before
+
+
+def test_request_size_is_rejected_from_content_length_before_reading(client):
+    body = b"x" * 300_000
+    r = client.post("/v1/categories/widget/predict", headers={**CLIENT, "Content-Type": "multipart/form-data; b=1"},
+                    content=body)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+
+def test_zero_shot_falls_back_to_handcrafted_prompts_then_uses_the_generic_bundle(client, store_root, tiny_detector):
+    upload = files(("a.png", png(good())))
+    named = client.post("/v1/predict", headers=CLIENT, data={"object": "bottle"}, files=upload)
+    assert named.status_code == 200, named.text
+    assert named.json()["adapter_source"] == "handcrafted" and named.json()["adapter_version"] is None
+    assert named.json()["predictions"][0]["heatmap"]["shape"] == [64, 64]
+    fallback = client.post("/v1/predict", headers=CLIENT, files=upload)
+    assert fallback.status_code == 200 and fallback.json()["adapter_source"] == "handcrafted"
+    assert client.post("/v1/predict?object=%3Cscript%3E", headers=CLIENT, files=upload).status_code == 422
+
+    generic = tiny_detector.text_adapter(category="generic")
+    save_adapter(AdapterStore(store_root), tiny_detector, generic, generic=True)
+    r = client.post("/v1/predict", headers=CLIENT, files=upload)
+    assert r.status_code == 200, r.text
+    assert r.json()["adapter_source"] == "generic" and r.json()["adapter_version"] == 1
+    assert r.json()["predictions"][0]["category"] == "generic"
+
+
+def test_efficientnet_serves_few_shot_but_refuses_zero_shot(tmp_path):
+    from clipshot.backbone import load_backbone
+    from clipshot.detector import Detector
+
+    backbone = load_backbone("imagenet:efficientnet-lite0", image_size=64)
+    detector = Detector(backbone)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        adapter = detector.fit_memory([good(s) for s in range(4)], category="plate", calibration_views=0)
+    save_adapter(AdapterStore(tmp_path), detector, adapter)
+    settings = Settings(backbone="imagenet:efficientnet-lite0", image_size=64, device="cpu", store=tmp_path,
+                        max_batch_wait_ms=1, **KEYS)
+    with TestClient(create_app(settings, backbone=backbone)) as c:
+        upload = files(("a.png", png(good())))
+        r = c.post("/v1/categories/plate/predict", headers=CLIENT, files=upload)
+        assert r.status_code == 200 and r.json()["predictions"][0]["heatmap"]["shape"] == [64, 64]
+        for data in ({}, {"object": "bottle"}):
+            z = c.post("/v1/predict", headers=CLIENT, files=upload, data=data)
+            assert z.status_code == 409 and z.json()["error"]["code"] == "zero_shot_needs_clip"
+            assert "CLIP" in z.json()["error"]["message"]

@@ -1,0 +1,113 @@
+"""`clipshot serve` as a real process on a loopback port, plus the CLI's startup-failure messages."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import warnings
+
+import httpx
+import pytest
+from test_app_predict import good, png
+
+from app.cli import main
+from model_store import AdapterStore
+from model_store.adapters import save_adapter
+
+STARTUP_TIMEOUT_S = 90
+KEY = "subprocess-client-key"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def serve_command() -> list[str]:
+    """The ``clipshot`` console script when its parser already wires ``serve``, else the module entry point."""
+    if shutil.which("clipshot") and importlib.util.find_spec("clipshot.cli") is not None:
+        try:
+            from clipshot.cli import build_parser
+
+            if build_parser().parse_args(["serve", "--port", "1"]).func.__module__ == "app.cli":
+                return ["clipshot", "serve"]
+        except (ImportError, AttributeError, SystemExit):
+            pass  # the console script is not fully wired yet
+    return [sys.executable, "-m", "app.cli", "serve"]
+
+
+def test_serve_answers_real_http_requests_and_stops_cleanly(tmp_path, tiny_detector):
+    store = tmp_path / "store"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        adapter = tiny_detector.fit_memory([good(s) for s in range(4)], category="widget", text=False,
+                                           calibration_views=0)
+    save_adapter(AdapterStore(store), tiny_detector, adapter)
+    port = free_port()
+    env = {**os.environ, "CLIPSHOT_BACKBONE": "test:tiny-clip", "CLIPSHOT_DEVICE": "cpu",
+           "CLIPSHOT_STORE": str(store), "CLIPSHOT_CLIENT_KEYS": KEY, "CLIPSHOT_ADMIN_KEYS": "",
+           "CLIPSHOT_HOST": "0.0.0.0", "OMP_NUM_THREADS": "1"}
+    log = (tmp_path / "serve.log").open("w+")
+    proc = subprocess.Popen([*serve_command(), "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+                            env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        with httpx.Client(base_url=base, timeout=20) as client:
+            deadline = time.monotonic() + STARTUP_TIMEOUT_S
+            while True:
+                assert proc.poll() is None, f"server exited early:\n{(tmp_path / 'serve.log').read_text()}"
+                try:
+                    if client.get("/healthz", timeout=1).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() < deadline, "server did not come up in time"
+                time.sleep(0.25)
+            assert client.get("/readyz").status_code == 200
+            upload = [("files", ("part.png", png(good()), "image/png"))]
+            r = client.post("/v1/categories/widget/predict", files=upload, headers={"Authorization": f"Bearer {KEY}"})
+            assert r.status_code == 200, r.text
+            assert r.json()["predictions"][0]["adapter_version"] == 1
+            assert client.post("/v1/categories/widget/predict", files=upload).status_code == 401
+            assert "clipshot_http_request_duration_seconds" in client.get("/metrics").text
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            code = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+            pytest.fail("server did not stop within 30 s of SIGINT")
+        log.close()
+    assert code == 0, (tmp_path / "serve.log").read_text()
+
+
+@pytest.mark.parametrize(("env", "expected_code", "must_mention"), [
+    ({"CLIPSHOT_BACKBONE": "open_clip:ViT-B-16:/nonexistent/clip.safetensors", "CLIPSHOT_INSECURE_DEV": "true"},
+     1, ["CLIPSHOT_BACKBONE=open_clip:<arch>:/path/to/", "imagenet:efficientnet-lite0"]),
+    ({"CLIPSHOT_INSECURE_DEV": "false"}, 2, ["CLIPSHOT_ADMIN_KEYS", "CLIPSHOT_INSECURE_DEV"]),
+    ({"CLIPSHOT_MAX_BATCH_SIZE": "0", "CLIPSHOT_INSECURE_DEV": "true"}, 2, ["max_batch_size"]),
+])
+def test_serve_startup_failures_are_one_message_and_nonzero_exit(monkeypatch, tmp_path, env, expected_code,
+                                                               must_mention):
+    monkeypatch.chdir(tmp_path)  # no stray .env
+    for name in ("CLIPSHOT_ADMIN_KEYS", "CLIPSHOT_CLIENT_KEYS", "CLIPSHOT_BACKBONE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("CLIPSHOT_STORE", str(tmp_path / "store"))
+    stderr = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    assert main(["serve", "--port", str(free_port())]) == expected_code
+    message = stderr.getvalue()
+    assert message.startswith("clipshot serve: ") and "Traceback" not in message
+    for text in must_mention:
+        assert text in message
