@@ -6,6 +6,7 @@ switched on per batch, so hot-swapping a product costs a pointer flip, not a wei
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -60,7 +61,9 @@ def add_adapter(module: nn.Module, name: str, spec: LoraSpec, state: dict[str, t
     """Inject adapter ``name`` (optionally with trained tensors); returns its parameter count."""
     if name in resident_adapters(module):
         raise ValueError(f"LoRA adapter {name!r} is already resident")
-    inject_adapter_in_model(spec.peft_config(), module, adapter_name=name)
+    with warnings.catch_warnings():  # several adapters in one model is the point here, not a mistake
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        inject_adapter_in_model(spec.peft_config(), module, adapter_name=name)
     params = adapter_parameters(module, name)
     if state is not None:
         load_state(module, name, state)

@@ -9,14 +9,14 @@ import torch
 
 from clipshot import lora
 from clipshot.backbone import BackboneLoadError, BackboneSpecError, ClipBackbone, load_backbone, parse_spec
-from clipshot.backbone.clip import _create
+from clipshot.backbone.clip import create_clip_model
 from clipshot.prompts import PromptLearner, PromptSpec, tokenizer_for
 
 
 @pytest.fixture(scope="module")
 def reference_pair():
     """An untouched open_clip model and our backbone wrapping an identical copy of it."""
-    ref = _create(parse_spec("test:tiny-clip"), None, None).eval()
+    ref = create_clip_model(parse_spec("test:tiny-clip"), None, None).eval()
     return ref, ClipBackbone(copy.deepcopy(ref), spec="test:tiny-clip")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from clipshot.backbone.base import Backbone, resolve_device
-from clipshot.backbone.clip import BackboneLoadError, ClipBackbone, load_clip
+from clipshot.backbone.clip import BackboneLoadError, ClipBackbone, create_clip_model
 from clipshot.backbone.efficientnet import EfficientNetBackbone
 from clipshot.backbone.spec import (
     DEFAULT_BACKBONE,
@@ -38,7 +38,7 @@ def load_backbone(
         if layers or dpam_layers:
             raise ValueError(f"{EFFICIENTNET_LITE0} has fixed feature layers; do not pass layers/dpam_layers")
         return EfficientNetBackbone(device=device, precision=precision, image_size=image_size)
-    return load_clip(
-        parsed, device=device, precision=precision, image_size=image_size, layers=layers,
-        dpam_layers=dpam_layers, quick_gelu=quick_gelu,
+    return ClipBackbone(
+        create_clip_model(parsed, image_size, quick_gelu), spec=str(parsed),
+        device=device, precision=precision, layers=layers, dpam_layers=dpam_layers,
     )

@@ -50,7 +50,8 @@ def even_layers(depth: int, count: int = 4) -> tuple[int, ...]:
     return tuple(sorted({max(1, round(depth * (i + 1) / count)) for i in range(count)}))
 
 
-def _create(spec: BackboneSpec, image_size: int | None, quick_gelu: bool | None) -> nn.Module:
+def create_clip_model(spec: BackboneSpec, image_size: int | None, quick_gelu: bool | None) -> nn.Module:
+    """Build the open_clip model for ``spec``; every failure ends in advice on what to pass instead."""
     _register_configs()
     arch = TINY_ARCH if spec.family == "test" else spec.arch
     if arch not in open_clip.list_models():
@@ -163,20 +164,3 @@ class ClipBackbone(Backbone):
                     taken.append(self._to_joint_space(source[:, 1:]))
             cls = self._to_joint_space(x[:, 0])
         return Features(cls=cls, patches=taken, grid=self.grid)
-
-
-def load_clip(
-    spec: BackboneSpec,
-    *,
-    device: str = "cpu",
-    precision: str = "fp32",
-    image_size: int | None = None,
-    layers: Sequence[int] | None = None,
-    dpam_layers: Sequence[int] | None = None,
-    quick_gelu: bool | None = None,
-) -> ClipBackbone:
-    model = _create(spec, image_size, quick_gelu)
-    return ClipBackbone(
-        model, spec=str(spec) if spec.family != "test" else "test:tiny-clip", device=device,
-        precision=precision, layers=layers, dpam_layers=dpam_layers,
-    )
