@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from app.api.limits import BodySizeLimitMiddleware
-from app.api.routes import OPTIONAL_ROUTERS, all_routers, optional_routers
+from app.api.routes import all_routers
 from app.core.config import Settings, env_var
 from app.errors import install_error_handlers
 from app.metrics import Metrics, RequestMetricsMiddleware
@@ -25,8 +25,10 @@ from app.services.adapter_cache import AdapterCache
 from app.services.batcher import Batcher
 from app.services.device_worker import DeviceWorker
 from app.services.inference import InferenceService
+from app.services.job_runner import JobRunner
 from app.services.job_store import JobStore
 from app.services.readiness import ReadinessProbe
+from app.services.registry import CategoryService
 from clipshot.backbone import EFFICIENTNET_LITE0, Backbone, BackboneLoadError, BackboneSpecError, load_backbone
 from clipshot.detector import Detector
 from model_store import AdapterStore
@@ -83,8 +85,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         stack.push_async_callback(batcher.stop)
         state.inference = InferenceService(settings, detector, cache, batcher, metrics)
         state.readiness = ReadinessProbe(backbone, worker)
-        state.job_runner = state.categories = state.category_service = None
-        _start_optional_services(app, stack)
+        _start_jobs_and_registry(app, stack)
         yield
 
 
@@ -94,13 +95,8 @@ async def _release_adapters(worker: DeviceWorker, cache: AdapterCache) -> None:
         await asyncio.wait_for(worker.run(cache.clear), SHUTDOWN_WAIT_S)
 
 
-def _start_optional_services(app: FastAPI, stack: contextlib.AsyncExitStack) -> None:
-    """Category registration and fine-tune jobs, when those modules exist; the runner stops before the device."""
-    if not optional_routers():
-        return
-    from app.services.job_runner import JobRunner
-    from app.services.registry import CategoryService
-
+def _start_jobs_and_registry(app: FastAPI, stack: contextlib.AsyncExitStack) -> None:
+    """Fine-tune job runner and category registration; the runner stops before the device worker."""
     s = app.state
     runner = JobRunner(settings=s.settings, store=s.store, job_store=s.job_store, detector=s.detector,
                        device_worker=s.device_worker, adapter_cache=s.adapter_cache, metrics=s.metrics)
@@ -136,4 +132,4 @@ def create_app(settings: Settings | None = None, *, backbone: Backbone | None = 
     return app
 
 
-__all__ = ["OPTIONAL_ROUTERS", "StartupError", "create_app", "lifespan", "load_service_backbone"]
+__all__ = ["StartupError", "create_app", "lifespan", "load_service_backbone"]
