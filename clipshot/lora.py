@@ -57,10 +57,21 @@ def resident_adapters(module: nn.Module) -> set[str]:
     return names
 
 
+def park(module: nn.Module) -> None:
+    """Make no adapter peft-"active" without setting any ``requires_grad`` to True.
+
+    peft re-selects (and marks trainable) an active adapter on inject, enable and delete; adapters loaded
+    under ``torch.inference_mode`` hold inference tensors, on which that raises outside inference mode.
+    """
+    for layer in _tuner_layers(module):
+        layer.set_adapter([], inference_mode=True)
+
+
 def add_adapter(module: nn.Module, name: str, spec: LoraSpec, state: dict[str, torch.Tensor] | None = None) -> int:
     """Inject adapter ``name`` (optionally with trained tensors); returns its parameter count."""
     if name in resident_adapters(module):
         raise ValueError(f"LoRA adapter {name!r} is already resident")
+    park(module)
     with warnings.catch_warnings():  # several adapters in one model is the point here, not a mistake
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
         inject_adapter_in_model(spec.peft_config(), module, adapter_name=name)
@@ -102,12 +113,11 @@ def activate(module: nn.Module, name: str | None) -> None:
     """Route every LoRA layer through adapter ``name``; ``None`` runs the plain frozen backbone."""
     for layer in _tuner_layers(module):
         if name is None or name not in layer.lora_A:
+            layer.set_adapter([], inference_mode=True)
             layer.enable_adapters(False)
         else:
-            layer.enable_adapters(True)
-            layer.set_adapter(name)
-            for param in (layer.lora_A[name].weight, layer.lora_B[name].weight):
-                param.requires_grad_(False)
+            layer.set_adapter(name, inference_mode=True)  # frozen: set_trainable opts in explicitly
+            layer._disable_adapters = False  # enable_adapters(True) would mark the adapter trainable
 
 
 def set_trainable(module: nn.Module, name: str) -> list[nn.Parameter]:
@@ -120,6 +130,7 @@ def set_trainable(module: nn.Module, name: str) -> list[nn.Parameter]:
 
 
 def remove_adapter(module: nn.Module, name: str) -> None:
+    park(module)  # deleting the active adapter would make peft pick (and mark trainable) another one
     for layer in _tuner_layers(module):
         if name in layer.lora_A:
             layer.delete_adapter(name)

@@ -6,7 +6,7 @@ import torch
 
 from clipshot.features import Features
 
-CHUNK = 4096  # query rows per matmul: bounds peak memory to CHUNK x bank size
+SIM_BUDGET = 8_000_000  # similarity entries per matmul chunk: keeps the block cache-friendly and bounded
 
 
 def greedy_coreset(bank: torch.Tensor, ratio: float, *, projection_dim: int = 128, seed: int = 0) -> torch.Tensor:
@@ -77,7 +77,8 @@ class MemoryBank:
             if query.shape[-1] != bank.shape[-1]:
                 raise ValueError(f"feature dim {query.shape[-1]} does not match memory dim {bank.shape[-1]}")
             flat = query.reshape(-1, query.shape[-1]).to(compute)
-            for start in range(0, flat.shape[0], CHUNK):
-                sim = (flat[start : start + CHUNK] @ bank.t()).amax(dim=1).float()
-                total[start : start + CHUNK] += (1 - sim.clamp(-1, 1)) / 2
+            chunk = max(128, SIM_BUDGET // max(1, bank.shape[0]))
+            for start in range(0, flat.shape[0], chunk):
+                sim = (flat[start : start + chunk] @ bank.t()).amax(dim=1).float()
+                total[start : start + chunk] += (1 - sim.clamp(-1, 1)) / 2
         return (total / len(self.layers)).view(query0.shape[0], h, w)

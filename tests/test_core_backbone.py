@@ -141,3 +141,21 @@ def test_checkpoint_at_other_resolution_interpolates_position_embeddings(tmp_pat
     assert feats.patches[0].shape == (1, 144, 32)
     # the CLS embedding / patch embedding weights themselves are the checkpoint's (only positions are resized)
     assert torch.equal(loaded.visual.conv1.weight, ref.visual.conv1.weight)
+
+
+def test_adapters_loaded_in_inference_mode_switch_and_delete_outside_it(reference_pair):
+    """The service attaches adapters under inference_mode; training later switches/deletes outside it.
+    peft marks the active adapter trainable on switch/delete, which raises on inference tensors unless
+    clipshot parks peft first."""
+    _, backbone = reference_pair
+    with torch.inference_mode():
+        lora.add_adapter(backbone.visual, "served", lora.LoraSpec(rank=2))
+        lora.activate(backbone.visual, "served")
+        backbone.extract(torch.randn(1, 3, 64, 64))
+    lora.add_adapter(backbone.visual, "trainee", lora.LoraSpec(rank=2))
+    params = lora.set_trainable(backbone.visual, "trainee")
+    assert params and all(p.requires_grad for p in params)
+    lora.activate(backbone.visual, "served")
+    lora.remove_adapter(backbone.visual, "served")
+    lora.remove_adapter(backbone.visual, "trainee")
+    assert lora.resident_adapters(backbone.visual) == set()

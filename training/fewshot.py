@@ -21,14 +21,15 @@ from PIL import Image
 from clipshot import lora
 from clipshot.adapter import Adapter
 from clipshot.calibration import DEFAULT_FALSE_ALARM_RATE
-from clipshot.detector import FEATURE_BATCH, RECOMMENDED_MIN_SHOTS, Detector
+from clipshot.detector import RECOMMENDED_MIN_SHOTS, Detector
 from clipshot.fusion import ScoringConfig
 from clipshot.memory_branch import MemoryBank
 from clipshot.prompts import GENERIC_OBJECT
-from training.anomalies import KINDS, AnomalySynthesizer
+from training.anomalies import AnomalySynthesizer
 from training.augment import NormalAugment
 from training.progress import CancelToken, Progress, ProgressCallback
-from training.step import StepEngine, TrainConfig, auroc, pil_to_unit, require_clip
+from training.step import StepEngine, TrainConfig, pil_to_unit, require_clip
+from training.validation import adapter_auroc, synthetic_validation_set
 
 __all__ = ["FewShotConfig", "FewShotResult", "FewShotTrainer", "default_holdout", "train_fewshot"]
 
@@ -40,8 +41,7 @@ MAX_SHOTS = 16
 class FewShotConfig(TrainConfig):
     """Few-shot recipe on top of ``TrainConfig`` (budget, optimiser, LoRA, prompts, loss weights, seed)."""
 
-    synthetic_p: float = 0.5  # share of training images turned into synthetic anomalies
-    anomaly_kinds: tuple[str, ...] = KINDS
+    anomalies: AnomalySynthesizer = field(default_factory=AnomalySynthesizer)  # .p = share made anomalous
     augment: NormalAugment = field(default_factory=NormalAugment)
     holdout: int | None = None  # None: default_holdout(n)
     val_anomalies_per_shot: int = 4
@@ -54,9 +54,8 @@ class FewShotConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.anomaly_kinds = tuple(self.anomaly_kinds)
-        if not 0 < self.synthetic_p <= 1:
-            raise ValueError("synthetic_p must be in (0, 1]: training needs synthetic anomalies")
+        if not 0 < self.anomalies.p <= 1:
+            raise ValueError("anomalies.p must be in (0, 1]: training needs synthetic anomalies")
         if self.val_anomalies_per_shot < 1 or self.val_normal_views < 0:
             raise ValueError("val_anomalies_per_shot must be >= 1 and val_normal_views >= 0")
 
@@ -111,37 +110,19 @@ class FewShotTrainer:
         self.engine = StepEngine(detector, cfg, self.prompt_spec, dpam=False, progress=progress, cancel=cancel,
                                  tag="fewshot")
         self.generator = torch.Generator().manual_seed(cfg.seed + 1)
-        self.synth = AnomalySynthesizer(p=cfg.synthetic_p, kinds=cfg.anomaly_kinds)
-        self.val_pixels, self.val_labels = self._validation_set(pil_to_unit([shots[i] for i in self.held_index], size)
-                                                                if holdout else None)
-        self.metrics: dict = {"shots": len(shots), "train_shots": len(self.train_index), "holdout": holdout,
-                              "val_normals": self.val_labels.count(0), "val_anomalies": self.val_labels.count(1)}
+        self.synth = cfg.anomalies
+        self.validation = synthetic_validation_set(
+            pil_to_unit([shots[i] for i in self.held_index], size), list(self.train_unit), synthesizer=self.synth,
+            augment=cfg.augment, anomalies_per_shot=cfg.val_anomalies_per_shot, normal_views=cfg.val_normal_views,
+            seed=cfg.seed + 2) if holdout else None
+        self.metrics: dict = {
+            "shots": len(shots), "train_shots": len(self.train_index), "holdout": holdout,
+            "val_normals": self.validation.normals if self.validation else 0,
+            "val_anomalies": self.validation.anomalies if self.validation else 0,
+        }
         self.seconds = 0.0
-        self._exhausted = False
 
-    # -- data -----------------------------------------------------------------------------------------
-    def _validation_set(self, held: torch.Tensor | None) -> tuple[torch.Tensor | None, list[int]]:
-        """Held-out shots (+ light views) as normals, synthetic anomalies of them as anomalies; fixed seed."""
-        if held is None:
-            return None, []
-        cfg = self.config
-        g = torch.Generator().manual_seed(cfg.seed + 2)
-        synth = replace(self.synth, p=1.0)
-        sources = list(self.train_unit)
-        normals, anomalies = [], []
-        for shot in held:
-            normals.append(shot)
-            normals.extend(cfg.augment(shot, g) for _ in range(cfg.val_normal_views))
-            made = 0
-            for _ in range(4 * cfg.val_anomalies_per_shot):  # a try can fail on flat regions; bounded retries
-                out, _mask, label = synth(shot, sources, g)
-                made += label
-                if label:
-                    anomalies.append(out)
-                if made >= cfg.val_anomalies_per_shot:
-                    break
-        return torch.stack(normals + anomalies), [0] * len(normals) + [1] * len(anomalies)
-
+    # -- data and scoring -----------------------------------------------------------------------------
     def _batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         g, cfg = self.generator, self.config
         picks = torch.randint(len(self.train_unit), (cfg.batch_size,), generator=g).tolist()
@@ -154,22 +135,7 @@ class FewShotTrainer:
             labels.append(label)
         return torch.stack(images), torch.stack(masks), torch.tensor(labels, dtype=torch.float32)
 
-    # -- scoring helpers ------------------------------------------------------------------------------
     @torch.inference_mode()
-    def _val_auroc(self, adapter: Adapter) -> float | None:
-        """Validation image AUROC of ``adapter``'s full scorer (whatever branches it has)."""
-        if self.val_pixels is None:
-            return None
-        backbone = self.detector.backbone
-        mean = torch.tensor(backbone.mean).view(1, 3, 1, 1)
-        std = torch.tensor(backbone.std).view(1, 3, 1, 1)
-        scores: list[float] = []
-        for start in range(0, len(self.val_pixels), FEATURE_BATCH):
-            pixels = ((self.val_pixels[start : start + FEATURE_BATCH] - mean) / std).to(backbone.device)
-            feats = self.detector.features(pixels, adapter, dpam=adapter.scoring.dpam)
-            scores.extend(self.detector.score_features(feats, adapter)[0].float().cpu().tolist())
-        return auroc(self.val_labels, scores)
-
     def _bank(self, adapter: Adapter | None) -> MemoryBank:
         """Memory of the TRAINING shots only, so held-out shots stay unseen during validation."""
         feats = self.detector.features_of([self.shots[i] for i in self.train_index], adapter)
@@ -177,12 +143,15 @@ class FewShotTrainer:
 
     def _baseline(self) -> None:
         """Memory-only (handcrafted text + memory, no training) and untrained-prompt text AUROCs."""
-        if self.val_pixels is None:
+        if self.validation is None:
             return
         memory = self.detector.text_adapter(category=self.category, object_name=self.object_name)
         memory.memory = self._bank(None)
         untrained = Adapter(category=self.category, scoring=self._scoring(), text=self.engine.text_embeddings())
-        self.metrics.update(auroc_memory=self._val_auroc(memory), text_auroc_initial=self._val_auroc(untrained))
+        self.metrics.update(auroc_memory=self._auroc(memory), text_auroc_initial=self._auroc(untrained))
+
+    def _auroc(self, adapter: Adapter) -> float | None:
+        return None if self.validation is None else adapter_auroc(self.detector, adapter, self.validation)
 
     def _scoring(self) -> ScoringConfig:
         return ScoringConfig(text_weight=self.config.text_weight, temperature=self.config.temperature)
@@ -204,14 +173,13 @@ class FewShotTrainer:
                 progress = engine.step(*batch)
                 self.seconds += engine.elapsed - before
                 yield progress
-            self._exhausted = True
         except BaseException:
             engine.close()
             raise
 
     def result(self) -> FewShotResult:
         """Validate, rebuild memory + calibration from all shots through the LoRA, and package the adapter."""
-        if not self._exhausted:
+        if not self.engine.finished():
             raise RuntimeError("training is not finished: iterate steps() to the end (or call run()) first")
         engine, detector, cfg = self.engine, self.detector, self.config
         started = time.perf_counter()
@@ -224,10 +192,10 @@ class FewShotTrainer:
                 prompt=self.prompt_spec, prompt_state=engine.prompts.state(), object_name=self.object_name,
                 backbone=detector.layout(), uid=engine.name,  # routes features through the resident training LoRA
             )
-            if self.val_pixels is not None:
+            if self.validation is not None:
                 adapter.memory = self._bank(adapter)
-                self.metrics.update(auroc_finetuned=self._val_auroc(adapter),
-                                    text_auroc=self._val_auroc(replace(adapter, memory=None)))
+                self.metrics.update(auroc_finetuned=self._auroc(adapter),
+                                    text_auroc=self._auroc(replace(adapter, memory=None)))
             engine.check_cancel()
             engine.report("finalize")
             with warnings.catch_warnings():
@@ -247,7 +215,7 @@ class FewShotTrainer:
         self.metrics.update(
             steps=engine.step_index, loss_first=_mean(engine.losses[:k]), loss_last=_mean(engine.losses[-k:]),
             promotable_rule=f"auroc_finetuned > auroc_memory + {cfg.min_gain}"
-            if self.val_pixels is not None else "no held-out shot (fewer than 4 shots): never promotable",
+            if self.validation is not None else "no held-out shot (fewer than 4 shots): never promotable",
         )
         engine.report("done", engine.losses[-1] if engine.losses else None)
         return FewShotResult(adapter, memory_adapter, dict(self.metrics), self.seconds, promotable, cfg.to_dict())

@@ -27,7 +27,6 @@ from clipshot.backbone import ClipBackbone
 from clipshot.detector import Detector
 from clipshot.lora import LoraSpec
 from clipshot.prompts import PromptLearner, PromptSpec
-from clipshot.text_branch import anomaly_probability, text_maps
 from training.losses import LossWeights, combine_losses, compute_loss_parts
 from training.progress import CancelToken, Progress, ProgressCallback
 
@@ -140,8 +139,8 @@ class StepEngine:
         self.name = f"{tag}-{uuid.uuid4().hex[:12]}"
         self.callback, self.cancel = progress, cancel
         self.budget = Budget(config.steps, config.seconds)
-        with seeded(config.seed, self.backbone.device):
-            self.prompts = PromptLearner(self.backbone.model, prompt)
+        with torch.inference_mode(False), seeded(config.seed, self.backbone.device):  # trainable even if the
+            self.prompts = PromptLearner(self.backbone.model, prompt)  # caller runs under inference_mode
         self.lora_params: list[torch.nn.Parameter] = []
         self.optimizer: torch.optim.Optimizer | None = None
         self.scaler: torch.amp.GradScaler | None = None
@@ -225,22 +224,34 @@ class StepEngine:
             return self.prompts().detach().float().clone()
 
     def loss(self, pixels01: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """Image focal + margin on the CLS text score, pixel focal + dice on the upsampled text map of anomalous
-        images, and alignment of normal images' CLS/patch features to the normal prompt."""
+        """Image focal + margin on the CLS text score, pixel focal + dice on each layer's upsampled text map of the
+        anomalous images, and alignment of normal images' CLS/patch features to the normal prompt.
+
+        Everything is computed on logits ``tau * (cos_anomalous - cos_normal)`` (whose sigmoid is exactly the
+        inference-time ``anomaly_probability``): at tau = 100 probabilities saturate, and a clamped saturated
+        probability has zero gradient, which would freeze a wrong prediction forever.
+        """
         backbone, cfg = self.backbone, self.config
         mean = torch.tensor(backbone.mean, device=backbone.device).view(1, 3, 1, 1)
         std = torch.tensor(backbone.std, device=backbone.device).view(1, 3, 1, 1)
         feats = backbone.extract((pixels01.to(backbone.device) - mean) / std, dpam=self.dpam)
         text = self.prompts().float()
+        direction = cfg.temperature * (text[1] - text[0])
         labels = labels.to(backbone.device).float()
-        parts = compute_loss_parts(cfg.losses, image_scores=anomaly_probability(feats.cls, text, cfg.temperature),
-                                   labels=labels)
+        parts = compute_loss_parts(cfg.losses, image_scores=feats.cls.float() @ direction, labels=labels,
+                                   from_logits=True)
         anomalous = labels > 0.5
         if anomalous.any():
-            size = pixels01.shape[-2:]
-            maps = upsample(text_maps(feats, text, cfg.temperature), (size[0], size[1]))[:, None]
-            parts.update(compute_loss_parts(cfg.losses, pixel_scores=maps[anomalous],
-                                            masks=masks.to(backbone.device)[anomalous]))
+            h, w = feats.grid
+            size = (pixels01.shape[-2], pixels01.shape[-1])
+            target = masks.to(backbone.device)[anomalous]
+            layer_parts = [
+                compute_loss_parts(cfg.losses, pixel_scores=upsample((p[anomalous].float() @ direction).view(-1, h, w),
+                                                                     size)[:, None],
+                                   masks=target, from_logits=True)
+                for p in feats.patches
+            ]
+            parts.update({k: torch.stack([lp[k] for lp in layer_parts]).mean() for k in layer_parts[0]})
         if cfg.losses.alignment > 0 and (~anomalous).any():
             normal = torch.cat([feats.cls[~anomalous][:, None]] + [p[~anomalous] for p in feats.patches], dim=1)
             parts.update(compute_loss_parts(cfg.losses, features=normal, t_normal=text[0], t_anomalous=text[1]))
@@ -249,10 +260,11 @@ class StepEngine:
     def step(self, pixels01: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor) -> Progress:
         """One update on a batch: (B,3,S,S) images in [0,1], (B,1,S,S) masks, (B,) labels."""
         self.check_cancel()
-        self.start()
+        started = time.perf_counter()
+        with torch.inference_mode(False):  # tensors made under inference_mode could never require grad
+            self.start()
         cfg, optimizer, scaler = self.config, self.optimizer, self.scaler
         assert optimizer is not None and scaler is not None
-        started = time.perf_counter()
         frac = self.budget.fraction(self.step_index, self.elapsed)
         first = 1.0 / cfg.steps if cfg.steps else 0.01  # so the very first warm-up step does not get lr = 0
         warm = min(1.0, (frac + first) / cfg.warmup) if cfg.warmup else 1.0
