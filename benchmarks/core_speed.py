@@ -61,11 +61,13 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default=None, help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--specs", nargs="*", default=None,
+                        help="backbones to time (default: tiny-clip and efficientnet-lite0, + ViT-B-16+ on GPU)")
     args = parser.parse_args()
     cuda = torch.cuda.is_available() and args.device != "cpu"
     precision = args.precision or ("bf16" if cuda else "fp32")
-    specs = ["test:tiny-clip", "imagenet:efficientnet-lite0"]
-    if cuda:
+    specs = args.specs or ["test:tiny-clip", "imagenet:efficientnet-lite0"]
+    if cuda and not args.specs:
         specs.append("open_clip:ViT-B-16-plus-240:random")
     name = torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine()
     print(f"machine: {name}, torch {torch.__version__}, threads {torch.get_num_threads()}")
