@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import os
 import shutil
@@ -32,16 +31,10 @@ def free_port() -> int:
 
 
 def serve_command() -> list[str]:
-    """The ``clipshot`` console script when its parser already wires ``serve``, else the module entry point."""
-    if shutil.which("clipshot") and importlib.util.find_spec("clipshot.cli") is not None:
-        try:
-            from clipshot.cli import build_parser
-
-            if build_parser().parse_args(["serve", "--port", "1"]).func.__module__ == "app.cli":
-                return ["clipshot", "serve"]
-        except (ImportError, AttributeError, SystemExit):
-            pass  # the console script is not fully wired yet
-    return [sys.executable, "-m", "app.cli", "serve"]
+    """The installed ``clipshot`` console script, exactly what an operator runs."""
+    exe = shutil.which("clipshot")
+    assert exe, "the clipshot console script is not installed (pip install -e .)"
+    return [exe, "serve"]
 
 
 def test_serve_answers_real_http_requests_and_stops_cleanly(tmp_path, tiny_detector):
