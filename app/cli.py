@@ -70,15 +70,3 @@ def serve(ns: argparse.Namespace) -> int:
 def _fail(message: str, code: int) -> int:
     print(f"clipshot serve: {message}", file=sys.stderr)
     return code
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (``python -m app.cli serve``) until the ``clipshot`` script wires ``add_serve_parser``."""
-    parser = argparse.ArgumentParser(prog="clipshot")
-    add_serve_parser(parser.add_subparsers(dest="command", required=True))
-    ns = parser.parse_args(argv)
-    return ns.func(ns)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -16,6 +16,15 @@ REPO = Path(__file__).resolve().parent.parent
 BOTTLE = REPO.parent / "shared" / "data" / "mvtec_ad" / "bottle"
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """Training tests run one torch thread: on a shared 2-core box two threads were ~70x slower (contention)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_backbone():
     from clipshot.backbone import load_backbone

@@ -28,13 +28,7 @@ from training.fewshot import FewShotConfig, FewShotTrainer, train_fewshot
 from training.progress import Cancelled, CancelToken
 from training.step import auroc
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

@@ -22,13 +22,7 @@ from training import cli
 from training.generic import GenericConfig, train_generic
 from training.progress import Cancelled, CancelToken
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from training.fewshot import MAX_SHOTS, MIN_SHOTS, FewShotConfig, FewShotTrainer
 from training.generic import GenericConfig, GenericTrainer, load_auxiliary
 from training.progress import Progress
 
-__all__ = ["add_train_parser", "main", "run_fewshot", "run_generic"]
+__all__ = ["add_train_parser", "run_fewshot", "run_generic"]
 
 ENV = "CLIPSHOT_"  # same variables the service reads, so both default to the same backbone and store
 
@@ -219,15 +219,3 @@ def run_generic(args: argparse.Namespace) -> int:
     print(f"trained on {m['images']} images ({m['anomalous']} defective) from {len(m['categories'])} categories; "
           f"loss {_fmt(m['loss_first'])} -> {_fmt(m['loss_last'])}; {result.seconds:.1f}s")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone entry (``python -m training.cli train ...``) until the lead wires it into ``clipshot``."""
-    parser = argparse.ArgumentParser(prog="clipshot")
-    add_train_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
