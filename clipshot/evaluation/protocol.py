@@ -2,7 +2,7 @@
 
 Adapter construction is injected (``make_adapter``) so the same protocol serves every mode
 (memory, text, fused, fine-tuned) without knowing how adapters are built; the detector is only
-used through ``predict(images, adapter, map_size=...)`` from docs/CONTRACTS.md.
+used through ``Detector.predict(images, adapter, map_size=...)`` (clipshot/detector.py).
 """
 
 from __future__ import annotations
