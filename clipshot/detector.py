@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -24,7 +23,6 @@ from clipshot.memory_branch import MemoryBank
 from clipshot.prompts import handcrafted_embeddings
 from clipshot.text_branch import text_maps, text_scores
 
-log = logging.getLogger(__name__)
 RECOMMENDED_MIN_SHOTS = 4
 FEATURE_BATCH = 32
 
@@ -110,15 +108,10 @@ class Detector:
 
     def features_of(self, images: Sequence[Image.Image], adapter: Adapter | None, *, dpam: bool = False) -> Features:
         """Features of many images, extracted in bounded batches and concatenated."""
-        parts = [
+        return Features.cat([
             self.features(self.backbone.preprocess(images[i : i + FEATURE_BATCH]), adapter, dpam=dpam)
             for i in range(0, len(images), FEATURE_BATCH)
-        ]
-        return Features(
-            cls=None if parts[0].cls is None else torch.cat([p.cls for p in parts]),
-            patches=[torch.cat([p.patches[i] for p in parts]) for i in range(len(parts[0].patches))],
-            grid=parts[0].grid,
-        )
+        ])
 
     def score_features(self, features: Features, adapter: Adapter,
                        memory: MemoryBank | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -202,15 +195,21 @@ class Detector:
 
     def _calibrate(self, adapter: Adapter, shots: list[Image.Image], feats: Features, rate: float,
                    views: int):
-        """Leave-one-out: each shot (and light variants of it) is scored against a memory of the others."""
+        """Leave-one-out: each shot (and light variants of it) is scored against a memory of the others.
+
+        The shots' own features are reused; the light views of all shots are extracted in one pass."""
         n = len(shots)
-        extra = [light_views(img, views) for img in shots] if views else [[] for _ in shots]
+        view_feats = None
+        if views:
+            all_views = [view for img in shots for view in light_views(img, views)]
+            view_feats = self.features_of(all_views, adapter, dpam=adapter.scoring.dpam)
         scores: list[float] = []
         for i in range(n):
             rest = [j for j in range(n) if j != i] or [i]
             bank = MemoryBank.from_features(feats.select(torch.tensor(rest)))
-            query = [shots[i]] + extra[i] if n > 1 else extra[i] or [shots[i]]
-            q_feats = self.features_of(query, adapter, dpam=adapter.scoring.dpam)
-            scores.extend(self.score_features(q_feats, adapter, bank)[0].tolist())
+            parts = [feats.select(slice(i, i + 1))] if n > 1 or view_feats is None else []
+            if view_feats is not None:
+                parts.append(view_feats.select(slice(i * views, (i + 1) * views)))
+            scores.extend(self.score_features(Features.cat(parts), adapter, bank)[0].tolist())
         method = "leave-one-out" if n > 1 else "single-shot-augmented"
         return calibrate(scores, rate, method)

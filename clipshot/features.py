@@ -23,6 +23,15 @@ class Features:
     def batch_size(self) -> int:
         return self.patches[0].shape[0]
 
+    @classmethod
+    def cat(cls, parts: list[Features]) -> Features:
+        """Concatenate batches (same layers and grid) back into one."""
+        return cls(
+            cls=None if parts[0].cls is None else torch.cat([p.cls for p in parts]),
+            patches=[torch.cat([p.patches[i] for p in parts]) for i in range(len(parts[0].patches))],
+            grid=parts[0].grid,
+        )
+
     def select(self, index: torch.Tensor | slice) -> Features:
         """Rows ``index`` of every tensor, so callers can split a batch without knowing the layout."""
         return Features(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import logging
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,8 +16,6 @@ from clipshot.backbone.attention import split_attention
 from clipshot.backbone.base import PRECISIONS, Backbone, resolve_device
 from clipshot.backbone.spec import EFFICIENTNET_LITE0, BackboneSpec
 from clipshot.features import Features
-
-log = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
 TINY_ARCH = "clipshot-tiny-clip"
