@@ -157,6 +157,18 @@ def test_concurrent_requests_share_one_forward(two_versions):
     assert max(r.json()["predictions"][0]["batch_size"] for r in responses) > 1
 
 
+def test_lone_request_on_an_idle_device_does_not_wait_for_the_batch_window(two_versions):
+    """With the longest allowed window (1 s), a request that finds the device idle must still start at once:
+    queue time under half the window (500 ms is far above tiny-CLIP scheduling noise)."""
+    root, _ = two_versions
+    with TestClient(create_app(settings_for(root, max_batch_wait_ms=1000))) as c:
+        upload = files(("a.png", png(good())))
+        for _ in range(2):  # the second one too: the first batch's slot must have been handed back
+            r = c.post("/v1/categories/widget/predict", headers=CLIENT, files=upload)
+            assert r.status_code == 200, r.text
+            assert r.json()["predictions"][0]["timings"]["queue_ms"] < 500
+
+
 def test_hot_swap_under_load_fails_no_request(two_versions):
     root, store = two_versions
     app = create_app(settings_for(root, max_batch_wait_ms=5, max_batch_size=8))

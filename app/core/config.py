@@ -94,7 +94,8 @@ class Settings(BaseSettings):
         5.0,
         ge=0,
         le=1000,
-        description="How long the batcher waits for more requests before running a partial batch (ms).",
+        description="While a batch is on the device, how long the batcher collects more requests before sending "
+        "a partial batch (ms). An idle device takes a lone request at once.",
     )
 
     # --- upload limits -------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Dynamic micro-batching: concurrent requests share one backbone forward per adapter.
 
 Why: a forward over 16 images costs little more than over 1 on an accelerator, and production
-lines send one image at a time from many cameras. Images are collected for up to
-``max_batch_wait_ms`` or ``max_batch_size`` images, grouped by adapter object (category + version,
+lines send one image at a time from many cameras. An idle device takes what is pending at once (a
+lone request never waits for company that may not come); while a batch is on the device, images are
+collected for up to ``max_batch_wait_ms`` or ``max_batch_size`` images, grouped by adapter object (category + version,
 so a hot swap mid-window simply yields two groups), and each group is ONE device task:
 ``ensure_resident`` + ``Detector.forward``. Decoding/preprocessing happen before ``submit`` and
 post-processing after, off the event loop, so the device thread only ever does device work.
@@ -66,6 +67,7 @@ class Batcher:
         self._slots: asyncio.Semaphore | None = None
         self._collector: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
+        self._inflight = 0  # dispatched batches not finished yet
 
     async def start(self) -> None:
         """Start the collector on the running loop (the lifespan's)."""
@@ -105,7 +107,7 @@ class Batcher:
                 self._wakeup.clear()
                 await self._wakeup.wait()
             await self._slots.acquire()  # wait while the device already has enough queued
-            deadline = loop.time() + self.max_wait_s
+            deadline = loop.time() + (self.max_wait_s if self._inflight else 0.0)
             while len(self._pending) < self.max_batch_size:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
@@ -128,10 +130,12 @@ class Batcher:
         for item in batch:
             groups.setdefault(item.adapter.uid, []).append(item)
         remaining = [len(groups)]
+        self._inflight += 1
 
         def finished(_: asyncio.Task) -> None:
             remaining[0] -= 1
             if remaining[0] == 0:
+                self._inflight -= 1
                 self._slots.release()
 
         for group in groups.values():

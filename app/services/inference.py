@@ -141,12 +141,11 @@ class InferenceService:
                      result: BatchResult, mode: HeatmapMode, decode_s: float, preprocess_s: float) -> ImagePrediction:
         start = time.perf_counter()
         with self.metrics.time_stage("postprocess", label):
-            pred = Detector.make_prediction(result.score, result.heat, adapter, image.size,
-                                            "input" if mode == "png" else None)
+            pred = Detector.make_prediction(result.score, result.heat, adapter, image.size, None)
             heatmap = None
-            if mode == "png" and pred.anomaly_map is not None:
+            if mode == "png":
                 vmin, vmax = colour_scale(pred.threshold)
-                png = png_overlay(image, pred.anomaly_map, vmin=vmin, vmax=vmax)
+                png = png_overlay(image, result.heat, vmin=vmin, vmax=vmax)
                 heatmap = Heatmap(encoding="png", data=b64(png), shape=[image.height, image.width],
                                   vmin=vmin, vmax=vmax)
             elif mode == "raw":
