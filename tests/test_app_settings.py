@@ -40,7 +40,7 @@ def make(**kw) -> Settings:
 def test_defaults():
     s = make()
     assert s.backbone == "open_clip:ViT-B-16-plus-240:laion400m_e32"
-    assert (s.device, s.precision, s.image_size) == ("auto", "fp32", None)
+    assert (s.device, s.precision, s.image_size) == ("auto", "auto", None)
     assert s.store == Path("store")
     assert (s.adapter_cache_device, s.adapter_cache_cpu, s.max_batch_size) == (8, 64, 32)
     assert (s.min_shots, s.max_shots, s.recommended_min_shots, s.max_predict_images) == (1, 16, 4, 32)

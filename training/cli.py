@@ -16,7 +16,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from clipshot.backbone import DEFAULT_BACKBONE, ClipBackbone, load_backbone
+from clipshot.backbone import DEFAULT_BACKBONE, PRECISION_CHOICES, ClipBackbone, load_backbone
 from clipshot.detector import Detector
 from clipshot.evaluation.dataset import IMAGE_SUFFIXES
 from model_store import AdapterStore, StoreError, validate_category
@@ -42,8 +42,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seconds", type=float, default=None, help="time budget in seconds of training")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=os.environ.get(f"{ENV}DEVICE", "auto"), help="auto, cpu, cuda, cuda:N")
-    parser.add_argument("--precision", default=os.environ.get(f"{ENV}PRECISION", "fp32"),
-                        choices=("fp32", "fp16", "bf16"))
+    parser.add_argument("--precision", default=os.environ.get(f"{ENV}PRECISION", "auto"), choices=PRECISION_CHOICES,
+                        help="auto = bf16 on GPUs that have it, fp32 on CPU")
 
 
 def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -174,8 +174,8 @@ class StepEngine:
             self.optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
         else:
             self.optimizer = torch.optim.SGD(groups, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        half = self.backbone.device.type == "cuda" and self.backbone.dtype == torch.float16
-        self.scaler = torch.amp.GradScaler("cuda", enabled=half)
+        # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
+        self.scaler = torch.amp.GradScaler(self.backbone.device.type, enabled=self.backbone.dtype == torch.float16)
 
     def resident(self) -> bool:
         return self.name in lora.resident_adapters(self.visual)

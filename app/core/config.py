@@ -24,7 +24,7 @@ ENV_PREFIX = "CLIPSHOT_"
 MiB = 1024 * 1024
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
-Precision = Literal["fp32", "fp16", "bf16"]
+Precision = Literal["auto", "fp32", "fp16", "bf16"]
 # NoDecode: take the raw env string so "k1,k2" works; the validator below also accepts a JSON list.
 KeyList = Annotated[list[str], NoDecode]
 
@@ -59,9 +59,9 @@ class Settings(BaseSettings):
         "or `cuda:N`.",
     )
     precision: Precision = Field(
-        "fp32",
-        description="Backbone compute precision: `fp32`, `fp16` or `bf16`. Half precision only pays off "
-        "on GPU.",
+        "auto",
+        description="Backbone compute precision: `auto` (bf16 on GPUs that support it, fp16 on older GPUs, fp32 "
+        "on CPU), `fp32`, `fp16` or `bf16`. Half precision only pays off on GPU.",
     )
     image_size: int | None = Field(
         None,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from clipshot.backbone.base import Backbone, resolve_device
+from clipshot.backbone.base import PRECISION_CHOICES, Backbone, resolve_device, resolve_precision
 from clipshot.backbone.clip import BackboneLoadError, ClipBackbone, create_clip_model
 from clipshot.backbone.efficientnet import EfficientNetBackbone
 from clipshot.backbone.spec import (
@@ -18,7 +18,8 @@ from clipshot.backbone.spec import (
 
 __all__ = [
     "Backbone", "BackboneLoadError", "BackboneSpec", "BackboneSpecError", "ClipBackbone", "DEFAULT_BACKBONE",
-    "EFFICIENTNET_LITE0", "EfficientNetBackbone", "TINY_CLIP", "load_backbone", "parse_spec", "resolve_device",
+    "EFFICIENTNET_LITE0", "EfficientNetBackbone", "PRECISION_CHOICES", "TINY_CLIP", "load_backbone", "parse_spec",
+    "resolve_device", "resolve_precision",
 ]
 
 
@@ -26,13 +27,16 @@ def load_backbone(
     spec: str,
     *,
     device: str = "cpu",
-    precision: str = "fp32",
+    precision: str = "auto",
     image_size: int | None = None,
     layers: Sequence[int] | None = None,
     dpam_layers: Sequence[int] | None = None,
     quick_gelu: bool | None = None,
 ) -> Backbone:
-    """Build a frozen backbone from a spec string (see ``parse_spec`` for the accepted forms)."""
+    """Build a frozen backbone from a spec string (see ``parse_spec`` for the accepted forms).
+
+    ``precision``: ``auto`` (bf16 on GPUs that have it, fp32 on CPU), ``fp32``, ``fp16`` or ``bf16``.
+    """
     parsed = parse_spec(spec)
     if parsed.family == "imagenet":
         if layers or dpam_layers:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -15,6 +16,7 @@ from PIL import Image
 from clipshot.features import Features
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PRECISION_CHOICES = ("auto", *PRECISIONS)
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -25,6 +27,25 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device {device!r} requested but CUDA is not available; use 'cpu' or 'auto'")
     return resolved
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` = bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU.
+
+    Explicit half precision also runs on CPU (autocast), which is how CPU-only CI exercises the GPU's
+    mixed-precision code path; it is rarely faster there, so it draws a warning.
+    """
+    if precision == "auto":
+        if device.type != "cuda":
+            return "fp32"
+        with torch.cuda.device(device):
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISION_CHOICES)}, got {precision!r}")
+    if device.type == "cpu" and precision != "fp32":
+        warnings.warn(f"precision {precision} on CPU runs under autocast but is usually slower than fp32; "
+                      "use it to reproduce GPU numerics, not for speed", stacklevel=3)
+    return precision
 
 
 def file_sha256(path: str | Path) -> str:
@@ -44,6 +65,7 @@ class Backbone(ABC):
     weights_sha256: str
     device: torch.device
     dtype: torch.dtype
+    precision: str  # resolved: fp32, fp16 or bf16
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     layers: tuple[int, ...]
@@ -61,9 +83,9 @@ class Backbone(ABC):
         return ((batch - mean) / std).to(self.device)
 
     def autocast(self):
-        """Half-precision autocast on CUDA keeps fp32 LoRA weights usable next to a half backbone."""
-        if self.device.type == "cuda" and self.dtype != torch.float32:
-            return torch.autocast("cuda", dtype=self.dtype)
+        """Half-precision autocast keeps fp32 LoRA weights usable next to a half backbone (CUDA or CPU)."""
+        if self.dtype != torch.float32:
+            return torch.autocast(self.device.type, dtype=self.dtype)
         return nullcontext()
 
     @abstractmethod

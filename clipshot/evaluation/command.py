@@ -10,6 +10,8 @@ from typing import Any
 
 from PIL import Image
 
+from clipshot.backbone import PRECISION_CHOICES
+
 MODES = ("memory", "text", "fused", "finetuned")
 
 
@@ -41,7 +43,8 @@ def add_eval_parser(subparsers) -> None:
     parser.add_argument("--backbone", default="imagenet:efficientnet-lite0", help="backbone spec")
     parser.add_argument("--image-size", type=int, default=None, help="backbone input resolution override")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
+    parser.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
+                        help="auto = bf16 on GPUs that have it, fp32 on CPU")
     parser.add_argument("--generic", type=Path, default=None,
                         help="store folder whose active generic (zero-shot) bundle serves the 0-shot runs")
     parser.add_argument("--mask-size", default="full", help="full (ground-truth resolution), 256 or 518")
@@ -102,7 +105,7 @@ def run_eval(args: argparse.Namespace) -> int:
                           examples_per_defect=args.examples_per_defect)
     settings = {"backbone": detector.backbone.spec, "backbone_sha256": detector.backbone.weights_sha256,
                 "image_size": detector.backbone.image_size, "device": str(detector.backbone.device),
-                "precision": args.precision}
+                "precision": detector.backbone.precision}
     paths = write_outputs(args.out, result, command=["clipshot", *sys.argv[1:]], settings=settings)
     print((args.out / "results.md").read_text())
     print("wrote " + ", ".join(str(p) for p in paths.values()))
