@@ -75,9 +75,14 @@ def add_adapter(module: nn.Module, name: str, spec: LoraSpec, state: dict[str, t
     with warnings.catch_warnings():  # several adapters in one model is the point here, not a mistake
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
         inject_adapter_in_model(spec.peft_config(), module, adapter_name=name)
-    params = adapter_parameters(module, name)
-    if state is not None:
-        load_state(module, name, state)
+    try:
+        params = adapter_parameters(module, name)
+        if state is not None:
+            load_state(module, name, state)
+    except BaseException:  # e.g. device OOM or a bad state dict: never leave a half-loaded adapter resident
+        if name in resident_adapters(module):
+            remove_adapter(module, name)
+        raise
     activate(module, None)
     return sum(p.numel() for p in params.values())
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from clipshot.adapter import Adapter, adapter_uid
@@ -16,7 +17,7 @@ def bundle_manifest(detector: Detector, adapter: Adapter, **fields: Any) -> dict
     """Partial manifest for ``adapter`` fitted on ``detector``'s backbone (store fills the rest)."""
     backbone = detector.backbone
     return {
-        "backbone": {"spec": backbone.spec, "sha256": backbone.weights_sha256},
+        "backbone": {"spec": backbone.spec, "sha256": backbone.weights_sha256, "precision": backbone.precision},
         "adapter": adapter.config(),
         **fields,
     }
@@ -41,6 +42,11 @@ def _to_adapter(category: str, tensors: dict, manifest: Manifest, detector: Dete
     except (KeyError, TypeError, ValueError) as exc:
         raise BundleCorrupt(f"bundle {category} v{manifest.version} does not decode into an adapter: {exc}") from exc
     detector.check_compatible(adapter)
+    made_at, runs_at = manifest.backbone.precision, detector.backbone.precision
+    if made_at is not None and made_at != runs_at:
+        warnings.warn(f"bundle {category} v{manifest.version} was fitted and calibrated at {made_at} but this "
+                      f"backbone runs {runs_at}: scores shift slightly, so verdicts near the threshold may flip. "
+                      "Re-register the shots on this deployment to recalibrate.", stacklevel=3)
     return adapter
 
 

@@ -33,6 +33,9 @@ class BackboneRef(_Frozen):
 
     spec: str = Field(min_length=1)
     sha256: Sha256
+    # Compute precision the memory bank and threshold were made at (absent in bundles before it was recorded);
+    # loading at another precision works but draws a warning, since scores shift slightly.
+    precision: Literal["fp32", "fp16", "bf16"] | None = None
 
 
 class ShotRef(_Frozen):

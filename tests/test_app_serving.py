@@ -282,3 +282,25 @@ def test_metrics_key_protection_and_probes(two_versions):
         assert time.perf_counter() - start < 5
         assert c.get("/docs").status_code == 200
         assert "/v1/categories/{category}/predict" in c.get("/openapi.json").json()["paths"]
+
+
+def test_failed_residency_is_rolled_back_not_trusted_later(tmp_path):
+    """If attaching an adapter fails on the device (OOM, bad tensors), nothing of it may stay resident, and the
+    next request must retry (and fail again) instead of being served by a half-attached or LoRA-less model."""
+    from app.metrics import Metrics
+    from app.services.adapter_cache import AdapterCache
+    from clipshot.detector import Detector
+
+    detector = Detector(load_backbone("test:tiny-clip"))  # private: the session backbone stays LoRA-free
+    spec = lora.LoraSpec(rank=2)
+    lora.add_adapter(detector.backbone.visual, "scratch", spec)
+    state = {k: v + 0.01 for k, v in lora.state(detector.backbone.visual, "scratch").items()}
+    lora.remove_adapter(detector.backbone.visual, "scratch")
+    state[list(state)[-1]] = torch.zeros(3, 3)  # breaks after the other tensors were copied in
+    adapter = dataclasses.replace(fit(detector, "widget"), lora=spec, lora_state=state)
+    cache = AdapterCache(AdapterStore(tmp_path), detector, Metrics(), DeviceWorker(), device_capacity=2,
+                         cpu_capacity=2)
+    for _ in range(2):
+        with pytest.raises(ValueError, match="has shape"):
+            cache.ensure_resident(adapter)
+        assert detector.resident() == set() and adapter.memory.layers[0].device.type == "cpu"

@@ -159,3 +159,19 @@ def test_adapters_loaded_in_inference_mode_switch_and_delete_outside_it(referenc
     lora.remove_adapter(backbone.visual, "served")
     lora.remove_adapter(backbone.visual, "trainee")
     assert lora.resident_adapters(backbone.visual) == set()
+
+
+def test_failed_lora_load_leaves_no_adapter_behind(reference_pair):
+    """A state dict that breaks half-way (last tensor mis-shaped) must not leave a half-loaded LoRA resident."""
+    _, backbone = reference_pair
+    pixels = torch.randn(1, 3, 64, 64)
+    base = backbone.extract(pixels).cls
+    lora.add_adapter(backbone.visual, "shape", lora.LoraSpec(rank=2))
+    state = {k: torch.full_like(v, 0.1) for k, v in lora.state(backbone.visual, "shape").items()}
+    lora.remove_adapter(backbone.visual, "shape")
+    last = list(state)[-1]
+    state[last] = torch.zeros(3, 3)
+    with pytest.raises(ValueError, match=f"LoRA tensor {last} has shape"):
+        lora.add_adapter(backbone.visual, "broken", lora.LoraSpec(rank=2), state)
+    assert lora.resident_adapters(backbone.visual) == set()
+    assert torch.equal(backbone.extract(pixels).cls, base)

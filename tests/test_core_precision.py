@@ -106,6 +106,12 @@ def test_half_precision_fine_tune_trains_fp32_adapters_that_load_anywhere(tiny_b
     assert not lora.resident_adapters(detector.backbone.visual)  # the trainer cleaned up after itself
     store = AdapterStore(tmp_path)
     version = save_adapter(store, detector, adapter)
-    restored, _ = load_adapter(store, Detector(tiny_backbone), "widget", version)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_adapter(store, detector, "widget", version)  # same precision: silent
+    assert not [w for w in caught if "calibrated at" in str(w.message)]
+    with pytest.warns(UserWarning, match=f"calibrated at {precision} but this backbone runs fp32"):
+        restored, manifest = load_adapter(store, Detector(tiny_backbone), "widget", version)
+    assert manifest.backbone.precision == precision
     pred = Detector(tiny_backbone).predict([with_defect(50)], restored)[0]
     assert np.isfinite(pred.score) and pred.anomaly_map.shape == (64, 64)

@@ -80,7 +80,9 @@ def require_clip(detector: Detector, what: str) -> ClipBackbone:
 def seeded(seed: int, device: torch.device | None = None) -> Iterator[None]:
     """Seed torch's global RNG for code that only uses it (peft/prompt init, dropout) without disturbing the
     caller's RNG stream: the service's other jobs must not see their randomness shift because we trained."""
-    devices = [device.index or 0] if device is not None and device.type == "cuda" else []
+    devices = []
+    if device is not None and device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield

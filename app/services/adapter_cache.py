@@ -117,7 +117,9 @@ class AdapterCache:
                 lambda: self.detector.text_adapter(category=ZERO_SHOT_LABEL, object_name=object_name),
                 priority=PREDICT,
             )
-            return future.result()
+            adapter = future.result()
+            _move(adapter, torch.device("cpu"))  # built on the device; cached in the CPU tier until used
+            return adapter
         return self._cached(("text", object_name or ""), "the handcrafted zero-shot adapter", build)
 
     def invalidate(self, category: str) -> None:
@@ -193,8 +195,12 @@ class AdapterCache:
                 return
             self.metrics.adapter_cache_misses.labels("device").inc()
         self.trim_device(max(0, self.device_capacity - 1))
-        self.detector.attach(adapter)
-        _move(adapter, self.detector.backbone.device)
+        try:
+            self.detector.attach(adapter)
+            _move(adapter, self.detector.backbone.device)
+        except BaseException:  # e.g. device OOM: leave nothing half-resident that a later hit would trust
+            self._evict(adapter)
+            raise
         with self._lock:
             self._resident[adapter.uid] = adapter
         self._gauges()

@@ -26,6 +26,9 @@ def resolve_device(device: str | torch.device) -> torch.device:
     resolved = torch.device(device)
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device {device!r} requested but CUDA is not available; use 'cpu' or 'auto'")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise RuntimeError(f"device {device!r} requested but only {torch.cuda.device_count()} CUDA device(s) "
+                           f"exist (cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
     return resolved
 
 
@@ -39,7 +42,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         if device.type != "cuda":
             return "fp32"
         with torch.cuda.device(device):
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            # emulated bf16 (pre-Ampere) is slow and lacks cuDNN conv kernels: count native support only
+            return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISION_CHOICES)}, got {precision!r}")
     if device.type == "cpu" and precision != "fp32":

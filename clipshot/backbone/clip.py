@@ -65,8 +65,8 @@ def create_clip_model(spec: BackboneSpec, image_size: int | None, quick_gelu: bo
     if quick_gelu:
         kwargs["force_quick_gelu"] = True
     if spec.weights is None:  # random init: seed it, so every process builds the same weights (same sha)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
+        with torch.random.fork_rng(devices=[]):  # the model is built on CPU: seed (and restore) only that RNG
+            torch.default_generator.manual_seed(0)
             return open_clip.create_model(arch, pretrained=None, **kwargs)
     if spec.weights_is_path and not Path(spec.weights).is_file():
         raise BackboneLoadError(
