@@ -65,7 +65,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings.validate_security()
     backbone = state.preloaded_backbone or await run_in_threadpool(load_service_backbone, settings)
     state.preloaded_backbone = None  # the app owns it now; a second lifespan run reloads
-    log.info("backbone %s on %s (image size %d)", backbone.spec, backbone.device, backbone.image_size)
+    log.info("backbone %s on %s at %s (image size %d)", backbone.spec, backbone.device, backbone.precision,
+             backbone.image_size)
+    if backbone.device.type == "cuda":
+        metrics.device_memory.cuda_device = backbone.device
     async with contextlib.AsyncExitStack() as stack:
         state.detector = detector = Detector(backbone)
         state.store = store = AdapterStore(settings.store)

@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -37,7 +38,7 @@ QUEUES = ("predict", "train")
 BATCH_CATEGORY = "*"  # category label for per-batch work shared by several categories
 DEVICE_MEMORY = "clipshot_device_memory_bytes"
 _DEVICE_MEMORY_HELP = (
-    "Memory in use: kind=allocated/reserved from torch.cuda (current device, only once CUDA is initialised); "
+    "Memory in use: kind=allocated/reserved from torch.cuda (the serving GPU, only once CUDA is initialised); "
     "kind=rss is the process resident set size (kind=peak_rss where only the peak is available)."
 )
 
@@ -55,6 +56,9 @@ class MetricSpec:
 class DeviceMemoryCollector(Collector):
     """Reads memory at scrape time, so the gauge is never stale and costs nothing between scrapes."""
 
+    def __init__(self) -> None:
+        self.cuda_device: Any = None  # the serving device once the backbone is loaded (None: torch's current)
+
     def describe(self) -> Iterable[GaugeMetricFamily]:
         return [GaugeMetricFamily(DEVICE_MEMORY, _DEVICE_MEMORY_HELP, labels=["kind"])]
 
@@ -64,8 +68,8 @@ class DeviceMemoryCollector(Collector):
         # and touching torch.cuda before the model does would create a CUDA context on the wrong device.
         torch = sys.modules.get("torch")
         if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
-            family.add_metric(["allocated"], float(torch.cuda.memory_allocated()))
-            family.add_metric(["reserved"], float(torch.cuda.memory_reserved()))
+            family.add_metric(["allocated"], float(torch.cuda.memory_allocated(self.cuda_device)))
+            family.add_metric(["reserved"], float(torch.cuda.memory_reserved(self.cuda_device)))
         kind, value = _host_memory()
         if value is not None:
             family.add_metric([kind], float(value))
@@ -159,7 +163,8 @@ class Metrics:
             "Images scored, by category and verdict (normal, anomalous, or unknown when uncalibrated).",
             ("category", "verdict"),
         )
-        self.registry.register(DeviceMemoryCollector())
+        self.device_memory = DeviceMemoryCollector()
+        self.registry.register(self.device_memory)
         self.specs.append(MetricSpec(DEVICE_MEMORY, "gauge", ("kind",), _DEVICE_MEMORY_HELP))
 
     def _histogram(
