@@ -155,7 +155,8 @@ class Metrics:
         )
         self.queue_depth = self._gauge(
             "clipshot_queue_depth",
-            "Items waiting: predict = images queued for the batcher, train = jobs queued for a worker.",
+            "Items waiting: predict = images queued for the batcher, train = jobs queued for a worker, "
+            "admitted = images in predict requests not answered yet (new ones get 503 above max_pending_images).",
             ("queue",),
         )
         self.predictions = self._counter(

@@ -304,3 +304,38 @@ def test_failed_residency_is_rolled_back_not_trusted_later(tmp_path):
         with pytest.raises(ValueError, match="has shape"):
             cache.ensure_resident(adapter)
         assert detector.resident() == set() and adapter.memory.layers[0].device.type == "cpu"
+
+
+def test_overload_is_refused_at_once_with_503(two_versions):
+    """With the device stuck and ``max_pending_images`` images already admitted, the next request must get 503 +
+    Retry-After immediately (not queue), and the admitted one must still complete once the device frees up."""
+    root, _ = two_versions
+    app = create_app(settings_for(root, max_batch_wait_ms=1, max_pending_images=4, max_predict_images=4))
+    four = files(*[(f"{i}.png", png(good(i))) for i in range(4)])
+
+    async def scenario():
+        async with serving(app) as client:
+            assert (await client.post("/v1/categories/widget/predict", headers=CLIENT, files=four)).status_code == 200
+            gate = threading.Event()
+            app.state.device_worker.submit(gate.wait)  # the device is busy until the gate opens
+            try:
+                admitted = asyncio.create_task(
+                    client.post("/v1/categories/widget/predict", headers=CLIENT, files=four))
+                for _ in range(500):
+                    if app.state.inference.pending_images == 4:
+                        break
+                    await asyncio.sleep(0.01)
+                depth = total((await client.get("/metrics")).text, "clipshot_queue_depth", queue="admitted")
+                started = time.perf_counter()
+                refused = await client.post("/v1/categories/widget/predict", headers=CLIENT,
+                                            files=files(("x.png", png(good()))))
+                refused_s = time.perf_counter() - started
+            finally:
+                gate.set()
+            return await admitted, refused, refused_s, depth, app.state.inference.pending_images
+
+    admitted, refused, refused_s, depth, left = asyncio.run(scenario())
+    assert depth == 4 and left == 0
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "overloaded"
+    assert int(refused.headers["Retry-After"]) >= 1 and refused_s < 5  # answered while the device was still stuck
+    assert admitted.status_code == 200 and len(admitted.json()["predictions"]) == 4

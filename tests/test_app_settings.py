@@ -96,6 +96,7 @@ def test_env_and_dotenv(monkeypatch, tmp_path):
         ({"min_shots": 5, "max_shots": 4, "recommended_min_shots": 4}, "min_shots"),
         ({"recommended_min_shots": 20}, "recommended_min_shots"),
         ({"max_request_bytes": 10, "max_upload_bytes": 11}, "max_request_bytes"),
+        ({"max_pending_images": 8, "max_predict_images": 9}, "could never be admitted"),
         ({"admin_keys": "has space,ok"}, "whitespace"),
         ({"client_keys": '["unterminated'}, "JSON"),
     ],

@@ -97,6 +97,14 @@ class Settings(BaseSettings):
         description="While a batch is on the device, how long the batcher collects more requests before sending "
         "a partial batch (ms). An idle device takes a lone request at once.",
     )
+    max_pending_images: int = Field(
+        256,
+        ge=1,
+        le=100_000,
+        description="Most images admitted for prediction at once (decoding, queued or on the device). A predict "
+        "request that would exceed it is refused at once with 503 + Retry-After instead of queueing behind "
+        "work it cannot overtake, so an overloaded line fails fast. Must be at least `max_predict_images`.",
+    )
 
     # --- upload limits -------------------------------------------------------------------------
     max_upload_bytes: int = Field(
@@ -233,6 +241,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"recommended_min_shots ({self.recommended_min_shots}) must lie between "
                 f"min_shots ({self.min_shots}) and max_shots ({self.max_shots})"
+            )
+        if self.max_pending_images < self.max_predict_images:
+            raise ValueError(
+                f"max_pending_images ({self.max_pending_images}) must be >= "
+                f"max_predict_images ({self.max_predict_images}): a full request could never be admitted"
             )
         if self.max_request_bytes < self.max_upload_bytes:
             raise ValueError(

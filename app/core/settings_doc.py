@@ -31,8 +31,8 @@ Key lists (`CLIPSHOT_ADMIN_KEYS`, `CLIPSHOT_CLIENT_KEYS`) accept a comma-separat
 JSON list (`["k1","k2"]`). If both are empty the service refuses to start unless
 `CLIPSHOT_INSECURE_DEV=true`, which disables authentication entirely. Admin keys may also predict.
 
-Cross-field rules: `min_shots <= recommended_min_shots <= max_shots`, and
-`max_request_bytes >= max_upload_bytes`.
+Cross-field rules: `min_shots <= recommended_min_shots <= max_shots`,
+`max_request_bytes >= max_upload_bytes`, and `max_pending_images >= max_predict_images`.
 
 | Environment variable | Type | Default | Allowed | Meaning |
 |---|---|---|---|---|

@@ -21,7 +21,7 @@ from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from app.core.config import Settings
-from app.errors import ClipshotHTTPError, ConflictError, ImageError, NotFoundError
+from app.errors import ClipshotHTTPError, ConflictError, ImageError, NotFoundError, OverloadedError
 from app.metrics import Metrics
 from app.schemas import Heatmap, HeatmapMode, ImagePrediction, PredictResponse, StageTimings
 from app.services.adapter_cache import ZERO_SHOT_LABEL, AdapterCache
@@ -53,6 +53,7 @@ class InferenceService:
         # Backbone.preprocess ends with .to(device); a CPU twin keeps device transfers on the device thread.
         self._cpu_backbone = copy.copy(detector.backbone)
         self._cpu_backbone.device = torch.device("cpu")
+        self._pending_images = 0  # admitted and not answered yet; only touched on the event loop
 
     # -- entry points ------------------------------------------------------------------------
     async def predict_category(self, category: str, files: Sequence[UploadFile],
@@ -91,6 +92,11 @@ class InferenceService:
                 raise ConflictError(needs_clip, code="zero_shot_needs_clip") from None
             return self.cache.get_text(None), "handcrafted"
 
+    @property
+    def pending_images(self) -> int:
+        """Images admitted and not answered yet (what ``max_pending_images`` bounds)."""
+        return self._pending_images
+
     # -- pipeline ----------------------------------------------------------------------------
     def _check_count(self, files: Sequence[UploadFile]) -> None:
         limit = self.settings.max_predict_images
@@ -103,6 +109,20 @@ class InferenceService:
 
     async def _predict(self, adapter: Adapter, label: str, source: str, files: Sequence[UploadFile],
                        heatmap: HeatmapMode) -> PredictResponse:
+        count, limit = len(files), self.settings.max_pending_images
+        if self._pending_images + count > limit:  # shed before decoding: refusing must cost nothing
+            raise OverloadedError(f"{self._pending_images} images are already being scored (limit {limit}); "
+                                  "retry shortly", code="overloaded")
+        self._pending_images += count
+        self.metrics.queue_depth.labels("admitted").inc(count)
+        try:
+            return await self._admitted(adapter, label, source, files, heatmap)
+        finally:
+            self._pending_images -= count
+            self.metrics.queue_depth.labels("admitted").dec(count)
+
+    async def _admitted(self, adapter: Adapter, label: str, source: str, files: Sequence[UploadFile],
+                        heatmap: HeatmapMode) -> PredictResponse:
         uploads = [await self._read(f) for f in files]
         decoded = await asyncio.gather(*(run_in_threadpool(self._decode, u, label) for u in uploads))
         images = [d.image for d, _ in decoded]
