@@ -16,6 +16,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from app.api.request_id import RequestIdLogFilter
 from app.core.config import InsecureConfigurationError, Settings
 
 EXIT_CONFIG = 2  # bad settings or no keys: fix the configuration
@@ -40,7 +41,9 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def serve(ns: argparse.Namespace) -> int:
     """Validate settings, load the backbone, then hand the app to uvicorn; returns the exit code."""
-    logging.basicConfig(level=ns.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=ns.log_level.upper(), format="%(levelname)s %(name)s [%(request_id)s]: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RequestIdLogFilter())
     overrides = {key: value for key in ("host", "port") if (value := getattr(ns, key, None)) is not None}
     try:
         settings = Settings(**overrides)

@@ -4,7 +4,7 @@ Services raise these instead of ``fastapi.HTTPException`` so that the status cod
 machine-readable ``code`` and a human ``message`` travel together, and clients on the production
 line can branch on ``error.code`` without parsing prose. Wire-format::
 
-    {"error": {"code": "image_too_large", "message": "..."}}
+    {"error": {"code": "image_too_large", "message": "...", "request_id": "..."}}
 
 ``install_error_handlers(app)`` renders these, plain ``HTTPException`` and request-validation
 errors in that same shape.
@@ -21,6 +21,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.api.request_id import current_request_id
 
 
 class ClipshotHTTPError(Exception):
@@ -47,7 +49,11 @@ class ClipshotHTTPError(Exception):
 
     def body(self) -> dict[str, Any]:
         """The JSON body, kept separate from the response so tests and logs can use it."""
-        return {"error": {"code": self.code, "message": self.message}}
+        error = {"code": self.code, "message": self.message}
+        request_id = current_request_id()
+        if request_id is not None:
+            error["request_id"] = request_id
+        return {"error": error}
 
     def to_response(self) -> JSONResponse:
         """Render as a JSONResponse carrying the status and any extra headers."""

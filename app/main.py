@@ -17,6 +17,7 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from app.api.limits import BodySizeLimitMiddleware
+from app.api.request_id import RequestIdMiddleware
 from app.api.routes import all_routers
 from app.core.config import Settings, env_var
 from app.errors import install_error_handlers
@@ -129,9 +130,10 @@ def create_app(settings: Settings | None = None, *, backbone: Backbone | None = 
     install_error_handlers(app)
     for router in all_routers():
         app.include_router(router)
-    # Last added = outermost: metrics see every response, including early 413s.
+    # Last added = outermost: metrics see every response, including early 413s; every response gets an id.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
+    app.add_middleware(RequestIdMiddleware)
     return app
 
 

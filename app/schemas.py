@@ -46,6 +46,8 @@ class ImagePrediction(BaseModel):
     """The verdict for one uploaded image."""
 
     filename: str | None = Field(description="Name of the uploaded file, as sent.")
+    sha256: str = Field(description="SHA-256 of the uploaded file's bytes: ties the verdict to the exact image "
+                        "for audit trails.")
     category: str = Field(description="Product category (or `generic` / `zero-shot` for /v1/predict).")
     adapter_version: int | None = Field(
         description="Stored adapter version that scored this image; null for handcrafted zero-shot prompts."

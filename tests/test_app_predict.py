@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import hashlib
 import io
+import logging
+import re
 import warnings
 
+import httpx
 import numpy as np
 import pytest
 from conftest import textured
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from app.api.request_id import RequestIdLogFilter, RequestIdMiddleware
 from app.core.config import Settings
 from app.main import create_app
 from model_store import AdapterStore
@@ -103,6 +109,46 @@ def test_raw_heatmap_is_float16_grid_whose_max_is_the_score(client):
 
     r = client.post("/v1/categories/widget/predict?heatmap=none", headers=CLIENT, files=files(("a.png", png(good()))))
     assert r.status_code == 200 and r.json()["predictions"][0]["heatmap"] is None
+
+
+def test_every_answer_carries_a_request_id_and_each_verdict_its_image_hash(client):
+    """Audit trail: a caller's well-formed X-Request-ID is echoed (and named in error bodies), a malformed one is
+    replaced, and each prediction names the SHA-256 of the exact bytes it judged."""
+    data = png(good())
+    ok = client.post("/v1/categories/widget/predict?heatmap=none",
+                     headers={**CLIENT, "X-Request-ID": "line7:cam2-0001"}, files=files(("a.png", data)))
+    assert ok.status_code == 200 and ok.headers["x-request-id"] == "line7:cam2-0001"
+    assert ok.json()["predictions"][0]["sha256"] == hashlib.sha256(data).hexdigest()
+    forged = client.post("/v1/categories/widget/predict?heatmap=none",
+                         headers={**CLIENT, "X-Request-ID": "bad id\tinjected"}, files=files(("a.png", data)))
+    generated = forged.headers["x-request-id"]
+    assert forged.status_code == 200 and re.fullmatch(r"[0-9a-f]{32}", generated)
+    failed = client.post("/v1/categories/nope/predict", headers=CLIENT, files=files(("a.png", data)))
+    assert failed.status_code == 404 and failed.json()["error"]["request_id"] == failed.headers["x-request-id"]
+    too_big = client.post("/v1/categories/widget/predict", headers={**CLIENT, "X-Request-ID": "big-1"},
+                          content=b"x" * 300_000)
+    assert too_big.status_code == 413 and too_big.headers["x-request-id"] == "big-1"
+    assert too_big.json()["error"]["request_id"] == "big-1"
+
+
+def test_log_lines_name_their_request(caplog):
+    """``clipshot serve`` prints ``[%(request_id)s]``: records made while handling a request carry its id."""
+    async def endpoint(scope, receive, send):
+        logging.getLogger("clipshot.test").warning("handling")
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def call():
+        transport = httpx.ASGITransport(app=RequestIdMiddleware(endpoint))
+        async with httpx.AsyncClient(transport=transport, base_url="http://clipshot") as c:
+            return await c.get("/", headers={"X-Request-ID": "req-42"})
+
+    caplog.handler.addFilter(RequestIdLogFilter())
+    with caplog.at_level(logging.WARNING, logger="clipshot.test"):
+        response = asyncio.run(call())
+        logging.getLogger("clipshot.test").warning("outside")
+    assert response.headers["x-request-id"] == "req-42"
+    assert [(r.getMessage(), r.request_id) for r in caplog.records] == [("handling", "req-42"), ("outside", "-")]
 
 
 def test_predict_needs_a_client_or_admin_key(client):

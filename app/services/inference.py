@@ -129,8 +129,8 @@ class InferenceService:
         pixels, preprocess_s = await run_in_threadpool(self._preprocess, images, label)
         results = await asyncio.gather(*(self.batcher.submit(adapter, pixels[i], label) for i in range(len(images))))
         predictions = await asyncio.gather(*(
-            run_in_threadpool(self._postprocess, adapter, label, upload, image, result, heatmap, decode_s, preprocess_s)
-            for upload, image, result, (_, decode_s) in zip(uploads, images, results, decoded, strict=True)
+            run_in_threadpool(self._postprocess, adapter, label, upload, item, result, heatmap, decode_s, preprocess_s)
+            for upload, result, (item, decode_s) in zip(uploads, results, decoded, strict=True)
         ))
         return PredictResponse(category=predictions[0].category, adapter_version=adapter.version,
                                adapter_source=source, predictions=list(predictions))
@@ -157,9 +157,10 @@ class InferenceService:
             pixels = self._cpu_backbone.preprocess(images)
         return pixels, time.perf_counter() - start
 
-    def _postprocess(self, adapter: Adapter, label: str, upload: Upload, image: Image.Image,
+    def _postprocess(self, adapter: Adapter, label: str, upload: Upload, decoded: DecodedImage,
                      result: BatchResult, mode: HeatmapMode, decode_s: float, preprocess_s: float) -> ImagePrediction:
         start = time.perf_counter()
+        image = decoded.image
         with self.metrics.time_stage("postprocess", label):
             pred = Detector.make_prediction(result.score, result.heat, adapter, image.size, None)
             heatmap = None
@@ -175,7 +176,7 @@ class InferenceService:
         self.metrics.predictions.labels(label, verdict).inc()
         ms = 1000.0
         return ImagePrediction(
-            filename=upload.filename, category=adapter.category,
+            filename=upload.filename, sha256=decoded.sha256, category=adapter.category,
             adapter_version=adapter.version, score=pred.score, threshold=pred.threshold,
             is_anomalous=pred.is_anomalous, heatmap=heatmap, batch_size=result.batch_size,
             timings=StageTimings(decode_ms=decode_s * ms, preprocess_ms=preprocess_s * ms,
