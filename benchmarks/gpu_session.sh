@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Everything a GPU machine has to check, in one go (about 10 minutes on one H100), from the repository root
+# with the project installed:
+#   1. the CUDA smoke test (device placement, half precision, a real out-of-memory error -> 503);
+#   2. the three benchmarks on ViT-B/16+ with random weights at the precision `auto` picks (bf16 on H100).
+# Each step's output is also written to ${OUT:-gpu-results}/ so it can be copied into the README.
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+out="${OUT:-gpu-results}"
+mkdir -p "$out"
+status=0
+nvidia-smi > "$out/nvidia-smi.txt" 2>&1 || { echo "no NVIDIA GPU visible"; exit 2; }
+python -m pytest -q -rs tests/test_device_placement.py tests/test_core_precision.py 2>&1 | tee "$out/cuda-smoke.txt" \
+    || status=1
+python benchmarks/core_speed.py --repeats 50 2>&1 | tee "$out/core-speed.md" || status=1
+python benchmarks/train_speed.py 2>&1 | tee "$out/train-speed.md" || status=1
+python benchmarks/http_latency.py --backbone open_clip:ViT-B-16-plus-240:random --device cuda \
+    --requests 256 --concurrency 1 8 64 2>&1 | tee "$out/http-latency.md" || status=1
+exit "$status"
