@@ -35,11 +35,11 @@ class Heatmap(BaseModel):
 class StageTimings(BaseModel):
     """Where this image's time went (milliseconds); forward is shared by everything in its batch."""
 
-    decode_ms: float
-    preprocess_ms: float
+    decode_ms: float = Field(description="Checking and decoding the uploaded bytes to RGB.")
+    preprocess_ms: float = Field(description="Resizing and normalising (for the whole request).")
     queue_ms: float = Field(description="Waiting for the batch to fill and for the device.")
-    forward_ms: float
-    postprocess_ms: float
+    forward_ms: float = Field(description="Backbone + scoring on the device, for the whole batch.")
+    postprocess_ms: float = Field(description="Verdict and heatmap encoding.")
 
 
 class ImagePrediction(BaseModel):
@@ -57,19 +57,19 @@ class ImagePrediction(BaseModel):
     is_anomalous: bool | None = Field(description="score > threshold; null when there is no threshold.")
     heatmap: Heatmap | None = Field(None, description="Anomaly map in the requested encoding; null for `none`.")
     batch_size: int = Field(description="Images in the device batch this image ran in.")
-    timings: StageTimings
+    timings: StageTimings = Field(description="Where this image's time went in the server.")
 
 
 class PredictResponse(BaseModel):
     """Predictions in upload order."""
 
-    category: str
-    adapter_version: int | None
+    category: str = Field(description="Product category (or `generic` / `zero-shot` for /v1/predict).")
+    adapter_version: int | None = Field(description="Adapter version used for every image of the request.")
     adapter_source: Literal["category", "generic", "handcrafted"] = Field(
         description="`category`: the product's active bundle; `generic`: the stored zero-shot bundle; "
         "`handcrafted`: CLIP prompts built on the fly (no bundle stored)."
     )
-    predictions: list[ImagePrediction]
+    predictions: list[ImagePrediction] = Field(description="One per uploaded file, in upload order.")
 
 
 # --- health ----------------------------------------------------------------------------------
@@ -78,17 +78,17 @@ class PredictResponse(BaseModel):
 class HealthResponse(BaseModel):
     """Liveness: the process serves HTTP."""
 
-    status: Literal["ok"] = "ok"
+    status: Literal["ok"] = Field("ok", description="Always `ok` while the process answers.")
 
 
 class ReadyResponse(BaseModel):
     """Readiness: the backbone is loaded and a real forward pass just succeeded on the device."""
 
-    status: Literal["ready", "not_ready"]
-    backbone: str
-    device: str
+    status: Literal["ready", "not_ready"] = Field(description="`ready` once a forward pass succeeded.")
+    backbone: str = Field(description="Backbone spec the service runs.")
+    device: str = Field(description="Torch device it runs on, e.g. `cuda:0`.")
     checked_seconds_ago: float = Field(description="Age of the cached probe result.")
-    detail: str | None = None
+    detail: str | None = Field(None, description="Why the service is not ready.")
 
 
 # --- categories and jobs (app/api/routes/categories.py, app/api/routes/jobs.py) --------------------------
@@ -119,50 +119,54 @@ class FinetuneRequest(BaseModel):
 class AdapterVersionInfo(BaseModel):
     """Key facts of one stored version, read from its manifest."""
 
-    version: int
+    version: int = Field(description="Version number (1, 2, ...).")
     active: bool = Field(description="Whether predictions use this version now.")
-    created: datetime | None = None
+    created: datetime | None = Field(None, description="When the version was saved (UTC).")
     promotable: bool | None = Field(None, description="Memory adapters, and fine-tunes that beat them.")
     kind: str | None = Field(None, description="`memory` (no training) or `finetuned` (LoRA + prompts).")
     branches: list[str] = Field(default_factory=list, description="Scoring branches: `text`, `memory`.")
     object_name: str | None = Field(None, description="Product description used in the prompts.")
     shots: int | None = Field(None, description="Shots the version was fitted on.")
     metrics: dict[str, Any] = Field(default_factory=dict, description="Fit/validation metrics (AUROCs etc.).")
-    training_seconds: float | None = None
-    backbone: str | None = None
+    training_seconds: float | None = Field(None, description="Time spent fine-tuning; null for memory adapters.")
+    backbone: str | None = Field(None, description="Backbone spec the version was fitted on.")
     error: str | None = Field(None, description="Set when the manifest cannot be read (the version is unusable).")
 
 
 class CategorySummary(BaseModel):
     """One product in ``GET /v1/categories``."""
 
-    category: str
-    active_version: int | None
-    versions: list[int]
-    shots: int
+    category: str = Field(description="The product category.")
+    active_version: int | None = Field(description="Version predictions use now; null if none is usable.")
+    versions: list[int] = Field(description="Every stored version, oldest first.")
+    shots: int = Field(description="Distinct good shots stored for the product.")
 
 
 class CategoryList(BaseModel):
-    categories: list[CategorySummary]
+    """``GET /v1/categories``: every registered product."""
+
+    categories: list[CategorySummary] = Field(description="Sorted by category name.")
 
 
 class CategoryDetail(BaseModel):
     """``GET /v1/categories/{category}``: every version with its facts, plus the active job if any."""
 
-    category: str
-    active_version: int | None
-    shots: int
-    versions: list[AdapterVersionInfo]
-    active_job: Job | None = None
+    category: str = Field(description="The product category.")
+    active_version: int | None = Field(description="Version predictions use now; null if none is usable.")
+    shots: int = Field(description="Distinct good shots stored for the product.")
+    versions: list[AdapterVersionInfo] = Field(description="Every stored version, oldest first.")
+    active_job: Job | None = Field(None, description="The queued or running fine-tune, if any.")
 
 
 class CategoryDeleted(BaseModel):
-    category: str
-    deleted: bool = True
+    """``DELETE /v1/categories/{category}``: the product, its versions and shots are gone."""
+
+    category: str = Field(description="The deleted product category.")
+    deleted: bool = Field(True, description="Always true (failures answer with an error instead).")
     cancelled_job_id: str | None = Field(None, description="The job that was cancelled first, if any.")
 
 
 class JobList(BaseModel):
     """``GET /v1/jobs``: newest first."""
 
-    jobs: list[Job]
+    jobs: list[Job] = Field(description="Newest first, at most `limit`.")

@@ -13,6 +13,7 @@ from typing import Annotated
 from fastapi import APIRouter, Body, Depends, File, Form, Path, Request, UploadFile
 
 from app.api.deps import AdminDep, ClientDep, SettingsDep
+from app.api.responses import errors
 from app.schemas import (
     CategoryDeleted,
     CategoryDetail,
@@ -34,11 +35,17 @@ def get_category_service(request: Request) -> CategoryService:
 
 CategoriesDep = Annotated[CategoryService, Depends(get_category_service)]
 VersionPath = Annotated[int, Path(ge=1, description="Version number (1, 2, ...).")]
+CategoryPath = Annotated[str, Path(description="Product category: 1-64 characters of a-z 0-9 . _ - "
+                                               "(starting with a letter or digit).")]
 
 
-@router.post("/{category}/shots", status_code=201, response_model=ShotsRegistered)
+@router.post("/{category}/shots", status_code=201, response_model=ShotsRegistered,
+             summary="Register a product, or add good shots to it",
+             responses=errors(400, 401, 403, 413, 415, 422, 503,
+                              e400="Invalid name, corrupt or empty image, too few or too many shots.",
+                              e422="Invalid form fields (e.g. a description over 200 characters)."))
 async def register_shots(
-    category: str,
+    category: CategoryPath,
     _: AdminDep,
     service: CategoriesDep,
     settings: SettingsDep,
@@ -58,36 +65,46 @@ async def register_shots(
                            shots=result.shots, added=result.added, warnings=result.warnings)
 
 
-@router.post("/{category}/finetune", status_code=202, response_model=Job)
+@router.post("/{category}/finetune", status_code=202, response_model=Job, summary="Start a background fine-tune",
+             responses=errors(400, 401, 403, 404, 409, 422,
+                              e400="Invalid name, or the backbone cannot be fine-tuned (no text tower).",
+                              e409="A fine-tune is already queued or running for the category, or it has no "
+                                   "stored shots."))
 def start_finetune(
-    category: str, _: AdminDep, service: CategoriesDep, body: Annotated[FinetuneRequest | None, Body()] = None
+    category: CategoryPath, _: AdminDep, service: CategoriesDep,
+    body: Annotated[FinetuneRequest | None, Body()] = None,
 ) -> Job:
     """Fine-tune the category on its stored shots as a background job; poll ``GET /v1/jobs/{id}``. Admin only."""
     params = (body or FinetuneRequest()).model_dump(exclude_none=True)
     return service.finetune(category, params)
 
 
-@router.get("", response_model=CategoryList)
+@router.get("", response_model=CategoryList, summary="List products", responses=errors(401))
 def list_categories(_: ClientDep, service: CategoriesDep) -> CategoryList:
     """Every product with its active version, versions and shot count. Client or admin key."""
     return CategoryList(categories=[CategorySummary(**c) for c in service.list_all()])
 
 
-@router.get("/{category}", response_model=CategoryDetail)
-def get_category(category: str, _: ClientDep, service: CategoriesDep) -> CategoryDetail:
+@router.get("/{category}", response_model=CategoryDetail, summary="One product's versions",
+            responses=errors(400, 401, 404, 422))
+def get_category(category: CategoryPath, _: ClientDep, service: CategoriesDep) -> CategoryDetail:
     """One product's versions with their manifests' key facts. Client or admin key."""
     return CategoryDetail.model_validate(service.detail(category))
 
 
-@router.delete("/{category}", response_model=CategoryDeleted)
-async def delete_category(category: str, _: AdminDep, service: CategoriesDep) -> CategoryDeleted:
+@router.delete("/{category}", response_model=CategoryDeleted, summary="Delete a product",
+               responses=errors(400, 401, 403, 404, 409, 422, e409="Its fine-tune job is still stopping; retry."))
+async def delete_category(category: CategoryPath, _: AdminDep, service: CategoriesDep) -> CategoryDeleted:
     """Remove a product with all versions and shots; its active job is cancelled first. Admin only."""
     job_id = await service.delete(category)
     return CategoryDeleted(category=category, cancelled_job_id=job_id)
 
 
-@router.post("/{category}/versions/{version}/activate", response_model=CategorySummary)
-async def activate_version(category: str, version: VersionPath, _: AdminDep,
+@router.post("/{category}/versions/{version}/activate", response_model=CategorySummary,
+             summary="Serve another stored version (promote or roll back)",
+             responses=errors(400, 401, 403, 404, 409, 422,
+                              e409="The version's bundle is corrupt or was built for another backbone."))
+async def activate_version(category: CategoryPath, version: VersionPath, _: AdminDep,
                            service: CategoriesDep) -> CategorySummary:
     """Serve another stored version from the next request on (promotion or rollback). Admin only."""
     return CategorySummary(**await service.activate(category, version))

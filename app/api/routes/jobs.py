@@ -12,6 +12,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import AdminDep, JobStoreDep
+from app.api.responses import errors
 from app.schemas import JobList
 from app.services.job_runner import JobRunner
 from app.services.job_store import Job, JobNotFoundError, JobState
@@ -29,7 +30,7 @@ def get_job_runner(request: Request) -> JobRunner:
 RunnerDep = Annotated[JobRunner, Depends(get_job_runner)]
 
 
-@router.get("", response_model=JobList)
+@router.get("", response_model=JobList, summary="List fine-tune jobs", responses=errors(400, 401, 403, 422))
 def list_jobs(
     _: AdminDep,
     jobs: JobStoreDep,
@@ -43,7 +44,8 @@ def list_jobs(
     return JobList(jobs=jobs.list(category=category, state=state, limit=limit))
 
 
-@router.get("/{job_id}", response_model=Job)
+@router.get("/{job_id}", response_model=Job, summary="One job's state and progress",
+            responses=errors(401, 403, 404, 422))
 def get_job(job_id: str, _: AdminDep, jobs: JobStoreDep) -> Job:
     """State, progress, validation metrics and error of one job. Admin only."""
     job = jobs.get(job_id)
@@ -52,7 +54,9 @@ def get_job(job_id: str, _: AdminDep, jobs: JobStoreDep) -> Job:
     return job
 
 
-@router.delete("/{job_id}", response_model=Job)
+@router.delete("/{job_id}", response_model=Job, summary="Cancel a job",
+               responses={202: {"model": Job, "description": "A running job is still finishing its current step."},
+                          **errors(401, 403, 404, 409, 422, e409="The job has already finished.")})
 async def cancel_job(job_id: str, _: AdminDep, runner: RunnerDep, response: Response) -> Job:
     """Cancel a job: 200 with the final record, or 202 while a running job is still finishing its step.
 

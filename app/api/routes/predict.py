@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Path, Query, UploadFile
 
 from app.api.deps import ClientDep, InferenceDep
+from app.api.responses import errors
 from app.errors import ClipshotHTTPError
 from app.schemas import HeatmapMode, PredictResponse
 
@@ -14,17 +15,12 @@ API_PREFIX = "/v1"
 # Full prefix on the router itself: nested include prefixes do not reach scope["route"].path (metrics label).
 router = APIRouter(prefix=API_PREFIX, tags=["predict"])
 
-_ERROR = {"description": "Error (JSON body `{\"error\": {\"code\", \"message\"}}`)."}
-RESPONSES: dict[int | str, dict[str, Any]] = {
-    400: {**_ERROR, "description": "Corrupt/empty image or invalid name."},
-    401: {**_ERROR, "description": "Missing or unknown API key."},
-    404: {**_ERROR, "description": "Unknown category or no active adapter version."},
-    409: {**_ERROR, "description": "Adapter incompatible with the backbone, or zero-shot without CLIP."},
-    413: {**_ERROR, "description": "Request, file or image too large, or too many images."},
-    415: {**_ERROR, "description": "Not a supported image format."},
-    422: {**_ERROR, "description": "Invalid parameters (e.g. unknown `heatmap` value)."},
-    503: {**_ERROR, "description": "Device out of memory or shutting down; honour `Retry-After`."},
-}
+RESPONSES = errors(
+    400, 401, 404, 409, 413, 415, 422, 503,
+    e404="Unknown category, or no active adapter version (and no generic bundle for `/v1/predict`).",
+    e409="Adapter incompatible with the backbone, or zero-shot without a CLIP backbone.",
+    e422="Invalid parameters (e.g. unknown `heatmap` value).",
+)
 _HEATMAP_DOC = "`png` (overlay on the input, default), `raw` (float16 grid at model resolution) or `none`."
 Files = Annotated[list[UploadFile], File(description="1 to CLIPSHOT_MAX_PREDICT_IMAGES image files.")]
 HeatmapQuery = Annotated[HeatmapMode | None, Query(alias="heatmap", description=_HEATMAP_DOC)]
