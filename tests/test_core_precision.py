@@ -90,7 +90,7 @@ def test_half_precision_fine_tune_trains_fp32_adapters_that_load_anywhere(tiny_b
     on, the frozen half weights do not move, and the bundle scores on an fp32 backbone too."""
     detector = Detector(half_backbone(precision))
     frozen = base_weights(detector)
-    # 12 steps: fp16 loss scaling starts at 2^16 and skips its first ~8 steps on overflow while it backs off
+    # 12 steps: fp16 loss scaling skips its first steps on overflow while it backs off (2 here, from 2^10)
     config = FewShotConfig(steps=12, batch_size=4, lora=LoraSpec(rank=2), holdout=1, val_anomalies_per_shot=1,
                            val_normal_views=0)
     with warnings.catch_warnings():

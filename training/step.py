@@ -176,8 +176,11 @@ class StepEngine:
             self.optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
         else:
             self.optimizer = torch.optim.SGD(groups, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
-        self.scaler = torch.amp.GradScaler(self.backbone.device.type, enabled=self.backbone.dtype == torch.float16)
+        # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none. The losses work on
+        # tau-scaled logits, so gradients are large: torch's default start (2^16, growing every 2000 steps) skips
+        # the first ~8 steps on overflow, a real share of a few-hundred-step budget. Start at 2^10, grow sooner.
+        self.scaler = torch.amp.GradScaler(self.backbone.device.type, init_scale=2.0**10, growth_interval=100,
+                                           enabled=self.backbone.dtype == torch.float16)
 
     def resident(self) -> bool:
         return self.name in lora.resident_adapters(self.visual)
