@@ -19,6 +19,7 @@ from PIL import Image
 
 from clipshot import lora
 from clipshot.adapter import Adapter
+from clipshot.backbone.base import square_resize
 from clipshot.detector import Detector
 from clipshot.evaluation.dataset import list_categories, list_test_samples, load_image, load_mask
 from clipshot.fusion import ScoringConfig
@@ -66,7 +67,7 @@ class Auxiliary:
 
 
 def _to_uint8(image: Image.Image, size: int) -> torch.Tensor:
-    array = np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC), dtype=np.uint8)
+    array = np.asarray(square_resize(image, size), dtype=np.uint8)
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 

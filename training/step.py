@@ -24,6 +24,7 @@ from sklearn.metrics import roc_auc_score
 from clipshot import lora
 from clipshot.anomaly_map import upsample
 from clipshot.backbone import ClipBackbone
+from clipshot.backbone.base import square_resize
 from clipshot.detector import Detector
 from clipshot.lora import LoraSpec
 from clipshot.prompts import PromptLearner, PromptSpec
@@ -90,8 +91,7 @@ def seeded(seed: int, device: torch.device | None = None) -> Iterator[None]:
 
 def pil_to_unit(images: Sequence[Image.Image], size: int) -> torch.Tensor:
     """(N, 3, S, S) in [0, 1], resized exactly like ``Backbone.preprocess`` so training sees what inference sees."""
-    arrays = [np.asarray(img.convert("RGB").resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32)
-              for img in images]
+    arrays = [np.asarray(square_resize(img, size), dtype=np.float32) for img in images]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).div(255.0).clamp(0.0, 1.0)
 
 
