@@ -3,8 +3,8 @@
 Why: a forward over 16 images costs little more than over 1 on an accelerator, and production
 lines send one image at a time from many cameras. An idle device takes what is pending at once (a
 lone request never waits for company that may not come); while a batch is on the device, images are
-collected for up to ``max_batch_wait_ms`` or ``max_batch_size`` images, grouped by adapter object (category + version,
-so a hot swap mid-window simply yields two groups), and each group is ONE device task:
+collected for up to ``max_batch_wait_ms`` or ``max_batch_size`` images, grouped by adapter object
+(category + version, so a hot swap mid-window simply yields two groups), and each group is ONE device task:
 ``ensure_resident`` + ``Detector.forward``. Decoding/preprocessing happen before ``submit`` and
 post-processing after, off the event loop, so the device thread only ever does device work.
 
