@@ -71,7 +71,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     if backbone.device.type == "cuda":
         metrics.device_memory.cuda_device = backbone.device
     async with contextlib.AsyncExitStack() as stack:
-        state.detector = detector = Detector(backbone)
+        merge = settings.lora_merge == "on" or (settings.lora_merge == "auto" and backbone.device.type == "cuda")
+        state.detector = detector = Detector(backbone, merge_lora=merge)
         state.store = store = AdapterStore(settings.store)
         state.job_store = job_store = JobStore(settings.store)
         stack.callback(job_store.close)

@@ -38,8 +38,11 @@ class Prediction:
 class Detector:
     """Scores images against a product's adapter on one shared frozen backbone."""
 
-    def __init__(self, backbone: Backbone):
+    def __init__(self, backbone: Backbone, *, merge_lora: bool = False):
         self.backbone = backbone
+        # Fold the active product's LoRA into the weights (see clipshot.lora): fewer kernels per forward, at
+        # the price of a weight copy whenever the product changes. Pays off where launches dominate (GPUs).
+        self.merge_lora = merge_lora
 
     # -- layout checks ---------------------------------------------------------------------------
     def layout(self) -> dict:
@@ -92,14 +95,14 @@ class Detector:
         if isinstance(self.backbone, ClipBackbone):
             if adapter is not None and adapter.lora is not None:
                 self.attach(adapter)
-                lora.activate(self.backbone.visual, adapter.uid)
+                lora.activate(self.backbone.visual, adapter.uid, merge=self.merge_lora)
             else:
                 lora.activate(self.backbone.visual, None)
         try:
             yield
         finally:
-            if isinstance(self.backbone, ClipBackbone):
-                lora.activate(self.backbone.visual, None)
+            if isinstance(self.backbone, ClipBackbone) and not self.merge_lora:
+                lora.activate(self.backbone.visual, None)  # folded weights stay until another activation
 
     # -- features and scoring --------------------------------------------------------------------
     def features(self, pixels: torch.Tensor, adapter: Adapter | None, *, dpam: bool = False) -> Features:

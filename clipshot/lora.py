@@ -2,6 +2,12 @@
 
 Several products share one frozen backbone: each product's LoRA is injected under its own adapter name and
 switched on per batch, so hot-swapping a product costs a pointer flip, not a weight copy.
+
+Optionally (``activate(..., merge=True)``) the active adapter is *folded* into the base weights instead: the
+forward pass then runs no LoRA kernels at all (about 45% fewer ops per ViT forward), which matters where
+batch-1 latency is bound by kernel launches (GPUs). At most one adapter is folded at a time; the untouched
+weights are kept aside and copied back bit-exactly before anything else runs on the base weights, so any
+activation without ``merge`` (training, another product, the plain backbone) sees the frozen model.
 """
 
 from __future__ import annotations
@@ -44,6 +50,57 @@ class LoraSpec:
         return LoraConfig(
             r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=list(self.targets)
         )
+
+
+@dataclass
+class _Folded:
+    """Which adapter is folded into the base weights, and the pristine copies of every weight ever folded."""
+
+    name: str | None = None
+    pristine: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # id -> (weight, copy)
+
+
+_FOLDED_ATTR = "_clipshot_folded"
+
+
+def _folded(module: nn.Module) -> _Folded:
+    state = module.__dict__.get(_FOLDED_ATTR)
+    if state is None:
+        state = _Folded()
+        module.__dict__[_FOLDED_ATTR] = state  # a plain attribute: never part of state_dict or .to()
+    return state
+
+
+def folded_adapter(module: nn.Module) -> str | None:
+    """The adapter currently folded into the base weights (None: they are the frozen originals)."""
+    return _folded(module).name
+
+
+def _unfold(module: nn.Module) -> None:
+    state = _folded(module)
+    if state.name is None:
+        return
+    with torch.no_grad():
+        for weight, original in state.pristine.values():
+            weight.copy_(original)
+    state.name = None
+
+
+def _fold(module: nn.Module, name: str) -> None:
+    state = _folded(module)
+    if state.name == name:
+        return
+    _unfold(module)
+    with torch.no_grad():
+        for layer in _tuner_layers(module):
+            if name not in layer.lora_A:
+                continue
+            weight = layer.get_base_layer().weight
+            if id(weight) not in state.pristine:
+                with torch.inference_mode(False):  # a normal tensor, so restoring works in any mode
+                    state.pristine[id(weight)] = (weight, weight.detach().clone())
+            weight.add_(layer.get_delta_weight(name).to(weight.dtype))
+    state.name = name
 
 
 def _tuner_layers(module: nn.Module) -> list[BaseTunerLayer]:
@@ -102,6 +159,8 @@ def state(module: nn.Module, name: str) -> dict[str, torch.Tensor]:
 
 
 def load_state(module: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> None:
+    if folded_adapter(module) == name:
+        _unfold(module)  # the folded copy would go stale
     params = adapter_parameters(module, name)
     if set(params) != set(tensors):
         missing, extra = sorted(set(params) - set(tensors))[:3], sorted(set(tensors) - set(params))[:3]
@@ -114,8 +173,17 @@ def load_state(module: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -
             param.copy_(tensors[key])
 
 
-def activate(module: nn.Module, name: str | None) -> None:
-    """Route every LoRA layer through adapter ``name``; ``None`` runs the plain frozen backbone."""
+def activate(module: nn.Module, name: str | None, *, merge: bool = False) -> None:
+    """Route every LoRA layer through adapter ``name``; ``None`` runs the plain frozen backbone.
+
+    ``merge``: fold ``name`` into the base weights (kept folded until another activation) instead of running
+    its LoRA branch; without it any folded adapter is unfolded first.
+    """
+    if merge and name is not None:
+        _fold(module, name)
+        name = None  # the base weights now carry the adapter
+    else:
+        _unfold(module)
     for layer in _tuner_layers(module):
         if name is None or name not in layer.lora_A:
             layer.set_adapter([], inference_mode=True)

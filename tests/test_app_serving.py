@@ -213,8 +213,10 @@ def test_activation_switch_is_visible_in_adapter_version(two_versions):
         assert version() == 1
 
 
-def test_lru_device_tier_detaches_lora_and_reattaches_on_demand(tmp_path, tiny_detector):
-    """Capacity 1: serving a second LoRA category evicts the first from the backbone; both keep working.
+@pytest.mark.parametrize("merge", ["off", "on"])
+def test_lru_device_tier_detaches_lora_and_reattaches_on_demand(tmp_path, tiny_detector, merge):
+    """Capacity 1: serving a second LoRA category evicts the first from the backbone; both keep working, with the
+    LoRA run as a branch or folded into the weights (then the frozen weights must be back after each eviction).
 
     The category name contains a '.', which a LoRA module name may not: the cache must not use it verbatim.
     """
@@ -229,12 +231,19 @@ def test_lru_device_tier_detaches_lora_and_reattaches_on_demand(tmp_path, tiny_d
         save_adapter(store, tiny_detector, dataclasses.replace(base, category=category, lora=spec,
                                                                lora_state=lora_state))
     upload = files(("a.png", png(good())))
-    with TestClient(create_app(settings_for(tmp_path, max_batch_wait_ms=1, adapter_cache_device=1))) as c:
+    settings = settings_for(tmp_path, max_batch_wait_ms=1, adapter_cache_device=1, lora_merge=merge)
+    with TestClient(create_app(settings)) as c:
+        scores = {}
         for category in ("alpha.v2", "beta", "alpha.v2"):
             r = c.post(f"/v1/categories/{category}/predict", headers=CLIENT, files=upload)
             assert r.status_code == 200, r.text
+            scores.setdefault(category, []).append(r.json()["predictions"][0]["score"])
             resident = c.app.state.detector.resident()
             assert len(resident) == 1 and resident == {c.app.state.adapter_cache.get(category).uid}
+            visual = c.app.state.detector.backbone.visual
+            assert lora.folded_adapter(visual) == (next(iter(resident)) if merge == "on" else None)
+        first, again = scores["alpha.v2"]
+        assert abs(first - again) < 1e-6  # re-attached after eviction: the same adapter, the same answer
         text = c.get("/metrics").text
         assert 'clipshot_adapter_cache_evictions_total{tier="device"} 2.0' in text
         assert 'clipshot_adapters_resident{tier="device"} 1.0' in text

@@ -82,6 +82,12 @@ class Settings(BaseSettings):
     adapter_cache_cpu: int = Field(
         64, ge=0, description="Adapters kept in host memory (warm tier) after eviction from the device tier."
     )
+    lora_merge: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Fold the serving product's LoRA into the backbone weights (`on`) instead of running LoRA "
+        "branches in every forward (`off`): the forward then costs what the frozen backbone costs, but switching "
+        "products copies the weights back. `auto` = `on` on GPUs (launch-bound at small batches), `off` on CPU.",
+    )
 
     # --- batching ------------------------------------------------------------------------------
     max_batch_size: int = Field(
