@@ -145,3 +145,28 @@ def test_real_device_oom_is_a_503_and_the_worker_survives():
         assert worker.submit(lambda: float(torch.ones(4, device="cuda").sum())).result(timeout=60) == 4.0
     finally:
         worker.stop()
+
+
+def test_folding_a_lora_on_the_device_matches_the_branch_and_restores(detector):
+    """On the GPU the service folds LoRAs by default: folded features follow the LoRA branch (half precision:
+    cos > 0.999), and the frozen weights come back bit-exactly."""
+    visual, spec = detector.backbone.visual, LoraSpec(rank=2)
+    lora.add_adapter(visual, "shape", spec)
+    state = {k: torch.full_like(v, 0.02) for k, v in lora.state(visual, "shape").items()}
+    lora.remove_adapter(visual, "shape")
+    base = memory_fit(detector)
+    tuned = dataclasses.replace(base, lora=spec, lora_state=state, uid="fold-me")
+    weights = {k: v.clone() for k, v in detector.backbone.model.state_dict().items() if "lora_" not in k}
+    pixels = detector.backbone.preprocess([good()]).to(detector.backbone.device)
+    try:
+        branch = detector.features(pixels, tuned).cls
+        detector.merge_lora = True
+        folded = detector.features(pixels, tuned).cls
+        assert lora.folded_adapter(visual) == "fold-me" and on(detector.backbone.device, folded)
+        assert torch.nn.functional.cosine_similarity(branch, folded).min() > 0.999
+        detector.features(pixels, base)  # unfolds
+    finally:
+        detector.merge_lora = False
+        detector.detach(tuned)
+    after = {k: v for k, v in detector.backbone.model.state_dict().items() if "lora_" not in k}
+    assert all(torch.equal(weights[k], after[k]) for k in weights)
