@@ -20,6 +20,7 @@ from PIL import Image
 
 from clipshot import lora
 from clipshot.adapter import Adapter
+from clipshot.backbone.base import unit_pixels
 from clipshot.calibration import DEFAULT_FALSE_ALARM_RATE
 from clipshot.detector import RECOMMENDED_MIN_SHOTS, Detector
 from clipshot.fusion import ScoringConfig
@@ -28,7 +29,7 @@ from clipshot.prompts import GENERIC_OBJECT
 from training.anomalies import AnomalySynthesizer
 from training.augment import NormalAugment
 from training.progress import CancelToken, Progress, ProgressCallback
-from training.step import StepEngine, TrainConfig, pil_to_unit, require_clip
+from training.step import StepEngine, TrainConfig, require_clip
 from training.validation import adapter_auroc, synthetic_validation_set
 
 __all__ = ["FewShotConfig", "FewShotResult", "FewShotTrainer", "default_holdout", "train_fewshot"]
@@ -103,7 +104,7 @@ class FewShotTrainer:
         order = torch.randperm(len(shots), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
         self.held_index, self.train_index = sorted(order[:holdout]), sorted(order[holdout:])
         size = backbone.image_size
-        self.train_unit = pil_to_unit([shots[i] for i in self.train_index], size)
+        self.train_unit = unit_pixels([shots[i] for i in self.train_index], size)
         name = object_name or category.replace("_", " ").replace("-", " ").strip() or GENERIC_OBJECT
         self.prompt_spec = replace(cfg.prompt, object_name=name) if cfg.prompt.object_name == GENERIC_OBJECT \
             else cfg.prompt
@@ -112,7 +113,7 @@ class FewShotTrainer:
         self.generator = torch.Generator().manual_seed(cfg.seed + 1)
         self.synth = cfg.anomalies
         self.validation = synthetic_validation_set(
-            pil_to_unit([shots[i] for i in self.held_index], size), list(self.train_unit), synthesizer=self.synth,
+            unit_pixels([shots[i] for i in self.held_index], size), list(self.train_unit), synthesizer=self.synth,
             augment=cfg.augment, anomalies_per_shot=cfg.val_anomalies_per_shot, normal_views=cfg.val_normal_views,
             seed=cfg.seed + 2) if holdout else None
         self.metrics: dict = {

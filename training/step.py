@@ -18,20 +18,18 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from clipshot import lora
 from clipshot.anomaly_map import upsample
 from clipshot.backbone import ClipBackbone
-from clipshot.backbone.base import square_resize
 from clipshot.detector import Detector
 from clipshot.lora import LoraSpec
 from clipshot.prompts import PromptLearner, PromptSpec
 from training.losses import LossWeights, combine_losses, compute_loss_parts
 from training.progress import CancelToken, Progress, ProgressCallback
 
-__all__ = ["Budget", "StepEngine", "TrainConfig", "auroc", "pil_to_unit", "require_clip", "seeded"]
+__all__ = ["Budget", "StepEngine", "TrainConfig", "auroc", "require_clip", "seeded"]
 
 
 @dataclass
@@ -87,12 +85,6 @@ def seeded(seed: int, device: torch.device | None = None) -> Iterator[None]:
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield
-
-
-def pil_to_unit(images: Sequence[Image.Image], size: int) -> torch.Tensor:
-    """(N, 3, S, S) in [0, 1], resized exactly like ``Backbone.preprocess`` so training sees what inference sees."""
-    arrays = [np.asarray(square_resize(img, size), dtype=np.float32) for img in images]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).div(255.0).clamp(0.0, 1.0)
 
 
 def auroc(labels: Sequence[int], scores: Sequence[float]) -> float | None:

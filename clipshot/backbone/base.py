@@ -70,6 +70,12 @@ def square_resize(image: Image.Image, size: int) -> Image.Image:
     return image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC, reducing_gap=REDUCING_GAP)
 
 
+def unit_pixels(images: Sequence[Image.Image], size: int) -> torch.Tensor:
+    """(N, 3, size, size) float32 in [0, 1]: what the backbone sees before normalisation (training starts here)."""
+    arrays = [np.asarray(square_resize(img, size), dtype=np.float32) for img in images]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).div_(255.0)
+
+
 class Backbone(ABC):
     """A frozen feature extractor; subclasses fill in the model-specific parts."""
 
@@ -86,12 +92,7 @@ class Backbone(ABC):
 
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """Squash-resize to the square input (no crop: a crop could cut a defect at the border) and normalise."""
-        size = self.image_size
-        arrays = [
-            np.asarray(square_resize(img, size), dtype=np.float32)
-            for img in images
-        ]
-        batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).div_(255.0)
+        batch = unit_pixels(images, self.image_size)
         mean = torch.tensor(self.mean).view(1, 3, 1, 1)
         std = torch.tensor(self.std).view(1, 3, 1, 1)
         return ((batch - mean) / std).to(self.device)
