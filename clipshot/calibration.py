@@ -1,50 +1,165 @@
-"""Threshold from normal shots only: the verdict must work before any defect has ever been seen."""
+"""Thresholds from good shots only, and the evidence that lets an operator move them later.
+
+Only normal photos exist when a product is registered, so the verdict rests on two kinds of evidence gathered
+at fit time and kept in the bundle: leave-one-out scores of the shots (how far a *normal* part scores against a
+memory that has not seen it) and scores of synthetic defects made from the shots (where a *defect* scores).
+Operators add real evidence later (confirmed defects, confirmed good parts). Every policy — automatic, a target
+false-alarm rate, a manual threshold — is a function of that stored evidence, so a policy change needs no
+re-extraction and always reports what it expects to happen.
+"""
 
 from __future__ import annotations
 
 import math
-import statistics
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields, replace
 
+import numpy as np
 from PIL import Image, ImageEnhance
 from scipy.stats import norm
 
 DEFAULT_FALSE_ALARM_RATE = 0.01
+POLICIES = ("auto", "target_rate", "manual")
+CONFIDENT_MIN_SHOTS = 4  # below this the leave-one-out memory is too small to say how normals score
+
+
+@dataclass(frozen=True)
+class DecisionPolicy:
+    """How the threshold is chosen: ``auto`` (the default rule), ``target_rate`` (a false-alarm rate the
+    operator asks for) or ``manual`` (a threshold the operator sets)."""
+
+    kind: str = "auto"
+    target_false_alarm_rate: float | None = None
+    threshold: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {self.kind!r}")
+        if self.kind == "target_rate":
+            rate = self.target_false_alarm_rate
+            if rate is None or not 0 < rate < 0.5:
+                raise ValueError("target_false_alarm_rate must be in (0, 0.5)")
+        if self.kind == "manual":
+            t = self.threshold
+            if t is None or not math.isfinite(t) or t < 0:
+                raise ValueError("a manual threshold must be a finite number >= 0")
 
 
 @dataclass
 class Calibration:
-    """Normal-score statistics and the threshold derived from them (``score > threshold`` = anomalous)."""
+    """The threshold, how it was chosen, and the evidence it was chosen from (``score > threshold`` = anomalous)."""
 
     threshold: float
-    target_false_alarm_rate: float
+    target_false_alarm_rate: float | None
     mean: float
     std: float
     max_normal: float
     count: int
     method: str
+    policy: str = "auto"
+    normal_scores: list[float] = field(default_factory=list)
+    defect_scores: list[float] = field(default_factory=list)
+    validation_defect_scores: list[float] = field(default_factory=list)
+    expected_false_alarm_rate: float | None = None
+    expected_recall: float | None = None
+    shots: int = 0
+    confident: bool = True
+    note: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict) -> Calibration:
+        """Tolerates bundles written before the evidence fields existed (they load with empty evidence)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
 
-def calibrate(normal_scores: Sequence[float], false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE,
+    def policy_spec(self) -> DecisionPolicy:
+        """The policy this calibration was made under (re-fits keep it)."""
+        if self.policy == "manual":
+            return DecisionPolicy("manual", threshold=self.threshold)
+        if self.policy == "target_rate":
+            return DecisionPolicy("target_rate", target_false_alarm_rate=self.target_false_alarm_rate)
+        return DecisionPolicy()
+
+    def decision(self) -> dict:
+        """The public face of the policy (what the service returns with a category)."""
+        return {"threshold": self.threshold, "policy": self.policy,
+                "target_false_alarm_rate": self.target_false_alarm_rate,
+                "expected_false_alarm_rate": self.expected_false_alarm_rate,
+                "expected_recall": self.expected_recall, "confident": self.confident, "note": self.note}
+
+
+def _normal_fit(scores: Sequence[float]) -> tuple[float, float]:
+    mean = float(np.mean(scores))
+    std = float(np.std(scores, ddof=1)) if len(scores) > 1 else 0.0
+    return mean, max(std, 1e-3 * max(abs(mean), 1e-6))
+
+
+def false_alarm_rate_at(cal: Calibration, threshold: float) -> float | None:
+    """Expected share of good parts above ``threshold``: the Gaussian tail of the leave-one-out normals."""
+    if not cal.normal_scores:
+        return None
+    mean, std = _normal_fit(cal.normal_scores)
+    return float(norm.sf((threshold - mean) / std))
+
+
+def recall_at(cal: Calibration, threshold: float) -> float | None:
+    """Expected share of defects above ``threshold``: real confirmed defects when there are any, else synthetic."""
+    evidence = cal.validation_defect_scores or cal.defect_scores
+    if not evidence:
+        return None
+    return float(np.mean(np.asarray(evidence) > threshold))
+
+
+def threshold_for_rate(normal_scores: Sequence[float], rate: float) -> float:
+    """Threshold whose Gaussian tail over the normals is ``rate``."""
+    if not 0 < rate < 0.5:
+        raise ValueError("target_false_alarm_rate must be in (0, 0.5)")
+    mean, std = _normal_fit(normal_scores)
+    return mean + float(norm.ppf(1 - rate)) * std
+
+
+def _auto_threshold(normal: Sequence[float], defects: Sequence[float], validation: Sequence[float]) -> float:
+    """The automatic rule (see ``calibrate``)."""
+    return max(threshold_for_rate(normal, DEFAULT_FALSE_ALARM_RATE), max(normal))
+
+
+def calibrate(normal_scores: Sequence[float], defect_scores: Sequence[float] = (), *, shots: int | None = None,
+              validation_defect_scores: Sequence[float] = (), policy: DecisionPolicy | None = None,
               method: str = "leave-one-out") -> Calibration:
-    """Gaussian fit of the normal scores: threshold = mean + z(1 - rate) * std, never below the largest
-    normal score seen (a handful of shots cannot estimate a 1% quantile directly, a fitted tail can)."""
-    scores = [float(s) for s in normal_scores]
-    if not scores:
+    """Choose a threshold from the evidence under ``policy`` (default: the automatic rule)."""
+    normal = [float(s) for s in normal_scores]
+    if not normal:
         raise ValueError("calibration needs at least one normal score")
-    if not 0 < false_alarm_rate < 0.5:
-        raise ValueError("false_alarm_rate must be in (0, 0.5)")
-    mean = statistics.fmean(scores)
-    std = statistics.stdev(scores) if len(scores) > 1 else 0.0
-    std = max(std, 1e-3 * max(abs(mean), 1e-6))
-    threshold = max(mean + float(norm.ppf(1 - false_alarm_rate)) * std, max(scores))
-    if not math.isfinite(threshold):
+    if not all(math.isfinite(s) for s in normal):
+        raise ValueError("calibration scores must be finite")
+    mean, std = _normal_fit(normal)
+    cal = Calibration(threshold=0.0, target_false_alarm_rate=None, mean=mean, std=std, max_normal=max(normal),
+                      count=len(normal), method=method, normal_scores=normal,
+                      defect_scores=[float(s) for s in defect_scores],
+                      validation_defect_scores=[float(s) for s in validation_defect_scores],
+                      shots=int(shots if shots is not None else len(normal)))
+    return apply_policy(cal, policy or DecisionPolicy())
+
+
+def apply_policy(cal: Calibration, policy: DecisionPolicy) -> Calibration:
+    """A copy of ``cal`` under another decision policy, with the expected rates recomputed from its evidence."""
+    if policy.kind == "manual":
+        chosen = float(policy.threshold)
+    elif policy.kind == "target_rate":
+        chosen = threshold_for_rate(cal.normal_scores, policy.target_false_alarm_rate)
+    else:
+        chosen = _auto_threshold(cal.normal_scores, cal.defect_scores, cal.validation_defect_scores)
+    if not math.isfinite(chosen):
         raise ValueError("calibration produced a non-finite threshold")
-    return Calibration(threshold, false_alarm_rate, mean, std, max(scores), len(scores), method)
+    confident = cal.shots >= CONFIDENT_MIN_SHOTS
+    note = None if confident else (f"only {cal.shots} good shot(s): the false-alarm rate is a rough guess; "
+                                   f"register {CONFIDENT_MIN_SHOTS}-16 shots or confirm good parts via feedback")
+    return replace(cal, threshold=chosen, policy=policy.kind, target_false_alarm_rate=policy.target_false_alarm_rate,
+                   expected_false_alarm_rate=false_alarm_rate_at(cal, chosen), expected_recall=recall_at(cal, chosen),
+                   confident=confident, note=note)
 
 
 def light_views(image: Image.Image, count: int) -> list[Image.Image]:

@@ -16,7 +16,7 @@ from clipshot import lora
 from clipshot.adapter import Adapter
 from clipshot.anomaly_map import pixel_map
 from clipshot.backbone import Backbone, ClipBackbone
-from clipshot.calibration import DEFAULT_FALSE_ALARM_RATE, calibrate, light_views
+from clipshot.calibration import Calibration, DecisionPolicy, calibrate, light_views
 from clipshot.features import Features
 from clipshot.fusion import ScoringConfig, fuse_maps, image_score
 from clipshot.memory_branch import MemoryBank
@@ -171,9 +171,12 @@ class Detector:
 
     def fit_memory(self, shots: Sequence[Image.Image], *, category: str, text: bool | None = None,
                    object_name: str | None = None, coreset_ratio: float | None = None,
-                   scoring: ScoringConfig | None = None, false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE,
-                   calibration_views: int = 2) -> Adapter:
-        """Memory adapter (plus handcrafted text on CLIP when ``text``), calibrated: usable immediately."""
+                   scoring: ScoringConfig | None = None, calibration_views: int = 2,
+                   defects: Sequence[Image.Image] = (), policy: DecisionPolicy | None = None) -> Adapter:
+        """Memory adapter (plus handcrafted text on CLIP when ``text``), calibrated: usable immediately.
+
+        ``defects`` are operator-confirmed defect photos (validation evidence, never memory); ``policy`` the
+        decision policy (default: the automatic rule)."""
         if not shots:
             raise ValueError("fit_memory needs at least one normal image")
         if len(shots) < RECOMMENDED_MIN_SHOTS:
@@ -183,21 +186,31 @@ class Detector:
         adapter = self.text_adapter(category=category, object_name=object_name, scoring=scoring) if use_text \
             else Adapter(category=category, scoring=scoring or ScoringConfig(), object_name=object_name,
                          backbone=self.layout())
-        return self.refit_memory(adapter, shots, coreset_ratio=coreset_ratio, false_alarm_rate=false_alarm_rate,
-                                 calibration_views=calibration_views)
+        return self.refit_memory(adapter, shots, coreset_ratio=coreset_ratio, calibration_views=calibration_views,
+                                 defects=defects, policy=policy)
 
     @torch.inference_mode()
     def refit_memory(self, adapter: Adapter, shots: Sequence[Image.Image], *, coreset_ratio: float | None = None,
-                     false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE, calibration_views: int = 2) -> Adapter:
-        """(Re)build the memory bank through the adapter's own LoRA, then calibrate the full scorer."""
+                     calibration_views: int = 2, defects: Sequence[Image.Image] = (),
+                     policy: DecisionPolicy | None = None) -> Adapter:
+        """(Re)build the memory bank through the adapter's own LoRA, then calibrate the full scorer.
+
+        Without ``policy`` the adapter keeps the policy it had (a manual threshold stays manual), so re-fits
+        after feedback or fine-tuning never silently undo an operator's choice."""
+        if policy is None:
+            policy = adapter.calibration.policy_spec() if adapter.calibration is not None else DecisionPolicy()
         dpam = adapter.scoring.dpam
         feats = self.features_of(list(shots), adapter, dpam=dpam)
         adapter.memory = MemoryBank.from_features(feats, coreset_ratio)
-        adapter.calibration = self._calibrate(adapter, list(shots), feats, false_alarm_rate, calibration_views)
+        adapter.calibration = self._calibrate(adapter, list(shots), feats, calibration_views, list(defects), policy)
         return adapter
 
-    def _calibrate(self, adapter: Adapter, shots: list[Image.Image], feats: Features, rate: float,
-                   views: int):
+    def score_images(self, images: Sequence[Image.Image], adapter: Adapter) -> list[float]:
+        """Image scores only (no maps): validation evidence such as confirmed defects."""
+        return [p.score for p in self.predict(list(images), adapter, map_size=None)] if images else []
+
+    def _calibrate(self, adapter: Adapter, shots: list[Image.Image], feats: Features, views: int,
+                   defects: list[Image.Image], policy: DecisionPolicy) -> Calibration:
         """Leave-one-out: each shot (and light variants of it) is scored against a memory of the others.
 
         The shots' own features are reused; the light views of all shots are extracted in one pass."""
@@ -215,4 +228,5 @@ class Detector:
                 parts.append(view_feats.select(slice(i * views, (i + 1) * views)))
             scores.extend(self.score_features(Features.cat(parts), adapter, bank)[0].tolist())
         method = "leave-one-out" if n > 1 else "single-shot-augmented"
-        return calibrate(scores, rate, method)
+        return calibrate(scores, shots=n, validation_defect_scores=self.score_images(defects, adapter),
+                         policy=policy, method=method)
