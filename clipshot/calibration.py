@@ -163,17 +163,20 @@ def apply_policy(cal: Calibration, policy: DecisionPolicy) -> Calibration:
 
 
 def light_views(image: Image.Image, count: int) -> list[Image.Image]:
-    """Small shifts and brightness changes a production line produces anyway; scoring them as normal
-    widens the normal distribution to what the camera will really deliver."""
+    """Small zooms and brightness changes a production line produces anyway; scoring them as normal widens
+    the normal distribution to what the camera will really deliver.
+
+    A zoom (crop 2 % off every side, resize back) stands in for a small shift: shifting with a fill colour
+    drew a flat band along the border that no real frame has, and on textured parts that band scored like a
+    defect (ball screw: light views 0.19 vs 0.12 for real good frames), pushing the threshold above them."""
     width, height = image.size
     dx, dy = max(1, width // 50), max(1, height // 50)
+    box = (dx, dy, width - dx, height - dy)
     variants = [
-        lambda im: im.transform(im.size, Image.Transform.AFFINE, (1, 0, dx, 0, 1, dy), Image.Resampling.BILINEAR,
-                                fillcolor=im.getpixel((0, 0))),
+        lambda im: im.resize(im.size, Image.Resampling.BICUBIC, box=box),
         lambda im: ImageEnhance.Brightness(im).enhance(1.05),
-        lambda im: im.transform(im.size, Image.Transform.AFFINE, (1, 0, -dx, 0, 1, -dy),
-                                Image.Resampling.BILINEAR, fillcolor=im.getpixel((width - 1, height - 1))),
         lambda im: ImageEnhance.Brightness(im).enhance(0.95),
+        lambda im: ImageEnhance.Contrast(im).enhance(1.05),
     ]
     rgb = image.convert("RGB")
     return [variants[i % len(variants)](rgb) for i in range(count)]
