@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -16,15 +17,18 @@ from clipshot import lora
 from clipshot.adapter import Adapter
 from clipshot.anomaly_map import pixel_map
 from clipshot.backbone import Backbone, ClipBackbone
+from clipshot.backbone.base import unit_pixels
 from clipshot.calibration import Calibration, DecisionPolicy, calibrate, light_views
 from clipshot.features import Features
 from clipshot.fusion import ScoringConfig, fuse_maps, image_score
 from clipshot.memory_branch import MemoryBank
 from clipshot.prompts import handcrafted_embeddings
+from clipshot.synthetic import AnomalySynthesizer
 from clipshot.text_branch import text_maps, text_scores
 
 RECOMMENDED_MIN_SHOTS = 4
 FEATURE_BATCH = 32
+SYNTHETIC_DEFECTS = 32  # calibration's synthetic defects per fit, spread evenly over the shots
 
 
 @dataclass
@@ -211,22 +215,57 @@ class Detector:
 
     def _calibrate(self, adapter: Adapter, shots: list[Image.Image], feats: Features, views: int,
                    defects: list[Image.Image], policy: DecisionPolicy) -> Calibration:
-        """Leave-one-out: each shot (and light variants of it) is scored against a memory of the others.
+        """Leave-one-out evidence: each shot, light variants of it and synthetic defects made from it are scored
+        against a memory of the *other* shots, i.e. as a part the memory has never seen.
 
-        The shots' own features are reused; the light views of all shots are extracted in one pass."""
+        The shots' own features are reused; views and synthetic defects are extracted in one pass each."""
         n = len(shots)
+        dpam = adapter.scoring.dpam
         view_feats = None
         if views:
             all_views = [view for img in shots for view in light_views(img, views)]
-            view_feats = self.features_of(all_views, adapter, dpam=adapter.scoring.dpam)
-        scores: list[float] = []
+            view_feats = self.features_of(all_views, adapter, dpam=dpam)
+        made, sources = self._synthetic_defects(shots)
+        synth_feats = self._unit_features(made, adapter) if len(made) else None
+        normal: list[float] = []
+        synthetic: list[float] = []
         for i in range(n):
             rest = [j for j in range(n) if j != i] or [i]
             bank = MemoryBank.from_features(feats.select(torch.tensor(rest)))
             parts = [feats.select(slice(i, i + 1))] if n > 1 or view_feats is None else []
             if view_feats is not None:
                 parts.append(view_feats.select(slice(i * views, (i + 1) * views)))
-            scores.extend(self.score_features(Features.cat(parts), adapter, bank)[0].tolist())
+            normal.extend(self.score_features(Features.cat(parts), adapter, bank)[0].tolist())
+            mine = [k for k, src in enumerate(sources) if src == i]
+            if synth_feats is not None and mine:
+                synthetic.extend(self.score_features(synth_feats.select(torch.tensor(mine)), adapter, bank)[0].tolist())
         method = "leave-one-out" if n > 1 else "single-shot-augmented"
-        return calibrate(scores, shots=n, validation_defect_scores=self.score_images(defects, adapter),
+        return calibrate(normal, synthetic, shots=n, validation_defect_scores=self.score_images(defects, adapter),
                          policy=policy, method=method)
+
+    def _synthetic_defects(self, shots: list[Image.Image]) -> tuple[torch.Tensor, list[int]]:
+        """(N, 3, S, S) unit-range synthetic defects (CutPaste, scar, Perlin) made from the shots at model
+        resolution, and the shot each was made from. A fixed seed: the same shots calibrate the same way."""
+        units = unit_pixels(shots, self.backbone.image_size)
+        per_shot = max(1, math.ceil(SYNTHETIC_DEFECTS / len(shots)))
+        generator = torch.Generator().manual_seed(0)
+        synthesizer = AnomalySynthesizer(p=1.0)
+        made: list[torch.Tensor] = []
+        sources: list[int] = []
+        for i, shot in enumerate(units):
+            for _ in range(per_shot):
+                image, _mask, label = synthesizer(shot, list(units), generator)
+                if label:  # a flat shot can refuse every kind: no defect then, rather than a fake one
+                    made.append(image)
+                    sources.append(i)
+        return (torch.stack(made) if made else units[:0]), sources
+
+    def _unit_features(self, units: torch.Tensor, adapter: Adapter) -> Features:
+        """Features of images already at model resolution in [0, 1] (no second resize)."""
+        mean = torch.tensor(self.backbone.mean).view(1, 3, 1, 1)
+        std = torch.tensor(self.backbone.std).view(1, 3, 1, 1)
+        return Features.cat([
+            self.features(((units[i : i + FEATURE_BATCH] - mean) / std).to(self.backbone.device), adapter,
+                          dpam=adapter.scoring.dpam)
+            for i in range(0, len(units), FEATURE_BATCH)
+        ])
