@@ -176,12 +176,11 @@ def _run_category(result: ProtocolResult, root: str | Path, cat: str, runs: list
             defects = [images[i] for i in fed if labels[i]]
             refined = refine_adapter(adapter, shot_images, goods, defects)
             pick = [images[i] for i in held]
-            after_scores, after_maps, _ = predict_all(detector, pick, refined, map_size, batch_size)
-            for phase, run_scores, run_maps, thr in (
-                    ("before", [scores[i] for i in held], [maps[i] for i in held], threshold),
-                    ("after", after_scores, after_maps, refined.threshold)):
-                held_metrics = compute_metrics([labels[i] for i in held], run_scores, [masks[i] for i in held],
-                                               run_maps, aupro_bins=aupro_bins, threshold=thr)
+            after_scores, _, _ = predict_all(detector, pick, refined, map_size, batch_size)
+            for phase, run_scores, thr in (
+                    ("before", [scores[i] for i in held], threshold), ("after", after_scores, refined.threshold)):
+                held_metrics = compute_metrics([labels[i] for i in held], run_scores, [], [], threshold=thr,
+                                               pixel=False)
                 held_metrics.update(fed_goods=len(goods), fed_defects=len(defects))
                 result.records.append({"category": cat, "mode": f"{mode}+feedback{feedback}:{phase}", "shots": k,
                                        "seed": seed, "shot_files": [p.name for p in shot_paths], "n_test": len(held),
