@@ -345,9 +345,9 @@ class CategoryService(CategoryEdits):
 
         Holding the lock throughout means a mutation queued behind this DELETE finds the category gone
         (404) or re-creates it only after the DELETE answered, never half-way through."""
-        name = self._existing(category)
-        async with self._lock(name):
-            self._existing(name)  # an earlier DELETE may have removed it while this one waited
+        name = self.name(category)
+        async with self._lock(name):  # wait for mutations queued earlier (a first registration included)
+            self._existing(name)
             job = await run_in_threadpool(self.jobs.cancel_category, name, timeout=DELETE_WAIT_S)
             if job is not None and job.active:
                 raise ConflictError(f"job {job.id} of {name!r} is still stopping; retry the delete shortly",
