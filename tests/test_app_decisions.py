@@ -229,3 +229,42 @@ def test_metrics_count_verdicts_and_place_scores_relative_to_the_threshold(clien
     assert metric(text, "clipshot_score_threshold_ratio_bucket", category="widget", le="1.0") == normal
     expected = sum(p["score"] / p["threshold"] for p in preds)
     assert metric(text, "clipshot_score_threshold_ratio_sum", category="widget") == pytest.approx(expected)
+
+
+def test_finetune_keeps_policy_and_validation_and_feedback_refits_through_its_lora(client):
+    from safetensors.torch import load_file
+
+    from tests.test_app_categories import wait_job
+
+    store = client.app.state.store.root
+    register(client)
+    r = client.post("/v1/categories/widget/feedback", headers=ADMIN, data={"label": "defect"},
+                    files=files([(f"d{i}.png", defect_bytes(70 + i)) for i in range(2)]))
+    assert r.status_code == 201, r.text
+    assert client.put("/v1/categories/widget/threshold", headers=ADMIN,
+                      json={"target_false_alarm_rate": 0.1}).status_code == 200
+    job = client.post("/v1/categories/widget/finetune", headers=ADMIN, json={"steps": 2}).json()
+    done = wait_job(client, job["id"], timeout=300)
+    assert done["state"] == "succeeded", done
+    tuned = done["result_version"]
+    m = manifest(store, "widget", tuned)
+    cal = m["adapter"]["calibration"]
+    assert (cal["policy"], cal["target_false_alarm_rate"]) == ("target_rate", 0.1)  # the operator's choice survives
+    assert len(m["validation"]) == 2 and len(cal["validation_defect_scores"]) == 2
+    assert m["metrics"]["confirmed_defects"] == 2 and "recall_finetuned" in m["metrics"]
+    assert "recall" in m["metrics"]["promotable_rule"]
+
+    assert client.post(f"/v1/categories/widget/versions/{tuned}/activate", headers=ADMIN).status_code == 200
+    r = client.post("/v1/categories/widget/feedback", headers=ADMIN, data={"label": "good"},
+                    files=files([("g.png", image_bytes(81))]))
+    assert r.status_code == 201, r.text
+    refit = r.json()["version"]
+    detail = {v["version"]: v for v in client.get("/v1/categories/widget", headers=CLIENT).json()["versions"]}
+    assert detail[refit]["kind"] == "finetuned" and detail[refit]["shots"] == 5
+    assert manifest(store, "widget", refit)["adapter"]["calibration"]["policy"] == "target_rate"
+    old = load_file(store / "categories" / "widget" / f"v{tuned}" / "adapter.safetensors")
+    new = load_file(store / "categories" / "widget" / f"v{refit}" / "adapter.safetensors")
+    lora_keys = sorted(k for k in old if k.startswith("lora."))
+    assert lora_keys and lora_keys == sorted(k for k in new if k.startswith("lora."))
+    assert all((old[k] == new[k]).all() for k in lora_keys)  # the LoRA is reused, not retrained
+    assert predict(client, [50])[0]["adapter_version"] == refit
