@@ -1,5 +1,8 @@
 """CategoryService: register products from a few good photos, list/inspect/activate/delete their versions.
 
+Operator edits (threshold policy, feedback, shot removal) live in ``category_edits.py``; which images belong
+to a category is read from its active version (``shot_ledger.py``).
+
 Why registration fits the memory adapter synchronously: it needs no training, so the product serves the
 moment the 201 returns; the (optional) fine-tune then runs as a background job and hot-swaps itself in only
 if it beats that adapter. Every input is validated before anything is written, so a rejected upload leaves

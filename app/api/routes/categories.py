@@ -88,7 +88,7 @@ def list_categories(_: ClientDep, service: CategoriesDep) -> CategoryList:
 @router.get("/{category}", response_model=CategoryDetail, summary="One product's versions",
             responses=errors(400, 401, 404, 422))
 def get_category(category: CategoryPath, _: ClientDep, service: CategoriesDep) -> CategoryDetail:
-    """One product's versions with their manifests' key facts. Client or admin key."""
+    """One product's versions with their manifests' key facts, and the active `decision`. Client or admin key."""
     return CategoryDetail.model_validate(service.detail(category))
 
 
