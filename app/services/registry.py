@@ -271,18 +271,24 @@ class CategoryService(CategoryEdits):
                 self.store.shot_path(name, file).unlink(missing_ok=True)
 
     # -- fine-tune ----------------------------------------------------------------------------------
-    def finetune(self, category: str, params: dict[str, Any]) -> Any:
-        """Queue a fine-tune over the stored shots (404 unknown, 400 non-CLIP backbone, 409 already active)."""
+    async def finetune(self, category: str, params: dict[str, Any]) -> Any:
+        """Queue a fine-tune over the stored shots (404 unknown, 400 non-CLIP backbone, 409 already active).
+
+        Under the category lock, so a DELETE (which cancels the category's jobs while holding it) can never
+        be followed by a job queued in between that would write a version into the deleted category."""
         name = self._existing(category)
         backbone = self.detector.backbone
         if not backbone.supports_text:
             raise BadRequestError(f"fine-tuning needs a CLIP backbone (text tower + LoRA); this service runs "
                                   f"{backbone.spec}, which supports the memory adapter only",
                                   code="finetune_unsupported")
-        if not current_ledger(self.store, name).goods:
-            raise ConflictError(f"category {name!r} has no stored shots to train on; upload some first",
-                                code="no_shots")
-        return self.jobs.enqueue(name, {k: v for k, v in params.items() if v is not None})
+        async with self._lock(name):
+            self._existing(name)
+            if not current_ledger(self.store, name).goods:
+                raise ConflictError(f"category {name!r} has no stored shots to train on; upload some first",
+                                    code="no_shots")
+            return await run_in_threadpool(self.jobs.enqueue, name, {k: v for k, v in params.items()
+                                                                     if v is not None})
 
     # -- inspection ---------------------------------------------------------------------------------
     def summary(self, category: str) -> dict[str, Any]:

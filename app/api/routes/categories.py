@@ -70,13 +70,13 @@ async def register_shots(
                               e400="Invalid name, or the backbone cannot be fine-tuned (no text tower).",
                               e409="A fine-tune is already queued or running for the category, or it has no "
                                    "stored shots."))
-def start_finetune(
+async def start_finetune(
     category: CategoryPath, _: AdminDep, service: CategoriesDep,
     body: Annotated[FinetuneRequest | None, Body()] = None,
 ) -> Job:
     """Fine-tune the category on its stored shots as a background job; poll ``GET /v1/jobs/{id}``. Admin only."""
     params = (body or FinetuneRequest()).model_dump(exclude_none=True)
-    return service.finetune(category, params)
+    return await service.finetune(category, params)
 
 
 @router.get("", response_model=CategoryList, summary="List products", responses=errors(401))
