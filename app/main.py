@@ -111,6 +111,10 @@ def _start_jobs_and_registry(app: FastAPI, stack: contextlib.AsyncExitStack) -> 
     s.categories = s.category_service = CategoryService(
         settings=s.settings, store=s.store, detector=s.detector, device_worker=s.device_worker,
         adapter_cache=s.adapter_cache, job_runner=runner)
+    swept = s.category_service.sweep_orphans()  # shot files of fits that died before saving their version
+    if swept:
+        log.warning("removed shot files no version lists (left by a crash): %s",
+                    {name: len(files) for name, files in swept.items()})
 
 
 def create_app(settings: Settings | None = None, *, backbone: Backbone | None = None) -> FastAPI:

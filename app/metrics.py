@@ -35,6 +35,8 @@ STAGES = ("decode", "preprocess", "forward", "postprocess")
 TIERS = ("device", "cpu")
 VERDICTS = ("normal", "anomalous", "unknown")  # unknown: no calibrated threshold yet
 QUEUES = ("predict", "train")
+# score / threshold: fine around 1 (the decision boundary), coarse far from it.
+RATIO_BUCKETS = (0.25, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0, 1.05, 1.1, 1.25, 1.5, 2.0, 4.0)
 BATCH_CATEGORY = "*"  # category label for per-batch work shared by several categories
 DEVICE_MEMORY = "clipshot_device_memory_bytes"
 _DEVICE_MEMORY_HELP = (
@@ -164,6 +166,15 @@ class Metrics:
             "Images scored, by category and verdict (normal, anomalous, or unknown when uncalibrated).",
             ("category", "verdict"),
         )
+        self.score_ratio = self._histogram(
+            "clipshot_score_threshold_ratio",
+            "Image score divided by the category's threshold at the time (above 1 = anomalous), per category. "
+            "Buckets are relative to the threshold, so a product drifting towards it shows as mass moving into "
+            "the 0.8-1 buckets before verdicts change, whatever its absolute score range. Only calibrated "
+            "adapters with a positive threshold are observed.",
+            ("category",),
+            RATIO_BUCKETS,
+        )
         self.device_memory = DeviceMemoryCollector()
         self.registry.register(self.device_memory)
         self.specs.append(MetricSpec(DEVICE_MEMORY, "gauge", ("kind",), _DEVICE_MEMORY_HELP))
@@ -192,6 +203,14 @@ class Metrics:
             yield
         finally:
             self.inference_stage.labels(stage, category).observe(time.perf_counter() - start)
+
+    def observe_verdict(self, category: str, verdict: str, score: float, threshold: float | None) -> None:
+        """Count the verdict and, when a threshold exists, where the score sits relative to it."""
+        if verdict not in VERDICTS:
+            raise ValueError(f"verdict must be one of {VERDICTS}, got {verdict!r}")
+        self.predictions.labels(category, verdict).inc()
+        if threshold is not None and threshold > 0:
+            self.score_ratio.labels(category).observe(score / threshold)
 
     def set_job_counts(self, counts: Mapping[str, int]) -> None:
         """Set ``clipshot_jobs`` from ``JobStore.count_by_state()`` (missing states read as 0)."""

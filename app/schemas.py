@@ -116,6 +116,94 @@ class FinetuneRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**31 - 1, description="Random seed (default 0).")
 
 
+# --- decisions: threshold policy, feedback, shots ----------------------------------------------
+
+
+class Decision(BaseModel):
+    """The active decision rule (``score > threshold`` = anomalous) and what it is expected to do."""
+
+    threshold: float = Field(description="Scores above this are anomalous.")
+    policy: Literal["auto", "target_rate", "manual"] = Field(
+        description="`auto`: the automatic rule; `target_rate`: a false-alarm rate an operator asked for; "
+        "`manual`: a threshold an operator set.")
+    target_false_alarm_rate: float | None = Field(description="The rate asked for (`target_rate` only).")
+    expected_false_alarm_rate: float | None = Field(
+        description="Expected share of good parts flagged, from the stored leave-one-out scores of the good images.")
+    expected_recall: float | None = Field(
+        description="Expected share of defects caught: on confirmed defects when there are any, else on "
+                    "synthetic defects made from the shots; null without such evidence.")
+    confident: bool = Field(description="False with fewer than 4 good images: the rates are rough guesses.")
+    note: str | None = Field(description="Why the rates are uncertain, if they are.")
+
+
+class Validation(BaseModel):
+    """What a version measures on the images operators confirmed through feedback."""
+
+    defects: int = Field(description="Confirmed defect images (the validation set).")
+    recall: float | None = Field(description="Share of them scoring above the threshold; null without any.")
+    goods: int = Field(description="Confirmed good images in the memory (false alarms fed back).")
+    false_alarm_rate: float | None = Field(
+        description="Share of the leave-one-out scores of all good images (shots and confirmed goods, each "
+                    "scored against a memory without it) above the threshold; null without confirmed goods.")
+
+
+class ThresholdRequest(BaseModel):
+    """Exactly one of the three fields: how the threshold is chosen from now on."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"target_false_alarm_rate": 0.02}, {"threshold": 0.31}, {"policy": "auto"}]})
+
+    target_false_alarm_rate: float | None = Field(
+        None, gt=0, lt=0.5, description="Choose the threshold that flags this share of good parts.")
+    threshold: float | None = Field(None, ge=0, allow_inf_nan=False, description="Set the threshold itself.")
+    policy: Literal["auto"] | None = Field(None, description="`auto`: go back to the automatic rule.")
+
+
+class ThresholdChanged(BaseModel):
+    """``PUT /v1/categories/{category}/threshold``: the new active version and its decision."""
+
+    category: str = Field(description="The product category.")
+    version: int = Field(description="New active version (same model, new decision rule).")
+    decision: Decision = Field(description="The decision rule it now serves with.")
+
+
+class FeedbackResult(BaseModel):
+    """``POST /v1/categories/{category}/feedback``: what was learnt and the version that learnt it."""
+
+    category: str = Field(description="The product category.")
+    version: int = Field(description="Active version: a new one when anything was added.")
+    added: int = Field(description="Images new to the category's good images or confirmed defects.")
+    duplicates: int = Field(description="Images it already held with this label (or repeated in the upload).")
+    decision: Decision | None = Field(description="The decision rule of the active version.")
+    validation: Validation = Field(description="What that version measures on the confirmed images.")
+
+
+class ShotInfo(BaseModel):
+    """One good image the active version's memory was fitted on."""
+
+    sha256: str = Field(description="SHA-256 of the stored bytes (use it to remove the shot).")
+    file_name: str | None = Field(description="The name it was uploaded under.")
+    added_at: datetime | None = Field(description="When it was added (UTC); null for shots from older versions.")
+    source: Literal["registration", "feedback"] = Field(description="Uploaded as a shot, or a confirmed good.")
+    label: Literal["good"] = Field(description="Always `good` (confirmed defects are validation, not shots).")
+
+
+class ShotList(BaseModel):
+    """``GET /v1/categories/{category}/shots``."""
+
+    shots: list[ShotInfo] = Field(description="Oldest first.")
+
+
+class ShotRemoved(BaseModel):
+    """``DELETE /v1/categories/{category}/shots/{sha256}``: the version fitted without it."""
+
+    category: str = Field(description="The product category.")
+    version: int = Field(description="New active version, fitted without the shot.")
+    shots: int = Field(description="Good images the category holds now.")
+    removed: str = Field(description="SHA-256 of the removed shot.")
+    decision: Decision | None = Field(description="The decision rule of the new version.")
+
+
 class AdapterVersionInfo(BaseModel):
     """Key facts of one stored version, read from its manifest."""
 
@@ -130,6 +218,8 @@ class AdapterVersionInfo(BaseModel):
     metrics: dict[str, Any] = Field(default_factory=dict, description="Fit/validation metrics (AUROCs etc.).")
     training_seconds: float | None = Field(None, description="Time spent fine-tuning; null for memory adapters.")
     backbone: str | None = Field(None, description="Backbone spec the version was fitted on.")
+    validation: Validation | None = Field(None, description="What the version measures on operator-confirmed "
+                                                            "images (feedback).")
     error: str | None = Field(None, description="Set when the manifest cannot be read (the version is unusable).")
 
 
@@ -156,6 +246,8 @@ class CategoryDetail(BaseModel):
     shots: int = Field(description="Distinct good shots stored for the product.")
     versions: list[AdapterVersionInfo] = Field(description="Every stored version, oldest first.")
     active_job: Job | None = Field(None, description="The queued or running fine-tune, if any.")
+    decision: Decision | None = Field(None, description="How the active version decides `is_anomalous`; null "
+                                                        "when no version is usable.")
 
 
 class CategoryDeleted(BaseModel):

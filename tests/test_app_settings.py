@@ -95,6 +95,7 @@ def test_env_and_dotenv(monkeypatch, tmp_path):
         ({"port": 70000}, "less than or equal to 65535"),
         ({"min_shots": 5, "max_shots": 4, "recommended_min_shots": 4}, "min_shots"),
         ({"recommended_min_shots": 20}, "recommended_min_shots"),
+        ({"max_shots": 16, "max_category_images": 8}, "max_category_images"),
         ({"max_request_bytes": 10, "max_upload_bytes": 11}, "max_request_bytes"),
         ({"max_pending_images": 8, "max_predict_images": 9}, "could never be admitted"),
         ({"admin_keys": "has space,ok"}, "whitespace"),

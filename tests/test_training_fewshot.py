@@ -256,3 +256,23 @@ def test_cli_not_promotable_keeps_memory_adapter_active(tmp_path, capsys, monkey
     store = AdapterStore(tmp_path / "store")
     assert store.versions("wave") == [1, 2] and store.active_version("wave") == 2
     assert store.manifest("wave", 1).promotable is False and store.manifest("wave", 2).adapter["lora"] is None
+
+
+def test_confirmed_defects_are_scored_and_gate_promotion(detector: Detector) -> None:
+    """With min_gain=-2 the AUROC rule always passes (AUROCs lie in [0, 1]), so promotion is decided by the
+    confirmed defects alone: the fine-tune may not catch fewer of them than the memory adapter."""
+    defects = []
+    for img in shots(2, seed=9):
+        a = np.array(img)
+        a[8:24, 8:24] = 0
+        defects.append(Image.fromarray(a))
+    config = FewShotConfig(steps=3, min_gain=-2.0)
+    plain = train_fewshot(detector, shots(4), category="wave", config=config)
+    assert plain.promotable and "confirmed_defects" not in plain.metrics
+    result = train_fewshot(detector, shots(4), category="wave", config=config, defects=defects)
+    for adapter in (result.adapter, result.memory_adapter):
+        assert len(adapter.calibration.validation_defect_scores) == 2  # scored, never put into memory
+    assert adapter.memory.size == plain.memory_adapter.memory.size
+    m = result.metrics
+    assert m["confirmed_defects"] == 2 and "recall" in m["promotable_rule"]
+    assert result.promotable == (m["recall_finetuned"] >= m["recall_memory"])

@@ -134,7 +134,12 @@ class Settings(BaseSettings):
         1, ge=1, description="Fewest good reference photos accepted when registering a product."
     )
     max_shots: int = Field(
-        16, ge=1, description="Most good reference photos accepted when registering a product."
+        16, ge=1, description="Most good reference photos accepted in one upload (registration, more shots or "
+        "feedback); also the memory budget: beyond this many good images the memory is thinned with a coreset."
+    )
+    max_category_images: int = Field(
+        128, ge=1, description="Most good images (shots + confirmed goods) and, separately, most confirmed "
+        "defects one product may hold; every re-fit extracts features of all of them."
     )
     recommended_min_shots: int = Field(
         4, ge=1, description="Below this many shots registration succeeds but the response carries a warning."
@@ -241,6 +246,9 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Settings:
+        if self.max_shots > self.max_category_images:
+            raise ValueError(f"max_shots ({self.max_shots}) must be <= max_category_images "
+                             f"({self.max_category_images})")
         if self.min_shots > self.max_shots:
             raise ValueError(f"min_shots ({self.min_shots}) must be <= max_shots ({self.max_shots})")
         if not self.min_shots <= self.recommended_min_shots <= self.max_shots:

@@ -173,7 +173,7 @@ class InferenceService:
                 data, shape = raw_grid(result.heat)
                 heatmap = Heatmap(encoding="raw", data=b64(data), shape=shape, dtype="float16")
         verdict = "unknown" if pred.is_anomalous is None else ("anomalous" if pred.is_anomalous else "normal")
-        self.metrics.predictions.labels(label, verdict).inc()
+        self.metrics.observe_verdict(label, verdict, pred.score, pred.threshold)
         ms = 1000.0
         return ImagePrediction(
             filename=upload.filename, sha256=decoded.sha256, category=adapter.category,

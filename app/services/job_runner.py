@@ -37,6 +37,8 @@ from app.metrics import Metrics
 from app.services.device_worker import TRAIN
 from app.services.job_store import ACTIVE_STATES, Job, JobNotFoundError, JobState, JobStore
 from app.services.registry import adapter_facts, load_shots
+from app.services.shot_ledger import Ledger, current_ledger, decode_refs, memory_coreset
+from clipshot.calibration import Calibration
 from clipshot.detector import Detector
 from model_store import AdapterStore
 from model_store.adapters import save_adapter
@@ -225,10 +227,12 @@ class JobRunner:
         images, refs, object_name = load_shots(self.store, job.category, self.settings)
         if not images:
             raise RuntimeError(f"category {job.category!r} has no stored shots")
-        config = self._config(job.params)
+        ledger = current_ledger(self.store, job.category)  # confirmed defects + policy of the serving version
+        defects = decode_refs(self.store, job.category, ledger.defects, self.settings)
+        config = self._config(job.params, ledger)
         trainer = self._device(lambda: self.trainer_factory(
             self.detector, images, category=job.category, object_name=object_name, config=config,
-            progress=running.observe, cancel=running.token), running)
+            progress=running.observe, cancel=running.token, defects=defects), running)
         steps = None
         try:
             steps = trainer.steps()
@@ -242,13 +246,18 @@ class JobRunner:
         finally:
             self._cleanup(trainer, steps)
         running.token.raise_if_cancelled()  # a cancel that arrived during result(): write nothing
-        return self._save(job, result, refs)
+        return self._save(job, result, refs, ledger.defects)
 
-    def _config(self, params: dict[str, Any]) -> FewShotConfig:
-        """Request budget, else the settings' defaults; the seconds budget always caps a job."""
+    def _config(self, params: dict[str, Any], ledger: Ledger) -> FewShotConfig:
+        """Request budget, else the settings' defaults; the seconds budget always caps a job. The result keeps
+        the serving version's decision policy (an operator's threshold choice survives a fine-tune)."""
+        raw = None if ledger.manifest is None else ledger.manifest.adapter.get("calibration")
+        n = len(ledger.goods)
         return FewShotConfig(steps=params.get("steps") or self.settings.finetune_steps,
                              seconds=params.get("seconds") or self.settings.finetune_seconds,
-                             seed=params.get("seed") or 0, max_shots=self.settings.max_shots)
+                             seed=params.get("seed") or 0, max_shots=self.settings.max_category_images,
+                             policy=Calibration.from_dict(raw).policy_spec() if raw else None,
+                             coreset_ratio=memory_coreset(n, self.settings.max_shots))
 
     @staticmethod
     def _progress_fields(progress: Progress, config: FewShotConfig) -> dict[str, Any]:
@@ -287,20 +296,24 @@ class JobRunner:
         except Exception:
             log.exception("could not release the training LoRA")
 
-    def _save(self, job: Job, result: Any, refs: list[dict[str, str]]) -> dict[str, Any]:
+    def _save(self, job: Job, result: Any, refs: list[dict[str, Any]],
+              defects: list[dict[str, Any]]) -> dict[str, Any]:
         """Persist the fine-tuned bundle; activate (hot swap) only when promotable and still current."""
-        _, now_refs, _ = load_shots(self.store, job.category, self.settings, decode=False)
-        fresh = [r["sha256"] for r in now_refs] == [r["sha256"] for r in refs]
+        now = current_ledger(self.store, job.category)
+        fresh = ([r["sha256"] for r in now.goods] == [r["sha256"] for r in refs]
+                 and [r["sha256"] for r in now.defects] == [r["sha256"] for r in defects])
         promote = bool(result.promotable) and fresh
         metrics = {**result.metrics, **adapter_facts(result.adapter, "finetuned")}
         version = save_adapter(self.store, self.detector, result.adapter, activate=promote, shots=refs,
+                               validation=defects,
                                training={"config": result.config, "seconds": result.seconds, "job_id": job.id},
                                metrics=metrics, promotable=bool(result.promotable))
         if promote:
             self.cache.invalidate(job.category)
             message = f"version {version} promoted and active"
         elif not fresh:
-            message = f"version {version} saved inactive: the category's shots changed during training"
+            message = (f"version {version} saved inactive: the category's shots or confirmed defects changed "
+                       "during training")
         else:
             rule = result.metrics.get("promotable_rule", "validation did not beat the memory adapter")
             ft, mem = result.metrics.get("auroc_finetuned"), result.metrics.get("auroc_memory")
