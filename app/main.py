@@ -82,7 +82,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         metrics.device_memory.cuda_device = backbone.device
     async with contextlib.AsyncExitStack() as stack:
         merge = settings.lora_merge == "on" or (settings.lora_merge == "auto" and backbone.device.type == "cuda")
-        state.detector = detector = Detector(backbone, merge_lora=merge)
+        state.detector = detector = Detector(backbone, merge_lora=merge, mixed_lora=settings.mixed_lora)
         state.store = store = AdapterStore(settings.store)
         state.job_store = job_store = open_job_store(settings)
         stack.callback(job_store.close)

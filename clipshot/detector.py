@@ -12,14 +12,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from clipshot import lora
+from clipshot import lora, mixed_batch
 from clipshot.adapter import Adapter
 from clipshot.anomaly_map import pixel_map
 from clipshot.backbone import Backbone, ClipBackbone
 from clipshot.calibration import DEFAULT_FALSE_ALARM_RATE, calibrate, light_views
 from clipshot.features import Features
 from clipshot.fusion import ScoringConfig, fuse_maps, image_score
-from clipshot.lora_mixed import MixedMode, mixed_batch
 from clipshot.memory_branch import MemoryBank
 from clipshot.prompts import handcrafted_embeddings
 from clipshot.text_branch import text_maps, text_scores
@@ -39,12 +38,13 @@ class Prediction:
 class Detector:
     """Scores images against a product's adapter on one shared frozen backbone."""
 
-    def __init__(self, backbone: Backbone, *, merge_lora: bool = False, mixed_lora: MixedMode | None = "group"):
+    def __init__(self, backbone: Backbone, *, merge_lora: bool = False,
+                 mixed_lora: mixed_batch.MixedLora = "gather"):
         self.backbone = backbone
         # Fold the active product's LoRA into the weights (see clipshot.lora): fewer kernels per forward, at
         # the price of a weight copy whenever the product changes. Pays off where launches dominate (GPUs).
         self.merge_lora = merge_lora
-        # How a batch mixing several LoRA products runs (clipshot.lora_mixed); None = one forward per LoRA.
+        # How a batch mixing several LoRA products runs: per-sample deltas ("gather" / "group") or "split".
         self.mixed_lora = mixed_lora
 
     # -- layout checks ---------------------------------------------------------------------------
@@ -138,64 +138,9 @@ class Detector:
         self.check_compatible(adapter)
         return self.score_features(self.features(pixels, adapter, dpam=adapter.scoring.dpam), adapter)
 
-    @torch.inference_mode()
     def forward_mixed(self, pixels: torch.Tensor, adapters: Sequence[Adapter]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sample i scored by ``adapters[i]``: one backbone forward for the whole batch where possible.
-
-        Adapters without LoRA share the plain forward; several LoRA products add per-sample deltas to it
-        (``mixed_lora``); a batch of one LoRA product runs as ``forward`` does (folded where ``merge_lora``). Only
-        DPAM (a different forward) splits the batch. Each product then scores its own rows. Equal to calling
-        ``forward`` per product within float tolerance (tests/test_core_mixed_batch.py).
-        """
-        if len(adapters) != pixels.shape[0]:
-            raise ValueError(f"{pixels.shape[0]} images but {len(adapters)} adapters")
-        unique = {a.uid: a for a in adapters}
-        for adapter in unique.values():
-            self.check_compatible(adapter)
-        if len(unique) == 1:
-            return self.forward(pixels, adapters[0])
-        size = self.backbone.image_size
-        scores = torch.empty(len(adapters), device=pixels.device)
-        maps = torch.empty(len(adapters), size, size, device=pixels.device)
-        for dpam in (False, True):
-            rows = [i for i, a in enumerate(adapters) if a.scoring.dpam == dpam]
-            if not rows:
-                continue
-            feats = self._mixed_features(pixels[rows], [adapters[i] for i in rows], dpam)
-            by_uid: dict[str, list[int]] = {}
-            for j, i in enumerate(rows):
-                by_uid.setdefault(adapters[i].uid, []).append(j)
-            for uid, local in by_uid.items():
-                s, m = self.score_features(feats.select(torch.tensor(local, device=feats.patches[0].device)),
-                                           unique[uid])
-                target = torch.tensor([rows[j] for j in local], device=scores.device)
-                scores[target] = s.to(scores.device, scores.dtype)
-                maps[target] = m.to(maps.device, maps.dtype)
-        return scores, maps
-
-    def _mixed_features(self, pixels: torch.Tensor, adapters: list[Adapter], dpam: bool) -> Features:
-        """Features of a batch whose samples use different adapters (see ``forward_mixed``)."""
-        loras = {a.uid: a for a in adapters if a.lora is not None}
-        if not loras:
-            return self.features(pixels, None, dpam=dpam)
-        if len(loras) == 1 and all(a.lora is not None for a in adapters):
-            return self.features(pixels, adapters[0], dpam=dpam)
-        backbone = self._require_clip("LoRA")
-        for adapter in loras.values():
-            self.attach(adapter)
-        if self.mixed_lora is None:  # one forward per LoRA product, one for the rest, rows put back in order
-            parts: list[tuple[list[int], Features]] = []
-            for key in [*loras, None]:
-                rows = [i for i, a in enumerate(adapters) if (a.uid if a.lora is not None else None) == key]
-                if rows:
-                    parts.append((rows, self.features(pixels[rows], loras.get(key), dpam=dpam)))
-            order = torch.tensor([i for rows, _ in parts for i in rows]).argsort()
-            return Features.cat([f for _, f in parts]).select(order)
-        names = [a.uid if a.lora is not None else None for a in adapters]
-        with mixed_batch(backbone.visual, names, mode=self.mixed_lora):
-            feats = self.backbone.extract(pixels, dpam=dpam)
-        lora.activate(backbone.visual, None)
-        return feats
+        """Sample i scored by ``adapters[i]`` in as few backbone forwards as possible (``clipshot.mixed_batch``)."""
+        return mixed_batch.forward_mixed(self, pixels, adapters)
 
     def predict(self, images: Sequence[Image.Image], adapter: Adapter,
                 *, map_size: tuple[int, int] | str | None = "input") -> list[Prediction]:

@@ -63,15 +63,16 @@ def mixed_batch(module: nn.Module, names: Sequence[str | None], *, mode: MixedMo
 
 
 def _group_hook(present: list[str], index: dict[str, torch.Tensor]) -> Callable:
+    rows = torch.cat([index[name] for name in present])  # every delta lands with ONE in-place index_add_
+
     def hook(layer: BaseTunerLayer, args: tuple, out: torch.Tensor) -> torch.Tensor:
         x = args[0]
+        deltas = []
         for name in present:
-            rows = index[name]
             lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
-            sub = x.index_select(0, rows).to(lora_a.weight.dtype)
-            delta = lora_b(lora_a(layer.lora_dropout[name](sub))) * layer.scaling[name]
-            out = out.index_add(0, rows, delta.to(out.dtype))
-        return out
+            sub = x.index_select(0, index[name]).to(lora_a.weight.dtype)
+            deltas.append(lora_b(lora_a(layer.lora_dropout[name](sub))) * layer.scaling[name])
+        return out.index_add_(0, rows, torch.cat(deltas).to(out.dtype))
 
     return hook
 

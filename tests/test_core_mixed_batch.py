@@ -55,7 +55,7 @@ def reference(detector: Detector, pixels: torch.Tensor, adapters) -> tuple[torch
     return torch.cat([s for s, _ in outs]), torch.cat([m for _, m in outs])
 
 
-@pytest.mark.parametrize("mixed_lora", ["group", "gather", None])
+@pytest.mark.parametrize("mixed_lora", ["group", "gather", "split"])
 @pytest.mark.parametrize("merge", [False, True])
 def test_mixed_batch_equals_the_per_product_path(clip_products, mixed_lora, merge):
     backbone, p, pixels = clip_products
@@ -81,7 +81,7 @@ def test_mixed_batch_runs_one_backbone_forward(clip_products, monkeypatch):
     Detector(backbone, mixed_lora="group").forward_mixed(pixels, order)
     assert calls == [8]  # four products incl. two LoRAs, one forward over all 8 images
     calls.clear()
-    Detector(backbone, mixed_lora=None).forward_mixed(pixels, order)
+    Detector(backbone, mixed_lora="split").forward_mixed(pixels, order)
     assert sorted(calls) == [2, 2, 4]  # the grouping fallback: x, y, and the two memory products together
     calls.clear()
     Detector(backbone).forward_mixed(pixels, [p["m1"], p["d"]] * 4)

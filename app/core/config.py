@@ -88,6 +88,13 @@ class Settings(BaseSettings):
         "branches in every forward (`off`): the forward then costs what the frozen backbone costs, but switching "
         "products copies the weights back. `auto` = `on` on GPUs (launch-bound at small batches), `off` on CPU.",
     )
+    mixed_lora: Literal["gather", "group", "split"] = Field(
+        "gather",
+        description="How one batch serves several LoRA products: `gather` (per-sample low-rank deltas with batched "
+        "matmuls over one base forward; fastest on CPU in benchmarks/mixed_batches.py), `group` (the deltas per "
+        "product, gathered and scattered back) or `split` (one backbone forward per LoRA product). Products "
+        "without LoRA always share one forward; a batch of one product folds/branches as `lora_merge` says.",
+    )
 
     # --- batching ------------------------------------------------------------------------------
     max_batch_size: int = Field(
