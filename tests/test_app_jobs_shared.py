@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from test_app_jobs import ADMIN, Script, make_settings, register, wait_state
+from test_app_jobs import ADMIN, Script, make_settings, register, shots, wait_state
 
 from app.main import create_app
 from app.services.job_store import JobStore
@@ -115,3 +115,19 @@ def test_bad_job_database_settings_stop_serve_with_one_message(monkeypatch, tmp_
     for text in must_mention:
         assert text in message
     assert time.monotonic() - started < 15  # fails fast: the connect timeout is 5 s, no model is loaded first
+
+
+def test_an_activation_through_one_replica_is_served_by_the_other_at_once(replicas):
+    """Every lookup reads the active pointer in the shared store (one small file), so the bound is 0 s plus the
+    file system's own cache (a local folder here; see docs/deploy.md for NFS)."""
+    clients, _ = replicas
+    serving, worker = clients["serving"], clients["worker"]
+    register(serving, "widget")
+    register(worker, "widget", range(4, 8))  # v2, active
+    image = shots([20])
+    for version in (1, 2, 1):
+        r = worker.post(f"/v1/categories/widget/versions/{version}/activate", headers=ADMIN)
+        assert r.status_code == 200, r.text
+        for client in (serving, worker):  # the very next request after activate answered, on either replica
+            body = client.post("/v1/categories/widget/predict?heatmap=none", headers=ADMIN, files=image).json()
+            assert body["adapter_version"] == version
