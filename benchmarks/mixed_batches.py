@@ -135,15 +135,15 @@ def main() -> None:
         for with_lora in loras:
             with tempfile.TemporaryDirectory() as root:
                 adapters = build_products(Detector(backbone), Path(root), with_lora)
-                modes = ["group", "gather", None] if with_lora else ["group"]
-                cases = [(1, "mixed", "group", Batcher)]
-                cases += [(PRODUCTS, "per-product", "group", PerProductBatcher)]
+                modes = ["gather", "group", "split"] if with_lora else ["gather"]
+                cases = [(1, "mixed", "gather", Batcher)]
+                cases += [(PRODUCTS, "per-product", "gather", PerProductBatcher)]
                 cases += [(PRODUCTS, "mixed", m, Batcher) for m in modes]
                 for products, dispatch, mode, cls in cases:
                     detector = Detector(backbone, mixed_lora=mode)
                     row = asyncio.run(run(detector, adapters, pixels, products, args.requests, cls))
                     name = dispatch if dispatch == "per-product" or not with_lora or products == 1 else \
-                        f"mixed ({mode or 'split'})"
+                        f"mixed ({mode})"
                     kind = "memory + LoRA" if with_lora else "memory"
                     print(f"| `{spec}` | {products} | {kind} | {name} | {row['mean_batch']:.1f} | "
                           f"{row['images_s']:.0f} | {row['p50_ms']:.0f} | {row['p99_ms']:.0f} |", flush=True)

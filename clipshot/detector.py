@@ -45,6 +45,8 @@ class Detector:
         # the price of a weight copy whenever the product changes. Pays off where launches dominate (GPUs).
         self.merge_lora = merge_lora
         # How a batch mixing several LoRA products runs: per-sample deltas ("gather" / "group") or "split".
+        if mixed_lora not in ("gather", "group", "split"):
+            raise ValueError(f"mixed_lora must be 'gather', 'group' or 'split', got {mixed_lora!r}")
         self.mixed_lora = mixed_lora
 
     # -- layout checks ---------------------------------------------------------------------------

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from clipshot import lora
 from clipshot.adapter import Adapter
 from clipshot.anomaly_map import pixel_map
 from clipshot.features import Features
@@ -88,8 +87,10 @@ def _features(detector: Detector, pixels: torch.Tensor, adapters: list[Adapter],
         return detector.features(pixels, None, dpam=dpam)
     if len(loras) == 1 and all(a.lora is not None for a in adapters):
         return detector.features(pixels, adapters[0], dpam=dpam)
+    resident = detector.resident()  # one walk over the modules, not one per adapter
     for adapter in loras.values():
-        detector.attach(adapter)
+        if adapter.uid not in resident:
+            detector.attach(adapter)
     if detector.mixed_lora == "split":  # one forward per LoRA product, one for the rest, rows put back in order
         parts: list[tuple[list[int], Features]] = []
         for key in [*loras, None]:
@@ -98,10 +99,6 @@ def _features(detector: Detector, pixels: torch.Tensor, adapters: list[Adapter],
                 parts.append((rows, detector.features(pixels[rows], loras.get(key), dpam=dpam)))
         order = torch.tensor([i for rows, _ in parts for i in rows]).argsort()
         return Features.cat([f for _, f in parts]).select(order.to(parts[0][1].patches[0].device))
-    visual = detector.backbone.visual
     names = [a.uid if a.lora is not None else None for a in adapters]
-    try:
-        with mixed_batch(visual, names, mode=detector.mixed_lora):
-            return detector.backbone.extract(pixels, dpam=dpam)
-    finally:
-        lora.activate(visual, None)
+    with mixed_batch(detector.backbone.visual, names, mode=detector.mixed_lora):  # leaves no LoRA active
+        return detector.backbone.extract(pixels, dpam=dpam)
