@@ -55,9 +55,11 @@ def serve(ns: argparse.Namespace) -> int:
 
     import uvicorn  # heavy imports only once the configuration is known to be sane
 
-    from app.main import StartupError, create_app, load_service_backbone
+    from app.main import StartupError, create_app, load_service_backbone, open_job_store
 
     try:
+        if settings.job_db:  # a shared database must be reachable before minutes go into loading a model
+            open_job_store(settings).close()
         backbone = load_service_backbone(settings)
     except StartupError as exc:
         return _fail(str(exc), EXIT_STARTUP)

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+pytest_plugins = ["pg_fixtures"]  # PostgreSQL server / per-test schema fixtures
 
 REPO = Path(__file__).resolve().parent.parent
 BOTTLE = REPO.parent / "shared" / "data" / "mvtec_ad" / "bottle"

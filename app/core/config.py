@@ -88,6 +88,13 @@ class Settings(BaseSettings):
         "branches in every forward (`off`): the forward then costs what the frozen backbone costs, but switching "
         "products copies the weights back. `auto` = `on` on GPUs (launch-bound at small batches), `off` on CPU.",
     )
+    mixed_lora: Literal["gather", "group", "split"] = Field(
+        "gather",
+        description="How one batch serves several LoRA products: `gather` (per-sample low-rank deltas with batched "
+        "matmuls over one base forward; fastest on CPU in benchmarks/mixed_batches.py), `group` (the deltas per "
+        "product, gathered and scattered back) or `split` (one backbone forward per LoRA product). Products "
+        "without LoRA always share one forward; a batch of one product folds/branches as `lora_merge` says.",
+    )
 
     # --- batching ------------------------------------------------------------------------------
     max_batch_size: int = Field(
@@ -180,6 +187,29 @@ class Settings(BaseSettings):
         description="Default wall-clock budget of a fine-tune job (s); it stops early when spent.",
     )
 
+    # --- job database and fine-tune workers ------------------------------------------------------
+    job_db: str | None = Field(
+        None,
+        repr=False,
+        description="Where fine-tune job records live. Empty: `jobs.sqlite3` in the store (one process). "
+        "`postgresql://user:password@host:port/database`: a PostgreSQL database shared by every replica and "
+        "fine-tune worker, so a queued job is claimed by exactly one of them. Unreachable at start-up -> the "
+        "service does not start.",
+    )
+    job_worker: bool = Field(
+        True,
+        description="Claim and run queued fine-tunes in this process. Set `false` on serving-only replicas when "
+        "dedicated workers (same `job_db` and store) run them; needs a PostgreSQL `job_db`.",
+    )
+    job_stale_s: float = Field(
+        60.0,
+        ge=0.5,
+        le=86_400,
+        description="A running fine-tune whose worker sent no heartbeat for this long (s) is marked failed by any "
+        "other worker, as a restart fails a local one (workers beat every quarter of it). Keep it well above "
+        "clock skew between machines.",
+    )
+
     # --- server --------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", min_length=1, description="Interface `clipshot serve` binds to.")
     port: int = Field(8000, ge=1, le=65535, description="TCP port `clipshot serve` listens on.")
@@ -211,6 +241,16 @@ class Settings(BaseSettings):
     @classmethod
     def _expand_store(cls, v: Path) -> Path:
         return v.expanduser()
+
+    @field_validator("job_db", mode="before")
+    @classmethod
+    def _check_job_db(cls, v: Any) -> Any:
+        if v is None or (isinstance(v, str) and not v.strip()):
+            return None
+        if not isinstance(v, str) or not re.match(r"^postgres(ql)?://", v.strip()):
+            raise ValueError("job_db must be empty (SQLite in the store) or a "
+                             "postgresql://user:password@host:port/database URL")
+        return v.strip()
 
     @field_validator("admin_keys", "client_keys", mode="before")
     @classmethod
@@ -261,6 +301,9 @@ class Settings(BaseSettings):
                 f"max_pending_images ({self.max_pending_images}) must be >= "
                 f"max_predict_images ({self.max_predict_images}): a full request could never be admitted"
             )
+        if not self.job_worker and not self.job_db:
+            raise ValueError("job_worker=false needs a shared PostgreSQL job_db: with the SQLite job file no other "
+                             "process could run this one's fine-tunes")
         if self.max_request_bytes < self.max_upload_bytes:
             raise ValueError(
                 f"max_request_bytes ({self.max_request_bytes}) must be >= "
