@@ -16,7 +16,7 @@ import httpx
 import pytest
 from test_app_predict import good, png
 
-from clipshot.cli import main
+from app.cli.main import main
 from model_store import AdapterStore
 from model_store.adapters import save_adapter
 
