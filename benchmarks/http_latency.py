@@ -69,7 +69,7 @@ def free_port() -> int:
 
 @contextmanager
 def local_server(args: argparse.Namespace):
-    """``python -m clipshot.cli serve`` on loopback with a throwaway store; yields its base URL."""
+    """``python -m app.cli serve`` on loopback with a throwaway store; yields its base URL."""
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="clipshot-bench-") as store:
         env = {**os.environ, "CLIPSHOT_BACKBONE": args.backbone, "CLIPSHOT_DEVICE": args.device,
@@ -78,7 +78,7 @@ def local_server(args: argparse.Namespace):
         if args.image_size:
             env["CLIPSHOT_IMAGE_SIZE"] = str(args.image_size)
         log = open(Path(store) / "server.log", "w+")  # noqa: SIM115 - closed below, after the process
-        command = [sys.executable, "-m", "clipshot.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+        command = [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
                    "--log-level", "warning"]
         proc = subprocess.Popen(command, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{port}"
