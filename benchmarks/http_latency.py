@@ -114,6 +114,8 @@ def stage_totals(text: str) -> dict[str, float]:
             if s.name in ("clipshot_inference_stage_seconds_sum", "clipshot_inference_stage_seconds_count"):
                 key = f"{s.labels['stage']}_{s.name.rsplit('_', 1)[1]}"
                 totals[key] = totals.get(key, 0.0) + s.value
+            elif s.name == "clipshot_batch_forward_seconds_sum":  # per batch: summed, then shared per image
+                totals["forward_sum"] = totals.get("forward_sum", 0.0) + s.value
             elif s.name in ("clipshot_batch_size_sum", "clipshot_batch_size_count"):
                 totals[s.name] = s.value
     return totals

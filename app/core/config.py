@@ -166,7 +166,8 @@ class Settings(BaseSettings):
 
     # --- fine-tuning ---------------------------------------------------------------------------
     finetune_steps: int = Field(
-        200, ge=1, le=100_000, description="Default optimisation steps of a fine-tune job."
+        300, ge=1, le=100_000,
+        description="Default optimisation steps of a fine-tune job (the same default as `clipshot train fewshot`).",
     )
     finetune_seconds: float = Field(
         600.0,

@@ -154,7 +154,7 @@ class InferenceService:
 
     def _preprocess(self, images: list[Image.Image], label: str) -> tuple[torch.Tensor, float]:
         start = time.perf_counter()
-        with self.metrics.time_stage("preprocess", label):
+        with self.metrics.time_stage("preprocess", label, images=len(images)):
             pixels = self._cpu_backbone.preprocess(images)
         return pixels, time.perf_counter() - start
 

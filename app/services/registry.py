@@ -193,13 +193,14 @@ class CategoryService:
 
     # -- fine-tune ----------------------------------------------------------------------------------
     def finetune(self, category: str, params: dict[str, Any]) -> Any:
-        """Queue a fine-tune over the stored shots (404 unknown, 400 non-CLIP backbone, 409 already active)."""
+        """Queue a fine-tune over the stored shots (404 unknown, 409 non-CLIP backbone or already active)."""
         name = self._existing(category)
         backbone = self.detector.backbone
         if not backbone.supports_text:
-            raise BadRequestError(f"fine-tuning needs a CLIP backbone (text tower + LoRA); this service runs "
-                                  f"{backbone.spec}, which supports the memory adapter only",
-                                  code="finetune_unsupported")
+            # 409 like zero-shot without CLIP: a valid request the running service's backbone cannot serve
+            raise ConflictError(f"fine-tuning needs a CLIP backbone (text tower + LoRA); this service runs "
+                                f"{backbone.spec}, which supports the memory adapter only",
+                                code="finetune_unsupported")
         if not self.store.shot_paths(name):
             raise ConflictError(f"category {name!r} has no stored shots to train on; upload some first",
                                 code="no_shots")

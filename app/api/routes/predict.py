@@ -23,11 +23,17 @@ router = APIRouter(prefix=API_PREFIX, tags=["predict"])
 DEFAULT_HEATMAP = "jpeg"
 HEATMAP_MODES = get_args(HeatmapMode)
 
-RESPONSES = errors(
+CATEGORY_RESPONSES = errors(
     400, 401, 404, 409, 413, 415, 422, 503,
-    e404="Unknown category, or no active adapter version (and no generic bundle for `/v1/predict`).",
-    e409="Adapter incompatible with the backbone, or zero-shot without a CLIP backbone.",
+    e404="Unknown category, or no active adapter version.",
+    e409="The active adapter was built for another backbone.",
     e422="Invalid parameters (e.g. unknown `heatmap` value, `heatmap_size` out of range).",
+)
+# No 404 here: without a generic bundle a CLIP service answers with handcrafted prompts, a non-CLIP one with 409.
+ZERO_SHOT_RESPONSES = errors(
+    401, 409, 413, 415, 422, 503,
+    e409="Zero-shot needs a CLIP backbone (text prompts); this service runs a memory-only backbone.",
+    e422="Invalid parameters (e.g. unknown `heatmap` value, `heatmap_size` out of range, bad `object`).",
 )
 _HEATMAP_DOC = ("`jpeg` (default): the input with the region above the threshold tinted and outlined, normal "
                 "pixels untouched; `png`: the same overlay, lossless; `mask`: 1-bit PNG of score > threshold, plus "
@@ -58,7 +64,7 @@ async def _one(request: Request, name: str, query: str | None, default: str | No
     return query if query is not None else form if form is not None else default
 
 
-@router.post("/categories/{category}/predict", response_model=PredictResponse, responses=RESPONSES,
+@router.post("/categories/{category}/predict", response_model=PredictResponse, responses=CATEGORY_RESPONSES,
              summary="Score images against a product's active adapter")
 async def predict_category(
     category: Annotated[str, Path(description="Product category (lowercase slug).")],
@@ -75,7 +81,7 @@ async def predict_category(
                                             heatmap_size=heatmap_size)
 
 
-@router.post("/predict", response_model=PredictResponse, responses=RESPONSES,
+@router.post("/predict", response_model=PredictResponse, responses=ZERO_SHOT_RESPONSES,
              summary="Zero-shot prediction without a registered product")
 async def predict_zero_shot(
     files: Files,
