@@ -51,3 +51,14 @@ def test_live_label_values_are_the_documented_ones(client):  # noqa: F811
     doc = (REPO / "docs" / "reference" / "metrics.md").read_text()
     for value in QUEUES:
         assert f"`{value}`" in doc
+
+
+def test_forward_histogram_reaches_past_two_and_a_half_seconds():
+    """A ViT-B batch of 32 on CPU takes ~10 s (README, Performance); buckets ending at 2.5 s hid all of it."""
+    from app.metrics import Metrics
+
+    metrics = Metrics()
+    metrics.batch_forward.labels("widget").observe(12.0)
+    body = metrics.render()[0].decode()
+    assert 'clipshot_batch_forward_seconds_bucket{category="widget",le="30.0"} 1.0' in body
+    assert 'clipshot_batch_forward_seconds_bucket{category="widget",le="10.0"} 0.0' in body
