@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from collections.abc import Callable
 from importlib import import_module
 
@@ -76,7 +75,3 @@ def check_device(device: str) -> None:
     if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
         raise CliError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) exist "
                        f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
-
-
-def stderr(message: str) -> None:
-    print(message, file=sys.stderr)

@@ -9,7 +9,6 @@ Expected failures (bad input, missing weights, no CUDA) end in one line on stder
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 from importlib import import_module
@@ -111,5 +110,4 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("COLUMNS", "110")
     sys.exit(main())
