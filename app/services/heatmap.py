@@ -149,21 +149,26 @@ def find_regions(heat: torch.Tensor | np.ndarray, threshold: float, image_size: 
     """Connected areas above ``threshold`` (8-connected), strongest first, at most ``MAX_REGIONS``; and
     how many there were. Found on the map at ``work_size``, boxes scaled to ``image_size`` (w, h)."""
     big = upsample(heat, work_size)
-    labels, count = ndimage.label(big > threshold, structure=np.ones((3, 3), dtype=bool))
-    if count == 0:
+    above = big > threshold
+    hot_rows, hot_cols = np.flatnonzero(above.any(axis=1)), np.flatnonzero(above.any(axis=0))
+    if hot_rows.size == 0:
         return [], 0
+    y0, x0 = int(hot_rows[0]), int(hot_cols[0])  # label only the bounding box of what is above
+    crop = np.s_[y0:int(hot_rows[-1]) + 1, x0:int(hot_cols[-1]) + 1]
+    labels, count = ndimage.label(above[crop], structure=np.ones((3, 3), dtype=bool))
     flat = labels.ravel()
     # bincount / maximum.at: ~6x faster than ndimage.sum_labels / ndimage.maximum on a 900x900 map
     areas = np.bincount(flat, minlength=count + 1)
     peaks = np.full(count + 1, -np.inf, dtype=np.float32)
-    np.maximum.at(peaks, flat, big.ravel())
+    np.maximum.at(peaks, flat, big[crop].ravel())
     slices = ndimage.find_objects(labels)
     sx, sy = image_size[0] / work_size[0], image_size[1] / work_size[1]
     regions = []
     for i in np.argsort(-peaks[1:], kind="stable")[:MAX_REGIONS]:
         rows, cols = slices[i]
-        box = (int(cols.start * sx), int(rows.start * sy),
-               min(image_size[0], int(np.ceil(cols.stop * sx))), min(image_size[1], int(np.ceil(rows.stop * sy))))
+        box = (int((cols.start + x0) * sx), int((rows.start + y0) * sy),
+               min(image_size[0], int(np.ceil((cols.stop + x0) * sx))),
+               min(image_size[1], int(np.ceil((rows.stop + y0) * sy))))
         regions.append(Region(box=box, area_pct=float(100.0 * areas[i + 1] / big.size),
                               peak_score=float(peaks[i + 1])))
     return regions, count
