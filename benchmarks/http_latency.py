@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=8)
     parser.add_argument("--shots", type=int, default=8)
     parser.add_argument("--max-images", type=int, default=32, help="distinct test images cycled through")
-    parser.add_argument("--heatmap", choices=["png", "raw", "none"], default="png")
+    parser.add_argument("--heatmap", choices=["jpeg", "png", "mask", "regions", "raw", "none"], default="png")
     parser.add_argument("--timeout", type=float, default=120.0, help="per-request timeout (s)")
     parser.add_argument("--startup-timeout", type=float, default=300.0)
     args = parser.parse_args(argv)

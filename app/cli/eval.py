@@ -12,7 +12,7 @@ from typing import Any
 
 
 def register(subparsers: Any, name: str, help_text: str) -> argparse.ArgumentParser:
-    """Register ``eval`` (the harness names itself ``eval``; ``name`` and ``help_text`` are checked equal)."""
+    """Register ``eval`` (the harness names itself and writes its own help line; ``name`` must be "eval")."""
     from app.cli.common import honour_env
     from clipshot.evaluation.command import add_eval_parser
 
