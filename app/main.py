@@ -80,6 +80,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
              backbone.image_size)
     if backbone.device.type == "cuda":
         metrics.device_memory.cuda_device = backbone.device
+    metrics.set_build_info(backbone=backbone.spec, device=str(backbone.device))
     async with contextlib.AsyncExitStack() as stack:
         merge = settings.lora_merge == "on" or (settings.lora_merge == "auto" and backbone.device.type == "cuda")
         state.detector = detector = Detector(backbone, merge_lora=merge, mixed_lora=settings.mixed_lora)

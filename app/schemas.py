@@ -13,23 +13,34 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app.services.job_store import Job
 
-HeatmapMode = Literal["png", "raw", "none"]
+HeatmapMode = Literal["jpeg", "png", "mask", "regions", "raw", "none"]
 
 # --- prediction ------------------------------------------------------------------------------
 
 
 class Heatmap(BaseModel):
-    """An anomaly map, either as a picture (png) or as numbers (raw)."""
+    """An anomaly map: a picture for people (jpeg/png overlay), a mask, or the numbers (raw)."""
 
-    encoding: Literal["png", "raw"] = Field(
-        description="`png`: colour-mapped overlay on the input image, at the input's size. "
-        "`raw`: the model-resolution score grid as little-endian float16."
+    encoding: Literal["jpeg", "png", "mask", "raw"] = Field(
+        description="`jpeg` / `png`: the input with pixels above the threshold tinted (yellow to dark red up to "
+        "`vmax`) and outlined in red; pixels at or below it are untouched. `mask`: 1-bit PNG, white where the "
+        "score exceeds the threshold. `raw`: the model-resolution score grid as little-endian float16."
     )
-    data: str = Field(description="Base64 of the PNG file or of the float16 bytes (row-major).")
-    shape: list[int] = Field(description="[height, width] of the PNG or of the raw grid.")
+    data: str = Field(description="Base64 of the JPEG/PNG file or of the float16 bytes (row-major).")
+    shape: list[int] = Field(description="[height, width] of the picture (the input's aspect, longer side at most "
+                             "`heatmap_size` or 1024) or of the raw grid.")
     dtype: Literal["float16"] | None = Field(None, description="Element type of `raw` data (little-endian).")
-    vmin: float | None = Field(None, description="Score mapped to the coldest colour (png).")
-    vmax: float | None = Field(None, description="Score mapped to the hottest colour (png); threshold = midpoint.")
+    vmin: float | None = Field(None, description="Threshold the picture uses: untinted (mask: black) at or below "
+                               "it. The adapter's threshold, or 0.5 when it has none.")
+    vmax: float | None = Field(None, description="Score at which the tint is deepest (2 x vmin, at most 1).")
+
+
+class AnomalyRegion(BaseModel):
+    """A connected area scoring above the threshold."""
+
+    box: list[int] = Field(description="[x0, y0, x1, y1] in the uploaded image's pixels (x1, y1 exclusive).")
+    area_pct: float = Field(description="Share of the image's area, in percent.")
+    peak_score: float = Field(description="Highest anomaly score inside the region.")
 
 
 class StageTimings(BaseModel):
@@ -55,7 +66,12 @@ class ImagePrediction(BaseModel):
     score: float = Field(description="Image anomaly score; higher = more anomalous.")
     threshold: float | None = Field(description="Calibrated decision threshold; null when uncalibrated.")
     is_anomalous: bool | None = Field(description="score > threshold; null when there is no threshold.")
-    heatmap: Heatmap | None = Field(None, description="Anomaly map in the requested encoding; null for `none`.")
+    heatmap: Heatmap | None = Field(None, description="Anomaly map in the requested encoding; null for `none` and "
+                                    "`regions`.")
+    regions: list[AnomalyRegion] | None = Field(
+        None, description="For `heatmap=regions` and `mask`: areas above the threshold, strongest first (at most "
+        "32); empty when none. Null for the other modes.")
+    regions_total: int | None = Field(None, description="How many regions there were (the list keeps 32).")
     batch_size: int = Field(description="Images in the device batch this image ran in.")
     timings: StageTimings = Field(description="Where this image's time went in the server.")
 

@@ -255,6 +255,7 @@ def test_non_clip_backbone_registers_memory_only_and_refuses_finetune(store, eff
         assert detail["versions"][0]["branches"] == ["memory"]
         before = snapshot(store)
         r = client.post("/v1/categories/bolt/finetune", headers=ADMIN)
-        assert r.status_code == 400 and r.json()["error"]["code"] == "finetune_unsupported"
+        # 409, as for zero-shot without CLIP (the issue found 400 here and 409 there)
+        assert r.status_code == 409 and r.json()["error"]["code"] == "finetune_unsupported"
         assert "CLIP" in r.json()["error"]["message"] and snapshot(store) == before
         assert client.get("/v1/jobs", headers=ADMIN).json()["jobs"] == []

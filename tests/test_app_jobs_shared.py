@@ -13,9 +13,9 @@ import pytest
 from fastapi.testclient import TestClient
 from test_app_jobs import ADMIN, Script, make_settings, register, shots, wait_state
 
+from app.cli.main import main
 from app.main import create_app
 from app.services.job_store import JobStore
-from clipshot.cli import main
 
 STALE_S = 1.0  # workers beat every 0.25 s; 1 s keeps the tests short yet far above one beat
 

@@ -246,7 +246,9 @@ def test_metrics_per_app_registry_and_route_template():
     )
     assert f"{series} 2.0" in body
     assert 'route="unmatched",status="404"' in body
-    assert "clipshot_device_memory_bytes{kind=" in body
+    assert "process_resident_memory_bytes " in body  # host RAM has its own (standard) family now
+    assert 'kind="rss"' not in body and 'kind="peak_rss"' not in body  # ...not a "device memory" kind
+    assert 'clipshot_build_info{' in body and 'version="' in body
     assert "items" not in m2.render()[0].decode()
 
 
@@ -258,7 +260,7 @@ def test_metrics_doc_covers_every_family():
     families = list(m.registry.collect())
     assert len(families) == len(m.specs)
     for fam in families:
-        name = fam.name + ("_total" if fam.type == "counter" else "")
+        name = fam.name + {"counter": "_total", "info": "_info"}.get(fam.type, "")
         assert name in rows, f"{name} missing from docs/reference/metrics.md"
         assert rows[name][1] == fam.type
         assert re.findall(r"`(\w+)`", rows[name][2]) == list(labels_by_name[name])

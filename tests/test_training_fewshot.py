@@ -15,6 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
+from app.cli.common import resolve_env_defaults
+from app.cli.train import register as register_train
 from clipshot import lora
 from clipshot.adapter import Adapter
 from clipshot.backbone import load_backbone
@@ -187,8 +189,10 @@ def test_cancel_stops_within_one_step_and_writes_nothing(detector: Detector, tmp
 # -- CLI ----------------------------------------------------------------------------------------------------------
 def parse(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    cli.add_train_parser(parser.add_subparsers(dest="command"))
-    return parser.parse_args(["train", "fewshot", *argv])
+    register_train(parser.add_subparsers(dest="command"), "train", "train an adapter")
+    args = parser.parse_args(["train", "fewshot", *argv])
+    resolve_env_defaults(args)  # what app.cli.main does before dispatching
+    return args
 
 
 def write_shots(folder, n: int) -> list[str]:

@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 log = logging.getLogger(__name__)
@@ -178,7 +178,8 @@ class Settings(BaseSettings):
 
     # --- fine-tuning ---------------------------------------------------------------------------
     finetune_steps: int = Field(
-        200, ge=1, le=100_000, description="Default optimisation steps of a fine-tune job."
+        300, ge=1, le=100_000,
+        description="Default optimisation steps of a fine-tune job (the same default as `clipshot train fewshot`).",
     )
     finetune_seconds: float = Field(
         600.0,
@@ -213,6 +214,13 @@ class Settings(BaseSettings):
     # --- server --------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", min_length=1, description="Interface `clipshot serve` binds to.")
     port: int = Field(8000, ge=1, le=65535, description="TCP port `clipshot serve` listens on.")
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="Log lines of `clipshot serve` (and the other commands): `text` or `json` (one object per "
+        "line with time, level, logger, message and request_id).",
+    )
+
+    _insecure_warned: bool = PrivateAttr(False)  # the no-auth warning is said once per Settings, not per check
 
     @field_validator("device", mode="before")
     @classmethod
@@ -225,7 +233,7 @@ class Settings(BaseSettings):
                 )
         return v
 
-    @field_validator("precision", mode="before")
+    @field_validator("precision", "log_format", mode="before")
     @classmethod
     def _normalise_precision(cls, v: Any) -> Any:
         return v.strip().lower() if isinstance(v, str) else v
@@ -326,9 +334,11 @@ class Settings(BaseSettings):
                 f"(comma-separated), or set {ENV_PREFIX}INSECURE_DEV=true to run WITHOUT authentication "
                 "(development only)."
             )
-        log.warning(
-            "clipshot is running WITHOUT authentication (%sINSECURE_DEV=true, no keys set)", ENV_PREFIX
-        )
+        if not self._insecure_warned:
+            self._insecure_warned = True
+            log.warning(
+                "clipshot is running WITHOUT authentication (%sINSECURE_DEV=true, no keys set)", ENV_PREFIX
+            )
 
 
 def env_var(field_name: str) -> str:

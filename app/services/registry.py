@@ -272,16 +272,17 @@ class CategoryService(CategoryEdits):
 
     # -- fine-tune ----------------------------------------------------------------------------------
     async def finetune(self, category: str, params: dict[str, Any]) -> Any:
-        """Queue a fine-tune over the stored shots (404 unknown, 400 non-CLIP backbone, 409 already active).
+        """Queue a fine-tune over the stored shots (404 unknown, 409 non-CLIP backbone or already active).
 
         Under the category lock, so a DELETE (which cancels the category's jobs while holding it) can never
         be followed by a job queued in between that would write a version into the deleted category."""
         name = self._existing(category)
         backbone = self.detector.backbone
         if not backbone.supports_text:
-            raise BadRequestError(f"fine-tuning needs a CLIP backbone (text tower + LoRA); this service runs "
-                                  f"{backbone.spec}, which supports the memory adapter only",
-                                  code="finetune_unsupported")
+            # 409 like zero-shot without CLIP: a valid request the running service's backbone cannot serve
+            raise ConflictError(f"fine-tuning needs a CLIP backbone (text tower + LoRA); this service runs "
+                                f"{backbone.spec}, which supports the memory adapter only",
+                                code="finetune_unsupported")
         async with self._lock(name):
             self._existing(name)
             if not current_ledger(self.store, name).goods:

@@ -67,9 +67,9 @@ async def register_shots(
 
 @router.post("/{category}/finetune", status_code=202, response_model=Job, summary="Start a background fine-tune",
              responses=errors(400, 401, 403, 404, 409, 422,
-                              e400="Invalid name, or the backbone cannot be fine-tuned (no text tower).",
-                              e409="A fine-tune is already queued or running for the category, or it has no "
-                                   "stored shots."))
+                              e400="Invalid category name.",
+                              e409="The backbone cannot be fine-tuned (no CLIP text tower), a fine-tune is already "
+                                   "queued or running for the category, or it has no stored shots."))
 async def start_finetune(
     category: CategoryPath, _: AdminDep, service: CategoriesDep,
     body: Annotated[FinetuneRequest | None, Body()] = None,
