@@ -55,6 +55,7 @@ def serve(ns: argparse.Namespace) -> int:
 
     import uvicorn  # heavy imports only once the configuration is known to be sane
 
+    from app.http_guard import guarded_protocol
     from app.main import StartupError, create_app, load_service_backbone
 
     try:
@@ -62,8 +63,10 @@ def serve(ns: argparse.Namespace) -> int:
     except StartupError as exc:
         return _fail(str(exc), EXIT_STARTUP)
     app = create_app(settings, backbone=backbone)
+    # Our httptools protocol adds the header-size, read-timeout and connection limits uvicorn lacks.
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=ns.log_level,
-                            lifespan="on", timeout_graceful_shutdown=30)
+                            lifespan="on", timeout_graceful_shutdown=30, http=guarded_protocol(settings),
+                            timeout_keep_alive=settings.keep_alive_timeout_s)
     server = uvicorn.Server(config)
     with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises Ctrl-C after its graceful shutdown
         server.run()

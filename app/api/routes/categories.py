@@ -12,7 +12,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Body, Depends, File, Form, Path, Request, UploadFile
 
-from app.api.deps import AdminDep, ClientDep, SettingsDep
+from app.api.deps import AdminDep, AuthFirstRoute, ClientDep, SettingsDep
 from app.api.responses import errors
 from app.schemas import (
     CategoryDeleted,
@@ -25,7 +25,7 @@ from app.schemas import (
 from app.services.job_store import Job
 from app.services.registry import CategoryService
 
-router = APIRouter(prefix="/v1/categories", tags=["categories"])
+router = APIRouter(prefix="/v1/categories", tags=["categories"], route_class=AuthFirstRoute)
 
 
 def get_category_service(request: Request) -> CategoryService:

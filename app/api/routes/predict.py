@@ -6,14 +6,14 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Path, Query, UploadFile
 
-from app.api.deps import ClientDep, InferenceDep
+from app.api.deps import AuthFirstRoute, ClientDep, InferenceDep
 from app.api.responses import errors
 from app.errors import ClipshotHTTPError
 from app.schemas import HeatmapMode, PredictResponse
 
 API_PREFIX = "/v1"
 # Full prefix on the router itself: nested include prefixes do not reach scope["route"].path (metrics label).
-router = APIRouter(prefix=API_PREFIX, tags=["predict"])
+router = APIRouter(prefix=API_PREFIX, tags=["predict"], route_class=AuthFirstRoute)
 
 RESPONSES = errors(
     400, 401, 404, 409, 413, 415, 422, 503,
