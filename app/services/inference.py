@@ -27,7 +27,8 @@ from app.schemas import Heatmap, HeatmapMode, ImagePrediction, PredictResponse, 
 from app.services.adapter_cache import ZERO_SHOT_LABEL, AdapterCache
 from app.services.batcher import Batcher, BatchResult
 from app.services.heatmap import b64, colour_scale, png_overlay, raw_grid
-from app.services.images import DecodedImage, decode_image
+from app.services.images import DecodedImage, decode_image, header_pixels
+from app.services.pixel_budget import PixelBudget, release_free_memory
 from clipshot.adapter import Adapter
 from clipshot.detector import Detector
 
@@ -54,6 +55,8 @@ class InferenceService:
         self._cpu_backbone = copy.copy(detector.backbone)
         self._cpu_backbone.device = torch.device("cpu")
         self._pending_images = 0  # admitted and not answered yet; only touched on the event loop
+        self.pixel_budget = PixelBudget(settings.max_request_pixels, settings.max_inflight_pixels)
+        self._trims: set[asyncio.Future[bool]] = set()
 
     # -- entry points ------------------------------------------------------------------------
     async def predict_category(self, category: str, files: Sequence[UploadFile],
@@ -124,6 +127,18 @@ class InferenceService:
     async def _admitted(self, adapter: Adapter, label: str, source: str, files: Sequence[UploadFile],
                         heatmap: HeatmapMode) -> PredictResponse:
         uploads = [await self._read(f) for f in files]
+        pixels = sum(await run_in_threadpool(lambda: [self._header_pixels(u) for u in uploads]))
+        self.pixel_budget.acquire(pixels)  # 413 / 503 from the headers, before a pixel is decoded
+        try:
+            return await self._decoded(adapter, label, source, uploads, heatmap)
+        finally:
+            if self.pixel_budget.release(pixels):  # idle after large images: hand the pages back, off-path
+                trim = asyncio.get_running_loop().run_in_executor(None, release_free_memory)
+                self._trims.add(trim)
+                trim.add_done_callback(self._trims.discard)
+
+    async def _decoded(self, adapter: Adapter, label: str, source: str, uploads: list[Upload],
+                       heatmap: HeatmapMode) -> PredictResponse:
         decoded = await asyncio.gather(*(run_in_threadpool(self._decode, u, label) for u in uploads))
         images = [d.image for d, _ in decoded]
         pixels, preprocess_s = await run_in_threadpool(self._preprocess, images, label)
@@ -139,6 +154,13 @@ class InferenceService:
         """Read at most one byte past the per-file limit, so an oversized part is never held whole."""
         data = await file.read(self.settings.max_upload_bytes + 1)
         return Upload(file.filename, data)
+
+    def _header_pixels(self, upload: Upload) -> int:
+        try:
+            return header_pixels(upload.data, max_pixels=self.settings.max_image_pixels,
+                                 max_bytes=self.settings.max_upload_bytes)
+        except ImageError as exc:
+            raise ImageError(exc.status_code, exc.code, f"{upload.filename or 'upload'}: {exc.message}") from exc
 
     def _decode(self, upload: Upload, label: str) -> tuple[DecodedImage, float]:
         start = time.perf_counter()
@@ -166,8 +188,10 @@ class InferenceService:
             heatmap = None
             if mode == "png":
                 vmin, vmax = colour_scale(pred.threshold)
-                png = png_overlay(image, result.heat, vmin=vmin, vmax=vmax)
-                heatmap = Heatmap(encoding="png", data=b64(png), shape=[image.height, image.width],
+                side = self.settings.max_overlay_side  # the overlay's memory must not grow with the upload
+                base = image if max(image.size) <= side else _contain(image, side)
+                png = png_overlay(base, result.heat, vmin=vmin, vmax=vmax)
+                heatmap = Heatmap(encoding="png", data=b64(png), shape=[base.height, base.width],
                                   vmin=vmin, vmax=vmax)
             elif mode == "raw":
                 data, shape = raw_grid(result.heat)
@@ -183,3 +207,10 @@ class InferenceService:
                                  queue_ms=result.queue_s * ms, forward_ms=result.forward_s * ms,
                                  postprocess_ms=(time.perf_counter() - start) * ms),
         )
+
+
+def _contain(image: Image.Image, side: int) -> Image.Image:
+    """``image`` scaled to fit ``side`` x ``side``, keeping its aspect; box-reduces first (cheap on huge uploads)."""
+    scale = side / max(image.size)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
