@@ -23,7 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from app.core.config import Settings
 from app.errors import ClipshotHTTPError, ConflictError, ImageError, NotFoundError, OverloadedError
 from app.metrics import Metrics
-from app.schemas import Heatmap, HeatmapMode, ImagePrediction, PredictResponse, StageTimings
+from app.schemas import OBJECT_NAME_PATTERN, Heatmap, HeatmapMode, ImagePrediction, PredictResponse, StageTimings
 from app.services.adapter_cache import ZERO_SHOT_LABEL, AdapterCache
 from app.services.batcher import Batcher, BatchResult
 from app.services.heatmap import b64, colour_scale, png_overlay, raw_grid
@@ -32,7 +32,7 @@ from app.services.pixel_budget import PixelBudget, release_free_memory
 from clipshot.adapter import Adapter
 from clipshot.detector import Detector
 
-OBJECT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _-]{0,63}$")
+OBJECT_NAME = re.compile(OBJECT_NAME_PATTERN)
 
 
 @dataclass(frozen=True)

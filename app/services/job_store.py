@@ -33,6 +33,7 @@ from app.errors import ConflictError, NotFoundError
 
 DB_FILENAME = "jobs.sqlite3"
 INTERRUPTED_ERROR = "interrupted by service restart"
+INTERRUPTED_MESSAGE = "interrupted by a service restart; start it again with POST /v1/categories/{category}/finetune"
 
 
 class JobState(StrEnum):
@@ -279,9 +280,9 @@ class JobStore:
         with self._tx() as conn:
             ids = [r["id"] for r in conn.execute("SELECT id FROM jobs WHERE state IN ('queued', 'running')")]
             conn.execute(
-                "UPDATE jobs SET state = 'failed', error = ?, finished_at = ? "
+                "UPDATE jobs SET state = 'failed', error = ?, message = ?, finished_at = ? "
                 "WHERE state IN ('queued', 'running')",
-                (INTERRUPTED_ERROR, now),
+                (INTERRUPTED_ERROR, INTERRUPTED_MESSAGE, now),  # the last progress message is stale now
             )
         return ids
 

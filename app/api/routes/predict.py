@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Path, Query, UploadFile
 
 from app.api.deps import AuthFirstRoute, ClientDep, InferenceDep
-from app.api.responses import errors
+from app.api.responses import CATEGORY_DOC, CATEGORY_SCHEMA, errors
 from app.errors import ClipshotHTTPError
 from app.schemas import HeatmapMode, PredictResponse
 
@@ -41,7 +41,7 @@ def _one(name: str, query: str | None, form: str | None, default: str | None) ->
 @router.post("/categories/{category}/predict", response_model=PredictResponse, responses=RESPONSES,
              summary="Score images against a product's active adapter")
 async def predict_category(
-    category: Annotated[str, Path(description="Product category (lowercase slug).")],
+    category: Annotated[str, Path(description=CATEGORY_DOC, json_schema_extra=CATEGORY_SCHEMA)],
     files: Files,
     _: ClientDep,
     inference: InferenceDep,
