@@ -23,6 +23,7 @@ import pytest
 from fastapi.testclient import TestClient
 from live_server import ADMIN, CLIENT, live_server
 from PIL import Image
+from pydantic import ValidationError
 from test_app_predict import good, png, snapshot
 
 from app.core.config import Settings
@@ -71,6 +72,13 @@ def test_pixel_budget_refuses_per_request_with_413_and_in_flight_with_503():
     budget.release(100)
     budget.release(50)
     assert budget.inflight == 0
+
+
+def test_pixel_limits_must_grow_from_image_to_request_to_in_flight():
+    with pytest.raises(ValidationError, match="pixel limits must grow"):
+        Settings(_env_file=None, max_image_pixels=1000, max_request_pixels=999)
+    with pytest.raises(ValidationError, match="pixel limits must grow"):
+        Settings(_env_file=None, max_request_pixels=1000, max_inflight_pixels=999, max_image_pixels=10)
 
 
 def test_request_pixels_are_refused_from_headers_and_overlays_are_bounded(store_root):
