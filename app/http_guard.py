@@ -57,6 +57,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol plus the limits above; build one per server with ``guarded_protocol``."""
 
     limits: ConnectionLimits
+    _last_cap_warning = float("-inf")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -72,8 +73,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         if len(self.connections) > self.limits.max_connections:
-            log.warning("connection refused: %d open connections (limit %d, CLIPSHOT_MAX_CONNECTIONS)",
-                        len(self.connections) - 1, self.limits.max_connections)
+            now = time.monotonic()
+            if now - GuardedHttpToolsProtocol._last_cap_warning >= 1.0:  # one line a second, not one per refusal
+                GuardedHttpToolsProtocol._last_cap_warning = now
+                log.warning("refusing connections: %d open (limit %d, CLIPSHOT_MAX_CONNECTIONS)",
+                            len(self.connections) - 1, self.limits.max_connections)
             self._refuse(503, "Service Unavailable", "too_many_connections",
                          f"The server holds its limit of {self.limits.max_connections} connections; retry shortly.",
                          {"retry-after": "1"})
