@@ -16,6 +16,7 @@ from live_server import ADMIN, CLIENT, live_server, read_response, status_of
 HEADER_TIMEOUT_S = 2.0
 BODY_TIMEOUT_S = 2.0
 MAX_CONNECTIONS = 24
+KEEP_ALIVE_S = 1
 # Bars: a refusal should take milliseconds; 1.5 s of slack absorbs a 2-core box shared with other jobs.
 SLACK_S = 1.5
 # /healthz answers in ~2 ms here; before the fix a huge header delayed it by seconds (5.8 s in the audit).
@@ -26,7 +27,7 @@ HEALTHZ_BAR_S = 1.0
 def server(tmp_path_factory):
     env = {"CLIPSHOT_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S), "CLIPSHOT_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S),
            "CLIPSHOT_MIN_BODY_RATE": "1000", "CLIPSHOT_MAX_CONNECTIONS": str(MAX_CONNECTIONS),
-           "CLIPSHOT_MAX_HEADER_BYTES": str(32 * 1024)}
+           "CLIPSHOT_MAX_HEADER_BYTES": str(32 * 1024), "CLIPSHOT_KEEP_ALIVE_TIMEOUT_S": str(KEEP_ALIVE_S)}
     with live_server(tmp_path_factory.mktemp("limits"), **env) as live:
         yield live
 
@@ -196,3 +197,13 @@ def test_a_malformed_body_without_a_key_gets_401_not_422(server):
     r = httpx.post(f"{server.base}/v1/categories/widget/finetune", content=b"{not json",
                    headers={"Content-Type": "application/json", "Authorization": f"Bearer {CLIENT}"}, timeout=10)
     assert r.status_code == 403, r.text
+
+
+def test_idle_keep_alive_connections_close_at_the_setting(server):
+    sock = server.connect()
+    start = time.monotonic()
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    raw = read_response(sock, timeout=30)  # the answer, then the server closes the idle connection
+    sock.close()
+    assert status_of(raw) == 200 and b"connection: close" not in raw.lower()  # a kept-alive answer
+    assert time.monotonic() - start < KEEP_ALIVE_S + SLACK_S  # uvicorn's default would hold it 5 s

@@ -27,6 +27,16 @@ def client(store, tiny_backbone):
         yield c
 
 
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory, tiny_backbone):
+    """One app for the read-only and refusal checks (each startup costs about a second)."""
+    root = tmp_path_factory.mktemp("hygiene") / "store"
+    with TestClient(create_app(make_settings(root), backbone=tiny_backbone)) as c:
+        c.store_root = root
+        register(c, range(4))
+        yield c
+
+
 def register(client: TestClient, seeds: range | list[int], **data: str) -> dict:
     r = client.post("/v1/categories/widget/shots", headers=ADMIN, files=shots(seeds),
                     data={"finetune": "false", **data})
@@ -59,24 +69,24 @@ def test_activating_a_damaged_version_is_refused_and_get_shows_integrity(client,
 @pytest.mark.parametrize("description", [
     "nul\x00byte", "two\r\nInjected-Header: x", "\x1b[31mred terminal", "tab\tseparated", "x" * 65, " leading",
 ])
-def test_register_description_follows_the_object_name_rule(client, store, description):
-    r = client.post("/v1/categories/widget/shots", headers=ADMIN, files=shots(range(4)),
+def test_register_description_follows_the_object_name_rule(shared, description):
+    r = shared.post("/v1/categories/gadget/shots", headers=ADMIN, files=shots(range(4)),
                     data={"description": description, "finetune": "false"})
     assert r.status_code == 422 and r.json()["error"]["code"] == "validation_error", r.text
-    assert not (store / "categories" / "widget").exists()
+    assert not (shared.store_root / "categories" / "gadget").exists()
 
 
-def test_register_description_with_invalid_utf8_is_refused(client, store):
+def test_register_description_with_invalid_utf8_is_refused(shared):
     boundary = b"b0undary"
     parts = [b"--" + boundary + b'\r\nContent-Disposition: form-data; name="description"\r\n\r\nbad \xff\xfe name\r\n']
     for name, (filename, data, media) in shots(range(4)):
         parts.append(b"--" + boundary + f'\r\nContent-Disposition: form-data; name="{name}"; filename="{filename}"'
                      f"\r\nContent-Type: {media}\r\n\r\n".encode() + data + b"\r\n")
     body = b"".join(parts) + b"--" + boundary + b"--\r\n"
-    r = client.post("/v1/categories/widget/shots", content=body,
+    r = shared.post("/v1/categories/gadget/shots", content=body,
                     headers={**ADMIN, "Content-Type": f"multipart/form-data; boundary={boundary.decode()}"})
     assert r.status_code == 422 and r.json()["error"]["code"] == "validation_error", r.text  # decoded as U+FFFD
-    assert not (store / "categories" / "widget").exists()
+    assert not (shared.store_root / "categories" / "gadget").exists()
 
 
 def test_a_clean_description_is_stored_and_echoed(client):
@@ -102,20 +112,19 @@ def test_openapi_states_what_the_server_enforces(store, tiny_backbone):
     assert any("pattern" in v for v in description["anyOf"])
 
 
-def test_options_and_405_list_every_method_of_the_path(client):
-    r = client.options("/v1/categories/widget")
+def test_options_and_405_list_every_method_of_the_path(shared):
+    r = shared.options("/v1/categories/widget")
     assert r.status_code == 204
     assert {m.strip() for m in r.headers["allow"].split(",")} == {"GET", "DELETE", "OPTIONS"}
-    r = client.put("/v1/categories/widget", headers=ADMIN)
+    r = shared.put("/v1/categories/widget", headers=ADMIN)
     assert r.status_code == 405 and "DELETE" in r.headers["allow"]
 
 
 @pytest.mark.parametrize("body", [{"seed": False}, {"seed": True}, {"steps": True}, {"seed": "3"}])
-def test_finetune_refuses_booleans_and_strings_for_numbers(client, body):
-    register(client, range(4))
-    r = client.post("/v1/categories/widget/finetune", headers=ADMIN, json=body)
+def test_finetune_refuses_booleans_and_strings_for_numbers(shared, body):
+    r = shared.post("/v1/categories/widget/finetune", headers=ADMIN, json=body)
     assert r.status_code == 422, r.text
-    assert client.get("/v1/jobs", headers=ADMIN).json()["jobs"] == []
+    assert shared.get("/v1/jobs", headers=ADMIN).json()["jobs"] == []
 
 
 def test_startup_sweeps_abandoned_temp_folders_but_not_live_ones(store, tiny_backbone):
