@@ -83,7 +83,8 @@ def test_pixel_limits_must_grow_from_image_to_request_to_in_flight():
 
 def test_request_pixels_are_refused_from_headers_and_overlays_are_bounded(store_root):
     settings = Settings(backbone="test:tiny-clip", device="cpu", store=store_root, client_keys=[CLIENT],
-                        max_image_pixels=20_000, max_request_pixels=30_000, max_overlay_side=64)
+                        max_image_pixels=20_000, max_request_pixels=30_000, max_inflight_pixels=40_000,
+                        max_overlay_side=64)
     wide = png(good(size=(160, 120)))  # 19,200 pixels: one fits the request budget, two do not
     with TestClient(create_app(settings)) as client:
         before = snapshot(store_root)
@@ -92,8 +93,14 @@ def test_request_pixels_are_refused_from_headers_and_overlays_are_bounded(store_
         assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_many_pixels", r.text[:300]
         assert snapshot(store_root) == before
         assert client.app.state.inference.pixel_budget.inflight == 0
+        budget = client.app.state.inference.pixel_budget
+        budget.acquire(30_000)  # as if another request were in flight: 10,000 pixels left, `wide` needs 19,200
         r = client.post("/v1/categories/widget/predict", headers=AUTH, files=[("files", ("a.png", wide, "image/png"))])
-        assert r.status_code == 200, r.text
+        assert r.status_code == 503 and r.headers["Retry-After"] == "1", r.text[:300]
+        assert r.json()["error"]["code"] == "overloaded_pixels"
+        budget.release(30_000)
+        r = client.post("/v1/categories/widget/predict", headers=AUTH, files=[("files", ("a.png", wide, "image/png"))])
+        assert r.status_code == 200, r.text[:300]
         heat = r.json()["predictions"][0]["heatmap"]
         overlay = Image.open(io.BytesIO(base64.b64decode(heat["data"])))
         assert heat["shape"] == [48, 64] and overlay.size == (64, 48)  # 160x120 contained in 64x64
