@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 from test_app_categories import ADMIN, CLIENT, image_bytes, make_settings, shots, snapshot
+from test_model_store import manifest_in, sample_tensors
 
 from app.main import create_app
 from app.services.job_store import INTERRUPTED_MESSAGE, JobState, JobStore
+from model_store import AdapterStore, BundleCorrupt
 from model_store.atomic import claimed_tmp_dir
 
 
@@ -165,3 +167,21 @@ def test_a_restarted_job_gets_a_fresh_message(store, tiny_backbone):
         after = c.get(f"/v1/jobs/{job.id}", headers=ADMIN).json()
     assert after["state"] == "failed"
     assert after["message"] == INTERRUPTED_MESSAGE and "training step" not in after["message"]
+
+
+def test_store_activate_and_rollback_verify_the_tensor_checksum(tmp_path):
+    store = AdapterStore(tmp_path)
+    for _ in range(3):
+        store.save("screw", sample_tensors(), manifest_in())
+    for version in (1, 2):
+        path = tmp_path / "categories" / "screw" / f"v{version}" / "adapter.safetensors"
+        data = bytearray(path.read_bytes())
+        data[-1] ^= 0x01
+        path.write_bytes(bytes(data))
+    pointer = (tmp_path / "categories" / "screw" / "active.json").read_bytes()
+    with pytest.raises(BundleCorrupt, match="sha256"):
+        store.activate("screw", 1)
+    with pytest.raises(BundleCorrupt, match="sha256"):
+        store.rollback("screw")  # v2 is the rollback target: damaged too
+    assert (tmp_path / "categories" / "screw" / "active.json").read_bytes() == pointer
+    assert store.active_version("screw") == 3
