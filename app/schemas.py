@@ -122,7 +122,10 @@ class ShotsRegistered(BaseModel):
     job_id: str | None = Field(description="Fine-tune job started for it, or null (disabled, non-CLIP, busy).")
     shots: int = Field(description="Distinct shots the category now holds.")
     added: int = Field(description="Shots this upload added (identical images are stored once).")
-    warnings: list[str] = Field(default_factory=list, description="Things the engineer should know.")
+    warnings: list[str] = Field(default_factory=list, description="Things the engineer should know (with 1-3 "
+                                "shots: that the threshold's promises are rough guesses).")
+    decision: Decision | None = Field(None, description="How the new version decides `is_anomalous`: threshold, "
+                                      "expected false-alarm rate and recall, and whether the shots let it be sure.")
 
 
 class FinetuneRequest(BaseModel):

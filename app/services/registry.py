@@ -83,6 +83,7 @@ class Registration:
     shots: int
     added: int
     warnings: list[str] = field(default_factory=list)
+    decision: dict[str, Any] | None = None  # Calibration.decision() of the new version: threshold, expected rates
 
 
 class CategoryService(CategoryEdits):
@@ -180,8 +181,8 @@ class CategoryService(CategoryEdits):
             notes = self._check_total(ledger, hashes)
             added = await self._store_images(name, files, source="registration", skip=ledger.good_hashes)
             goods = ledger.goods + added
-            version, _ = await self._fit_and_save(name, goods, ledger.defects, base=ledger.manifest,
-                                                  through_lora=False, object_name=description, new=added)
+            version, adapter = await self._fit_and_save(name, goods, ledger.defects, base=ledger.manifest,
+                                                        through_lora=False, object_name=description, new=added)
         self.cache.invalidate(name)
         job_id = None
         if finetune and not self.detector.backbone.supports_text:
@@ -193,7 +194,10 @@ class CategoryService(CategoryEdits):
             except (ConflictError, OverloadedError) as exc:  # busy (a job on the old shots) or shutting down
                 notes.append(f"fine-tune not started: {exc} Then start one with POST /v1/categories/{name}/finetune "
                              "so training sees the new shots.")
-        return Registration(name, version, job_id, len(goods), len(added), notes)
+        decision = None if adapter.calibration is None else adapter.calibration.decision()
+        if decision is not None and decision["note"]:
+            notes.append(decision["note"])
+        return Registration(name, version, job_id, len(goods), len(added), notes, decision)
 
     async def _store_images(self, name: str, files: list[tuple[str, bytes]], *, source: str,
                             skip: set[str], **fields: Any) -> list[dict[str, Any]]:

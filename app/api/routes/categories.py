@@ -64,7 +64,8 @@ async def register_shots(
     data = [(f.filename or "", await f.read(settings.max_upload_bytes + 1)) for f in uploads]
     result = await service.register(category, data, description=description or None, finetune=finetune)
     return ShotsRegistered(category=result.category, version=result.version, job_id=result.job_id,
-                           shots=result.shots, added=result.added, warnings=result.warnings)
+                           shots=result.shots, added=result.added, warnings=result.warnings,
+                           decision=result.decision)
 
 
 @router.post("/{category}/finetune", status_code=202, response_model=Job, summary="Start a background fine-tune",
