@@ -103,6 +103,10 @@ class ShotsRegistered(BaseModel):
     shots: int = Field(description="Distinct shots the category now holds.")
     added: int = Field(description="Shots this upload added (identical images are stored once).")
     warnings: list[str] = Field(default_factory=list, description="Things the engineer should know.")
+    geometry: dict[str, Any] = Field(default_factory=dict, description=(
+        "How the category's images are cut for the model: resize mode, model frame [height, width], roi "
+        "[left, top, right, bottom], tiles [rows, cols] with tile_size as fractions of the ROI, and the rule "
+        "that chose them."))
 
 
 class FinetuneRequest(BaseModel):
@@ -130,6 +134,7 @@ class AdapterVersionInfo(BaseModel):
     metrics: dict[str, Any] = Field(default_factory=dict, description="Fit/validation metrics (AUROCs etc.).")
     training_seconds: float | None = Field(None, description="Time spent fine-tuning; null for memory adapters.")
     backbone: str | None = Field(None, description="Backbone spec the version was fitted on.")
+    geometry: dict[str, Any] | None = Field(None, description="The version's image geometry (see registration).")
     error: str | None = Field(None, description="Set when the manifest cannot be read (the version is unusable).")
 
 

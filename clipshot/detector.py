@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -19,6 +19,7 @@ from clipshot.backbone import Backbone, ClipBackbone
 from clipshot.calibration import DEFAULT_FALSE_ALARM_RATE, calibrate, light_views
 from clipshot.features import Features
 from clipshot.fusion import ScoringConfig, fuse_maps, image_score
+from clipshot.geometry import TILE_OVERLAP, Geometry, GeometryError, build_geometry
 from clipshot.memory_branch import MemoryBank
 from clipshot.prompts import handcrafted_embeddings
 from clipshot.text_branch import text_maps, text_scores
@@ -110,20 +111,28 @@ class Detector:
             return self.backbone.extract(pixels, dpam=dpam)
 
     def features_of(self, images: Sequence[Image.Image], adapter: Adapter | None, *, dpam: bool = False) -> Features:
-        """Features of many images, extracted in bounded batches and concatenated."""
+        """Features of many images through the adapter's geometry, in bounded batches, one row per image."""
+        geometry = adapter.geometry if adapter is not None else Geometry()
+        views = geometry.views_per_image
+        step = max(1, FEATURE_BATCH // views)
         return Features.cat([
-            self.features(self.backbone.preprocess(images[i : i + FEATURE_BATCH]), adapter, dpam=dpam)
-            for i in range(0, len(images), FEATURE_BATCH)
+            self.features(self.backbone.preprocess(images[i : i + step], geometry), adapter, dpam=dpam)
+            .per_image(views)
+            for i in range(0, len(images), step)
         ])
 
     def score_features(self, features: Features, adapter: Adapter,
                        memory: MemoryBank | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scores (B,), maps (B, S, S)) at the model's input resolution; ``memory`` overrides the bank."""
+        """(scores (B,), maps (B, views * H, W)) at the model frame's resolution; ``memory`` overrides the bank.
+
+        With tiles (``features.views`` > 1) each map holds the image's tiles stacked vertically, so the image
+        score is taken over all of them."""
         cfg = adapter.scoring
         bank = memory if memory is not None else adapter.memory
         t_map = None if adapter.text is None else text_maps(features, adapter.text, cfg.temperature)
         m_map = None if bank is None else bank.distances(features)
-        maps = pixel_map(fuse_maps(t_map, m_map, cfg), self.backbone.image_size, cfg.sigma)
+        frame = adapter.geometry.frame_of(self.backbone.image_size)
+        maps = pixel_map(fuse_maps(t_map, m_map, cfg), frame, cfg.sigma, views=features.views)
         cls = None
         if adapter.text is not None and features.cls is not None:
             cls = text_scores(features, adapter.text, cfg.temperature)
@@ -131,9 +140,14 @@ class Detector:
 
     @torch.inference_mode()
     def forward(self, pixels: torch.Tensor, adapter: Adapter) -> tuple[torch.Tensor, torch.Tensor]:
-        """Device work for one batch; the service calls this from its single device worker."""
+        """Device work for one batch of (B, 3, H, W) or, one image's views together, (B, views, 3, H, W)
+        pixels; the service calls this from its single device worker."""
         self.check_compatible(adapter)
-        return self.score_features(self.features(pixels, adapter, dpam=adapter.scoring.dpam), adapter)
+        views = adapter.geometry.views_per_image
+        if pixels.ndim == 5:
+            pixels = pixels.flatten(0, 1)
+        feats = self.features(pixels, adapter, dpam=adapter.scoring.dpam).per_image(views)
+        return self.score_features(feats, adapter)
 
     def predict(self, images: Sequence[Image.Image], adapter: Adapter,
                 *, map_size: tuple[int, int] | str | None = "input") -> list[Prediction]:
@@ -141,7 +155,7 @@ class Detector:
         out: list[Prediction] = []
         for start in range(0, len(images), FEATURE_BATCH):
             chunk = images[start : start + FEATURE_BATCH]
-            scores, maps = self.forward(self.backbone.preprocess(chunk), adapter)
+            scores, maps = self.forward(self.backbone.preprocess(chunk, adapter.geometry), adapter)
             for image, score, heat in zip(chunk, scores.tolist(), maps, strict=True):
                 out.append(self.make_prediction(score, heat, adapter, image.size, map_size))
         return out
@@ -149,13 +163,18 @@ class Detector:
     @staticmethod
     def make_prediction(score: float, heat: torch.Tensor, adapter: Adapter, image_size: tuple[int, int],
                         map_size: tuple[int, int] | str | None) -> Prediction:
-        """Verdict plus the heatmap resized for the caller (CPU post-processing, off the device worker)."""
+        """Verdict plus the heatmap mapped back onto the image (CPU post-processing, off the device worker).
+
+        ``heat`` is the (views * H, W) frame-resolution map; the result covers the whole image at ``map_size``."""
         threshold = adapter.threshold
         heatmap = None
         if map_size is not None:
             size = (image_size[1], image_size[0]) if map_size == "input" else tuple(map_size)
-            heatmap = F.interpolate(heat[None, None].float().cpu(), size=size, mode="bilinear",
-                                    align_corners=False)[0, 0].numpy()
+            if adapter.geometry.is_plain:
+                heatmap = F.interpolate(heat[None, None].float().cpu(), size=size, mode="bilinear",
+                                        align_corners=False)[0, 0].numpy()
+            else:  # a legacy frame-less geometry is square: the map's width is its side
+                heatmap = adapter.geometry.map_back(heat, image_size, heat.shape[-1], size)
         verdict = None if threshold is None else bool(score > threshold)
         return Prediction(float(score), threshold, verdict, heatmap)
 
@@ -172,10 +191,13 @@ class Detector:
     def fit_memory(self, shots: Sequence[Image.Image], *, category: str, text: bool | None = None,
                    object_name: str | None = None, coreset_ratio: float | None = None,
                    scoring: ScoringConfig | None = None, false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE,
-                   calibration_views: int = 2) -> Adapter:
-        """Memory adapter (plus handcrafted text on CLIP when ``text``), calibrated: usable immediately."""
+                   calibration_views: int = 2, geometry: Geometry | None = None) -> Adapter:
+        """Memory adapter (plus handcrafted text on CLIP when ``text``), calibrated: usable immediately.
+
+        ``geometry`` None = chosen from the shots by ``clipshot.geometry.build_geometry``'s rule."""
         if not shots:
             raise ValueError("fit_memory needs at least one normal image")
+        geometry = self.resolve_geometry(geometry, [img.size for img in shots])
         if len(shots) < RECOMMENDED_MIN_SHOTS:
             warnings.warn(f"{len(shots)} shot(s) given; {RECOMMENDED_MIN_SHOTS}-16 give reliable memory and "
                           "calibration", stacklevel=2)
@@ -183,8 +205,28 @@ class Detector:
         adapter = self.text_adapter(category=category, object_name=object_name, scoring=scoring) if use_text \
             else Adapter(category=category, scoring=scoring or ScoringConfig(), object_name=object_name,
                          backbone=self.layout())
+        adapter.geometry = geometry
         return self.refit_memory(adapter, shots, coreset_ratio=coreset_ratio, false_alarm_rate=false_alarm_rate,
                                  calibration_views=calibration_views)
+
+    def plan_geometry(self, sizes: Sequence[tuple[int, int]], *, resize: str | None = None,
+                      roi: tuple[int, int, int, int] | None = None, tile: int | None = None,
+                      tile_overlap: float = TILE_OVERLAP) -> Geometry:
+        """Geometry for shots of ``sizes`` on this backbone: explicit choices, the auto rule for the rest."""
+        return build_geometry(sizes, size=self.backbone.image_size, multiple=self.backbone.frame_multiple,
+                              resize=resize, roi=roi, tile=tile, tile_overlap=tile_overlap)
+
+    def resolve_geometry(self, geometry: Geometry | None, sizes: Sequence[tuple[int, int]]) -> Geometry:
+        """The auto geometry for shots of ``sizes``, or ``geometry`` checked against them with its frame filled."""
+        size, multiple = self.backbone.image_size, self.backbone.frame_multiple
+        if geometry is None:
+            return build_geometry(sizes, size=size, multiple=multiple)
+        geometry = replace(geometry, frame=geometry.frame_of(size))
+        if any(side % multiple for side in geometry.frame):
+            raise GeometryError(f"frame {list(geometry.frame)} must be multiples of {multiple} on {self.backbone.spec}")
+        for image_size in sizes:
+            geometry.views(image_size, size)  # ROI and tiles must fit every shot
+        return geometry
 
     @torch.inference_mode()
     def refit_memory(self, adapter: Adapter, shots: Sequence[Image.Image], *, coreset_ratio: float | None = None,

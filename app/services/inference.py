@@ -21,7 +21,7 @@ from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from app.core.config import Settings
-from app.errors import ClipshotHTTPError, ConflictError, ImageError, NotFoundError, OverloadedError
+from app.errors import BadRequestError, ClipshotHTTPError, ConflictError, ImageError, NotFoundError, OverloadedError
 from app.metrics import Metrics
 from app.schemas import Heatmap, HeatmapMode, ImagePrediction, PredictResponse, StageTimings
 from app.services.adapter_cache import ZERO_SHOT_LABEL, AdapterCache
@@ -30,6 +30,7 @@ from app.services.heatmap import b64, colour_scale, png_overlay, raw_grid
 from app.services.images import DecodedImage, decode_image
 from clipshot.adapter import Adapter
 from clipshot.detector import Detector
+from clipshot.geometry import Geometry, GeometryError
 
 OBJECT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _-]{0,63}$")
 
@@ -126,7 +127,7 @@ class InferenceService:
         uploads = [await self._read(f) for f in files]
         decoded = await asyncio.gather(*(run_in_threadpool(self._decode, u, label) for u in uploads))
         images = [d.image for d, _ in decoded]
-        pixels, preprocess_s = await run_in_threadpool(self._preprocess, images, label)
+        pixels, preprocess_s = await run_in_threadpool(self._preprocess, images, label, adapter.geometry)
         results = await asyncio.gather(*(self.batcher.submit(adapter, pixels[i], label) for i in range(len(images))))
         predictions = await asyncio.gather(*(
             run_in_threadpool(self._postprocess, adapter, label, upload, item, result, heatmap, decode_s, preprocess_s)
@@ -151,10 +152,18 @@ class InferenceService:
                 raise ImageError(exc.status_code, exc.code, f"{name}: {exc.message}") from exc
         return decoded, time.perf_counter() - start
 
-    def _preprocess(self, images: list[Image.Image], label: str) -> tuple[torch.Tensor, float]:
+    def _preprocess(self, images: list[Image.Image], label: str, geometry: Geometry) -> tuple[torch.Tensor, float]:
+        """(N, 3, H, W), or (N, views, 3, H, W) with tiles: one batcher item per image either way."""
         start = time.perf_counter()
         with self.metrics.time_stage("preprocess", label):
-            pixels = self._cpu_backbone.preprocess(images)
+            try:
+                pixels = self._cpu_backbone.preprocess(images, geometry)
+            except GeometryError as exc:  # e.g. an image smaller than the category's ROI
+                raise BadRequestError(f"image does not fit the category's geometry: {exc}",
+                                      code="invalid_geometry") from exc
+            views = geometry.views_per_image
+            if views > 1:
+                pixels = pixels.reshape(len(images), views, *pixels.shape[1:])
         return pixels, time.perf_counter() - start
 
     def _postprocess(self, adapter: Adapter, label: str, upload: Upload, decoded: DecodedImage,
@@ -164,13 +173,16 @@ class InferenceService:
         with self.metrics.time_stage("postprocess", label):
             pred = Detector.make_prediction(result.score, result.heat, adapter, image.size, None)
             heatmap = None
+            # the map over the whole image (ROI, padding and tiles placed back); the plain squash is unchanged
+            grid = None if mode == "none" else adapter.geometry.image_grid(result.heat, image.size,
+                                                                           result.heat.shape[-1])
             if mode == "png":
                 vmin, vmax = colour_scale(pred.threshold)
-                png = png_overlay(image, result.heat, vmin=vmin, vmax=vmax)
+                png = png_overlay(image, grid, vmin=vmin, vmax=vmax)
                 heatmap = Heatmap(encoding="png", data=b64(png), shape=[image.height, image.width],
                                   vmin=vmin, vmax=vmax)
             elif mode == "raw":
-                data, shape = raw_grid(result.heat)
+                data, shape = raw_grid(grid)
                 heatmap = Heatmap(encoding="raw", data=b64(data), shape=shape, dtype="float16")
         verdict = "unknown" if pred.is_anomalous is None else ("anomalous" if pred.is_anomalous else "normal")
         self.metrics.predictions.labels(label, verdict).inc()

@@ -38,7 +38,8 @@ from app.services.device_worker import TRAIN
 from app.services.job_store import ACTIVE_STATES, Job, JobNotFoundError, JobState, JobStore
 from app.services.registry import adapter_facts, load_shots
 from clipshot.detector import Detector
-from model_store import AdapterStore
+from clipshot.geometry import Geometry
+from model_store import AdapterStore, StoreError
 from model_store.adapters import save_adapter
 from training.fewshot import FewShotConfig, FewShotTrainer
 from training.progress import Cancelled, CancelToken, Progress
@@ -221,14 +222,22 @@ class JobRunner:
             self.metrics.job_duration.labels(job.state.value).observe(seconds)
         self._refresh_gauge()
 
+    def _geometry(self, category: str) -> Geometry | None:
+        """The active version's geometry: training must see the pixels prediction will see."""
+        try:
+            return Geometry.from_dict(self.store.manifest(category).adapter.get("geometry"))
+        except (StoreError, ValueError, TypeError):
+            return None
+
     def _train(self, job: Job, running: _Running) -> dict[str, Any]:
         images, refs, object_name = load_shots(self.store, job.category, self.settings)
         if not images:
             raise RuntimeError(f"category {job.category!r} has no stored shots")
         config = self._config(job.params)
+        geometry = self._geometry(job.category)
         trainer = self._device(lambda: self.trainer_factory(
             self.detector, images, category=job.category, object_name=object_name, config=config,
-            progress=running.observe, cancel=running.token), running)
+            progress=running.observe, cancel=running.token, geometry=geometry), running)
         steps = None
         try:
             steps = trainer.steps()

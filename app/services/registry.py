@@ -25,9 +25,11 @@ from starlette.concurrency import run_in_threadpool
 from app.core.config import Settings
 from app.errors import BadRequestError, ClipshotHTTPError, ConflictError, NotFoundError, OverloadedError
 from app.services.device_worker import TRAIN
+from app.services.geometry import GeometryRequest
 from app.services.images import decode_image
 from clipshot.adapter import Adapter
 from clipshot.detector import Detector
+from clipshot.geometry import Geometry
 from model_store import AdapterStore, BundleNotFound, InvalidName, StoreError, VersionNotFound, validate_category
 from model_store.adapters import save_adapter
 
@@ -73,6 +75,7 @@ class Registration:
     shots: int
     added: int
     warnings: list[str] = field(default_factory=list)
+    geometry: dict[str, Any] = field(default_factory=dict)
 
 
 class CategoryService:
@@ -104,8 +107,9 @@ class CategoryService:
         return self._locks.setdefault(category, asyncio.Lock())
 
     # -- registration -------------------------------------------------------------------------------
-    def validate_upload(self, category: str, files: list[tuple[str, bytes]]) -> tuple[str, list[str]]:
-        """Checks of the upload itself (name, counts, every image); returns (name, content hashes)."""
+    def validate_upload(self, category: str, files: list[tuple[str, bytes]]
+                        ) -> tuple[str, list[str], list[tuple[int, int]]]:
+        """Checks of the upload itself (name, counts, every image); returns (name, content hashes, sizes)."""
         name = self.name(category)
         s = self.settings
         if len(files) < s.min_shots:
@@ -114,14 +118,25 @@ class CategoryService:
         if len(files) > s.max_shots:
             raise BadRequestError(f"too many shots: got {len(files)}, at most {s.max_shots} per upload",
                                   code="too_many_shots")
-        hashes = []
+        hashes, sizes = [], []
         for filename, data in files:
             try:
-                hashes.append(decode_image(data, max_pixels=s.max_image_pixels, max_bytes=s.max_upload_bytes).sha256)
+                decoded = decode_image(data, max_pixels=s.max_image_pixels, max_bytes=s.max_upload_bytes)
             except ClipshotHTTPError as exc:  # name the offending file: uploads hold up to 16 of them
                 exc.message = f"{filename or 'unnamed file'}: {exc.message}"
                 raise
-        return name, hashes
+            hashes.append(decoded.sha256)
+            sizes.append(decoded.size)
+        return name, hashes, sizes
+
+    def _plan_geometry(self, name: str, sizes: list[tuple[int, int]], request: GeometryRequest) -> Geometry:
+        """The geometry for all the category's shots (stored + new), checked before anything is written."""
+        stored_images, _, _ = load_shots(self.store, name, self.settings)
+        try:
+            stored = Geometry.from_dict(self.store.manifest(name).adapter.get("geometry"))
+        except (StoreError, ValueError, TypeError):
+            stored = None
+        return request.plan(self.detector, [img.size for img in stored_images] + sizes, stored)
 
     def _check_total(self, name: str, hashes: list[str]) -> list[str]:
         """The category-wide limit (stored + new, deduplicated); checked under the category lock."""
@@ -142,16 +157,17 @@ class CategoryService:
         return notes
 
     async def register(self, category: str, files: list[tuple[str, bytes]], *, description: str | None = None,
-                       finetune: bool = True) -> Registration:
+                       finetune: bool = True, geometry: GeometryRequest | None = None) -> Registration:
         """Validate, store the shots, fit + activate the memory adapter over ALL shots, maybe queue a fine-tune."""
-        name, hashes = await run_in_threadpool(self.validate_upload, category, files)
+        name, hashes, sizes = await run_in_threadpool(self.validate_upload, category, files)
         async with self._lock(name):
             notes = self._check_total(name, hashes)
+            plan = await run_in_threadpool(self._plan_geometry, name, sizes, geometry or GeometryRequest())
             before = {p.name for p in self.store.shot_paths(name)}
             stored = await run_in_threadpool(self.store.save_shots, name, files)
             added = sorted(set(stored) - before)
             try:
-                version, total = await self._fit_memory_version(name, description)
+                version, total = await self._fit_memory_version(name, description, plan)
             except BaseException:
                 await run_in_threadpool(self._forget_shots, name, added)
                 raise
@@ -166,9 +182,10 @@ class CategoryService:
             except (ConflictError, OverloadedError) as exc:  # busy (a job on the old shots) or shutting down
                 notes.append(f"fine-tune not started: {exc} Then start one with POST /v1/categories/{name}/finetune "
                              "so training sees the new shots.")
-        return Registration(name, version, job_id, total, len(added), notes)
+        return Registration(name, version, job_id, total, len(added), notes, plan.to_dict())
 
-    async def _fit_memory_version(self, name: str, description: str | None) -> tuple[int, int]:
+    async def _fit_memory_version(self, name: str, description: str | None,
+                                  geometry: Geometry | None = None) -> tuple[int, int]:
         images, refs, previous = await run_in_threadpool(load_shots, self.store, name, self.settings)
         object_name = description or previous
 
@@ -176,7 +193,8 @@ class CategoryService:
             started = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the shot-count warning is in the response instead
-                adapter = self.detector.fit_memory(images, category=name, object_name=object_name)
+                adapter = self.detector.fit_memory(images, category=name, object_name=object_name,
+                                                   geometry=geometry)
             return adapter, time.perf_counter() - started
 
         adapter, seconds = await self.worker.run(fit, priority=TRAIN)
@@ -237,7 +255,7 @@ class CategoryService:
                 "branches": m.metrics.get("branches", []), "object_name": m.adapter.get("object_name"),
                 "shots": len(m.shots), "metrics": m.metrics,
                 "training_seconds": None if m.training is None else m.training.seconds,
-                "backbone": m.backbone.spec}
+                "backbone": m.backbone.spec, "geometry": m.adapter.get("geometry")}
 
     # -- mutation -----------------------------------------------------------------------------------
     async def activate(self, category: str, version: int) -> dict[str, Any]:
