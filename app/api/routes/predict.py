@@ -17,6 +17,7 @@ router = APIRouter(prefix=API_PREFIX, tags=["predict"])
 
 RESPONSES = errors(
     400, 401, 404, 409, 413, 415, 422, 503,
+    e400="Corrupt or empty image, or an image the category's geometry does not fit (smaller than its ROI).",
     e404="Unknown category, or no active adapter version (and no generic bundle for `/v1/predict`).",
     e409="Adapter incompatible with the backbone, or zero-shot without a CLIP backbone.",
     e422="Invalid parameters (e.g. unknown `heatmap` value).",
