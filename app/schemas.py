@@ -23,7 +23,8 @@ class Heatmap(BaseModel):
 
     encoding: Literal["png", "raw"] = Field(
         description="`png`: colour-mapped overlay on the input image, at the input's size. "
-        "`raw`: the model-resolution score grid as little-endian float16."
+        "`raw`: the score grid over the whole input at about model resolution (resize it to the input's size), "
+        "as little-endian float16; outside a category's ROI it is 0."
     )
     data: str = Field(description="Base64 of the PNG file or of the float16 bytes (row-major).")
     shape: list[int] = Field(description="[height, width] of the PNG or of the raw grid.")
