@@ -28,7 +28,8 @@ class Heatmap(BaseModel):
     encoding: Literal["jpeg", "png", "mask", "raw"] = Field(
         description="`jpeg` / `png`: the input with pixels above the threshold tinted (yellow to dark red up to "
         "`vmax`) and outlined in red; pixels at or below it are untouched. `mask`: 1-bit PNG, white where the "
-        "score exceeds the threshold. `raw`: the model-resolution score grid as little-endian float16."
+        "score exceeds the threshold. `raw`: the score grid over the whole input at about model resolution "
+        "(resize it to the input's size) as little-endian float16; outside a category's ROI it is 0."
     )
     data: str = Field(description="Base64 of the JPEG/PNG file or of the float16 bytes (row-major).")
     shape: list[int] = Field(description="[height, width] of the picture (the input's aspect, longer side at most "
@@ -126,6 +127,10 @@ class ShotsRegistered(BaseModel):
                                 "shots: that the threshold's promises are rough guesses).")
     decision: Decision | None = Field(None, description="How the new version decides `is_anomalous`: threshold, "
                                       "expected false-alarm rate and recall, and whether the shots let it be sure.")
+    geometry: dict[str, Any] = Field(default_factory=dict, description=(
+        "How the category's images are cut for the model: resize mode, model frame [height, width], roi "
+        "[left, top, right, bottom], tiles [rows, cols] with tile_size as fractions of the ROI, and the rule "
+        "that chose them."))
 
 
 class FinetuneRequest(BaseModel):
@@ -246,6 +251,7 @@ class AdapterVersionInfo(BaseModel):
     backbone: str | None = Field(None, description="Backbone spec the version was fitted on.")
     validation: Validation | None = Field(None, description="What the version measures on operator-confirmed "
                                                             "images (feedback).")
+    geometry: dict[str, Any] | None = Field(None, description="The version's image geometry (see registration).")
     error: str | None = Field(None, description="Set when the manifest cannot be read (the version is unusable).")
 
 

@@ -10,6 +10,7 @@ import torch
 
 from clipshot.calibration import Calibration
 from clipshot.fusion import ScoringConfig
+from clipshot.geometry import Geometry
 from clipshot.lora import LoraSpec
 from clipshot.memory_branch import MemoryBank
 from clipshot.prompts import PromptSpec
@@ -26,7 +27,7 @@ class Adapter:
     """A product's adapter: cached text embeddings, memory bank, LoRA, prompts, calibration.
 
     ``backbone`` records the layer/resolution layout the tensors were made with, so a bundle is never
-    applied to features of another shape.
+    applied to features of another shape; ``geometry`` says which pixels of an upload the model sees.
     """
 
     category: str
@@ -40,6 +41,7 @@ class Adapter:
     calibration: Calibration | None = None
     object_name: str | None = None
     backbone: dict = field(default_factory=dict)
+    geometry: Geometry = field(default_factory=Geometry)
     version: int | None = None
     uid: str = field(default_factory=lambda: uuid.uuid4().hex)
 
@@ -73,6 +75,7 @@ class Adapter:
             "memory_layers": 0 if self.memory is None else len(self.memory.layers),
             "object_name": self.object_name,
             "backbone": self.backbone,
+            "geometry": self.geometry.to_dict(),
         }
 
     @classmethod
@@ -101,6 +104,7 @@ class Adapter:
             calibration=Calibration.from_dict(cal) if cal else None,
             object_name=config.get("object_name"),
             backbone=dict(config.get("backbone", {})),
+            geometry=Geometry.from_dict(config.get("geometry")),
             version=version,
             uid=adapter_uid("c", category, version) if version is not None else uuid.uuid4().hex,
         )

@@ -34,10 +34,19 @@ def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(maps.float()[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
 
 
-def pixel_map(patch_maps: torch.Tensor, size: int, sigma: float = SIGMA) -> torch.Tensor:
+def pixel_map(patch_maps: torch.Tensor, size: int | tuple[int, int], sigma: float = SIGMA,
+              views: int = 1) -> torch.Tensor:
     """Patch grid -> model-input-resolution heatmap, smoothed. Smoothing at the fixed model resolution
-    (not at each upload's size) keeps the map, and the image score taken from it, independent of upload size."""
-    return gaussian_blur(upsample(patch_maps, (size, size)), sigma)
+    (not at each upload's size) keeps the map, and the image score taken from it, independent of upload size.
+
+    ``size`` is the model frame (H, W); with ``views`` > 1 each map holds that many tiles stacked vertically,
+    upsampled and smoothed one by one (no smoothing across a tile seam)."""
+    frame = (size, size) if isinstance(size, int) else tuple(size)
+    if views == 1:
+        return gaussian_blur(upsample(patch_maps, frame), sigma)
+    n, rows, cols = patch_maps.shape
+    tiles = patch_maps.reshape(n * views, rows // views, cols)
+    return gaussian_blur(upsample(tiles, frame), sigma).reshape(n, views * frame[0], frame[1])
 
 
 # How a map is shown to people (the service overlay and the eval figures share it): untinted at or below the

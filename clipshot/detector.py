@@ -6,7 +6,7 @@ import math
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -17,10 +17,10 @@ from clipshot import lora, mixed_batch
 from clipshot.adapter import Adapter
 from clipshot.anomaly_map import pixel_map
 from clipshot.backbone import Backbone, ClipBackbone
-from clipshot.backbone.base import unit_pixels
 from clipshot.calibration import Calibration, DecisionPolicy, calibrate, light_views
 from clipshot.features import Features
 from clipshot.fusion import ScoringConfig, fuse_maps, image_score
+from clipshot.geometry import TILE_OVERLAP, Geometry, GeometryError, build_geometry
 from clipshot.memory_branch import MemoryBank
 from clipshot.prompts import handcrafted_embeddings
 from clipshot.synthetic import AnomalySynthesizer
@@ -119,20 +119,28 @@ class Detector:
             return self.backbone.extract(pixels, dpam=dpam)
 
     def features_of(self, images: Sequence[Image.Image], adapter: Adapter | None, *, dpam: bool = False) -> Features:
-        """Features of many images, extracted in bounded batches and concatenated."""
+        """Features of many images through the adapter's geometry, in bounded batches, one row per image."""
+        geometry = adapter.geometry if adapter is not None else Geometry()
+        views = geometry.views_per_image
+        step = max(1, FEATURE_BATCH // views)
         return Features.cat([
-            self.features(self.backbone.preprocess(images[i : i + FEATURE_BATCH]), adapter, dpam=dpam)
-            for i in range(0, len(images), FEATURE_BATCH)
+            self.features(self.backbone.preprocess(images[i : i + step], geometry), adapter, dpam=dpam)
+            .per_image(views)
+            for i in range(0, len(images), step)
         ])
 
     def score_features(self, features: Features, adapter: Adapter,
                        memory: MemoryBank | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scores (B,), maps (B, S, S)) at the model's input resolution; ``memory`` overrides the bank."""
+        """(scores (B,), maps (B, views * H, W)) at the model frame's resolution; ``memory`` overrides the bank.
+
+        With tiles (``features.views`` > 1) each map holds the image's tiles stacked vertically, so the image
+        score is taken over all of them."""
         cfg = adapter.scoring
         bank = memory if memory is not None else adapter.memory
         t_map = None if adapter.text is None else text_maps(features, adapter.text, cfg.temperature)
         m_map = None if bank is None else bank.distances(features)
-        maps = pixel_map(fuse_maps(t_map, m_map, cfg), self.backbone.image_size, cfg.sigma)
+        frame = adapter.geometry.frame_of(self.backbone.image_size)
+        maps = pixel_map(fuse_maps(t_map, m_map, cfg), frame, cfg.sigma, views=features.views)
         cls = None
         if adapter.text is not None and features.cls is not None:
             cls = text_scores(features, adapter.text, cfg.temperature)
@@ -140,9 +148,14 @@ class Detector:
 
     @torch.inference_mode()
     def forward(self, pixels: torch.Tensor, adapter: Adapter) -> tuple[torch.Tensor, torch.Tensor]:
-        """Device work for one batch; the service calls this from its single device worker."""
+        """Device work for one batch of (B, 3, H, W) or, one image's views together, (B, views, 3, H, W)
+        pixels; the service calls this from its single device worker."""
         self.check_compatible(adapter)
-        return self.score_features(self.features(pixels, adapter, dpam=adapter.scoring.dpam), adapter)
+        views = adapter.geometry.views_per_image
+        if pixels.ndim == 5:
+            pixels = pixels.flatten(0, 1)
+        feats = self.features(pixels, adapter, dpam=adapter.scoring.dpam).per_image(views)
+        return self.score_features(feats, adapter)
 
     def forward_mixed(self, pixels: torch.Tensor, adapters: Sequence[Adapter]) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample i scored by ``adapters[i]`` in as few backbone forwards as possible (``clipshot.mixed_batch``)."""
@@ -154,7 +167,7 @@ class Detector:
         out: list[Prediction] = []
         for start in range(0, len(images), FEATURE_BATCH):
             chunk = images[start : start + FEATURE_BATCH]
-            scores, maps = self.forward(self.backbone.preprocess(chunk), adapter)
+            scores, maps = self.forward(self.backbone.preprocess(chunk, adapter.geometry), adapter)
             for image, score, heat in zip(chunk, scores.tolist(), maps, strict=True):
                 out.append(self.make_prediction(score, heat, adapter, image.size, map_size))
         return out
@@ -162,13 +175,18 @@ class Detector:
     @staticmethod
     def make_prediction(score: float, heat: torch.Tensor, adapter: Adapter, image_size: tuple[int, int],
                         map_size: tuple[int, int] | str | None) -> Prediction:
-        """Verdict plus the heatmap resized for the caller (CPU post-processing, off the device worker)."""
+        """Verdict plus the heatmap mapped back onto the image (CPU post-processing, off the device worker).
+
+        ``heat`` is the (views * H, W) frame-resolution map; the result covers the whole image at ``map_size``."""
         threshold = adapter.threshold
         heatmap = None
         if map_size is not None:
             size = (image_size[1], image_size[0]) if map_size == "input" else tuple(map_size)
-            heatmap = F.interpolate(heat[None, None].float().cpu(), size=size, mode="bilinear",
-                                    align_corners=False)[0, 0].numpy()
+            if adapter.geometry.is_plain:
+                heatmap = F.interpolate(heat[None, None].float().cpu(), size=size, mode="bilinear",
+                                        align_corners=False)[0, 0].numpy()
+            else:  # a legacy frame-less geometry is square: the map's width is its side
+                heatmap = adapter.geometry.map_back(heat, image_size, heat.shape[-1], size)
         verdict = None if threshold is None else bool(score > threshold)
         return Prediction(float(score), threshold, verdict, heatmap)
 
@@ -185,13 +203,16 @@ class Detector:
     def fit_memory(self, shots: Sequence[Image.Image], *, category: str, text: bool | None = None,
                    object_name: str | None = None, coreset_ratio: float | None = None,
                    scoring: ScoringConfig | None = None, calibration_views: int = 2,
-                   defects: Sequence[Image.Image] = (), policy: DecisionPolicy | None = None) -> Adapter:
+                   defects: Sequence[Image.Image] = (), policy: DecisionPolicy | None = None,
+                   geometry: Geometry | None = None) -> Adapter:
         """Memory adapter (plus handcrafted text on CLIP when ``text``), calibrated: usable immediately.
 
         ``defects`` are operator-confirmed defect photos (validation evidence, never memory); ``policy`` the
-        decision policy (default: the automatic rule)."""
+        decision policy (default: the automatic rule); ``geometry`` None = chosen from the shots by
+        ``clipshot.geometry.build_geometry``'s rule."""
         if not shots:
             raise ValueError("fit_memory needs at least one normal image")
+        geometry = self.resolve_geometry(geometry, [img.size for img in shots])
         if len(shots) < RECOMMENDED_MIN_SHOTS:
             warnings.warn(f"{len(shots)} shot(s) given; {RECOMMENDED_MIN_SHOTS}-16 give reliable memory and "
                           "calibration", stacklevel=2)
@@ -199,8 +220,28 @@ class Detector:
         adapter = self.text_adapter(category=category, object_name=object_name, scoring=scoring) if use_text \
             else Adapter(category=category, scoring=scoring or ScoringConfig(), object_name=object_name,
                          backbone=self.layout())
+        adapter.geometry = geometry
         return self.refit_memory(adapter, shots, coreset_ratio=coreset_ratio, calibration_views=calibration_views,
                                  defects=defects, policy=policy)
+
+    def plan_geometry(self, sizes: Sequence[tuple[int, int]], *, resize: str | None = None,
+                      roi: tuple[int, int, int, int] | None = None, tile: int | None = None,
+                      tile_overlap: float = TILE_OVERLAP) -> Geometry:
+        """Geometry for shots of ``sizes`` on this backbone: explicit choices, the auto rule for the rest."""
+        return build_geometry(sizes, size=self.backbone.image_size, multiple=self.backbone.frame_multiple,
+                              resize=resize, roi=roi, tile=tile, tile_overlap=tile_overlap)
+
+    def resolve_geometry(self, geometry: Geometry | None, sizes: Sequence[tuple[int, int]]) -> Geometry:
+        """The auto geometry for shots of ``sizes``, or ``geometry`` checked against them with its frame filled."""
+        size, multiple = self.backbone.image_size, self.backbone.frame_multiple
+        if geometry is None:
+            return build_geometry(sizes, size=size, multiple=multiple)
+        geometry = replace(geometry, frame=geometry.frame_of(size))
+        if any(side % multiple for side in geometry.frame):
+            raise GeometryError(f"frame {list(geometry.frame)} must be multiples of {multiple} on {self.backbone.spec}")
+        for image_size in sizes:
+            geometry.views(image_size, size)  # ROI and tiles must fit every shot
+        return geometry
 
     @torch.inference_mode()
     def refit_memory(self, adapter: Adapter, shots: Sequence[Image.Image], *, coreset_ratio: float | None = None,
@@ -234,7 +275,7 @@ class Detector:
         if views:
             all_views = [view for img in shots for view in light_views(img, views)]
             view_feats = self.features_of(all_views, adapter, dpam=dpam)
-        made, sources = self._synthetic_defects(shots)
+        made, sources = self._synthetic_defects(shots, adapter)
         synth_feats = self._unit_features(made, adapter) if len(made) else None
         normal: list[float] = []
         synthetic: list[float] = []
@@ -252,29 +293,40 @@ class Detector:
         return calibrate(normal, synthetic, shots=n, validation_defect_scores=self.score_images(defects, adapter),
                          policy=policy, method=method)
 
-    def _synthetic_defects(self, shots: list[Image.Image]) -> tuple[torch.Tensor, list[int]]:
-        """(N, 3, S, S) unit-range synthetic defects (CutPaste, scar, Perlin) made from the shots at model
-        resolution, and the shot each was made from. A fixed seed: the same shots calibrate the same way."""
-        units = unit_pixels(shots, self.backbone.image_size)
+    def _synthetic_defects(self, shots: list[Image.Image], adapter: Adapter) -> tuple[torch.Tensor, list[int]]:
+        """(N, views, 3, H, W) unit-range synthetic defects (CutPaste, scar, Perlin) made from the shots in the
+        adapter's geometry (one view of each damaged, the rest as they are), and the shot each was made from.
+        A fixed seed: the same shots calibrate the same way."""
+        geometry = adapter.geometry
+        views = geometry.views_per_image
+        units = geometry.unit_pixels(shots, self.backbone.image_size)
+        units = units.reshape(len(shots), views, *units.shape[1:])
         per_shot = max(1, math.ceil(SYNTHETIC_DEFECTS / len(shots)))
         generator = torch.Generator().manual_seed(0)
         synthesizer = AnomalySynthesizer(p=1.0)
         made: list[torch.Tensor] = []
         sources: list[int] = []
-        for i, shot in enumerate(units):
+        for i in range(len(shots)):
             for _ in range(per_shot):
-                image, _mask, label = synthesizer(shot, list(units), generator)
+                view = int(torch.randint(views, (), generator=generator))
+                image, _mask, label = synthesizer(units[i, view], list(units[:, view]), generator)
                 if label:  # a flat shot can refuse every kind: no defect then, rather than a fake one
-                    made.append(image)
+                    damaged = units[i].clone()
+                    damaged[view] = image
+                    made.append(damaged)
                     sources.append(i)
         return (torch.stack(made) if made else units[:0]), sources
 
     def _unit_features(self, units: torch.Tensor, adapter: Adapter) -> Features:
-        """Features of images already at model resolution in [0, 1] (no second resize)."""
+        """Features of (N, views, 3, H, W) images already cut into the geometry's views, in [0, 1] (no second
+        resize), one row per image."""
+        views = units.shape[1]
+        flat = units.flatten(0, 1)
         mean = torch.tensor(self.backbone.mean).view(1, 3, 1, 1)
         std = torch.tensor(self.backbone.std).view(1, 3, 1, 1)
+        step = max(1, FEATURE_BATCH // views) * views
         return Features.cat([
-            self.features(((units[i : i + FEATURE_BATCH] - mean) / std).to(self.backbone.device), adapter,
-                          dpam=adapter.scoring.dpam)
-            for i in range(0, len(units), FEATURE_BATCH)
+            self.features(((flat[i : i + step] - mean) / std).to(self.backbone.device), adapter,
+                          dpam=adapter.scoring.dpam).per_image(views)
+            for i in range(0, len(flat), step)
         ])

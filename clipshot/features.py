@@ -12,12 +12,15 @@ class Features:
     """Per-image embeddings of one batch.
 
     ``cls`` lives in the joint image-text space (``None`` for vision-only backbones); ``patches`` holds one
-    L2-normalised ``(B, h*w, D)`` tensor per selected layer, all on the same ``grid``.
+    L2-normalised ``(B, h*w, D)`` tensor per selected layer, all on the same ``grid``. With ``views`` > 1
+    (tiles) each row holds one image's views stacked vertically: ``grid`` is then (views * h, w), so
+    per-image code (memory, calibration, image score) sees an image with all its tiles.
     """
 
     cls: torch.Tensor | None
     patches: list[torch.Tensor]
     grid: tuple[int, int]
+    views: int = 1
 
     @property
     def batch_size(self) -> int:
@@ -30,6 +33,7 @@ class Features:
             cls=None if parts[0].cls is None else torch.cat([p.cls for p in parts]),
             patches=[torch.cat([p.patches[i] for p in parts]) for i in range(len(parts[0].patches))],
             grid=parts[0].grid,
+            views=parts[0].views,
         )
 
     def select(self, index: torch.Tensor | slice) -> Features:
@@ -38,4 +42,15 @@ class Features:
             cls=None if self.cls is None else self.cls[index],
             patches=[p[index] for p in self.patches],
             grid=self.grid,
+            views=self.views,
         )
+
+    def per_image(self, views: int) -> Features:
+        """Group ``views`` consecutive rows (one image's tiles) into one row; CLS = their normalised mean."""
+        if views == 1:
+            return self
+        n = self.batch_size // views
+        cls = None if self.cls is None else torch.nn.functional.normalize(
+            self.cls.reshape(n, views, -1).mean(dim=1), dim=-1)
+        patches = [p.reshape(n, views * p.shape[1], p.shape[2]) for p in self.patches]
+        return Features(cls=cls, patches=patches, grid=(views * self.grid[0], self.grid[1]), views=views)

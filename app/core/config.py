@@ -50,7 +50,7 @@ class Settings(BaseSettings):
         "open_clip:ViT-B-16-plus-240:laion400m_e32",
         min_length=1,
         description="Frozen backbone spec: `open_clip:<arch>:<pretrained tag or path>`, "
-        "`imagenet:efficientnet-lite0` or `test:tiny-clip`. Adapters are only valid for the backbone "
+        "`imagenet:efficientnet-lite0|1|2` or `test:tiny-clip`. Adapters are only valid for the backbone "
         "they were built with.",
     )
     device: str = Field(

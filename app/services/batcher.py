@@ -38,7 +38,7 @@ class BatchResult:
     """One image's share of a batch: raw score and model-resolution map, plus where the time went."""
 
     score: float
-    heat: torch.Tensor  # (S, S) float32 on CPU
+    heat: torch.Tensor  # (views * H, W) float32 on CPU, at the model frame's resolution
     batch_size: int
     queue_s: float  # submit -> device task start (collection window + waiting for the device)
     forward_s: float  # residency + forward + copy back, shared by the whole batch
@@ -47,7 +47,7 @@ class BatchResult:
 @dataclass
 class _Item:
     adapter: Adapter
-    pixels: torch.Tensor  # (3, S, S) on CPU
+    pixels: torch.Tensor  # (3, H, W), or (views, 3, H, W) with tiles, on CPU
     label: str
     future: asyncio.Future[BatchResult]
     submitted: float = field(default_factory=time.perf_counter)
@@ -92,7 +92,7 @@ class Batcher:
                 await task
 
     async def submit(self, adapter: Adapter, pixels: torch.Tensor, label: str) -> BatchResult:
-        """Queue one preprocessed image (3, S, S) and wait for its batch to come back."""
+        """Queue one preprocessed image ((3, H, W) or its tiles) and wait for its batch to come back."""
         if self._collector is None or self._wakeup is None:
             raise OverloadedError("the batcher is not running")
         item = _Item(adapter, pixels, label, asyncio.get_running_loop().create_future())

@@ -118,7 +118,7 @@ class CategoryEdits:
                        defect_type: str | None = None, note: str | None = None) -> dict[str, Any]:
         """Confirmed goods join the memory, confirmed defects the validation set; a new version either way."""
         check_feedback_fields(label, defect_type, note)
-        name, hashes = await run_in_threadpool(self.validate_upload, category, files, minimum=1)
+        name, hashes, _ = await run_in_threadpool(self.validate_upload, category, files, minimum=1)
         name = self._existing(name)
         async with self._lock(name):
             ledger = current_ledger(self.store, self._existing(name))

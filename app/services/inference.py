@@ -21,7 +21,7 @@ from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from app.core.config import Settings
-from app.errors import ClipshotHTTPError, ConflictError, ImageError, NotFoundError, OverloadedError
+from app.errors import BadRequestError, ClipshotHTTPError, ConflictError, ImageError, NotFoundError, OverloadedError
 from app.metrics import Metrics
 from app.schemas import (
     OBJECT_NAME_PATTERN,
@@ -39,6 +39,7 @@ from app.services.images import DecodedImage, decode_image, header_pixels
 from app.services.pixel_budget import PixelBudget, release_free_memory
 from clipshot.adapter import Adapter
 from clipshot.detector import Detector
+from clipshot.geometry import Geometry, GeometryError
 
 HeatmapOptions = tuple[HeatmapMode, int | None]  # mode, requested longer side of the picture
 OBJECT_NAME = re.compile(OBJECT_NAME_PATTERN)
@@ -150,7 +151,7 @@ class InferenceService:
                        heatmap: HeatmapMode) -> PredictResponse:
         decoded = await asyncio.gather(*(run_in_threadpool(self._decode, u, label) for u in uploads))
         images = [d.image for d, _ in decoded]
-        pixels, preprocess_s = await run_in_threadpool(self._preprocess, images, label)
+        pixels, preprocess_s = await run_in_threadpool(self._preprocess, images, label, adapter.geometry)
         results = await asyncio.gather(*(self.batcher.submit(adapter, pixels[i], label) for i in range(len(images))))
         predictions = await asyncio.gather(*(
             run_in_threadpool(self._postprocess, adapter, label, upload, item, result, heatmap, decode_s, preprocess_s)
@@ -182,10 +183,18 @@ class InferenceService:
                 raise ImageError(exc.status_code, exc.code, f"{name}: {exc.message}") from exc
         return decoded, time.perf_counter() - start
 
-    def _preprocess(self, images: list[Image.Image], label: str) -> tuple[torch.Tensor, float]:
+    def _preprocess(self, images: list[Image.Image], label: str, geometry: Geometry) -> tuple[torch.Tensor, float]:
+        """(N, 3, H, W), or (N, views, 3, H, W) with tiles: one batcher item per image either way."""
         start = time.perf_counter()
         with self.metrics.time_stage("preprocess", label, images=len(images)):
-            pixels = self._cpu_backbone.preprocess(images)
+            try:
+                pixels = self._cpu_backbone.preprocess(images, geometry)
+            except GeometryError as exc:  # e.g. an image smaller than the category's ROI
+                raise BadRequestError(f"image does not fit the category's geometry: {exc}",
+                                      code="invalid_geometry") from exc
+            views = geometry.views_per_image
+            if views > 1:
+                pixels = pixels.reshape(len(images), views, *pixels.shape[1:])
         return pixels, time.perf_counter() - start
 
     def _postprocess(self, adapter: Adapter, label: str, upload: Upload, decoded: DecodedImage,
@@ -196,8 +205,12 @@ class InferenceService:
         mode, size = options
         with self.metrics.time_stage("postprocess", label):
             pred = Detector.make_prediction(result.score, result.heat, adapter, image.size, None)
+            # the map over the whole image (ROI, padding and tiles placed back); the plain squash is unchanged
+            grid = None if mode == "none" else adapter.geometry.image_grid(result.heat, image.size,
+                                                                           result.heat.shape[-1])
             # the picture's memory must not grow with the upload: at most max_overlay_side on its longer side
-            out = render(image, result.heat, pred.threshold, mode, size, max_side=self.settings.max_overlay_side)
+            out = render(image, result.heat if grid is None else grid, pred.threshold, mode, size,
+                         max_side=self.settings.max_overlay_side)
             heatmap = None if out.encoding is None else Heatmap(
                 encoding=out.encoding, data=b64(out.data), shape=list(out.shape or ()), vmin=out.vmin, vmax=out.vmax,
                 dtype="float16" if out.encoding == "raw" else None)

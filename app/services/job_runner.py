@@ -48,7 +48,8 @@ from app.services.registry import adapter_facts, load_shots
 from app.services.shot_ledger import Ledger, current_ledger, decode_refs, memory_coreset
 from clipshot.calibration import Calibration
 from clipshot.detector import Detector
-from model_store import AdapterStore
+from clipshot.geometry import Geometry
+from model_store import AdapterStore, StoreError
 from model_store.adapters import save_adapter
 from training.fewshot import FewShotConfig, FewShotTrainer
 from training.progress import Cancelled, CancelToken, Progress
@@ -262,6 +263,13 @@ class JobRunner:
             self.metrics.job_duration.labels(job.state.value).observe(seconds)
         self._refresh_gauge()
 
+    def _geometry(self, category: str) -> Geometry | None:
+        """The active version's geometry: training must see the pixels prediction will see."""
+        try:
+            return Geometry.from_dict(self.store.manifest(category).adapter.get("geometry"))
+        except (StoreError, ValueError, TypeError):
+            return None
+
     def _train(self, job: Job, running: _Running) -> dict[str, Any]:
         images, refs, object_name = load_shots(self.store, job.category, self.settings)
         if not images:
@@ -269,9 +277,10 @@ class JobRunner:
         ledger = current_ledger(self.store, job.category)  # confirmed defects + policy of the serving version
         defects = decode_refs(self.store, job.category, ledger.defects, self.settings)
         config = self._config(job.params, ledger)
+        geometry = self._geometry(job.category)
         trainer = self._device(lambda: self.trainer_factory(
             self.detector, images, category=job.category, object_name=object_name, config=config,
-            progress=running.observe, cancel=running.token, defects=defects), running)
+            progress=running.observe, cancel=running.token, defects=defects, geometry=geometry), running)
         steps = None
         try:
             steps = trainer.steps()

@@ -30,6 +30,7 @@ from app.core.config import Settings
 from app.errors import BadRequestError, ClipshotHTTPError, ConflictError, NotFoundError, OverloadedError
 from app.services.category_edits import CategoryEdits
 from app.services.device_worker import TRAIN
+from app.services.geometry import GeometryRequest
 from app.services.images import decode_image
 from app.services.shot_ledger import (
     Ledger,
@@ -42,6 +43,7 @@ from app.services.shot_ledger import (
 from clipshot.adapter import Adapter
 from clipshot.calibration import Calibration
 from clipshot.detector import Detector
+from clipshot.geometry import Geometry
 from model_store import AdapterStore, BundleNotFound, InvalidName, StoreError, VersionNotFound, validate_category
 from model_store.adapters import load_adapter, save_adapter
 from model_store.manifest import Manifest
@@ -84,6 +86,7 @@ class Registration:
     added: int
     warnings: list[str] = field(default_factory=list)
     decision: dict[str, Any] | None = None  # Calibration.decision() of the new version: threshold, expected rates
+    geometry: dict[str, Any] = field(default_factory=dict)
 
 
 class CategoryService(CategoryEdits):
@@ -131,9 +134,9 @@ class CategoryService(CategoryEdits):
         return swept
 
     # -- registration -------------------------------------------------------------------------------
-    def validate_upload(self, category: str, files: list[tuple[str, bytes]], *,
-                        minimum: int | None = None) -> tuple[str, list[str]]:
-        """Checks of the upload itself (name, counts, every image); returns (name, content hashes)."""
+    def validate_upload(self, category: str, files: list[tuple[str, bytes]], *, minimum: int | None = None
+                        ) -> tuple[str, list[str], list[tuple[int, int]]]:
+        """Checks of the upload itself (name, counts, every image); returns (name, content hashes, sizes)."""
         name = self.name(category)
         s = self.settings
         least = s.min_shots if minimum is None else minimum
@@ -143,14 +146,26 @@ class CategoryService(CategoryEdits):
         if len(files) > s.max_shots:
             raise BadRequestError(f"too many images: got {len(files)}, at most {s.max_shots} per upload",
                                   code="too_many_shots")
-        hashes = []
+        hashes, sizes = [], []
         for filename, data in files:
             try:
-                hashes.append(decode_image(data, max_pixels=s.max_image_pixels, max_bytes=s.max_upload_bytes).sha256)
+                decoded = decode_image(data, max_pixels=s.max_image_pixels, max_bytes=s.max_upload_bytes)
             except ClipshotHTTPError as exc:  # name the offending file: uploads hold up to 16 of them
                 exc.message = f"{filename or 'unnamed file'}: {exc.message}"
                 raise
-        return name, hashes
+            hashes.append(decoded.sha256)
+            sizes.append(decoded.size)
+        return name, hashes, sizes
+
+    def _plan_geometry(self, name: str, ledger: Ledger, sizes: list[tuple[int, int]],
+                       request: GeometryRequest) -> Geometry:
+        """The geometry for all the category's good images (listed + new), checked before anything is written."""
+        stored_images = decode_refs(self.store, name, ledger.goods, self.settings)
+        try:
+            stored = Geometry.from_dict(ledger.manifest.adapter.get("geometry")) if ledger.manifest else None
+        except (ValueError, TypeError):
+            stored = None
+        return request.plan(self.detector, [img.size for img in stored_images] + sizes, stored)
 
     def _check_total(self, ledger: Ledger, hashes: list[str]) -> list[str]:
         """The category-wide limit (listed + new, deduplicated); checked under the category lock."""
@@ -173,16 +188,18 @@ class CategoryService(CategoryEdits):
         return notes
 
     async def register(self, category: str, files: list[tuple[str, bytes]], *, description: str | None = None,
-                       finetune: bool = True) -> Registration:
+                       finetune: bool = True, geometry: GeometryRequest | None = None) -> Registration:
         """Validate, store the shots, fit + activate the memory adapter over ALL good images, maybe fine-tune."""
-        name, hashes = await run_in_threadpool(self.validate_upload, category, files)
+        name, hashes, sizes = await run_in_threadpool(self.validate_upload, category, files)
         async with self._lock(name):
             ledger = current_ledger(self.store, name)
             notes = self._check_total(ledger, hashes)
+            plan = await run_in_threadpool(self._plan_geometry, name, ledger, sizes, geometry or GeometryRequest())
             added = await self._store_images(name, files, source="registration", skip=ledger.good_hashes)
             goods = ledger.goods + added
             version, adapter = await self._fit_and_save(name, goods, ledger.defects, base=ledger.manifest,
-                                                        through_lora=False, object_name=description, new=added)
+                                                        through_lora=False, object_name=description, new=added,
+                                                        geometry=plan)
         self.cache.invalidate(name)
         job_id = None
         if finetune and not self.detector.backbone.supports_text:
@@ -197,7 +214,8 @@ class CategoryService(CategoryEdits):
         decision = None if adapter.calibration is None else adapter.calibration.decision()
         if decision is not None and decision["note"]:
             notes.append(decision["note"])
-        return Registration(name, version, job_id, len(goods), len(added), notes, decision)
+        return Registration(name, version, job_id, len(goods), len(added), notes, decision,
+                            adapter.geometry.to_dict())
 
     async def _store_images(self, name: str, files: list[tuple[str, bytes]], *, source: str,
                             skip: set[str], **fields: Any) -> list[dict[str, Any]]:
@@ -210,27 +228,31 @@ class CategoryService(CategoryEdits):
 
     async def _fit_and_save(self, name: str, goods: list[dict[str, Any]], defects: list[dict[str, Any]], *,
                             base: Manifest | None, through_lora: bool, object_name: str | None = None,
-                            new: list[dict[str, Any]] = ()) -> tuple[int, Adapter]:
+                            new: list[dict[str, Any]] = (), geometry: Geometry | None = None) -> tuple[int, Adapter]:
         """Fit memory + calibration over ``goods`` (validation on ``defects``) and save it as the active version.
 
         ``through_lora``: a fine-tuned active version keeps its LoRA and prompts and only re-fits memory and
         calibration through them; otherwise a fresh memory adapter. The decision policy of ``base`` carries
-        over (a manual threshold stays manual). On any failure the files of ``new`` that no version lists
+        over (a manual threshold stays manual), and so does its geometry unless ``geometry`` replaces it (a
+        registration that plans a new one). On any failure the files of ``new`` that no version lists
         are removed, so a retry starts from the same store."""
         try:
             return await self._fit(name, goods, defects, base=base, through_lora=through_lora,
-                                   object_name=object_name)
+                                   object_name=object_name, geometry=geometry)
         except BaseException:
             await run_in_threadpool(self._forget, name, [r["name"] for r in new])
             raise
 
     async def _fit(self, name: str, goods: list[dict[str, Any]], defects: list[dict[str, Any]], *,
-                   base: Manifest | None, through_lora: bool, object_name: str | None) -> tuple[int, Adapter]:
+                   base: Manifest | None, through_lora: bool, object_name: str | None,
+                   geometry: Geometry | None = None) -> tuple[int, Adapter]:
         s = self.settings
         good_images = await run_in_threadpool(decode_refs, self.store, name, goods, s)
         defect_images = await run_in_threadpool(decode_refs, self.store, name, defects, s)
         calibration = None if base is None else base.adapter.get("calibration")
         policy = Calibration.from_dict(calibration).policy_spec() if calibration else None
+        if geometry is None and base is not None and base.adapter.get("geometry"):
+            geometry = Geometry.from_dict(base.adapter["geometry"])  # re-fits keep the category's geometry
         ratio = memory_coreset(len(good_images), s.max_shots)
         source = None
         if through_lora and base is not None and base.adapter.get("lora"):
@@ -244,7 +266,8 @@ class CategoryService(CategoryEdits):
                 warnings.simplefilter("ignore")  # the shot-count warning is in the response instead
                 if source is None:
                     adapter = self.detector.fit_memory(good_images, category=name, object_name=object_name,
-                                                       coreset_ratio=ratio, defects=defect_images, policy=policy)
+                                                       coreset_ratio=ratio, defects=defect_images, policy=policy,
+                                                       geometry=geometry)
                 else:
                     try:
                         adapter = self.detector.refit_memory(source, good_images, coreset_ratio=ratio,
@@ -332,7 +355,7 @@ class CategoryService(CategoryEdits):
                 "branches": m.metrics.get("branches", []), "object_name": m.adapter.get("object_name"),
                 "shots": len(m.shots), "metrics": m.metrics,
                 "training_seconds": None if m.training is None else m.training.seconds,
-                "backbone": m.backbone.spec,
+                "backbone": m.backbone.spec, "geometry": m.adapter.get("geometry"),
                 "validation": validation_facts(m.adapter.get("calibration"), goods, len(m.validation))}
 
     def _integrity(self, name: str, version: int) -> str:

@@ -40,8 +40,8 @@ def load_backbone(
     parsed = parse_spec(spec)
     if parsed.family == "imagenet":
         if layers or dpam_layers:
-            raise ValueError(f"{EFFICIENTNET_LITE0} has fixed feature layers; do not pass layers/dpam_layers")
-        return EfficientNetBackbone(device=device, precision=precision, image_size=image_size)
+            raise ValueError(f"{parsed} has fixed feature layers; do not pass layers/dpam_layers")
+        return EfficientNetBackbone(variant=parsed.arch, device=device, precision=precision, image_size=image_size)
     return ClipBackbone(
         create_clip_model(parsed, image_size, quick_gelu), spec=str(parsed),
         device=device, precision=precision, layers=layers, dpam_layers=dpam_layers,

@@ -166,6 +166,9 @@ class ClipBackbone(Backbone):
                 raise ValueError(f"{name} must be 1-based block indices in 1..{self.depth}, got {values}")
         grid = visual.grid_size
         self.grid = (int(grid[0]), int(grid[1]))
+        patch = visual.patch_size
+        self.frame_multiple = int(patch[0] if isinstance(patch, tuple | list) else patch)
+        self._positions: dict[tuple, torch.Tensor] = {}
 
     @property
     def visual(self) -> nn.Module:
@@ -175,12 +178,40 @@ class ClipBackbone(Backbone):
         """ln_post + proj: the head CLIP uses for CLS, applied to patch tokens (AnomalyCLIP / APRIL-GAN)."""
         return F.normalize((self.visual.ln_post(tokens) @ self.visual.proj).float(), dim=-1)
 
+    def positions(self, grid: tuple[int, int]) -> torch.Tensor:
+        """Position embeddings for a (rows, cols) patch grid: the trained square grid, bicubically
+        interpolated when a geometry feeds a non-square frame (CLS position unchanged)."""
+        pos = self.visual.positional_embedding
+        if grid == self.grid:
+            return pos
+        key = (grid, pos.dtype, pos.device)
+        if key not in self._positions:
+            rows, cols = self.grid
+            table = pos[1:].float().reshape(rows, cols, -1).permute(2, 0, 1)[None]
+            table = F.interpolate(table, size=grid, mode="bicubic", align_corners=False)[0]
+            self._positions[key] = torch.cat([pos[:1].float(), table.flatten(1).t()]).to(pos.dtype)
+        return self._positions[key]
+
+    def _embeds(self, pixels: torch.Tensor) -> torch.Tensor:
+        """open_clip's ``_embeds`` with position embeddings for any grid (non-square frames, tiles)."""
+        visual = self.visual
+        height, width = pixels.shape[-2:]
+        if height % self.frame_multiple or width % self.frame_multiple:
+            raise ValueError(f"input {height}x{width} is not a multiple of the patch size {self.frame_multiple}")
+        x = visual.conv1(pixels)
+        grid = (x.shape[-2], x.shape[-1])
+        x = x.flatten(2).transpose(1, 2)
+        cls = visual.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1) + self.positions(grid).to(x.dtype)
+        return visual.ln_pre(visual.patch_dropout(x))
+
     def extract(self, pixels: torch.Tensor, *, dpam: bool = False) -> Features:
         """CLS from the original path; patch tokens from the V-V path on DPAM layers when ``dpam``."""
         visual = self.visual
         dpam_set = set(self.dpam_layers) if dpam else set()
         with self.autocast():
-            x = visual._embeds(pixels.to(self.dtype))
+            x = self._embeds(pixels.to(self.dtype))
+            grid = (pixels.shape[-2] // self.frame_multiple, pixels.shape[-1] // self.frame_multiple)
             vv: torch.Tensor | None = None
             taken: list[torch.Tensor] = []
             for index, block in enumerate(visual.transformer.resblocks, start=1):
@@ -193,4 +224,4 @@ class ClipBackbone(Backbone):
                     source = vv if index in dpam_set else x
                     taken.append(self._to_joint_space(source[:, 1:]))
             cls = self._to_joint_space(x[:, 0])
-        return Features(cls=cls, patches=taken, grid=self.grid)
+        return Features(cls=cls, patches=taken, grid=grid)

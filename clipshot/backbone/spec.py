@@ -8,6 +8,9 @@ from pathlib import Path
 DEFAULT_BACKBONE = "open_clip:ViT-B-16-plus-240:laion400m_e32"
 TINY_CLIP = "test:tiny-clip"
 EFFICIENTNET_LITE0 = "imagenet:efficientnet-lite0"
+EFFICIENTNET_LITE1 = "imagenet:efficientnet-lite1"
+EFFICIENTNET_LITE2 = "imagenet:efficientnet-lite2"
+EFFICIENTNETS = (EFFICIENTNET_LITE0, EFFICIENTNET_LITE1, EFFICIENTNET_LITE2)
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 
@@ -38,15 +41,16 @@ def parse_spec(spec: str) -> BackboneSpec:
     """Parse and validate a spec; the error lists every accepted form because users type these by hand."""
     help_text = (
         f"expected one of 'open_clip:<arch>:<pretrained tag or path to .safetensors/.pt>', "
-        f"'open_clip:<arch>:random' (random init, for speed tests only), '{EFFICIENTNET_LITE0}', '{TINY_CLIP}'"
+        f"'open_clip:<arch>:random' (random init, for speed tests only), {', '.join(repr(e) for e in EFFICIENTNETS)}, "
+        f"'{TINY_CLIP}'"
     )
     if not isinstance(spec, str) or not spec.strip():
         raise BackboneSpecError(f"empty backbone spec; {help_text}")
     spec = spec.strip()
     if spec == TINY_CLIP:
         return BackboneSpec("test", "tiny-clip", None)
-    if spec == EFFICIENTNET_LITE0:
-        return BackboneSpec("imagenet", "efficientnet-lite0", "bundled")
+    if spec in EFFICIENTNETS:
+        return BackboneSpec("imagenet", spec.partition(":")[2], "bundled")
     family, _, rest = spec.partition(":")
     if family != "open_clip" or not rest:
         raise BackboneSpecError(f"unknown backbone spec {spec!r}; {help_text}")

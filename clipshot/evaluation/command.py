@@ -46,6 +46,12 @@ def add_eval_parser(subparsers) -> None:
                         "finetuned: LoRA + learned prompts + memory. 0 shots always means zero-shot.")
     parser.add_argument("--backbone", default="imagenet:efficientnet-lite0", help="backbone spec")
     parser.add_argument("--image-size", type=int, default=None, help="backbone input resolution override")
+    parser.add_argument("--resize", choices=("auto", "squash", "letterbox", "native"), default="auto",
+                        help="how each view is fitted into the model input (auto: the registration rule)")
+    parser.add_argument("--roi", type=_int_list, default=None, help="left,top,right,bottom in image pixels")
+    parser.add_argument("--tile", type=int, default=None,
+                        help="square tile side in image pixels; 0 = no tiles (default: the registration rule)")
+    parser.add_argument("--tile-overlap", type=float, default=0.25, help="overlap of neighbouring tiles")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
                         help="auto = bf16 on GPUs that have it, fp32 on CPU")
@@ -82,13 +88,18 @@ def _adapter_factory(detector, args: argparse.Namespace):
         if args.mode == "text":
             adapter = detector.text_adapter(category=category, object_name=category)
             return adapter, time.perf_counter() - start, 0.0
+        geometry = detector.plan_geometry(  # the same rule (and overrides) as registration
+            [img.size for img in shots], resize=None if args.resize == "auto" else args.resize,
+            roi=tuple(args.roi) if args.roi else None, tile=args.tile, tile_overlap=args.tile_overlap)
         if args.mode in ("memory", "fused"):
-            adapter = detector.fit_memory(shots, category=category, text=args.mode == "fused", object_name=category)
+            adapter = detector.fit_memory(shots, category=category, text=args.mode == "fused", object_name=category,
+                                          geometry=geometry)
             return adapter, time.perf_counter() - start, 0.0
         from training.fewshot import FewShotConfig, train_fewshot
 
         config = FewShotConfig(seed=seed) if args.steps is None else FewShotConfig(seed=seed, steps=args.steps)
-        result = train_fewshot(detector, shots, category=category, object_name=category, config=config)
+        result = train_fewshot(detector, shots, category=category, object_name=category, config=config,
+                               geometry=geometry)
         previous.append(result.adapter)
         fit_s = time.perf_counter() - start - result.seconds
         return result.adapter, fit_s, result.seconds
@@ -130,7 +141,9 @@ def run_eval(args: argparse.Namespace) -> int:
                           refine_adapter=_refiner(detector))
     settings = {"backbone": detector.backbone.spec, "backbone_sha256": detector.backbone.weights_sha256,
                 "image_size": detector.backbone.image_size, "device": str(detector.backbone.device),
-                "precision": detector.backbone.precision}
+                "precision": detector.backbone.precision,
+                "geometry": {"resize": args.resize, "roi": args.roi, "tile": args.tile,
+                             "tile_overlap": args.tile_overlap}}
     paths = write_outputs(args.out, result, command=["clipshot", *sys.argv[1:]], settings=settings)
     print((args.out / "results.md").read_text())
     print("wrote " + ", ".join(str(p) for p in paths.values()))

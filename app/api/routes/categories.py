@@ -8,7 +8,7 @@ Handlers stay thin: all rules live in ``CategoryService`` (``app.state.category_
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Body, Depends, File, Form, Path, Request, UploadFile
 
@@ -23,6 +23,7 @@ from app.schemas import (
     FinetuneRequest,
     ShotsRegistered,
 )
+from app.services.geometry import GeometryRequest
 from app.services.job_store import Job
 from app.services.registry import CategoryService
 
@@ -42,7 +43,8 @@ CategoryPath = Annotated[str, Path(description=CATEGORY_DOC, json_schema_extra=C
 @router.post("/{category}/shots", status_code=201, response_model=ShotsRegistered,
              summary="Register a product, or add good shots to it",
              responses=errors(400, 401, 403, 413, 415, 422, 503,
-                              e400="Invalid name, corrupt or empty image, too few or too many shots.",
+                              e400="Invalid name, corrupt or empty image, too few or too many shots, "
+                                   "geometry that does not fit the shots (ROI outside an image, tiles too large).",
                               e422="Invalid form fields (e.g. a description outside its pattern)."))
 async def register_shots(
     category: CategoryPath,
@@ -54,18 +56,33 @@ async def register_shots(
     description: Annotated[str | None, Form(pattern=OBJECT_NAME_PATTERN, description="What the product is, for "
                                             "the prompts: 1-64 letters, digits, spaces, '_' or '-'.")] = None,
     finetune: Annotated[bool, Form(description="Start a background fine-tune (CLIP backbones).")] = True,
+    resize: Annotated[Literal["auto", "squash", "letterbox", "native"] | None, Form(
+        description="Fit into the model input: squash (stretch), letterbox (keep aspect, pad), native (keep "
+                    "aspect, non-square input); auto = native when the shots' aspect is >= 1.5:1, else squash."),
+    ] = None,
+    roi: Annotated[str | None, Form(max_length=80, description="Region of interest `left,top,right,bottom` in "
+                                    "image pixels (right/bottom exclusive); the rest of the image is ignored.")] = None,
+    tile: Annotated[int | None, Form(ge=0, le=100_000, description="Square tile side in image pixels for "
+                    "high-resolution frames (each tile at full model resolution); 0 = no tiles; omitted with "
+                    "the other geometry fields = auto (tiles when the frame is over 4x the model input).")] = None,
+    tile_overlap: Annotated[float | None, Form(ge=0, lt=0.9, description="Overlap of neighbouring tiles "
+                                               "(fraction, default 0.25).")] = None,
 ) -> ShotsRegistered:
     """Register a product or add shots: the memory adapter over ALL its shots serves as soon as this returns.
 
-    Admin only. Nothing is written unless every file and limit checks out.
+    Geometry: give any of resize/roi/tile/tile_overlap to set it (the rest auto); give none to keep the
+    category's stored geometry, or on a new category to choose it from the shots. Admin only. Nothing is
+    written unless every file, limit and the geometry checks out.
     """
     uploads = files or []
     # Read at most one byte past the limit: enough for decode_image to answer 413 without buffering more.
     data = [(f.filename or "", await f.read(settings.max_upload_bytes + 1)) for f in uploads]
-    result = await service.register(category, data, description=description or None, finetune=finetune)
+    geometry = GeometryRequest.parse(resize=resize, roi=roi, tile=tile, tile_overlap=tile_overlap)
+    result = await service.register(category, data, description=description or None, finetune=finetune,
+                                    geometry=geometry)
     return ShotsRegistered(category=result.category, version=result.version, job_id=result.job_id,
                            shots=result.shots, added=result.added, warnings=result.warnings,
-                           decision=result.decision)
+                           decision=result.decision, geometry=result.geometry)
 
 
 @router.post("/{category}/finetune", status_code=202, response_model=Job, summary="Start a background fine-tune",

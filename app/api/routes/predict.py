@@ -25,6 +25,7 @@ HEATMAP_MODES = get_args(HeatmapMode)
 
 CATEGORY_RESPONSES = errors(
     400, 401, 404, 409, 413, 415, 422, 503,
+    e400="Corrupt or empty image, or an image the category's geometry does not fit (smaller than its ROI).",
     e404="Unknown category, or no active adapter version.",
     e409="The active adapter was built for another backbone.",
     e422="Invalid parameters (e.g. unknown `heatmap` value, `heatmap_size` out of range).",
