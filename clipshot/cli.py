@@ -35,6 +35,7 @@ def _info(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from app.cli import add_serve_parser
+    from app.predict_cli import add_predict_parser
     from clipshot.evaluation.command import add_eval_parser
     from training.cli import add_train_parser
 
@@ -48,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(subparsers)
     add_eval_parser(subparsers)
     _add_info_parser(subparsers)
+    add_predict_parser(subparsers)
     return parser
 
 

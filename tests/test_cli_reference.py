@@ -14,7 +14,7 @@ def test_cli_reference_is_current():
 def test_every_command_is_documented():
     text = render_cli_markdown()
     for command in ("clipshot serve", "clipshot train fewshot", "clipshot train generic", "clipshot eval",
-                    "clipshot info"):
+                    "clipshot info", "clipshot predict"):
         assert f"## `{command}`" in text
 
 
