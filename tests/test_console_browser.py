@@ -129,6 +129,9 @@ def test_console_registers_a_product_and_shows_verdicts(browser, server, tmp_pat
         assert float(card.find_element("css selector", ".score").text) == pytest.approx(truth[name].score, abs=1e-3)
         width = browser.execute_script("return arguments[0].naturalWidth", card.find_element("css selector", "img"))
         assert width == 64  # the overlay decoded, at the upload's size (the test images are 64 px)
+    threshold = next(iter(truth.values())).threshold
+    row = browser.find_element("css selector", '#product-list tr[data-category="widget"]')
+    assert row.find_elements("tag name", "td")[3].text == f"{threshold:.4f}"  # the serving version's threshold
     assert_loaded_offline(browser, server)
 
     # Feedback: with the decision routes it records the part; without them the page says so in one line.

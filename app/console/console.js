@@ -46,6 +46,14 @@ const pct = (x) => (x === null || x === undefined ? "—" : `${(100 * x).toFixed
 const num = (x, digits = 4) => (x === null || x === undefined ? "—" : Number(x).toFixed(digits));
 const enc = encodeURIComponent;
 
+// The decision object (threshold + expected rates) when the server has one; else the active version's threshold.
+function decisionOf(product) {
+  if (product.decision) return product.decision;
+  const active = (product.versions || []).find((v) => v.active);
+  const threshold = active && active.metrics ? active.metrics.threshold : undefined;
+  return threshold === undefined ? {} : { threshold };
+}
+
 // --- products ------------------------------------------------------------------------------------
 
 async function loadProducts() {
@@ -56,7 +64,7 @@ async function loadProducts() {
   const body = $("product-list");
   body.replaceChildren();
   for (const p of details) {
-    const d = p.decision || {};
+    const d = decisionOf(p);
     const row = document.createElement("tr");
     row.dataset.category = p.category;
     for (const cell of [p.category, p.active_version ?? "—", p.shots, num(d.threshold),
@@ -92,7 +100,8 @@ function showDetail(product) {
   const facts = d ? [["threshold", num(d.threshold)], ["policy", d.policy],
     ["target false alarms", pct(d.target_false_alarm_rate)], ["expected false alarms", pct(d.expected_false_alarm_rate)],
     ["expected recall", pct(d.expected_recall)], ["confident", d.confident ? "yes" : "no"]]
-    : [["threshold", "shown with each prediction (this server reports no decision details)"]];
+    : [["threshold", num(decisionOf(product).threshold)],
+       ["expected rates", "not reported by this server (it has no decision routes)"]];
   $("decision").replaceChildren(...facts.flatMap(([k, v]) => {
     const dt = document.createElement("dt"); dt.textContent = k;
     const dd = document.createElement("dd"); dd.textContent = v; dd.dataset.field = k;
