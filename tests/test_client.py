@@ -111,3 +111,13 @@ def test_decision_routes_when_the_server_has_them(server, registered):
         fed = admin.feedback("widget", [defect(30)], "defect")
         assert fed.added == 1 and fed.version > changed.version
         assert any(s.source == "registration" for s in admin.shots("widget"))
+
+
+def test_the_client_imports_no_model_code():
+    """A line PC may use the client without the model stack: importing it must not pull in torch."""
+    import subprocess
+    import sys
+
+    code = "import sys, app.client; print('torch' in sys.modules, 'clipshot' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
