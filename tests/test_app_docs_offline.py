@@ -61,6 +61,13 @@ def test_pages_load_every_asset_from_the_service_itself(client, page, needs):
     assert "cdn.jsdelivr" not in r.text and "fonts.googleapis" not in r.text and "unpkg.com" not in r.text
 
 
+def test_console_allows_only_its_own_scripts(client):
+    csp = client.get("/console").headers["content-security-policy"]
+    # No inline script and no other origin may run next to the operator's key (XSS); the browser test runs
+    # the whole console under this policy, so an inline handler would show up there as a blocked script.
+    assert "script-src 'self';" in csp and "connect-src 'self'" in csp and "unsafe" not in csp
+
+
 def test_swagger_ui_does_not_call_the_online_validator(client):
     assert '"validatorUrl": null' in client.get("/docs").text
 

@@ -89,7 +89,9 @@ function select(category) {
   state.selected = category;
   $("try-category").value = category;
   for (const row of $("product-list").rows) row.classList.toggle("selected", row.dataset.category === category);
-  showDetail(state.products.find((p) => p.category === category));
+  const product = state.products.find((p) => p.category === category);
+  showDetail(product);
+  if (product && product.active_job) followJob(product.active_job.id).catch((e) => fail(e, "Fine-tune"));
 }
 
 function showDetail(product) {
@@ -167,7 +169,18 @@ async function register(event) {
 }
 
 async function followJob(jobId) {
+  if (state.following === jobId) return null;  // already polling it
+  state.following = jobId;
   $("job").hidden = false;
+  $("job-label").textContent = `Fine-tune ${jobId.slice(0, 8)}`;
+  try {
+    return await pollJob(jobId);
+  } finally {
+    state.following = null;
+  }
+}
+
+async function pollJob(jobId) {
   for (;;) {
     const job = await api("GET", `/jobs/${enc(jobId)}`);
     $("job-progress").value = job.progress;
