@@ -5,6 +5,7 @@ and every resource a page loaded must come from the service: the pages work offl
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 
@@ -129,6 +130,16 @@ def test_console_registers_a_product_and_shows_verdicts(browser, server, tmp_pat
         assert float(card.find_element("css selector", ".score").text) == pytest.approx(truth[name].score, abs=1e-3)
         width = browser.execute_script("return arguments[0].naturalWidth", card.find_element("css selector", "img"))
         assert width == 64  # the overlay decoded, at the upload's size (the test images are 64 px)
+    # Dropping a photo on the zone (a real DragEvent carrying a File) scores it like choosing it does.
+    dropped = base64.b64encode(png(defect(42))).decode()
+    browser.execute_script("""
+        const bytes = Uint8Array.from(atob(arguments[0]), (c) => c.charCodeAt(0));
+        const data = new DataTransfer();
+        data.items.add(new File([bytes], "dropped.png", {type: "image/png"}));
+        document.getElementById("try-drop").dispatchEvent(new DragEvent("drop", {dataTransfer: data, bubbles: true}));
+    """, dropped)
+    wait(browser, lambda d: any(c.text == "dropped.png" for c in d.find_elements("css selector", "#results .file")))
+
     threshold = next(iter(truth.values())).threshold
     row = browser.find_element("css selector", '#product-list tr[data-category="widget"]')
     assert row.find_elements("tag name", "td")[3].text == f"{threshold:.4f}"  # the serving version's threshold
