@@ -11,6 +11,7 @@ JSON, overlays and masks to folders. Exit codes: 0 all scored; 1 some images fai
 from __future__ import annotations
 
 import argparse
+import base64
 import os
 import sys
 from collections.abc import Iterator
@@ -47,7 +48,7 @@ def add_predict_parser(subparsers: Any) -> argparse.ArgumentParser:
     out = parser.add_argument_group("output")
     out.add_argument("--out", default="-", help="result file, .csv or .json (default: CSV on stdout)")
     out.add_argument("--format", choices=["csv", "json"], help="output format (default: from --out's suffix)")
-    out.add_argument("--overlays", type=Path, help="folder for heatmap overlay PNGs (<name>.png)")
+    out.add_argument("--overlays", type=Path, help="folder for the service's heatmap overlays (<name>.png)")
     out.add_argument("--masks", type=Path, help="folder for binary anomaly masks at the threshold (<name>.png)")
     parser.add_argument("--batch", type=int, default=8, help="images per request (default 8)")
     parser.add_argument("--fail-on-anomaly", action="store_true", help="exit 3 if any image is anomalous")
@@ -93,8 +94,11 @@ def run_predict(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as exc:
         return _fail(str(exc))
 
+    import logging
+
     from app.client import ClipshotError
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request would drown the summary
     try:
         with _client(args) as client:
             rows = _score_all(client, args, images)
@@ -169,7 +173,7 @@ def _score_batch(client: Any, args: argparse.Namespace, batch: list[Path]) -> li
 
 
 def _request(client: Any, args: argparse.Namespace, batch: list[Path]) -> list[dict[str, Any]]:
-    from app.client import anomaly_mask, heatmap_image
+    from app.client import anomaly_mask
 
     def call(heatmap: str) -> Any:
         if args.category:
@@ -177,9 +181,11 @@ def _request(client: Any, args: argparse.Namespace, batch: list[Path]) -> list[d
         return client.predict_zero_shot(batch, object_name=args.object_name, heatmap=heatmap)
 
     answer = call("png" if args.overlays else "raw" if args.masks else "none")
-    for path, pred in zip(batch, answer.predictions, strict=True):
-        if args.overlays:
-            _save(heatmap_image(pred), args.overlays, path, args.inputs)
+    if args.overlays:  # the service's own encoding, written as sent (no decode / re-encode)
+        for path, pred in zip(batch, answer.predictions, strict=True):
+            heat = pred.heatmap
+            target = _target(args.overlays, path, args.inputs, "." + heat.encoding)
+            target.write_bytes(base64.b64decode(heat.data))
     if args.masks:
         raw = call("raw") if args.overlays else answer
         from PIL import Image
@@ -189,20 +195,20 @@ def _request(client: Any, args: argparse.Namespace, batch: list[Path]) -> list[d
                 with Image.open(path) as image:
                     size = image.size
                 mask = anomaly_mask(pred, size=size)
-                _save(Image.fromarray(mask.astype("uint8") * 255, "L"), args.masks, path, args.inputs)
+                Image.fromarray(mask.astype("uint8") * 255, "L").save(_target(args.masks, path, args.inputs, ".png"))
     return [_row(path, pred) for path, pred in zip(batch, answer.predictions, strict=True)]
 
 
-def _save(image: Any, folder: Path, source: Path, roots: list[Path]) -> None:
-    """``folder/<path relative to its input folder>.png``, so same-named files in subfolders do not collide."""
+def _target(folder: Path, source: Path, roots: list[Path], suffix: str) -> Path:
+    """``folder/<path relative to its input folder><suffix>``: same-named files in subfolders do not collide."""
     relative = Path(source.name)
     for root in roots:
         if root.is_dir() and source.is_relative_to(root):
             relative = source.relative_to(root)
             break
-    target = folder / relative.with_suffix(".png")
+    target = folder / relative.with_suffix(suffix)
     target.parent.mkdir(parents=True, exist_ok=True)
-    image.save(target)
+    return target
 
 
 def _row(path: Path, pred: Any, error: str = "") -> dict[str, Any]:
