@@ -182,12 +182,14 @@ class Client:
     def close(self) -> None:
         self._http.close()
 
-    def _call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    def _call(self, method: str, path: str, *, ok: tuple[int, ...] = (), **kwargs: Any) -> httpx.Response:
+        """One request; statuses in ``ok`` are answers too, any other non-2xx raises ``ClipshotError``."""
         try:
             response = self._http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
             raise ClipshotError(0, "unreachable", f"cannot reach the service at {self.url}: {exc}") from exc
-        _raise_for(response)
+        if response.status_code not in ok:
+            _raise_for(response)
         return response
 
     @staticmethod
@@ -204,10 +206,7 @@ class Client:
 
     def ready(self) -> ReadyResponse:
         """``/readyz`` (503 = not ready is an answer here, not an error)."""
-        response = self._http.get("/readyz")
-        if response.status_code not in (200, 503):
-            _raise_for(response)
-        return ReadyResponse.model_validate(response.json())
+        return ReadyResponse.model_validate(self._call("GET", "/readyz", ok=(503,)).json())
 
     # -- prediction ---------------------------------------------------------------------------
     def predict(self, category: str, images: ImageInput | Sequence[ImageInput], *,

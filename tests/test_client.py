@@ -46,6 +46,7 @@ def test_register_with_every_input_kind_and_wait_for_the_job(server, registered)
     progress = [u.progress for u in updates]
     assert progress == sorted(progress) and updates[-1].state is JobState.succeeded  # the callback saw it finish
     with Client(server, CLIENT_KEY) as client:
+        assert client.health() and client.ready().status == "ready"
         assert [c.category for c in client.categories()] == ["widget"]
         info = client.category("widget")
         assert [v.version for v in info.versions] == [1, 2] and info.shots == 4

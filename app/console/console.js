@@ -283,6 +283,9 @@ document.addEventListener("DOMContentLoaded", () => {
   $("threshold-form").addEventListener("submit", guard("Threshold", setThreshold));
   $("load-shots").addEventListener("click", guard("Shots", loadShots));
   dropZone($("reg-drop"), $("reg-files"), (files) => { $("reg-count").textContent = `${files.length} photo(s)`; });
-  dropZone($("try-drop"), $("try-files"), guard("Predict", (files) => files.length && tryImages(files)));
+  dropZone($("try-drop"), $("try-files"), guard("Predict", (files) => {
+    $("try-files").value = "";  // the same photo chosen again must score again
+    return files.length && tryImages(files);
+  }));
   if (state.key) connect();
 });
