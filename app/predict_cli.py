@@ -14,6 +14,7 @@ import argparse
 import base64
 import os
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -129,14 +130,28 @@ def _client(args: argparse.Namespace) -> Iterator[Any]:
     from app.main import StartupError, create_app, load_service_backbone
 
     overrides = {k: v for k, v in (("backbone", args.backbone), ("device", args.device)) if v}
-    try:  # local and keyless: this process is the only caller
-        settings = Settings(store=args.store, insecure_dev=True, admin_keys=[], client_keys=[], **overrides)
-        backbone = load_service_backbone(settings)
-    except (ValidationError, StartupError) as exc:
-        raise ClipshotError(0, "startup", str(exc).splitlines()[0]) from exc
-    with TestClient(create_app(settings, backbone=backbone), raise_server_exceptions=False) as http, \
-            Client(f"local store {args.store}", http=http) as client:
-        yield client
+    with tempfile.TemporaryDirectory(prefix="clipshot-predict-") as view:
+        store_view(args.store, Path(view))
+        try:  # local and keyless: this process is the only caller
+            settings = Settings(store=view, insecure_dev=True, admin_keys=[], client_keys=[], **overrides)
+            backbone = load_service_backbone(settings)
+        except (ValidationError, StartupError) as exc:
+            raise ClipshotError(0, "startup", str(exc).splitlines()[0]) from exc
+        with TestClient(create_app(settings, backbone=backbone), raise_server_exceptions=False) as http, \
+                Client(f"local store {args.store}", http=http) as client:
+            yield client
+
+
+def store_view(store: Path, view: Path) -> None:
+    """Link every entry of ``store`` into ``view`` except the job database.
+
+    The in-process service marks the jobs it finds queued/running as interrupted when it starts (it assumes
+    it is the store's only server); through this view it gets a job database of its own, so scoring on the
+    store of a running service leaves that service's fine-tunes alone. Bundles are only read.
+    """
+    for entry in store.iterdir():
+        if not entry.name.startswith("jobs."):
+            (view / entry.name).symlink_to(entry.resolve(), target_is_directory=entry.is_dir())
 
 
 def _score_all(client: Any, args: argparse.Namespace, images: list[Path]) -> list[dict[str, Any]]:

@@ -15,6 +15,7 @@ from test_app_predict import defect, good, png
 
 from app.client import Client
 from app.core.config import Settings
+from app.services.job_store import JobState, JobStore
 from clipshot.cli import main
 
 ADMIN_KEY, CLIENT_KEY = "admin-key", "client-key"
@@ -80,9 +81,13 @@ def test_local_store_gives_the_same_rows_as_the_service(served, folder, tmp_path
     remote, local = tmp_path / "remote.json", tmp_path / "local.json"
     assert main(["predict", str(folder), "--url", url, "--key", CLIENT_KEY, "--category", "widget",
                  "--out", str(remote)]) == 0
-    copy = shutil.copytree(store, tmp_path / "store-copy")  # the in-process service must not touch the live store
+    copy = shutil.copytree(store, tmp_path / "store-copy")
+    with JobStore(copy) as jobs:  # a fine-tune the store's own server is running right now
+        running = jobs.create("widget")
     assert main(["predict", str(folder), "--store", str(copy), "--backbone", "test:tiny-clip", "--device", "cpu",
                  "--category", "widget", "--out", str(local), "--no-progress"]) == 0
+    with JobStore(copy) as jobs:  # the in-process service kept to a job database of its own
+        assert jobs.get(running.id).state is JobState.queued
     remote_rows, local_rows = json.loads(remote.read_text()), json.loads(local.read_text())
     assert len(local_rows) == 3
     for a, b in zip(remote_rows, local_rows, strict=True):
