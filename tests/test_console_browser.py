@@ -127,6 +127,8 @@ def test_console_registers_a_product_and_shows_verdicts(browser, server, tmp_pat
         expected = "anomalous" if truth[name].is_anomalous else "normal"
         assert card.get_attribute("data-verdict") == expected
         assert card.find_element("css selector", ".verdict").text == expected.upper()
+        correction = "False alarm" if expected == "anomalous" else "Missed defect"
+        assert correction in card.find_element("css selector", ".feedback").text
         assert float(card.find_element("css selector", ".score").text) == pytest.approx(truth[name].score, abs=1e-3)
         width = browser.execute_script("return arguments[0].naturalWidth", card.find_element("css selector", "img"))
         assert width == 64  # the overlay decoded, at the upload's size (the test images are 64 px)

@@ -222,8 +222,13 @@ function resultCard(category, p, file) {
   const send = (label) => feedback(category, file, label)
     .then((r) => { out.textContent = feedbackText(r); card.dataset.feedback = label; })
     .catch((e) => fail(e, "Feedback"));
-  card.querySelector(".mark-good").addEventListener("click", () => send("good"));
-  card.querySelector(".mark-defect").addEventListener("click", () => send("defect"));
+  const good = card.querySelector(".mark-good");
+  const bad = card.querySelector(".mark-defect");
+  // Name the correction for what the operator saw: a flagged good part is a false alarm, a passed bad part a miss.
+  good.textContent = label === "anomalous" ? "False alarm" : "Good part";
+  bad.textContent = label === "normal" ? "Missed defect" : "Defect";
+  good.addEventListener("click", () => send("good"));
+  bad.addEventListener("click", () => send("defect"));
   return card;
 }
 
