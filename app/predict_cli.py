@@ -27,10 +27,18 @@ KEY_ENV = "CLIPSHOT_KEY"
 IMAGE_ERRORS = {400, 413, 415, 422}  # the service rejected an image (corrupt, too large, ...), not the run
 
 
+HELP = "score images or folders against a running service (--url) or a local store (--store)"
+
+
 def add_predict_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``predict`` on the ``clipshot`` subparsers (imports nothing heavy: ``--help`` stays fast)."""
+    return register(subparsers, "predict", HELP)
+
+
+def register(subparsers: Any, name: str, help_text: str) -> argparse.ArgumentParser:
+    """The same, in the ``register(subparsers, name, help)`` shape of a lazily imported command module."""
     parser = subparsers.add_parser(
-        "predict", help="score images or folders against a running service (--url) or a local store (--store)",
+        name, help=help_text,
         description="Score images against a product's active adapter, on a running service (--url, --key) or "
         "on a local adapter store (--store, --backbone). Writes one row per image (CSV or JSON); exit code 0 = "
         "all scored, 1 = some images failed, 2 = could not run, 3 = --fail-on-anomaly and an anomaly was found.",
