@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from live_server import free_port, live_server
 from test_app_predict import defect, good, png
+from threaded_server import free_port, threaded_server
 
 from app.client import Client, ClipshotError, anomaly_mask, encode_image, heatmap_grid, heatmap_image
 from app.core.config import Settings
@@ -21,7 +21,7 @@ def server(tmp_path_factory, tiny_backbone):
     settings = Settings(_env_file=None, backbone="test:tiny-clip", device="cpu",
                         store=tmp_path_factory.mktemp("store"), admin_keys=[ADMIN_KEY], client_keys=[CLIENT_KEY],
                         finetune_steps=2, finetune_seconds=60)
-    with live_server(settings, tiny_backbone) as url:
+    with threaded_server(settings, tiny_backbone) as url:
         yield url
 
 

@@ -10,8 +10,8 @@ import os
 import shutil
 
 import pytest
-from live_server import live_server
 from test_app_predict import defect, good, png
+from threaded_server import threaded_server
 
 from app.client import Client
 from app.core.config import Settings
@@ -55,7 +55,7 @@ def server(tmp_path_factory, tiny_backbone):
     settings = Settings(_env_file=None, backbone="test:tiny-clip", device="cpu",
                         store=tmp_path_factory.mktemp("store"), admin_keys=[ADMIN_KEY], client_keys=[],
                         finetune_steps=2, finetune_seconds=60)
-    with live_server(settings, tiny_backbone) as url:
+    with threaded_server(settings, tiny_backbone) as url:
         yield url
 
 

@@ -9,9 +9,9 @@ import shutil
 
 import numpy as np
 import pytest
-from live_server import free_port, live_server
 from PIL import Image
 from test_app_predict import defect, good, png
+from threaded_server import free_port, threaded_server
 
 from app.client import Client
 from app.core.config import Settings
@@ -27,7 +27,7 @@ def served(tmp_path_factory, tiny_backbone):
     store = tmp_path_factory.mktemp("store")
     settings = Settings(_env_file=None, backbone="test:tiny-clip", device="cpu", store=store,
                         admin_keys=[ADMIN_KEY], client_keys=[CLIENT_KEY])
-    with live_server(settings, tiny_backbone) as url:
+    with threaded_server(settings, tiny_backbone) as url:
         with Client(url, ADMIN_KEY) as admin:
             admin.register("widget", [good(s) for s in range(4)], finetune=False)
         yield url, store

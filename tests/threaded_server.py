@@ -1,5 +1,6 @@
-"""A real uvicorn server on a loopback port in a background thread, for tests that need a real socket
-(browser, Python client, ``clipshot predict --url``): same app factory as ``clipshot serve``."""
+"""A real uvicorn server on a loopback port, in a thread of the test process so it can share the session's
+tiny backbone: for tests that need a real socket (browser, Python client, ``clipshot predict --url``). Same
+app factory as ``clipshot serve``; tests of the serve process itself start the console script instead."""
 
 from __future__ import annotations
 
@@ -24,13 +25,13 @@ def free_port() -> int:
 
 
 @contextmanager
-def live_server(settings: Settings, backbone=None) -> Iterator[str]:
+def threaded_server(settings: Settings, backbone=None) -> Iterator[str]:
     """Serve ``create_app(settings)`` on 127.0.0.1 until the block ends; yields the base URL."""
     port = free_port()
     config = uvicorn.Config(create_app(settings, backbone=backbone), host="127.0.0.1", port=port,
                             log_level="warning", lifespan="on")
     server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="live-server", daemon=True)
+    thread = threading.Thread(target=server.run, name="threaded-server", daemon=True)
     thread.start()
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while not server.started:
