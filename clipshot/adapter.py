@@ -98,7 +98,7 @@ class Adapter:
             lora_state=lora_state or None,
             prompt=PromptSpec(**config["prompt"]) if config.get("prompt") else None,
             prompt_state=prompt_state or None,
-            calibration=Calibration(**cal) if cal else None,
+            calibration=Calibration.from_dict(cal) if cal else None,
             object_name=config.get("object_name"),
             backbone=dict(config.get("backbone", {})),
             version=version,

@@ -38,3 +38,12 @@ def pixel_map(patch_maps: torch.Tensor, size: int, sigma: float = SIGMA) -> torc
     """Patch grid -> model-input-resolution heatmap, smoothed. Smoothing at the fixed model resolution
     (not at each upload's size) keeps the map, and the image score taken from it, independent of upload size."""
     return gaussian_blur(upsample(patch_maps, (size, size)), sigma)
+
+
+def colour_scale(threshold: float | None) -> tuple[float, float]:
+    """(vmin, vmax) for showing a map to people: 0 .. 2 x threshold, so the threshold sits mid-scale and a
+    good part looks calm next to a defect. The service overlay and the eval figures share it. Uncalibrated
+    adapters fall back to the maps' natural [0, 1] range."""
+    if threshold is None or not math.isfinite(threshold) or threshold <= 0:
+        return 0.0, 1.0
+    return 0.0, 2.0 * float(threshold)

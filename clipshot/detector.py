@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -16,15 +17,18 @@ from clipshot import lora
 from clipshot.adapter import Adapter
 from clipshot.anomaly_map import pixel_map
 from clipshot.backbone import Backbone, ClipBackbone
-from clipshot.calibration import DEFAULT_FALSE_ALARM_RATE, calibrate, light_views
+from clipshot.backbone.base import unit_pixels
+from clipshot.calibration import Calibration, DecisionPolicy, calibrate, light_views
 from clipshot.features import Features
 from clipshot.fusion import ScoringConfig, fuse_maps, image_score
 from clipshot.memory_branch import MemoryBank
 from clipshot.prompts import handcrafted_embeddings
+from clipshot.synthetic import AnomalySynthesizer
 from clipshot.text_branch import text_maps, text_scores
 
 RECOMMENDED_MIN_SHOTS = 4
 FEATURE_BATCH = 32
+SYNTHETIC_DEFECTS = 32  # calibration's synthetic defects per fit, spread evenly over the shots
 
 
 @dataclass
@@ -171,9 +175,12 @@ class Detector:
 
     def fit_memory(self, shots: Sequence[Image.Image], *, category: str, text: bool | None = None,
                    object_name: str | None = None, coreset_ratio: float | None = None,
-                   scoring: ScoringConfig | None = None, false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE,
-                   calibration_views: int = 2) -> Adapter:
-        """Memory adapter (plus handcrafted text on CLIP when ``text``), calibrated: usable immediately."""
+                   scoring: ScoringConfig | None = None, calibration_views: int = 2,
+                   defects: Sequence[Image.Image] = (), policy: DecisionPolicy | None = None) -> Adapter:
+        """Memory adapter (plus handcrafted text on CLIP when ``text``), calibrated: usable immediately.
+
+        ``defects`` are operator-confirmed defect photos (validation evidence, never memory); ``policy`` the
+        decision policy (default: the automatic rule)."""
         if not shots:
             raise ValueError("fit_memory needs at least one normal image")
         if len(shots) < RECOMMENDED_MIN_SHOTS:
@@ -183,36 +190,82 @@ class Detector:
         adapter = self.text_adapter(category=category, object_name=object_name, scoring=scoring) if use_text \
             else Adapter(category=category, scoring=scoring or ScoringConfig(), object_name=object_name,
                          backbone=self.layout())
-        return self.refit_memory(adapter, shots, coreset_ratio=coreset_ratio, false_alarm_rate=false_alarm_rate,
-                                 calibration_views=calibration_views)
+        return self.refit_memory(adapter, shots, coreset_ratio=coreset_ratio, calibration_views=calibration_views,
+                                 defects=defects, policy=policy)
 
     @torch.inference_mode()
     def refit_memory(self, adapter: Adapter, shots: Sequence[Image.Image], *, coreset_ratio: float | None = None,
-                     false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE, calibration_views: int = 2) -> Adapter:
-        """(Re)build the memory bank through the adapter's own LoRA, then calibrate the full scorer."""
+                     calibration_views: int = 2, defects: Sequence[Image.Image] = (),
+                     policy: DecisionPolicy | None = None) -> Adapter:
+        """(Re)build the memory bank through the adapter's own LoRA, then calibrate the full scorer.
+
+        Without ``policy`` the adapter keeps the policy it had (a manual threshold stays manual), so re-fits
+        after feedback or fine-tuning never silently undo an operator's choice."""
+        if policy is None:
+            policy = adapter.calibration.policy_spec() if adapter.calibration is not None else DecisionPolicy()
         dpam = adapter.scoring.dpam
         feats = self.features_of(list(shots), adapter, dpam=dpam)
         adapter.memory = MemoryBank.from_features(feats, coreset_ratio)
-        adapter.calibration = self._calibrate(adapter, list(shots), feats, false_alarm_rate, calibration_views)
+        adapter.calibration = self._calibrate(adapter, list(shots), feats, calibration_views, list(defects), policy)
         return adapter
 
-    def _calibrate(self, adapter: Adapter, shots: list[Image.Image], feats: Features, rate: float,
-                   views: int):
-        """Leave-one-out: each shot (and light variants of it) is scored against a memory of the others.
+    def score_images(self, images: Sequence[Image.Image], adapter: Adapter) -> list[float]:
+        """Image scores only (no maps): validation evidence such as confirmed defects."""
+        return [p.score for p in self.predict(list(images), adapter, map_size=None)] if images else []
 
-        The shots' own features are reused; the light views of all shots are extracted in one pass."""
+    def _calibrate(self, adapter: Adapter, shots: list[Image.Image], feats: Features, views: int,
+                   defects: list[Image.Image], policy: DecisionPolicy) -> Calibration:
+        """Leave-one-out evidence: each shot, light variants of it and synthetic defects made from it are scored
+        against a memory of the *other* shots, i.e. as a part the memory has never seen.
+
+        The shots' own features are reused; views and synthetic defects are extracted in one pass each."""
         n = len(shots)
+        dpam = adapter.scoring.dpam
         view_feats = None
         if views:
             all_views = [view for img in shots for view in light_views(img, views)]
-            view_feats = self.features_of(all_views, adapter, dpam=adapter.scoring.dpam)
-        scores: list[float] = []
+            view_feats = self.features_of(all_views, adapter, dpam=dpam)
+        made, sources = self._synthetic_defects(shots)
+        synth_feats = self._unit_features(made, adapter) if len(made) else None
+        normal: list[float] = []
+        synthetic: list[float] = []
         for i in range(n):
             rest = [j for j in range(n) if j != i] or [i]
             bank = MemoryBank.from_features(feats.select(torch.tensor(rest)))
             parts = [feats.select(slice(i, i + 1))] if n > 1 or view_feats is None else []
             if view_feats is not None:
                 parts.append(view_feats.select(slice(i * views, (i + 1) * views)))
-            scores.extend(self.score_features(Features.cat(parts), adapter, bank)[0].tolist())
+            normal.extend(self.score_features(Features.cat(parts), adapter, bank)[0].tolist())
+            mine = [k for k, src in enumerate(sources) if src == i]
+            if synth_feats is not None and mine:
+                synthetic.extend(self.score_features(synth_feats.select(torch.tensor(mine)), adapter, bank)[0].tolist())
         method = "leave-one-out" if n > 1 else "single-shot-augmented"
-        return calibrate(scores, rate, method)
+        return calibrate(normal, synthetic, shots=n, validation_defect_scores=self.score_images(defects, adapter),
+                         policy=policy, method=method)
+
+    def _synthetic_defects(self, shots: list[Image.Image]) -> tuple[torch.Tensor, list[int]]:
+        """(N, 3, S, S) unit-range synthetic defects (CutPaste, scar, Perlin) made from the shots at model
+        resolution, and the shot each was made from. A fixed seed: the same shots calibrate the same way."""
+        units = unit_pixels(shots, self.backbone.image_size)
+        per_shot = max(1, math.ceil(SYNTHETIC_DEFECTS / len(shots)))
+        generator = torch.Generator().manual_seed(0)
+        synthesizer = AnomalySynthesizer(p=1.0)
+        made: list[torch.Tensor] = []
+        sources: list[int] = []
+        for i, shot in enumerate(units):
+            for _ in range(per_shot):
+                image, _mask, label = synthesizer(shot, list(units), generator)
+                if label:  # a flat shot can refuse every kind: no defect then, rather than a fake one
+                    made.append(image)
+                    sources.append(i)
+        return (torch.stack(made) if made else units[:0]), sources
+
+    def _unit_features(self, units: torch.Tensor, adapter: Adapter) -> Features:
+        """Features of images already at model resolution in [0, 1] (no second resize)."""
+        mean = torch.tensor(self.backbone.mean).view(1, 3, 1, 1)
+        std = torch.tensor(self.backbone.std).view(1, 3, 1, 1)
+        return Features.cat([
+            self.features(((units[i : i + FEATURE_BATCH] - mean) / std).to(self.backbone.device), adapter,
+                          dpam=adapter.scoring.dpam)
+            for i in range(0, len(units), FEATURE_BATCH)
+        ])

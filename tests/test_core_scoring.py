@@ -8,7 +8,6 @@ import torch
 from PIL import Image
 
 from clipshot.anomaly_map import gaussian_blur
-from clipshot.calibration import calibrate
 from clipshot.features import Features
 from clipshot.memory_branch import MemoryBank, greedy_coreset
 from model_store import AdapterStore, BackboneMismatch, BundleCorrupt
@@ -65,16 +64,6 @@ def test_gaussian_blur_preserves_mass_and_spreads_peak():
     assert blurred.sum().item() == pytest.approx(1.0, abs=1e-3)
     # Peak of a normalised 2-D Gaussian with sigma 4 is 1 / (2 pi sigma^2) = 0.00995.
     assert blurred.max().item() == pytest.approx(1 / (2 * np.pi * 16), rel=0.02)
-
-
-def test_calibration_threshold_follows_gaussian_fit():
-    scores = [0.1, 0.2, 0.3, 0.2, 0.2]
-    cal = calibrate(scores, 0.01)
-    # mean 0.2, sample std 0.0707, z(0.99) = 2.3263 -> 0.3645, above the max normal 0.3.
-    assert cal.threshold == pytest.approx(0.2 + 2.3263 * 0.070711, abs=1e-3)
-    assert calibrate([0.5], 0.01).threshold >= 0.5
-    with pytest.raises(ValueError):
-        calibrate([], 0.01)
 
 
 def test_fused_adapter_has_both_branches_and_calibration(tiny_detector, good_images):

@@ -207,7 +207,7 @@ def test_protocol_report_plots_end_to_end(tmp_path: Path, mask_size: str | int) 
     out = tmp_path / "out"
     paths = write_outputs(out, result, command=["clipshot", "eval", "--data", str(root)],
                           settings={"backbone": "fake"})
-    assert set(paths) == {"results.json", "results.md", "shots.png", "examples.png"}
+    assert set(paths) == {"results.json", "results.md", "scores.csv", "shots.png", "examples.png"}
     _assert_png(out / "shots.png")
     _assert_png(out / "examples.png")
     data = json.loads((out / "results.json").read_text())

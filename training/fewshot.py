@@ -21,13 +21,13 @@ from PIL import Image
 from clipshot import lora
 from clipshot.adapter import Adapter
 from clipshot.backbone.base import unit_pixels
-from clipshot.calibration import DEFAULT_FALSE_ALARM_RATE
+from clipshot.calibration import DecisionPolicy
 from clipshot.detector import RECOMMENDED_MIN_SHOTS, Detector
 from clipshot.fusion import ScoringConfig
 from clipshot.memory_branch import MemoryBank
 from clipshot.prompts import GENERIC_OBJECT
-from training.anomalies import AnomalySynthesizer
-from training.augment import NormalAugment
+from clipshot.synthetic.anomalies import AnomalySynthesizer
+from clipshot.synthetic.augment import NormalAugment
 from training.progress import CancelToken, Progress, ProgressCallback
 from training.step import StepEngine, TrainConfig, require_clip
 from training.validation import adapter_auroc, synthetic_validation_set
@@ -50,7 +50,7 @@ class FewShotConfig(TrainConfig):
     min_gain: float = 0.0  # fine-tuned AUROC must exceed memory-only AUROC by more than this
     text_weight: float = 0.5  # ScoringConfig.text_weight of the fine-tuned adapter
     coreset_ratio: float | None = None
-    false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE
+    policy: DecisionPolicy | None = None  # decision policy of the result (None: the automatic rule)
     max_shots: int = MAX_SHOTS
 
     def __post_init__(self) -> None:
@@ -201,11 +201,10 @@ class FewShotTrainer:
             engine.report("finalize")
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the shot-count warning was already given at construction
-                detector.refit_memory(adapter, self.shots, coreset_ratio=cfg.coreset_ratio,
-                                      false_alarm_rate=cfg.false_alarm_rate)
+                detector.refit_memory(adapter, self.shots, coreset_ratio=cfg.coreset_ratio, policy=cfg.policy)
                 memory_adapter = detector.fit_memory(self.shots, category=self.category,
                                                      object_name=self.object_name, coreset_ratio=cfg.coreset_ratio,
-                                                     false_alarm_rate=cfg.false_alarm_rate)
+                                                     policy=cfg.policy)
         finally:
             engine.close()
         adapter.uid = uuid.uuid4().hex  # the training LoRA is gone; attach() must inject this one afresh

@@ -25,7 +25,7 @@ from clipshot.evaluation.dataset import list_categories, list_test_samples, load
 from clipshot.fusion import ScoringConfig
 from clipshot.lora import LoraSpec
 from clipshot.prompts import GENERIC_OBJECT, PromptSpec
-from training.augment import color_jitter
+from clipshot.synthetic.augment import color_jitter
 from training.progress import CancelToken, Progress, ProgressCallback
 from training.step import StepEngine, TrainConfig, require_clip
 

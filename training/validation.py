@@ -14,8 +14,8 @@ import torch
 
 from clipshot.adapter import Adapter
 from clipshot.detector import FEATURE_BATCH, Detector
-from training.anomalies import AnomalySynthesizer
-from training.augment import NormalAugment
+from clipshot.synthetic.anomalies import AnomalySynthesizer
+from clipshot.synthetic.augment import NormalAugment
 from training.step import auroc
 
 __all__ = ["ValidationSet", "adapter_auroc", "synthetic_validation_set"]

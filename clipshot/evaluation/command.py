@@ -25,17 +25,21 @@ def _int_list(value: str) -> list[int]:
 def add_eval_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "eval", help="run the MVTec AD few-/zero-shot protocol on an MVTec-layout dataset",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description=(
             "Evaluate on <root>/<category>/{train/good,test/<defect>,ground_truth/<defect>}. For each category, "
             "seed and shot count, k shots are drawn from the sorted train/good listing (a fixed per-seed "
             "permutation, so 1-shot sets are inside 2-shot sets, ...), the same for every mode. Writes "
-            "results.json, results.md, shots.png and examples.png to --out. Accuracy of the CLIP modes needs "
-            "real CLIP weights (--backbone open_clip:ARCH:/path/to/weights); test:tiny-clip is a pipeline check."
+            "results.json, results.md, scores.csv (one line per image: score, threshold, verdict), shots.png and "
+            "examples.png to --out. Decisions (accuracy, recall, false alarms, F1) use the threshold each adapter "
+            "calibrated from its shots. Accuracy of the CLIP modes needs real CLIP weights (--backbone "
+            "open_clip:ARCH:/path/to/weights); test:tiny-clip is a pipeline check."
         ),
     )
     parser.add_argument("--data", required=True, type=Path, help="MVTec-AD-layout root folder")
     parser.add_argument("--categories", default=None, help="comma-separated subset (default: all in --data)")
-    parser.add_argument("--shots", type=_int_list, default=[0, 1, 2, 4, 8, 16], help="e.g. 0,1,2,4,8,16")
+    parser.add_argument("--shots", type=_int_list, default=None,
+                        help="e.g. 0,1,2,4,8,16 (default: 0,1,2,4,8,16 on CLIP, 1,2,4,8,16 on memory-only backbones)")
     parser.add_argument("--seeds", type=_int_list, default=[0, 1, 2], help="e.g. 0,1,2")
     parser.add_argument("--mode", choices=MODES, default="memory",
                         help="memory: visual memory only; text: prompts only; fused: memory + handcrafted text; "
@@ -50,6 +54,9 @@ def add_eval_parser(subparsers) -> None:
     parser.add_argument("--mask-size", default="full", help="full (ground-truth resolution), 256 or 518")
     parser.add_argument("--steps", type=int, default=None, help="fine-tune steps for --mode finetuned")
     parser.add_argument("--examples-per-defect", type=int, default=2)
+    parser.add_argument("--feedback", type=int, default=0, metavar="N",
+                        help="simulate an operator correcting the first N wrong verdicts on one half of the test "
+                        "set and report decisions on the other half before/after (rule in evaluation/feedback.py)")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.set_defaults(func=run_eval)
 
@@ -89,6 +96,19 @@ def _adapter_factory(detector, args: argparse.Namespace):
     return make_adapter
 
 
+def _refiner(detector):
+    """Feedback as the service applies it: confirmed goods join the memory (coreset-bounded to 16 shots' worth),
+    confirmed defects become validation evidence; the adapter's LoRA, prompts and policy stay."""
+    def refine(adapter, shots: list[Image.Image], goods: list[Image.Image], defects: list[Image.Image]):
+        import copy
+
+        images = shots + goods
+        ratio = None if len(images) <= 16 else 16 / len(images)
+        return detector.refit_memory(copy.copy(adapter), images, coreset_ratio=ratio, defects=defects)
+
+    return refine
+
+
 def run_eval(args: argparse.Namespace) -> int:
     from clipshot.backbone import load_backbone
     from clipshot.detector import Detector
@@ -96,13 +116,18 @@ def run_eval(args: argparse.Namespace) -> int:
 
     detector = Detector(load_backbone(args.backbone, device=args.device, precision=args.precision,
                                       image_size=args.image_size))
+    if args.shots is None:
+        args.shots = [0, 1, 2, 4, 8, 16] if detector.backbone.supports_text else [1, 2, 4, 8, 16]
+    if args.feedback < 0:
+        raise ValueError("--feedback must be >= 0")
     if not detector.backbone.supports_text and (args.mode != "memory" or 0 in args.shots):
         raise ValueError(f"{args.backbone} supports the memory branch only: use --mode memory and shots >= 1, "
                          "or a CLIP backbone for text/fused/finetuned/zero-shot")
     categories = [c for c in args.categories.split(",") if c] if args.categories else None
     result = run_protocol(args.data, detector, _adapter_factory(detector, args), mode=args.mode,
                           categories=categories, shots=args.shots, seeds=args.seeds, mask_size=args.mask_size,
-                          examples_per_defect=args.examples_per_defect)
+                          examples_per_defect=args.examples_per_defect, feedback=args.feedback,
+                          refine_adapter=_refiner(detector))
     settings = {"backbone": detector.backbone.spec, "backbone_sha256": detector.backbone.weights_sha256,
                 "image_size": detector.backbone.image_size, "device": str(detector.backbone.device),
                 "precision": detector.backbone.precision}

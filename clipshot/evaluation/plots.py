@@ -10,21 +10,24 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import matplotlib as mpl
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from PIL import Image
+
+from clipshot.anomaly_map import colour_scale
 
 from .metrics import QUALITY_METRICS
+
+if TYPE_CHECKING:
+    from .protocol import Example
 
 _LABELS = {"image_auroc": "image AUROC", "pixel_auroc": "pixel AUROC", "aupro": "AUPRO",
            "image_f1max": "image F1-max", "pixel_f1max": "pixel F1-max"}
 _LINESTYLES = ("-", "--", ":", "-.")
 
-Example = tuple[Image.Image, np.ndarray, np.ndarray, str]
 
 
 def plot_shots(rows: Sequence[dict[str, Any]], out_path: str | Path, *,
@@ -70,35 +73,35 @@ def plot_shots(rows: Sequence[dict[str, Any]], out_path: str | Path, *,
     return _save(fig, out_path)
 
 
-def plot_examples(examples: Sequence[Example], out_path: str | Path, *,
-                  vmin: float | None = None, vmax: float | None = None) -> Path:
-    """Grid of (image | ground truth | heatmap overlay) triples with their titles.
+def plot_examples(examples: Sequence[Example], out_path: str | Path) -> Path:
+    """Grid of (image | ground truth | heatmap overlay) triples titled with score, threshold and verdict.
 
-    One colour scale for all maps (default: min/max over the given maps) so that a good image
-    looks calm next to a defect instead of every map being stretched to full range.
-    """
+    Each overlay uses the service's colour scale (``colour_scale``: 0 .. 2 x the adapter's threshold), so
+    colours mean the same here as in a predict response, and the threshold contour shows what was flagged."""
     if not examples:
         raise ValueError("no examples to plot")
-    maps = [np.asarray(e[2], dtype=np.float32) for e in examples]
-    lo = min(float(m.min()) for m in maps) if vmin is None else vmin
-    hi = max(float(m.max()) for m in maps) if vmax is None else vmax
     groups = max(1, math.ceil(math.sqrt(len(examples) / 3)))  # triples per row, roughly square
     nrows = math.ceil(len(examples) / groups)
     fig = _figure((1.9 * 3 * groups, 2.1 * nrows))
     axes = fig.subplots(nrows, 3 * groups, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for i, ((image, mask, _, title), amap) in enumerate(zip(examples, maps, strict=True)):
+    for i, example in enumerate(examples):
         row, col = divmod(i, groups)
         ax_img, ax_gt, ax_map = axes[row, 3 * col: 3 * col + 3]
+        image, amap = example.image, np.asarray(example.amap, dtype=np.float32)
         extent = (0, image.width, image.height, 0)  # maps/masks may be coarser than the image
         ax_img.imshow(image)
-        ax_img.set_title(title, fontsize=6, loc="left")
-        ax_gt.imshow(np.asarray(mask, dtype=bool), cmap="gray", vmin=0, vmax=1, extent=extent)
+        ax_img.set_title(example.title, fontsize=5, loc="left")
+        ax_gt.imshow(np.asarray(example.mask, dtype=bool), cmap="gray", vmin=0, vmax=1, extent=extent)
         ax_gt.set_title("ground truth", fontsize=6)
+        lo, hi = colour_scale(example.threshold)
         ax_map.imshow(image)
         ax_map.imshow(amap, cmap="jet", alpha=0.5, vmin=lo, vmax=hi, extent=extent)
-        ax_map.set_title("anomaly map", fontsize=6)
+        if example.threshold is not None and amap.max() > example.threshold > amap.min():
+            ax_map.contour(amap, levels=[example.threshold], colors="white", linewidths=0.6, extent=extent,
+                           origin="upper")
+        ax_map.set_title("anomaly map (mid-scale = threshold)", fontsize=5)
     fig.tight_layout()
     return _save(fig, out_path, dpi=80)
 

@@ -27,6 +27,7 @@ from .dataset import (
     load_mask,
     parse_mask_size,
 )
+from .feedback import RefineAdapter, split_halves, wrong_verdicts
 from .metrics import DEFAULT_BINS, compute_metrics
 from .shots import select_shots
 
@@ -63,6 +64,7 @@ class Example(NamedTuple):
     mask: np.ndarray
     amap: np.ndarray
     title: str
+    threshold: float | None = None
 
 
 @dataclass
@@ -71,6 +73,7 @@ class ProtocolResult:
 
     records: list[dict[str, Any]] = field(default_factory=list)
     examples: list[Example] = field(default_factory=list)
+    scores: list[dict[str, Any]] = field(default_factory=list)  # one row per image and run (scores.csv)
     settings: dict[str, Any] = field(default_factory=dict)
 
 
@@ -79,7 +82,8 @@ def run_protocol(root: str | Path, detector: DetectorLike, make_adapter: MakeAda
                  seeds: Sequence[int] = (0, 1, 2), mask_size: MaskSize | str = "full",
                  batch_size: int = 16, examples_per_defect: int = 1, example_shots: int | None = None,
                  repeat_zero_shot: bool = False, aupro_bins: int | None = DEFAULT_BINS,
-                 progress: bool = True) -> ProtocolResult:
+                 progress: bool = True, feedback: int = 0,
+                 refine_adapter: RefineAdapter | None = None) -> ProtocolResult:
     """Evaluate every (category, seed, shots) combination and collect metrics, timings, examples.
 
     * Shots come from ``shots.select_shots`` (nested per seed, identical for every mode).
@@ -90,7 +94,11 @@ def run_protocol(root: str | Path, detector: DetectorLike, make_adapter: MakeAda
     * ms/image times ``detector.predict`` only (images are decoded once per category beforehand).
     * Examples: the first ``examples_per_defect`` test images of each defect type, from the run
       with the first seed and ``example_shots`` (default: the largest shot count).
+    * ``feedback`` > 0 (needs ``refine_adapter``): after each run with a threshold, the operator simulation of
+      ``feedback.py`` adds records of mode ``<mode>+feedback<N>:before`` / ``:after`` on the held-out half.
     """
+    if feedback and refine_adapter is None:
+        raise ValueError("feedback simulation needs refine_adapter")
     size = parse_mask_size(mask_size)
     shot_list, seed_list = sorted({int(k) for k in shots}), [int(s) for s in seeds]
     if not shot_list or not seed_list or shot_list[0] < 0:
@@ -119,7 +127,7 @@ def run_protocol(root: str | Path, detector: DetectorLike, make_adapter: MakeAda
             _run_category(result, root, cat, runs, detector, make_adapter, mode=mode, size=size,
                           map_size=map_size, batch_size=batch_size, aupro_bins=aupro_bins,
                           example_run=(seed_list[0], example_k), examples_per_defect=examples_per_defect,
-                          bar=bar)
+                          bar=bar, feedback=feedback, refine_adapter=refine_adapter)
     finally:
         bar.close()
     return result
@@ -128,7 +136,8 @@ def run_protocol(root: str | Path, detector: DetectorLike, make_adapter: MakeAda
 def _run_category(result: ProtocolResult, root: str | Path, cat: str, runs: list[tuple[int, int]],
                   detector: DetectorLike, make_adapter: MakeAdapter, *, mode: str, size: MaskSize,
                   map_size: str | tuple[int, int], batch_size: int, aupro_bins: int | None,
-                  example_run: tuple[int, int], examples_per_defect: int, bar: tqdm) -> None:
+                  example_run: tuple[int, int], examples_per_defect: int, bar: tqdm, feedback: int = 0,
+                  refine_adapter: RefineAdapter | None = None) -> None:
     train = list_train_good(root, cat)
     samples = list_test_samples(root, cat)
     images = [load_image(s.path) for s in samples]
@@ -137,21 +146,46 @@ def _run_category(result: ProtocolResult, root: str | Path, cat: str, runs: list
     for seed, k in runs:
         bar.set_postfix_str(f"{cat} seed={seed} shots={k}")
         shot_paths = select_shots(train, k, category=cat, seed=seed)
-        adapter, fit_s, finetune_s = make_adapter([load_image(p) for p in shot_paths], k, seed,
-                                                  category=cat)
+        shot_images = [load_image(p) for p in shot_paths]
+        adapter, fit_s, finetune_s = make_adapter(shot_images, k, seed, category=cat)
         scores, maps, infer_s = predict_all(detector, images, adapter, map_size, batch_size)
         for sample, mask, amap in zip(samples, masks, maps, strict=True):
             if amap.shape != mask.shape:
                 raise ValueError(f"{cat}/{sample.name}: anomaly map {amap.shape} != mask {mask.shape}; "
                                  f"map_size={map_size!r} must produce maps at the mask resolution")
-        metrics = compute_metrics(labels, scores, masks, maps, aupro_bins=aupro_bins)
+        threshold = getattr(adapter, "threshold", None)
+        metrics = compute_metrics(labels, scores, masks, maps, aupro_bins=aupro_bins, threshold=threshold,
+                                  defects=[s.defect for s in samples])
+        for defect, value in metrics.pop("recall_by_defect", {}).items():
+            metrics[f"recall:{defect}"] = value
+        result.scores += [{"category": cat, "shots": k, "seed": seed, "file": s.name,
+                           "label": s.label, "defect": s.defect, "score": score, "threshold": threshold,
+                           "verdict": None if threshold is None else ("anomalous" if score > threshold else "normal")}
+                          for s, score in zip(samples, scores, strict=True)]
         metrics.update(register_s=float(fit_s), finetune_s=float(finetune_s),
                        ms_per_image=1000.0 * infer_s / len(images))
         result.records.append({"category": cat, "mode": mode, "shots": k, "seed": seed,
                                "shot_files": [p.name for p in shot_paths], "n_test": len(samples),
                                "n_anomalous": int(sum(labels)), "metrics": metrics})
         if (seed, k) == example_run:
-            result.examples += _examples(cat, samples, images, masks, maps, scores, examples_per_defect)
+            result.examples += _examples(cat, samples, images, masks, maps, scores, examples_per_defect, threshold)
+        if feedback and threshold is not None and refine_adapter is not None:
+            operator, held = split_halves(samples)
+            fed = wrong_verdicts(operator, labels, scores, threshold, feedback)
+            goods = [images[i] for i in fed if not labels[i]]
+            defects = [images[i] for i in fed if labels[i]]
+            refined = refine_adapter(adapter, shot_images, goods, defects)
+            pick = [images[i] for i in held]
+            after_scores, _, _ = predict_all(detector, pick, refined, map_size, batch_size)
+            for phase, run_scores, thr in (
+                    ("before", [scores[i] for i in held], threshold), ("after", after_scores, refined.threshold)):
+                held_metrics = compute_metrics([labels[i] for i in held], run_scores, [], [], threshold=thr,
+                                               pixel=False)
+                held_metrics.update(fed_goods=len(goods), fed_defects=len(defects))
+                result.records.append({"category": cat, "mode": f"{mode}+feedback{feedback}:{phase}", "shots": k,
+                                       "seed": seed, "shot_files": [p.name for p in shot_paths], "n_test": len(held),
+                                       "n_anomalous": int(sum(labels[i] for i in held)), "metrics": held_metrics,
+                                       "fed_back": [samples[i].name for i in fed]})
         bar.update(1)
 
 
@@ -187,16 +221,19 @@ def _thumbnail(image: Image.Image, mask: np.ndarray, amap: np.ndarray, side: int
 
 
 def _examples(cat: str, samples: list[Sample], images: list[Image.Image], masks: list[np.ndarray],
-              maps: list[np.ndarray], scores: list[float], per_defect: int) -> list[Example]:
-    """First ``per_defect`` images of each defect type, maps scaled by this run's global range."""
-    lo = min(float(m.min()) for m in maps)
-    span = max(float(m.max()) for m in maps) - lo or 1.0
+              maps: list[np.ndarray], scores: list[float], per_defect: int,
+              threshold: float | None) -> list[Example]:
+    """First ``per_defect`` images of each defect type with score, threshold and verdict in the title; maps are
+    kept in score units so the plot can use the service overlay's colour scale (anchored at the threshold)."""
     taken: dict[str, int] = {}
     out = []
     for i, sample in enumerate(samples):
         if taken.get(sample.defect, 0) >= per_defect:
             continue
         taken[sample.defect] = taken.get(sample.defect, 0) + 1
-        img, mask, amap = _thumbnail(images[i], masks[i], (maps[i] - lo) / span)
-        out.append(Example(img, mask, amap, f"{cat} {sample.name} score={scores[i]:.3f}"))
+        img, mask, amap = _thumbnail(images[i], masks[i], maps[i])
+        verdict = "" if threshold is None else (" ANOMALOUS" if scores[i] > threshold else " normal")
+        limit = "" if threshold is None else f" thr={threshold:.3f}"
+        title = f"{cat} {sample.name} score={scores[i]:.3f}{limit}{verdict}"
+        out.append(Example(img, mask, amap, title, threshold))
     return out

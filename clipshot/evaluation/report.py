@@ -7,6 +7,7 @@ Everything needed to reproduce a table row goes into results.json: the raw per-s
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import math
 import platform
@@ -20,20 +21,27 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .metrics import QUALITY_METRICS
+from .metrics import DECISION_METRICS, QUALITY_METRICS
 
 if TYPE_CHECKING:
     from .protocol import ProtocolResult
 
 TIME_METRICS = ("register_s", "finetune_s", "ms_per_image")
-ALL_METRICS = QUALITY_METRICS + TIME_METRICS
+DECISION_COLUMNS = (*DECISION_METRICS, "f1_gap", "threshold")
+ALL_METRICS = QUALITY_METRICS + TIME_METRICS + DECISION_COLUMNS
+PER_DEFECT = "recall:"  # metric-name prefix of the per-defect-type recalls
 MEAN_CATEGORY = "mean"  # the across-category row, as in papers' "Mean" row
 _COLUMNS = {  # metric -> (column header, scale, decimals)
     "image_auroc": ("image AUROC", 100.0, 1), "pixel_auroc": ("pixel AUROC", 100.0, 1),
     "aupro": ("AUPRO", 100.0, 1), "image_f1max": ("image F1-max", 100.0, 1),
     "pixel_f1max": ("pixel F1-max", 100.0, 1), "register_s": ("register s", 1.0, 2),
     "finetune_s": ("fine-tune s", 1.0, 2), "ms_per_image": ("ms/image", 1.0, 1),
+    "accuracy": ("accuracy", 100.0, 1), "recall": ("defect recall", 100.0, 1),
+    "false_alarm_rate": ("false alarms on good", 100.0, 1), "precision": ("precision", 100.0, 1),
+    "f1_at_threshold": ("F1 at threshold", 100.0, 1), "f1_gap": ("F1-max − F1", 100.0, 1),
+    "threshold": ("threshold", 1.0, 4),
 }
+QUALITY_COLUMNS = QUALITY_METRICS + TIME_METRICS
 
 
 def _mean_std(values: Sequence[float]) -> dict[str, float | int]:
@@ -41,6 +49,11 @@ def _mean_std(values: Sequence[float]) -> dict[str, float | int]:
     arr = np.asarray(values, dtype=np.float64)
     std = float(np.std(arr, ddof=1)) if arr.size > 1 else 0.0
     return {"mean": float(np.mean(arr)), "std": std, "n": int(arr.size)}
+
+
+def _metric_names(metrics: dict[str, Any]) -> list[str]:
+    """The fixed metrics in table order, then the per-defect recalls this record has."""
+    return [m for m in ALL_METRICS if m in metrics] + sorted(m for m in metrics if m.startswith(PER_DEFECT))
 
 
 def aggregate(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -62,12 +75,13 @@ def aggregate(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
                 per_seed[(mode, k)][seed].append(metrics)
         for (mode, k), by_seed in per_seed.items():
             groups[(MEAN_CATEGORY, mode, k)] = {
-                seed: {m: float(np.mean([x[m] for x in lst])) for m in ALL_METRICS if m in lst[0]}
+                seed: {m: float(np.mean([x[m] for x in lst])) for m in _metric_names(lst[0])
+                       if all(m in x for x in lst)}
                 for seed, lst in by_seed.items()}
     rows = []
     for (cat, mode, k), by_seed in groups.items():
         seeds = sorted(by_seed)
-        names = [m for m in ALL_METRICS if all(m in by_seed[s] for s in seeds)]
+        names = [m for m in _metric_names(by_seed[seeds[0]]) if all(m in by_seed[s] for s in seeds)]
         rows.append({"category": cat, "mode": mode, "shots": k, "seeds": seeds,
                      "metrics": {m: _mean_std([by_seed[s][m] for s in seeds]) for m in names}})
     rows.sort(key=lambda r: (r["mode"], r["category"] == MEAN_CATEGORY, r["category"], r["shots"]))
@@ -81,23 +95,45 @@ def _fmt(stat: dict[str, float | int] | None, scale: float, decimals: int) -> st
     return mean if stat["n"] < 2 else f"{mean} ± {stat['std'] * scale:.{decimals}f}"
 
 
+def _table(rows: Sequence[dict[str, Any]], metrics: Sequence[str]) -> list[str]:
+    headers = [_COLUMNS[m][0] if m in _COLUMNS else f"recall {m[len(PER_DEFECT):]}" for m in metrics]
+    lines = ["| " + " | ".join(["category", "shots", *headers]) + " |", "|" + "---|" * 2 + "---:|" * len(metrics)]
+    for r in rows:
+        cells = [_fmt(r["metrics"].get(m), *_COLUMNS.get(m, ("", 100.0, 1))[1:]) for m in metrics]
+        cat = f"**{r['category']}**" if r["category"] == MEAN_CATEGORY else r["category"]
+        lines.append("| " + " | ".join([cat, str(r["shots"]), *cells]) + " |")
+    return lines
+
+
 def markdown_table(rows: Sequence[dict[str, Any]], *, command: str = "") -> str:
-    """Paper-style table per mode: rows category × shots; quality metrics in %, times as measured."""
+    """Paper-style tables per mode (rows category × shots): ranking quality, then the decisions at the
+    adapter's own threshold (when it has one) with recall per defect type."""
     lines = ["# Evaluation results", ""]
     if command:
         lines += ["```", command, "```", ""]
     lines += ["Values are mean ± sample std over seeds (a single seed shows the value alone). "
-              "Quality metrics in %; AUPRO integrated to FPR 0.3.", ""]
-    header = ["category", "shots"] + [_COLUMNS[m][0] for m in ALL_METRICS]
+              "Quality metrics in %; AUPRO integrated to FPR 0.3. Decisions use `score > threshold` with the "
+              "threshold the adapter calibrated itself (no test image is used to choose it).", ""]
     for mode in sorted({r["mode"] for r in rows}):
-        lines += [f"## mode: {mode}", "", "| " + " | ".join(header) + " |",
-                  "|" + "---|" * 2 + "---:|" * len(ALL_METRICS)]
-        for r in (r for r in rows if r["mode"] == mode):
-            cells = [_fmt(r["metrics"].get(m), *_COLUMNS[m][1:]) for m in ALL_METRICS]
-            cat = f"**{r['category']}**" if r["category"] == MEAN_CATEGORY else r["category"]
-            lines.append("| " + " | ".join([cat, str(r["shots"]), *cells]) + " |")
-        lines.append("")
+        sel = [r for r in rows if r["mode"] == mode]
+        lines += [f"## mode: {mode}", "", *_table(sel, QUALITY_COLUMNS), ""]
+        decided = [r for r in sel if "f1_at_threshold" in r["metrics"]]
+        if decided:
+            per_defect = sorted({m for r in decided for m in r["metrics"] if m.startswith(PER_DEFECT)})
+            lines += ["### decisions at the adapter's own threshold", "",
+                      *_table(decided, [*DECISION_COLUMNS, *per_defect]), ""]
     return "\n".join(lines)
+
+
+def write_scores_csv(path: str | Path, rows: Sequence[dict[str, Any]]) -> Path:
+    """One line per image and run: enough to check any single verdict by hand."""
+    fields = ["category", "shots", "seed", "file", "label", "defect", "score", "threshold", "verdict"]
+    out = Path(path)
+    with out.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    return out
 
 
 def _json_safe(obj: Any) -> Any:
@@ -149,6 +185,8 @@ def write_outputs(out_dir: str | Path, result: ProtocolResult, *, command: str |
 
     paths = write_results(out_dir, result.records, command=command,
                           settings={**result.settings, **(settings or {})})
+    if result.scores:
+        paths["scores.csv"] = write_scores_csv(Path(out_dir) / "scores.csv", result.scores)
     paths["shots.png"] = plot_shots(aggregate(result.records), Path(out_dir) / "shots.png")
     if result.examples:
         paths["examples.png"] = plot_examples(result.examples, Path(out_dir) / "examples.png")

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from training.augment import color_jitter
-from training.perlin import fractal_noise, perlin_mask
+from clipshot.synthetic.augment import color_jitter
+from clipshot.synthetic.perlin import fractal_noise, perlin_mask
 
 __all__ = ["KINDS", "AnomalySynthesizer", "cutpaste", "cutpaste_scar", "perlin_blend"]
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from training.anomalies import KINDS, AnomalySynthesizer, cutpaste, cutpaste_scar, perlin_blend
-from training.augment import NormalAugment, color_jitter, random_shift
-from training.perlin import fractal_noise, perlin_mask, perlin_noise
+from clipshot.synthetic.anomalies import KINDS, AnomalySynthesizer, cutpaste, cutpaste_scar, perlin_blend
+from clipshot.synthetic.augment import NormalAugment, color_jitter, random_shift
+from clipshot.synthetic.perlin import fractal_noise, perlin_mask, perlin_noise
 
 TOL = 1e-6
 
