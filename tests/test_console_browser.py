@@ -95,6 +95,7 @@ def test_console_registers_a_product_and_shows_verdicts(browser, server, tmp_pat
         (tmp_path / name).write_bytes(png(image))
 
     browser.get(server + "/console")
+    wait(browser, lambda d: "Missing or malformed credentials" in text_of(d, "message"))  # it asks for a key
     browser.find_element("id", "key").send_keys("wrong-key")
     browser.find_element("id", "connect").click()
     wait(browser, lambda d: "Invalid API key" in text_of(d, "message"))  # the page uses the service's keys
