@@ -32,7 +32,7 @@ from app.schemas import (
     ReadyResponse,
     ShotsRegistered,
 )
-from app.services.job_store import TERMINAL_STATES, Job
+from app.services.job_model import TERMINAL_STATES, Job
 
 ImageInput = str | os.PathLike[str] | bytes | Image.Image | np.ndarray
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -131,9 +131,10 @@ def encode_image(image: ImageInput, index: int = 0) -> tuple[str, bytes]:
 
 
 def heatmap_image(prediction: ImagePrediction) -> Image.Image:
-    """The overlay picture of a prediction made with an image heatmap (``png``, ``jpeg``)."""
-    if prediction.heatmap is None or prediction.heatmap.encoding == "raw":
-        raise ValueError("this prediction carries no heatmap picture: predict with heatmap='png'")
+    """The picture of a prediction made with an image heatmap (``jpeg`` overlay, ``png`` overlay, ``mask``)."""
+    heat = prediction.heatmap
+    if heat is None or heat.encoding == "raw" or not heat.data:
+        raise ValueError("this prediction carries no heatmap picture: predict with heatmap='jpeg' or 'png'")
     image = Image.open(io.BytesIO(base64.b64decode(prediction.heatmap.data)))
     image.load()
     return image
@@ -210,16 +211,16 @@ class Client:
 
     # -- prediction ---------------------------------------------------------------------------
     def predict(self, category: str, images: ImageInput | Sequence[ImageInput], *,
-                heatmap: HeatmapMode | str = "png") -> PredictResponse:
+                heatmap: HeatmapMode | str | None = None) -> PredictResponse:
         """Score images against a product's active adapter (one request; the server caps its size)."""
-        r = self._call("POST", f"/v1/categories/{category}/predict", params={"heatmap": heatmap},
-                       files=self._files(images))
+        params = {"heatmap": heatmap} if heatmap else {}  # None: the service's default encoding
+        r = self._call("POST", f"/v1/categories/{category}/predict", params=params, files=self._files(images))
         return PredictResponse.model_validate(r.json())
 
     def predict_zero_shot(self, images: ImageInput | Sequence[ImageInput], *, object_name: str | None = None,
-                          heatmap: HeatmapMode | str = "png") -> PredictResponse:
+                          heatmap: HeatmapMode | str | None = None) -> PredictResponse:
         """Score without a registered product (generic bundle or CLIP prompts for ``object_name``)."""
-        params = {"heatmap": heatmap, **({"object": object_name} if object_name else {})}
+        params = {**({"heatmap": heatmap} if heatmap else {}), **({"object": object_name} if object_name else {})}
         r = self._call("POST", "/v1/predict", params=params, files=self._files(images))
         return PredictResponse.model_validate(r.json())
 

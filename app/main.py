@@ -29,7 +29,7 @@ from app.services.batcher import Batcher
 from app.services.device_worker import DeviceWorker
 from app.services.inference import InferenceService
 from app.services.job_runner import JobRunner
-from app.services.job_store import JobStore
+from app.services.job_store import JobDatabaseError, JobStore
 from app.services.readiness import ReadinessProbe
 from app.services.registry import CategoryService
 from clipshot.backbone import EFFICIENTNET_LITE0, Backbone, BackboneLoadError, BackboneSpecError, load_backbone
@@ -59,6 +59,16 @@ def load_service_backbone(settings: Settings) -> Backbone:
         ) from exc
 
 
+def open_job_store(settings: Settings) -> JobStore:
+    """The job records' database (SQLite in the store, or ``job_db``); failure = one line saying what to fix."""
+    try:
+        return JobStore(settings.store, url=settings.job_db)
+    except JobDatabaseError as exc:
+        fix = (f"start PostgreSQL there or correct {env_var('job_db')} (empty = SQLite in the store)"
+               if settings.job_db else f"make {env_var('store')} a writable directory")
+        raise StartupError(f"{exc} Fix: {fix}.") from exc
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Build services in dependency order; the exit stack tears down in reverse (job runner before device)."""
@@ -72,13 +82,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
              backbone.image_size)
     if backbone.device.type == "cuda":
         metrics.device_memory.cuda_device = backbone.device
+    metrics.set_build_info(backbone=backbone.spec, device=str(backbone.device))
     async with contextlib.AsyncExitStack() as stack:
         merge = settings.lora_merge == "on" or (settings.lora_merge == "auto" and backbone.device.type == "cuda")
-        state.detector = detector = Detector(backbone, merge_lora=merge)
+        state.detector = detector = Detector(backbone, merge_lora=merge, mixed_lora=settings.mixed_lora)
         state.store = store = AdapterStore(settings.store)
-        state.job_store = job_store = JobStore(settings.store)
+        state.job_store = job_store = open_job_store(settings)
         stack.callback(job_store.close)
-        job_store.mark_interrupted()
         state.device_worker = worker = DeviceWorker(metrics)
         worker.start()
         stack.push_async_callback(run_in_threadpool, worker.stop)
@@ -113,6 +123,10 @@ def _start_jobs_and_registry(app: FastAPI, stack: contextlib.AsyncExitStack) -> 
     s.categories = s.category_service = CategoryService(
         settings=s.settings, store=s.store, detector=s.detector, device_worker=s.device_worker,
         adapter_cache=s.adapter_cache, job_runner=runner)
+    swept = s.category_service.sweep_orphans()  # shot files of fits that died before saving their version
+    if swept:
+        log.warning("removed shot files no version lists (left by a crash): %s",
+                    {name: len(files) for name, files in swept.items()})
 
 
 def operation_id(route: APIRoute) -> str:
@@ -148,4 +162,4 @@ def create_app(settings: Settings | None = None, *, backbone: Backbone | None = 
     return app
 
 
-__all__ = ["StartupError", "create_app", "lifespan", "load_service_backbone"]
+__all__ = ["StartupError", "create_app", "lifespan", "load_service_backbone", "open_job_store"]

@@ -11,7 +11,7 @@ never the raw path, and unmatched paths are lumped into ``"unmatched"``.
 
 from __future__ import annotations
 
-import os
+import platform
 import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -25,21 +25,35 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    Info,
+    ProcessCollector,
     generate_latest,
 )
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-STAGES = ("decode", "preprocess", "forward", "postprocess")
+STAGES = ("decode", "preprocess", "postprocess")  # per image; the forward pass is per batch (its own family)
+FORWARD = "forward"
 TIERS = ("device", "cpu")
 VERDICTS = ("normal", "anomalous", "unknown")  # unknown: no calibrated threshold yet
-QUEUES = ("predict", "train")
+QUEUES = ("predict", "train", "admitted")  # every value the services use (tested against a live scrape)
+# score / threshold: fine around 1 (the decision boundary), coarse far from it.
+RATIO_BUCKETS = (0.25, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0, 1.05, 1.1, 1.25, 1.5, 2.0, 4.0)
 BATCH_CATEGORY = "*"  # category label for per-batch work shared by several categories
 DEVICE_MEMORY = "clipshot_device_memory_bytes"
 _DEVICE_MEMORY_HELP = (
-    "Memory in use: kind=allocated/reserved from torch.cuda (the serving GPU, only once CUDA is initialised); "
-    "kind=rss is the process resident set size (kind=peak_rss where only the peak is available)."
+    "Accelerator memory in use: kind=allocated/reserved from torch.cuda (the serving GPU, only once CUDA is "
+    "initialised; absent on CPU). Host memory is process_resident_memory_bytes."
+)
+# prometheus_client's ProcessCollector (Linux /proc): documented here because the registry is ours.
+PROCESS_METRICS = (
+    ("process_resident_memory_bytes", "gauge", "Resident set size of the server process (host RAM)."),
+    ("process_virtual_memory_bytes", "gauge", "Virtual memory size of the server process."),
+    ("process_cpu_seconds_total", "counter", "User + system CPU time of the server process."),
+    ("process_open_fds", "gauge", "Open file descriptors."),
+    ("process_max_fds", "gauge", "File descriptor limit."),
+    ("process_start_time_seconds", "gauge", "Start time of the process (Unix seconds)."),
 )
 
 
@@ -70,31 +84,20 @@ class DeviceMemoryCollector(Collector):
         if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
             family.add_metric(["allocated"], float(torch.cuda.memory_allocated(self.cuda_device)))
             family.add_metric(["reserved"], float(torch.cuda.memory_reserved(self.cuda_device)))
-        kind, value = _host_memory()
-        if value is not None:
-            family.add_metric([kind], float(value))
         return [family]
 
 
-def _host_memory() -> tuple[str, int | None]:
-    try:
-        import psutil
+def _versions() -> dict[str, str]:
+    """Versions for the build-info metric, from package metadata (importing torch here would cost seconds)."""
+    from importlib.metadata import PackageNotFoundError, version
 
-        return "rss", psutil.Process().memory_info().rss
-    except Exception:  # psutil missing or unsupported platform
-        pass
-    try:
-        with open("/proc/self/statm") as f:
-            return "rss", int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return "peak_rss", peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
-    except (ImportError, OSError):
-        return "rss", None
+    found = {"python": platform.python_version()}
+    for label, dist in (("version", "clipshot"), ("torch", "torch"), ("open_clip", "open_clip_torch")):
+        try:
+            found[label] = version(dist)
+        except PackageNotFoundError:
+            found[label] = "unknown"
+    return found
 
 
 class Metrics:
@@ -111,10 +114,19 @@ class Metrics:
         )
         self.inference_stage = self._histogram(
             "clipshot_inference_stage_seconds",
-            "Time spent per inference stage (decode, preprocess, forward, postprocess), per category. "
-            "Work done once for a mixed-category batch (the backbone forward) uses category=`*`.",
+            "CPU time per image and stage (decode, preprocess, postprocess), per category: one observation per "
+            "image (a request's preprocessing is shared out over its images). The device forward is per batch: "
+            "clipshot_batch_forward_seconds.",
             ("stage", "category"),
-            (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+        )
+        self.batch_forward = self._histogram(
+            "clipshot_batch_forward_seconds",
+            "Backbone forward + scoring of one batch on the device (adapter switch included), one observation "
+            "per batch; category=`*` for a batch shared by several categories. Buckets reach 30 s for ViT-B on CPU "
+            "and large batches.",
+            ("category",),
+            (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
         )
         self.batch_size = self._histogram(
             "clipshot_batch_size",
@@ -164,9 +176,30 @@ class Metrics:
             "Images scored, by category and verdict (normal, anomalous, or unknown when uncalibrated).",
             ("category", "verdict"),
         )
+        self.score_ratio = self._histogram(
+            "clipshot_score_threshold_ratio",
+            "Image score divided by the category's threshold at the time (above 1 = anomalous), per category. "
+            "Buckets are relative to the threshold, so a product drifting towards it shows as mass moving into "
+            "the 0.8-1 buckets before verdicts change, whatever its absolute score range. Only calibrated "
+            "adapters with a positive threshold are observed.",
+            ("category",),
+            RATIO_BUCKETS,
+        )
         self.device_memory = DeviceMemoryCollector()
         self.registry.register(self.device_memory)
         self.specs.append(MetricSpec(DEVICE_MEMORY, "gauge", ("kind",), _DEVICE_MEMORY_HELP))
+        build_labels = ("version", "python", "torch", "open_clip", "backbone", "device")
+        self.build_info = Info("clipshot_build", "Always 1; the labels name the running build and model: clipshot, "
+                               "Python, torch and open_clip versions, backbone spec and device (set at startup).",
+                               registry=self.registry)
+        self.specs.append(MetricSpec("clipshot_build_info", "info", build_labels, self.build_info._documentation))
+        self.set_build_info()
+        ProcessCollector(registry=self.registry)
+        self.specs += [MetricSpec(name, kind, (), doc) for name, kind, doc in PROCESS_METRICS]
+
+    def set_build_info(self, backbone: str = "loading", device: str = "unknown") -> None:
+        """Label the build-info series; the lifespan calls it again once the backbone is loaded."""
+        self.build_info.info({**_versions(), "backbone": backbone, "device": device})
 
     def _histogram(
         self, name: str, doc: str, labels: tuple[str, ...], buckets: tuple[float, ...]
@@ -183,15 +216,33 @@ class Metrics:
         return Gauge(name, doc, labels, registry=self.registry)
 
     @contextmanager
-    def time_stage(self, stage: str, category: str) -> Iterator[None]:
-        """``with metrics.time_stage("forward", cat): ...``; unknown stages are a bug, not a new label."""
-        if stage not in STAGES:
-            raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    def time_stage(self, stage: str, category: str, images: int = 1) -> Iterator[None]:
+        """``with metrics.time_stage("decode", cat): ...``; unknown stages are a bug, not a new label.
+
+        ``forward`` (per batch) goes to ``clipshot_batch_forward_seconds``; the other stages are per image, and
+        work timed over ``images`` images at once is shared out as that many observations.
+        """
+        if stage != FORWARD and stage not in STAGES:
+            raise ValueError(f"stage must be one of {(*STAGES, FORWARD)}, got {stage!r}")
         start = time.perf_counter()
         try:
             yield
         finally:
-            self.inference_stage.labels(stage, category).observe(time.perf_counter() - start)
+            elapsed = time.perf_counter() - start
+            if stage == FORWARD:
+                self.batch_forward.labels(category).observe(elapsed)
+            else:
+                child = self.inference_stage.labels(stage, category)
+                for _ in range(max(1, images)):
+                    child.observe(elapsed / max(1, images))
+
+    def observe_verdict(self, category: str, verdict: str, score: float, threshold: float | None) -> None:
+        """Count the verdict and, when a threshold exists, where the score sits relative to it."""
+        if verdict not in VERDICTS:
+            raise ValueError(f"verdict must be one of {VERDICTS}, got {verdict!r}")
+        self.predictions.labels(category, verdict).inc()
+        if threshold is not None and threshold > 0:
+            self.score_ratio.labels(category).observe(score / threshold)
 
     def set_job_counts(self, counts: Mapping[str, int]) -> None:
         """Set ``clipshot_jobs`` from ``JobStore.count_by_state()`` (missing states read as 0)."""
@@ -242,7 +293,7 @@ def render_metrics_markdown(metrics: Metrics | None = None) -> str:
         "<!-- Generated by `python -m app.metrics > docs/reference/metrics.md`; do not edit by hand. -->",
         "",
         "`GET /metrics` serves these families in the Prometheus text format from a registry private to",
-        "the app (no default process/platform collectors). It needs a key only when",
+        "the app, plus prometheus_client's process collector (`process_*`, Linux). It needs a key only when",
         "`CLIPSHOT_METRICS_REQUIRE_KEY=true`. Histograms expose `_bucket`, `_sum` and `_count` series;",
         "counters and histograms also expose a `_created` timestamp series.",
         "",

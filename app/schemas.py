@@ -13,23 +13,34 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app.services.job_store import Job
 
-HeatmapMode = Literal["png", "raw", "none"]
+HeatmapMode = Literal["jpeg", "png", "mask", "regions", "raw", "none"]
 
 # --- prediction ------------------------------------------------------------------------------
 
 
 class Heatmap(BaseModel):
-    """An anomaly map, either as a picture (png) or as numbers (raw)."""
+    """An anomaly map: a picture for people (jpeg/png overlay), a mask, or the numbers (raw)."""
 
-    encoding: Literal["png", "raw"] = Field(
-        description="`png`: colour-mapped overlay on the input image, at the input's size. "
-        "`raw`: the model-resolution score grid as little-endian float16."
+    encoding: Literal["jpeg", "png", "mask", "raw"] = Field(
+        description="`jpeg` / `png`: the input with pixels above the threshold tinted (yellow to dark red up to "
+        "`vmax`) and outlined in red; pixels at or below it are untouched. `mask`: 1-bit PNG, white where the "
+        "score exceeds the threshold. `raw`: the model-resolution score grid as little-endian float16."
     )
-    data: str = Field(description="Base64 of the PNG file or of the float16 bytes (row-major).")
-    shape: list[int] = Field(description="[height, width] of the PNG or of the raw grid.")
+    data: str = Field(description="Base64 of the JPEG/PNG file or of the float16 bytes (row-major).")
+    shape: list[int] = Field(description="[height, width] of the picture (the input's aspect, longer side at most "
+                             "`heatmap_size` or 1024) or of the raw grid.")
     dtype: Literal["float16"] | None = Field(None, description="Element type of `raw` data (little-endian).")
-    vmin: float | None = Field(None, description="Score mapped to the coldest colour (png).")
-    vmax: float | None = Field(None, description="Score mapped to the hottest colour (png); threshold = midpoint.")
+    vmin: float | None = Field(None, description="Threshold the picture uses: untinted (mask: black) at or below "
+                               "it. The adapter's threshold, or 0.5 when it has none.")
+    vmax: float | None = Field(None, description="Score at which the tint is deepest (2 x vmin, at most 1).")
+
+
+class AnomalyRegion(BaseModel):
+    """A connected area scoring above the threshold."""
+
+    box: list[int] = Field(description="[x0, y0, x1, y1] in the uploaded image's pixels (x1, y1 exclusive).")
+    area_pct: float = Field(description="Share of the image's area, in percent.")
+    peak_score: float = Field(description="Highest anomaly score inside the region.")
 
 
 class StageTimings(BaseModel):
@@ -55,7 +66,12 @@ class ImagePrediction(BaseModel):
     score: float = Field(description="Image anomaly score; higher = more anomalous.")
     threshold: float | None = Field(description="Calibrated decision threshold; null when uncalibrated.")
     is_anomalous: bool | None = Field(description="score > threshold; null when there is no threshold.")
-    heatmap: Heatmap | None = Field(None, description="Anomaly map in the requested encoding; null for `none`.")
+    heatmap: Heatmap | None = Field(None, description="Anomaly map in the requested encoding; null for `none` and "
+                                    "`regions`.")
+    regions: list[AnomalyRegion] | None = Field(
+        None, description="For `heatmap=regions` and `mask`: areas above the threshold, strongest first (at most "
+        "32); empty when none. Null for the other modes.")
+    regions_total: int | None = Field(None, description="How many regions there were (the list keeps 32).")
     batch_size: int = Field(description="Images in the device batch this image ran in.")
     timings: StageTimings = Field(description="Where this image's time went in the server.")
 
@@ -116,6 +132,94 @@ class FinetuneRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**31 - 1, description="Random seed (default 0).")
 
 
+# --- decisions: threshold policy, feedback, shots ----------------------------------------------
+
+
+class Decision(BaseModel):
+    """The active decision rule (``score > threshold`` = anomalous) and what it is expected to do."""
+
+    threshold: float = Field(description="Scores above this are anomalous.")
+    policy: Literal["auto", "target_rate", "manual"] = Field(
+        description="`auto`: the automatic rule; `target_rate`: a false-alarm rate an operator asked for; "
+        "`manual`: a threshold an operator set.")
+    target_false_alarm_rate: float | None = Field(description="The rate asked for (`target_rate` only).")
+    expected_false_alarm_rate: float | None = Field(
+        description="Expected share of good parts flagged, from the stored leave-one-out scores of the good images.")
+    expected_recall: float | None = Field(
+        description="Expected share of defects caught: on confirmed defects when there are any, else on "
+                    "synthetic defects made from the shots; null without such evidence.")
+    confident: bool = Field(description="False with fewer than 4 good images: the rates are rough guesses.")
+    note: str | None = Field(description="Why the rates are uncertain, if they are.")
+
+
+class Validation(BaseModel):
+    """What a version measures on the images operators confirmed through feedback."""
+
+    defects: int = Field(description="Confirmed defect images (the validation set).")
+    recall: float | None = Field(description="Share of them scoring above the threshold; null without any.")
+    goods: int = Field(description="Confirmed good images in the memory (false alarms fed back).")
+    false_alarm_rate: float | None = Field(
+        description="Share of the leave-one-out scores of all good images (shots and confirmed goods, each "
+                    "scored against a memory without it) above the threshold; null without confirmed goods.")
+
+
+class ThresholdRequest(BaseModel):
+    """Exactly one of the three fields: how the threshold is chosen from now on."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"target_false_alarm_rate": 0.02}, {"threshold": 0.31}, {"policy": "auto"}]})
+
+    target_false_alarm_rate: float | None = Field(
+        None, gt=0, lt=0.5, description="Choose the threshold that flags this share of good parts.")
+    threshold: float | None = Field(None, ge=0, allow_inf_nan=False, description="Set the threshold itself.")
+    policy: Literal["auto"] | None = Field(None, description="`auto`: go back to the automatic rule.")
+
+
+class ThresholdChanged(BaseModel):
+    """``PUT /v1/categories/{category}/threshold``: the new active version and its decision."""
+
+    category: str = Field(description="The product category.")
+    version: int = Field(description="New active version (same model, new decision rule).")
+    decision: Decision = Field(description="The decision rule it now serves with.")
+
+
+class FeedbackResult(BaseModel):
+    """``POST /v1/categories/{category}/feedback``: what was learnt and the version that learnt it."""
+
+    category: str = Field(description="The product category.")
+    version: int = Field(description="Active version: a new one when anything was added.")
+    added: int = Field(description="Images new to the category's good images or confirmed defects.")
+    duplicates: int = Field(description="Images it already held with this label (or repeated in the upload).")
+    decision: Decision | None = Field(description="The decision rule of the active version.")
+    validation: Validation = Field(description="What that version measures on the confirmed images.")
+
+
+class ShotInfo(BaseModel):
+    """One good image the active version's memory was fitted on."""
+
+    sha256: str = Field(description="SHA-256 of the stored bytes (use it to remove the shot).")
+    file_name: str | None = Field(description="The name it was uploaded under.")
+    added_at: datetime | None = Field(description="When it was added (UTC); null for shots from older versions.")
+    source: Literal["registration", "feedback"] = Field(description="Uploaded as a shot, or a confirmed good.")
+    label: Literal["good"] = Field(description="Always `good` (confirmed defects are validation, not shots).")
+
+
+class ShotList(BaseModel):
+    """``GET /v1/categories/{category}/shots``."""
+
+    shots: list[ShotInfo] = Field(description="Oldest first.")
+
+
+class ShotRemoved(BaseModel):
+    """``DELETE /v1/categories/{category}/shots/{sha256}``: the version fitted without it."""
+
+    category: str = Field(description="The product category.")
+    version: int = Field(description="New active version, fitted without the shot.")
+    shots: int = Field(description="Good images the category holds now.")
+    removed: str = Field(description="SHA-256 of the removed shot.")
+    decision: Decision | None = Field(description="The decision rule of the new version.")
+
+
 class AdapterVersionInfo(BaseModel):
     """Key facts of one stored version, read from its manifest."""
 
@@ -130,6 +234,8 @@ class AdapterVersionInfo(BaseModel):
     metrics: dict[str, Any] = Field(default_factory=dict, description="Fit/validation metrics (AUROCs etc.).")
     training_seconds: float | None = Field(None, description="Time spent fine-tuning; null for memory adapters.")
     backbone: str | None = Field(None, description="Backbone spec the version was fitted on.")
+    validation: Validation | None = Field(None, description="What the version measures on operator-confirmed "
+                                                            "images (feedback).")
     error: str | None = Field(None, description="Set when the manifest cannot be read (the version is unusable).")
 
 
@@ -156,6 +262,8 @@ class CategoryDetail(BaseModel):
     shots: int = Field(description="Distinct good shots stored for the product.")
     versions: list[AdapterVersionInfo] = Field(description="Every stored version, oldest first.")
     active_job: Job | None = Field(None, description="The queued or running fine-tune, if any.")
+    decision: Decision | None = Field(None, description="How the active version decides `is_anomalous`; null "
+                                                        "when no version is usable.")
 
 
 class CategoryDeleted(BaseModel):

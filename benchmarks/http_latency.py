@@ -69,7 +69,7 @@ def free_port() -> int:
 
 @contextmanager
 def local_server(args: argparse.Namespace):
-    """``python -m clipshot.cli serve`` on loopback with a throwaway store; yields its base URL."""
+    """``python -m app.cli serve`` on loopback with a throwaway store; yields its base URL."""
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="clipshot-bench-") as store:
         env = {**os.environ, "CLIPSHOT_BACKBONE": args.backbone, "CLIPSHOT_DEVICE": args.device,
@@ -78,7 +78,7 @@ def local_server(args: argparse.Namespace):
         if args.image_size:
             env["CLIPSHOT_IMAGE_SIZE"] = str(args.image_size)
         log = open(Path(store) / "server.log", "w+")  # noqa: SIM115 - closed below, after the process
-        command = [sys.executable, "-m", "clipshot.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+        command = [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
                    "--log-level", "warning"]
         proc = subprocess.Popen(command, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{port}"
@@ -114,6 +114,8 @@ def stage_totals(text: str) -> dict[str, float]:
             if s.name in ("clipshot_inference_stage_seconds_sum", "clipshot_inference_stage_seconds_count"):
                 key = f"{s.labels['stage']}_{s.name.rsplit('_', 1)[1]}"
                 totals[key] = totals.get(key, 0.0) + s.value
+            elif s.name == "clipshot_batch_forward_seconds_sum":  # per batch: summed, then shared per image
+                totals["forward_sum"] = totals.get("forward_sum", 0.0) + s.value
             elif s.name in ("clipshot_batch_size_sum", "clipshot_batch_size_count"):
                 totals[s.name] = s.value
     return totals
@@ -196,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=8)
     parser.add_argument("--shots", type=int, default=8)
     parser.add_argument("--max-images", type=int, default=32, help="distinct test images cycled through")
-    parser.add_argument("--heatmap", choices=["png", "raw", "none"], default="png")
+    parser.add_argument("--heatmap", choices=["jpeg", "png", "mask", "regions", "raw", "none"], default="png")
     parser.add_argument("--timeout", type=float, default=120.0, help="per-request timeout (s)")
     parser.add_argument("--startup-timeout", type=float, default=300.0)
     args = parser.parse_args(argv)

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     shots = sorted((args.data / "train" / "good").glob("*.png"))[:args.shots]
     test_dir = args.data / "test"
     count = sum(1 for p in test_dir.rglob("*.png"))
-    cli = [sys.executable, "-m", "clipshot.cli", "predict", str(test_dir), "--category", "product",
+    cli = [sys.executable, "-m", "app.cli.main", "predict", str(test_dir), "--category", "product",
            "--batch", str(args.batch), "--no-progress"]
     server_args = argparse.Namespace(backbone=args.backbone, device=args.device, batch_wait_ms=2, batch_size=32,
                                      image_size=None, startup_timeout=300)

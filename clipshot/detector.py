@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from clipshot import lora
+from clipshot import lora, mixed_batch
 from clipshot.adapter import Adapter
 from clipshot.anomaly_map import pixel_map
 from clipshot.backbone import Backbone, ClipBackbone
@@ -42,11 +42,16 @@ class Prediction:
 class Detector:
     """Scores images against a product's adapter on one shared frozen backbone."""
 
-    def __init__(self, backbone: Backbone, *, merge_lora: bool = False):
+    def __init__(self, backbone: Backbone, *, merge_lora: bool = False,
+                 mixed_lora: mixed_batch.MixedLora = "gather"):
         self.backbone = backbone
         # Fold the active product's LoRA into the weights (see clipshot.lora): fewer kernels per forward, at
         # the price of a weight copy whenever the product changes. Pays off where launches dominate (GPUs).
         self.merge_lora = merge_lora
+        # How a batch mixing several LoRA products runs: per-sample deltas ("gather" / "group") or "split".
+        if mixed_lora not in ("gather", "group", "split"):
+            raise ValueError(f"mixed_lora must be 'gather', 'group' or 'split', got {mixed_lora!r}")
+        self.mixed_lora = mixed_lora
 
     # -- layout checks ---------------------------------------------------------------------------
     def layout(self) -> dict:
@@ -138,6 +143,10 @@ class Detector:
         """Device work for one batch; the service calls this from its single device worker."""
         self.check_compatible(adapter)
         return self.score_features(self.features(pixels, adapter, dpam=adapter.scoring.dpam), adapter)
+
+    def forward_mixed(self, pixels: torch.Tensor, adapters: Sequence[Adapter]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample i scored by ``adapters[i]`` in as few backbone forwards as possible (``clipshot.mixed_batch``)."""
+        return mixed_batch.forward_mixed(self, pixels, adapters)
 
     def predict(self, images: Sequence[Image.Image], adapter: Adapter,
                 *, map_size: tuple[int, int] | str | None = "input") -> list[Prediction]:

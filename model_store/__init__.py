@@ -12,9 +12,10 @@ from .errors import (
     VersionNotFound,
 )
 from .manifest import SCHEMA_VERSION, BackboneRef, Manifest, ShotRef, TrainingInfo
-from .store import AdapterStore, validate_category
+from .store import CATEGORY_NAME, AdapterStore, validate_category
 
 __all__ = [
+    "CATEGORY_NAME",
     "SCHEMA_VERSION",
     "AdapterStore",
     "BackboneMismatch",

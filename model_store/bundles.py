@@ -28,7 +28,7 @@ from .atomic import (
     write_new_file,
 )
 from .errors import BackboneMismatch, BundleCorrupt, BundleNotFound, InvalidInput, VersionNotFound
-from .manifest import Kind, Manifest, build_manifest, dump_manifest, parse_manifest
+from .manifest import STORE_FIELDS, Kind, Manifest, build_manifest, dump_manifest, parse_manifest
 from .tensors import load_tensors, serialize_tensors
 
 TENSORS_FILE = "adapter.safetensors"
@@ -164,6 +164,27 @@ class VersionedBundles:
         and rename the temp dir to ``vN``, so concurrent writers never share a number.
         """
         payload = serialize_tensors(tensors)
+        return self._commit(payload, manifest, activate=activate)
+
+    def derive(self, version: int, changes: dict[str, Any], *, activate: bool = True) -> int:
+        """A new version holding ``version``'s tensors byte for byte and its manifest updated with ``changes``.
+
+        Why: a policy change (a new threshold) alters only the manifest, so re-serialising tensors would be
+        wasted work. The source file is verified against its checksum first, so a damaged bundle is never
+        copied into a fresh-looking version.
+        """
+        version, vdir = self._resolve(version)
+        where = self._checked_dir(version, vdir)
+        source = self._read_manifest(version, vdir, where)
+        payload = (vdir / TENSORS_FILE).read_bytes()
+        if hashlib.sha256(payload).hexdigest() != source.tensors_sha256:
+            raise BundleCorrupt(f"{where}: adapter.safetensors does not match its checksum; "
+                                "activate another version before deriving from it")
+        partial = {k: v for k, v in source.model_dump(mode="json").items() if k not in STORE_FIELDS}
+        partial.update(changes)
+        return self._commit(payload, partial, activate=activate)
+
+    def _commit(self, payload: bytes, manifest: dict[str, Any], *, activate: bool) -> int:
         digest = hashlib.sha256(payload).hexdigest()
         draft = build_manifest(manifest, name=self.name, kind=self.kind, version=1, tensors_sha256=digest)
         if not isinstance(activate, bool):

@@ -39,10 +39,18 @@ class BackboneRef(_Frozen):
 
 
 class ShotRef(_Frozen):
-    """One reference image the adapter was fitted on (file name in ``shots/`` and its content hash)."""
+    """One image of the category's evidence: a good shot the memory was fitted on, or (in ``validation``) an
+    operator-confirmed defect. ``name`` is the file in ``shots/``; the rest says where it came from, so the
+    version alone tells which images belong to the category (files no version lists are orphans)."""
 
     name: str = Field(min_length=1)
     sha256: Sha256
+    file_name: str | None = Field(None, max_length=255)  # the name it was uploaded under
+    added_at: AwareDatetime | None = None
+    source: Literal["registration", "feedback"] = "registration"
+    label: Literal["good", "defect"] = "good"
+    defect_type: str | None = Field(None, max_length=64)
+    note: str | None = Field(None, max_length=500)
 
 
 class TrainingInfo(BaseModel):
@@ -64,6 +72,7 @@ class Manifest(_Frozen):
     backbone: BackboneRef
     adapter: dict[str, Any] = Field(default_factory=dict)
     shots: list[ShotRef] = Field(default_factory=list)
+    validation: list[ShotRef] = Field(default_factory=list)  # confirmed defects: scored, never in memory
     training: TrainingInfo | None = None
     metrics: dict[str, Any] = Field(default_factory=dict)
     promotable: bool = False

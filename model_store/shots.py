@@ -16,6 +16,7 @@ from .errors import InvalidInput
 
 SHOTS_DIR = "shots"
 _EXTENSION = re.compile(r"^\.[a-z0-9]{1,10}$")
+SHOT_NAME = re.compile(r"^[0-9a-f]{64}(\.[a-z0-9]{1,10})?$")
 
 
 def _extension(filename: str) -> str:

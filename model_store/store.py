@@ -9,20 +9,22 @@ Layout (see docs/reference/bundle-format.md)::
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .atomic import TRASH_PREFIX, fsync_dir, locked, sweep_stale
+from .atomic import STALE_SECONDS, TRASH_PREFIX, fsync_dir, locked, sweep_stale
 from .bundles import VersionedBundles
-from .errors import BundleNotFound, InvalidName
+from .errors import BundleNotFound, InvalidName, StoreError
 from .manifest import Manifest
-from .shots import SHOTS_DIR, list_shots, store_shots, validate_shots
+from .shots import SHOT_NAME, SHOTS_DIR, list_shots, store_shots, validate_shots
 
 CATEGORY_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 GENERIC_NAME = "generic"
@@ -79,6 +81,10 @@ class AdapterStore:
         return self._bundles(category).load(
             version, backbone_spec=backbone_spec, backbone_sha256=backbone_sha256, device=device
         )
+
+    def derive(self, category: str, version: int, changes: dict[str, Any], *, activate: bool = True) -> int:
+        """New version reusing ``version``'s tensors (checksum verified) with manifest ``changes``; returns N."""
+        return self._bundles(category).derive(version, changes, activate=activate)
 
     def manifest(self, category: str, version: int | None = None) -> Manifest:
         """A version's manifest (default: active) without reading the tensors."""
@@ -141,8 +147,46 @@ class AdapterStore:
             return store_shots(path / SHOTS_DIR, named)
 
     def shot_paths(self, category: str) -> list[Path]:
-        """Stored shot files of ``category``, sorted ([] if none)."""
+        """Stored image files of ``category`` (shots, confirmed goods and defects, and orphans), sorted."""
         return list_shots(self._bundles(category).path / SHOTS_DIR)
+
+    def shot_path(self, category: str, name: str) -> Path:
+        """Where the stored image ``name`` (``<sha256><ext>``, as a manifest lists it) lives."""
+        if not SHOT_NAME.fullmatch(name):
+            raise InvalidName(f"invalid shot file name {name!r}")
+        return self._bundles(category).path / SHOTS_DIR / name
+
+    def referenced_shots(self, category: str) -> set[str]:
+        """File names some version's manifest lists (shots or validation); unreadable versions list none."""
+        bundles = self._bundles(category)
+        names: set[str] = set()
+        for version in bundles.versions():
+            try:
+                manifest = bundles.manifest(version)
+            except StoreError:
+                continue
+            names.update(ref.name for ref in (*manifest.shots, *manifest.validation))
+        return names
+
+    def sweep_orphan_shots(self, category: str, *, max_age: float = STALE_SECONDS) -> list[str]:
+        """Remove image files no version lists and older than ``max_age`` s (left by a crash mid-fit).
+
+        Why the age: another process sharing the root may be fitting a version over files it just wrote;
+        the service calls this at start-up, so an hour-old unreferenced file belongs to a dead writer.
+        """
+        path = self._bundles(category).path
+        if not path.is_dir():
+            return []
+        removed = []
+        now = time.time()
+        with locked(path):
+            keep = self.referenced_shots(category)
+            for file in list_shots(path / SHOTS_DIR):
+                with contextlib.suppress(OSError):
+                    if file.name not in keep and now - file.stat().st_mtime >= max_age:
+                        file.unlink()
+                        removed.append(file.name)
+        return removed
 
     # ---- generic (zero-shot, object-agnostic) bundle -----------------------------------
     def save_generic(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch
 from PIL import Image
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+pytest_plugins = ["pg_fixtures"]  # PostgreSQL server / per-test schema fixtures
 
 REPO = Path(__file__).resolve().parent.parent
 BOTTLE = REPO.parent / "shared" / "data" / "mvtec_ad" / "bottle"
@@ -55,3 +57,13 @@ def textured(seed: int, size: int = 64, jitter: float = 0.03) -> np.ndarray:
 @pytest.fixture()
 def good_images() -> list[Image.Image]:
     return [Image.fromarray(textured(seed)) for seed in range(5)]
+
+
+@pytest.fixture(autouse=True)
+def _restore_root_logger():
+    """In-process CLI calls configure the root logger as a process would; undo it so tests stay independent."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)

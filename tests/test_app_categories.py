@@ -141,7 +141,8 @@ def test_adding_shots_makes_a_version_over_all_shots_and_activation_rolls_back(c
 
 
 def test_every_bad_input_is_a_json_4xx_and_writes_nothing(store, tiny_backbone):
-    settings = make_settings(store, max_shots=4, recommended_min_shots=2, max_image_pixels=80 * 80,
+    settings = make_settings(store, max_shots=4, max_category_images=4, recommended_min_shots=2,
+                             max_image_pixels=80 * 80,
                              max_upload_bytes=60_000)
     with TestClient(create_app(settings, backbone=tiny_backbone)) as client:
         r = client.post("/v1/categories/widget/shots", headers=ADMIN, files=shots(range(3)), data={"finetune": "false"})
@@ -254,6 +255,7 @@ def test_non_clip_backbone_registers_memory_only_and_refuses_finetune(store, eff
         assert detail["versions"][0]["branches"] == ["memory"]
         before = snapshot(store)
         r = client.post("/v1/categories/bolt/finetune", headers=ADMIN)
-        assert r.status_code == 400 and r.json()["error"]["code"] == "finetune_unsupported"
+        # 409, as for zero-shot without CLIP (the issue found 400 here and 409 there)
+        assert r.status_code == 409 and r.json()["error"]["code"] == "finetune_unsupported"
         assert "CLIP" in r.json()["error"]["message"] and snapshot(store) == before
         assert client.get("/v1/jobs", headers=ADMIN).json()["jobs"] == []

@@ -1,9 +1,11 @@
-"""JobStore: CRUD, the state machine, one active job per category, persistence, restart recovery."""
+"""JobStore contract on both databases (SQLite file, PostgreSQL): CRUD, the state machine, one active job per
+category, persistence, restart recovery, exclusive claims, heartbeats, stale-worker reaping, remote cancel."""
 
 from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 import uuid
 
 import pytest
@@ -16,18 +18,36 @@ from app.services.job_store import (
     InvalidTransitionError,
     Job,
     JobConflictError,
+    JobDatabaseError,
     JobState,
     JobStore,
+    StaleJobError,
 )
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def open_store(request, tmp_path):
+    """Opens a new JobStore (a new connection, as another process would) on this test's database."""
+    if request.param == "sqlite":
+        return lambda: JobStore(tmp_path)
+    url = request.getfixturevalue("postgres_url")
+    return lambda: JobStore(url=url)
+
+
 @pytest.fixture
-def store(tmp_path):
-    with JobStore(tmp_path) as s:
+def store(open_store):
+    with open_store() as s:
         yield s
 
 
-def test_create_and_get(store, tmp_path):
+def test_sqlite_is_the_default_file_in_the_store(tmp_path):
+    with JobStore(tmp_path) as s:
+        assert not s.shared
+        s.create("bottle")
+    assert (tmp_path / DB_FILENAME).is_file()
+
+
+def test_create_and_get(store):
     job = store.create("bottle", "finetune", {"steps": 50, "lr": 1e-3})
     assert uuid.UUID(job.id).version == 4
     assert (job.category, job.kind, job.state, job.progress) == ("bottle", "finetune", JobState.queued, 0.0)
@@ -36,11 +56,11 @@ def test_create_and_get(store, tmp_path):
     assert job.created_at.tzinfo is not None
     assert store.get(job.id) == job
     assert store.get(str(uuid.uuid4())) is None
-    assert (tmp_path / DB_FILENAME).is_file()
 
 
-def test_wal_mode(store):
-    mode = sqlite3.connect(store.path).execute("PRAGMA journal_mode").fetchone()[0]
+def test_wal_mode(tmp_path):
+    with JobStore(tmp_path) as store:
+        mode = sqlite3.connect(store.path).execute("PRAGMA journal_mode").fetchone()[0]
     assert mode == "wal"
 
 
@@ -150,23 +170,23 @@ def test_concurrent_creates_admit_exactly_one(store):
     assert sum(isinstance(r, JobConflictError) for r in results) == 7
 
 
-def test_persists_across_reopen(tmp_path):
-    with JobStore(tmp_path) as s:
+def test_persists_across_reopen(open_store):
+    with open_store() as s:
         job = s.create("bottle", "finetune", {"steps": 5, "note": "ü"})
         job = s.update(job.id, state="running", progress=0.25, metrics={"auroc": [0.9, 0.95]})
-    with JobStore(tmp_path) as s:
+    with open_store() as s:
         assert s.get(job.id) == job
         assert s.list() == [job]
 
 
-def test_mark_interrupted_fails_active_jobs_only(tmp_path):
-    with JobStore(tmp_path) as s:
+def test_mark_interrupted_fails_active_jobs_only(open_store):
+    with open_store() as s:
         queued = s.create("a", "finetune", {})
         running = s.update(s.create("b", "finetune", {}).id, state="running")
         done = s.create("c", "finetune", {})
         s.update(done.id, state="running")
         done = s.update(done.id, state="succeeded")
-    with JobStore(tmp_path) as s:  # "restart"
+    with open_store() as s:  # "restart"
         assert sorted(s.mark_interrupted()) == sorted([queued.id, running.id])
         for job_id in (queued.id, running.id):
             job = s.get(job_id)
@@ -195,3 +215,103 @@ def test_job_serialises_as_api_schema(store):
         "error",
         "result_version",
     }
+
+
+def test_claim_takes_the_oldest_queued_job_once(store):
+    first, second = store.create("a"), store.create("b")
+    claimed = store.claim_next("w1")
+    assert claimed.id == first.id and claimed.state == JobState.running and claimed.worker == "w1"
+    assert claimed.started_at is not None and claimed.message == "loading shots"
+    assert store.claim_next("w2").id == second.id
+    assert store.claim_next("w3") is None  # nothing queued any more
+    assert store.get(first.id).worker == "w1"
+
+
+def test_concurrent_claimers_each_get_distinct_jobs(open_store):
+    """Workers with their own connections (as separate processes have) race for 12 jobs: each is run once."""
+    with open_store() as s:
+        ids = {s.create(f"cat{i}").id for i in range(12)}
+    workers = 4
+    stores = [open_store() for _ in range(workers)]
+    start = threading.Barrier(workers)
+    claims: list[list[str]] = [[] for _ in range(workers)]
+
+    def work(i: int) -> None:
+        start.wait()
+        while (job := stores[i].claim_next(f"w{i}")) is not None:
+            claims[i].append(job.id)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    taken = [job_id for c in claims for job_id in c]
+    assert sorted(taken) == sorted(ids)  # every job once: no double claim, none lost
+    for i, s in enumerate(stores):
+        assert all(s.get(job_id).worker == f"w{i}" for job_id in claims[i])
+        s.close()
+
+
+def test_heartbeat_reports_ok_cancel_and_lost(store):
+    assert store.claim_next("w1") is None
+    store.create("a")
+    job = store.claim_next("w1")
+    assert store.heartbeat(job.id, "w1") == "ok"
+    assert store.heartbeat(job.id, "w2") == "lost"  # not w2's job
+    with pytest.raises(StaleJobError):
+        store.request_cancel(store.create("b").id)  # queued: cancel it directly, not by flag
+    store.request_cancel(job.id)
+    assert store.get(job.id).message == "cancellation requested"
+    assert store.heartbeat(job.id, "w1") == "cancel"
+    store.update(job.id, state="cancelled")
+    assert store.heartbeat(job.id, "w1") == "lost"
+
+
+def test_reap_fails_only_jobs_without_a_recent_heartbeat(store):
+    store.create("a")
+    stale = store.claim_next("dead")
+    store.create("b")
+    alive = store.claim_next("alive")
+    queued = store.create("c")
+    time.sleep(0.3)
+    assert store.heartbeat(alive.id, "alive") == "ok"
+    assert store.reap_stale(0.2) == [stale.id]  # 0.2 s: the dead worker's last stamp is 0.3 s old, alive's fresh
+    reaped = store.get(stale.id)
+    assert reaped.state == JobState.failed and reaped.finished_at is not None
+    assert reaped.error.startswith("interrupted: worker dead sent no heartbeat")
+    assert store.get(alive.id).state == JobState.running
+    assert store.get(queued.id).state == JobState.queued  # queued jobs wait for any worker
+    assert store.heartbeat(stale.id, "dead") == "lost"  # a worker that was only slow learns it must stop
+    assert store.reap_stale(0.2) == []
+
+
+def test_update_with_expect_writes_nothing_when_the_state_moved(store):
+    job = store.create("a")
+    store.claim_next("w1")
+    with pytest.raises(StaleJobError):
+        store.update(job.id, expect=JobState.queued, state="cancelled")
+    assert store.get(job.id).state == JobState.running
+
+
+def test_sqlite_file_from_before_workers_is_upgraded(tmp_path):
+    """A jobs.sqlite3 written by the previous release (no worker/heartbeat columns) opens and keeps its rows."""
+    conn = sqlite3.connect(tmp_path / DB_FILENAME)
+    conn.execute("CREATE TABLE jobs (id TEXT PRIMARY KEY, category TEXT NOT NULL, kind TEXT NOT NULL, "
+                 "state TEXT NOT NULL, progress REAL NOT NULL DEFAULT 0, step INTEGER, total_steps INTEGER, "
+                 "message TEXT, params TEXT NOT NULL DEFAULT '{}', metrics TEXT, error TEXT, result_version INTEGER, "
+                 "created_at TEXT NOT NULL, started_at TEXT, finished_at TEXT)")
+    conn.execute("INSERT INTO jobs (id, category, kind, state, created_at) VALUES "
+                 "('old', 'a', 'finetune', 'queued', '2026-01-01T00:00:00.000000Z')")
+    conn.commit()
+    conn.close()
+    with JobStore(tmp_path) as s:
+        assert s.get("old").state == JobState.queued and s.get("old").worker is None
+        assert s.claim_next("w1").id == "old"
+
+
+def test_unreachable_postgres_is_one_line_error():
+    with pytest.raises(JobDatabaseError) as info:
+        JobStore(url="postgresql://clipshot:secret@127.0.0.1:1/jobs")  # port 1: nothing listens there
+    message = str(info.value)
+    assert "\n" not in message and "secret" not in message and "127.0.0.1:1" in message

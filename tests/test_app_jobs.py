@@ -51,7 +51,8 @@ class Script:
         self.configs: list = []
         self.store = None  # the app's AdapterStore, set by start()
 
-    def __call__(self, detector, images, *, category, object_name=None, config, progress=None, cancel=None):
+    def __call__(self, detector, images, *, category, object_name=None, config, progress=None, cancel=None,
+                 defects=()):
         self.configs.append(config)
         return ScriptedTrainer(self, detector, images, category, cancel)
 

@@ -77,7 +77,7 @@ def client(store_root):
 
 def test_predict_png_heatmap_has_each_inputs_size(client):
     wide, square = good(size=(80, 48)), defect()
-    r = client.post("/v1/categories/widget/predict", headers=CLIENT,
+    r = client.post("/v1/categories/widget/predict?heatmap=png", headers=CLIENT,
                     files=files(("wide.png", png(wide)), ("defect.png", png(square))))
     assert r.status_code == 200, r.text
     body = r.json()
@@ -175,7 +175,7 @@ def _bad_requests():
         ("too-many", "widget", files(*[(f"{i}.png", ok) for i in range(5)]), {}, 413, "too_many_images"),
         ("unknown-category", "nope", files(("a.png", ok)), {}, 404, "category_not_found"),
         ("invalid-category", "Bad Name", files(("a.png", ok)), {}, 400, "invalid_category"),
-        ("bad-heatmap", "widget", files(("a.png", ok)), {"heatmap": "jpeg"}, 422, "validation_error"),
+        ("bad-heatmap", "widget", files(("a.png", ok)), {"heatmap": "gif"}, 422, "validation_error"),
         ("no-files", "widget", None, {"heatmap": "png"}, 422, "validation_error"),
         ("request-too-large", "widget", files(*[(f"{i}.bin", noise) for i in range(5)]), {}, 413,
          "request_too_large"),

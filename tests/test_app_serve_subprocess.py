@@ -4,23 +4,26 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+import tomllib
 import warnings
 
 import httpx
 import pytest
 from test_app_predict import good, png
 
-from clipshot.cli import main
+from app.cli.main import main
 from model_store import AdapterStore
 from model_store.adapters import save_adapter
+from tests.conftest import REPO
 
 STARTUP_TIMEOUT_S = 90
+LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d [\d:,]+ (DEBUG|INFO|WARNING|ERROR|CRITICAL) ")
 KEY = "subprocess-client-key"
 
 
@@ -31,10 +34,11 @@ def free_port() -> int:
 
 
 def serve_command() -> list[str]:
-    """The installed ``clipshot`` console script, exactly what an operator runs."""
-    exe = shutil.which("clipshot")
-    assert exe, "the clipshot console script is not installed (pip install -e .)"
-    return [exe, "serve"]
+    """What the ``clipshot`` console script runs, read from pyproject's entry point (the installed wrapper may
+    point at another checkout; this runs this one's, exactly as the wrapper would)."""
+    entry = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]["clipshot"]
+    module, function = entry.split(":")
+    return [sys.executable, "-c", f"import sys; from {module} import {function}; sys.exit({function}())", "serve"]
 
 
 def test_serve_answers_real_http_requests_and_stops_cleanly(tmp_path, tiny_detector):
@@ -47,7 +51,7 @@ def test_serve_answers_real_http_requests_and_stops_cleanly(tmp_path, tiny_detec
     port = free_port()
     env = {**os.environ, "CLIPSHOT_BACKBONE": "test:tiny-clip", "CLIPSHOT_DEVICE": "cpu",
            "CLIPSHOT_STORE": str(store), "CLIPSHOT_CLIENT_KEYS": KEY, "CLIPSHOT_ADMIN_KEYS": "",
-           "CLIPSHOT_HOST": "0.0.0.0", "OMP_NUM_THREADS": "1"}
+           "CLIPSHOT_HOST": "0.0.0.0", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     log = (tmp_path / "serve.log").open("w+")
     proc = subprocess.Popen([*serve_command(), "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
                             env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
@@ -71,6 +75,7 @@ def test_serve_answers_real_http_requests_and_stops_cleanly(tmp_path, tiny_detec
             assert r.json()["predictions"][0]["adapter_version"] == 1
             assert client.post("/v1/categories/widget/predict", files=upload).status_code == 401
             assert "clipshot_http_request_duration_seconds" in client.get("/metrics").text
+            # "serve --log-level warning still prints INFO" must not come back: uvicorn's lines obey the flag too
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -80,14 +85,18 @@ def test_serve_answers_real_http_requests_and_stops_cleanly(tmp_path, tiny_detec
             proc.wait(timeout=10)
             pytest.fail("server did not stop within 30 s of SIGINT")
         log.close()
-    assert code == 0, (tmp_path / "serve.log").read_text()
+    output = (tmp_path / "serve.log").read_text()
+    assert code == 0, output
+    assert " INFO " not in output and "Loaded pretrained" not in output, output
 
 
 @pytest.mark.parametrize(("env", "expected_code", "must_mention"), [
     ({"CLIPSHOT_BACKBONE": "open_clip:ViT-B-16:/nonexistent/clip.safetensors", "CLIPSHOT_INSECURE_DEV": "true"},
      1, ["CLIPSHOT_BACKBONE=open_clip:<arch>:/path/to/", "imagenet:efficientnet-lite0"]),
     ({"CLIPSHOT_INSECURE_DEV": "false"}, 2, ["CLIPSHOT_ADMIN_KEYS", "CLIPSHOT_INSECURE_DEV"]),
-    ({"CLIPSHOT_MAX_BATCH_SIZE": "0", "CLIPSHOT_INSECURE_DEV": "true"}, 2, ["max_batch_size"]),
+    ({"CLIPSHOT_MAX_BATCH_SIZE": "0", "CLIPSHOT_INSECURE_DEV": "true"}, 2, ["CLIPSHOT_MAX_BATCH_SIZE='0'"]),
+    ({"CLIPSHOT_MIN_SHOTS": "8", "CLIPSHOT_INSECURE_DEV": "true"}, 2, ["CLIPSHOT_MIN_SHOTS", "CLIPSHOT_MAX_SHOTS"]),
+    ({"CLIPSHOT_HOST": "", "CLIPSHOT_INSECURE_DEV": "true"}, 2, ["CLIPSHOT_HOST (or --host)=''"]),
 ])
 def test_serve_startup_failures_are_one_message_and_nonzero_exit(monkeypatch, tmp_path, env, expected_code,
                                                                must_mention):
@@ -100,7 +109,11 @@ def test_serve_startup_failures_are_one_message_and_nonzero_exit(monkeypatch, tm
     stderr = io.StringIO()
     monkeypatch.setattr(sys, "stderr", stderr)
     assert main(["serve", "--port", str(free_port())]) == expected_code
-    message = stderr.getvalue()
-    assert message.startswith("clipshot serve: ") and "Traceback" not in message
+    output = stderr.getvalue()
+    assert "Traceback" not in output
+    errors = [line for line in output.splitlines() if not LOG_LINE.match(line)]
+    assert len(errors) == 1, output  # one line, whatever pydantic or the loader said; the rest are log records
+    message = errors[0]
+    assert message.startswith("clipshot serve: ")
     for text in must_mention:
         assert text in message

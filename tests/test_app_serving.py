@@ -255,8 +255,9 @@ def test_metrics_expose_moving_latency_stage_and_cache_families(two_versions):
     moving = [("clipshot_http_request_duration_seconds_count", {"route": route, "method": "POST", "status": "200"}),
               ("clipshot_http_request_duration_seconds_sum", {"route": route}),
               *[("clipshot_inference_stage_seconds_count", {"stage": s, "category": "widget"})
-                for s in ("decode", "preprocess", "forward", "postprocess")],
-              ("clipshot_inference_stage_seconds_sum", {"stage": "forward"}),
+                for s in ("decode", "preprocess", "postprocess")],
+              ("clipshot_batch_forward_seconds_count", {"category": "widget"}),
+              ("clipshot_batch_forward_seconds_sum", {}),
               ("clipshot_adapter_cache_hits_total", {"tier": "cpu"}),
               ("clipshot_adapter_cache_hits_total", {"tier": "device"}),
               ("clipshot_batch_size_count", {}),

@@ -95,6 +95,7 @@ def test_env_and_dotenv(monkeypatch, tmp_path):
         ({"port": 70000}, "less than or equal to 65535"),
         ({"min_shots": 5, "max_shots": 4, "recommended_min_shots": 4}, "min_shots"),
         ({"recommended_min_shots": 20}, "recommended_min_shots"),
+        ({"max_shots": 16, "max_category_images": 8}, "max_category_images"),
         ({"max_request_bytes": 10, "max_upload_bytes": 11}, "max_request_bytes"),
         ({"max_pending_images": 8, "max_predict_images": 9}, "could never be admitted"),
         ({"admin_keys": "has space,ok"}, "whitespace"),
@@ -245,7 +246,9 @@ def test_metrics_per_app_registry_and_route_template():
     )
     assert f"{series} 2.0" in body
     assert 'route="unmatched",status="404"' in body
-    assert "clipshot_device_memory_bytes{kind=" in body
+    assert "process_resident_memory_bytes " in body  # host RAM has its own (standard) family now
+    assert 'kind="rss"' not in body and 'kind="peak_rss"' not in body  # ...not a "device memory" kind
+    assert 'clipshot_build_info{' in body and 'version="' in body
     assert "items" not in m2.render()[0].decode()
 
 
@@ -257,7 +260,7 @@ def test_metrics_doc_covers_every_family():
     families = list(m.registry.collect())
     assert len(families) == len(m.specs)
     for fam in families:
-        name = fam.name + ("_total" if fam.type == "counter" else "")
+        name = fam.name + {"counter": "_total", "info": "_info"}.get(fam.type, "")
         assert name in rows, f"{name} missing from docs/reference/metrics.md"
         assert rows[name][1] == fam.type
         assert re.findall(r"`(\w+)`", rows[name][2]) == list(labels_by_name[name])

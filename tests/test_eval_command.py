@@ -7,7 +7,7 @@ import json
 import pytest
 from PIL import Image
 
-from clipshot.cli import main
+from app.cli.main import main
 from tests.test_eval_protocol import make_dataset
 
 

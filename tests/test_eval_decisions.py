@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from clipshot.cli import main
+from app.cli.main import main
 from clipshot.evaluation.dataset import Sample
 from clipshot.evaluation.feedback import split_halves, wrong_verdicts
 from clipshot.evaluation.metrics import decision_metrics, recall_by_defect

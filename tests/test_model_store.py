@@ -359,3 +359,38 @@ def test_generic_bundles(store: AdapterStore) -> None:
 def test_errors_share_a_base_class() -> None:
     for exc in (InvalidName, InvalidInput, BundleNotFound, VersionNotFound, BundleCorrupt, BackboneMismatch):
         assert issubclass(exc, StoreError)
+
+
+# ---- derived versions and the shot ledger ------------------------------------------------------------
+def test_derive_reuses_tensors_byte_for_byte_and_refuses_a_damaged_source(store: AdapterStore) -> None:
+    store.save("screw", sample_tensors(), manifest_in())
+    v2 = store.derive("screw", 1, {"metrics": {"threshold": 0.3}})
+    assert (v2, store.active_version("screw")) == (2, 2)
+    one, two = (store.root / "categories" / "screw" / f"v{v}" / "adapter.safetensors" for v in (1, 2))
+    assert one.read_bytes() == two.read_bytes()
+    m = store.manifest("screw", 2)
+    assert m.metrics == {"threshold": 0.3} and m.shots == store.manifest("screw", 1).shots
+    store.load("screw", 2)  # checksummed like any other version
+    with pytest.raises(InvalidInput):
+        store.derive("screw", 1, {"shots": "not a list"})
+    data = bytearray(one.read_bytes())
+    data[-1] ^= 0xFF
+    one.write_bytes(bytes(data))
+    with pytest.raises(BundleCorrupt):
+        store.derive("screw", 1, {})
+    assert store.versions("screw") == [1, 2] and store.active_version("screw") == 2
+
+
+def test_orphan_sweep_removes_only_old_unlisted_files(store: AdapterStore) -> None:
+    listed, orphan, fresh = b"listed", b"orphan", b"fresh orphan"
+    names = store.save_shots("screw", [("a.png", listed), ("b.png", orphan), ("c.png", fresh)])
+    ref = {"name": names[0], "sha256": hashlib.sha256(listed).hexdigest(), "source": "feedback", "label": "good"}
+    store.save("screw", {}, manifest_in(shots=[ref]))
+    old = 0.0
+    for name in names[:2]:
+        os.utime(store.shot_path("screw", name), (old, old))
+    assert store.referenced_shots("screw") == {names[0]}
+    assert store.sweep_orphan_shots("screw") == [names[1]]
+    assert {p.name for p in store.shot_paths("screw")} == {names[0], names[2]}  # the fresh one may be in flight
+    with pytest.raises(InvalidName):
+        store.shot_path("screw", "../v1/manifest.json")

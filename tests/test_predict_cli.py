@@ -13,10 +13,10 @@ from PIL import Image
 from test_app_predict import defect, good, png
 from threaded_server import free_port, threaded_server
 
+from app.cli.main import main
 from app.client import Client
 from app.core.config import Settings
 from app.services.job_store import JobState, JobStore
-from clipshot.cli import main
 
 ADMIN_KEY, CLIENT_KEY = "admin-key", "client-key"
 
@@ -119,3 +119,9 @@ def test_missing_inputs_and_unreachable_service_exit_2(folder, tmp_path, capsys)
     assert "does not exist" in capsys.readouterr().err
     assert main(["predict", str(folder), "--url", f"http://127.0.0.1:{free_port()}", "--category", "widget"]) == 2
     assert "cannot reach the service" in capsys.readouterr().err
+
+
+def test_the_key_variable_is_not_reported_as_a_typo(tmp_path):
+    from app.core.env import unknown_env_warnings
+
+    assert unknown_env_warnings({"CLIPSHOT_KEY": "k"}, env_file=tmp_path / "none.env") == []

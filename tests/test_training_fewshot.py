@@ -15,6 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
+from app.cli.common import resolve_env_defaults
+from app.cli.train import register as register_train
 from clipshot import lora
 from clipshot.adapter import Adapter
 from clipshot.backbone import load_backbone
@@ -187,8 +189,10 @@ def test_cancel_stops_within_one_step_and_writes_nothing(detector: Detector, tmp
 # -- CLI ----------------------------------------------------------------------------------------------------------
 def parse(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    cli.add_train_parser(parser.add_subparsers(dest="command"))
-    return parser.parse_args(["train", "fewshot", *argv])
+    register_train(parser.add_subparsers(dest="command"), "train", "train an adapter")
+    args = parser.parse_args(["train", "fewshot", *argv])
+    resolve_env_defaults(args)  # what app.cli.main does before dispatching
+    return args
 
 
 def write_shots(folder, n: int) -> list[str]:
@@ -256,3 +260,23 @@ def test_cli_not_promotable_keeps_memory_adapter_active(tmp_path, capsys, monkey
     store = AdapterStore(tmp_path / "store")
     assert store.versions("wave") == [1, 2] and store.active_version("wave") == 2
     assert store.manifest("wave", 1).promotable is False and store.manifest("wave", 2).adapter["lora"] is None
+
+
+def test_confirmed_defects_are_scored_and_gate_promotion(detector: Detector) -> None:
+    """With min_gain=-2 the AUROC rule always passes (AUROCs lie in [0, 1]), so promotion is decided by the
+    confirmed defects alone: the fine-tune may not catch fewer of them than the memory adapter."""
+    defects = []
+    for img in shots(2, seed=9):
+        a = np.array(img)
+        a[8:24, 8:24] = 0
+        defects.append(Image.fromarray(a))
+    config = FewShotConfig(steps=3, min_gain=-2.0)
+    plain = train_fewshot(detector, shots(4), category="wave", config=config)
+    assert plain.promotable and "confirmed_defects" not in plain.metrics
+    result = train_fewshot(detector, shots(4), category="wave", config=config, defects=defects)
+    for adapter in (result.adapter, result.memory_adapter):
+        assert len(adapter.calibration.validation_defect_scores) == 2  # scored, never put into memory
+    assert adapter.memory.size == plain.memory_adapter.memory.size
+    m = result.metrics
+    assert m["confirmed_defects"] == 2 and "recall" in m["promotable_rule"]
+    assert result.promotable == (m["recall_finetuned"] >= m["recall_memory"])

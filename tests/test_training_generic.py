@@ -12,13 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
+from app.cli.common import resolve_env_defaults
+from app.cli.train import register as register_train
 from clipshot.backbone import load_backbone
 from clipshot.detector import Detector
 from clipshot.lora import LoraSpec
 from clipshot.prompts import PromptSpec
 from model_store import AdapterStore
 from model_store.adapters import load_generic_adapter
-from training import cli
 from training.generic import GenericConfig, train_generic
 from training.progress import Cancelled, CancelToken
 
@@ -114,8 +115,10 @@ def test_generic_cancel_leaves_no_lora(detector: Detector, dataset) -> None:
 # -- CLI ----------------------------------------------------------------------------------------------------------
 def parse(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    cli.add_train_parser(parser.add_subparsers(dest="command"))
-    return parser.parse_args(["train", "generic", *argv])
+    register_train(parser.add_subparsers(dest="command"), "train", "train an adapter")
+    args = parser.parse_args(["train", "generic", *argv])
+    resolve_env_defaults(args)  # what app.cli.main does before dispatching
+    return args
 
 
 def test_cli_generic_writes_loadable_bundle(detector: Detector, dataset, tmp_path, capsys) -> None:

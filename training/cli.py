@@ -1,4 +1,4 @@
-"""``clipshot train fewshot|generic``: train an adapter from the command line and save it as a bundle.
+"""``clipshot train fewshot|generic`` handlers (parsers: ``app/cli/train.py``): train an adapter, save a bundle.
 
 Why a CLI next to the service: registering a product offline (on a GPU box, from a folder of photos) and building
 the generic zero-shot adapter from an auxiliary dataset are batch jobs; the bundle they write is what the service
@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import sys
 import warnings
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from clipshot.backbone import DEFAULT_BACKBONE, PRECISION_CHOICES, ClipBackbone, load_backbone
+from clipshot.backbone import ClipBackbone, load_backbone
 from clipshot.detector import Detector
 from clipshot.evaluation.dataset import IMAGE_SUFFIXES
 from model_store import AdapterStore, StoreError, validate_category
@@ -25,44 +24,10 @@ from training.fewshot import MAX_SHOTS, MIN_SHOTS, FewShotConfig, FewShotTrainer
 from training.generic import GenericConfig, GenericTrainer, load_auxiliary
 from training.progress import Progress
 
-__all__ = ["add_train_parser", "run_fewshot", "run_generic"]
-
-ENV = "CLIPSHOT_"  # same variables the service reads, so both default to the same backbone and store
-
+__all__ = ["run_fewshot", "run_generic"]
 
 class InputError(ValueError):
     """Bad command-line input; the message is printed as one line."""
-
-
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backbone", default=os.environ.get(f"{ENV}BACKBONE", DEFAULT_BACKBONE),
-                        help="backbone spec (default: $CLIPSHOT_BACKBONE or %(default)s)")
-    parser.add_argument("--store", default=os.environ.get(f"{ENV}STORE", "store"), help="adapter store directory")
-    parser.add_argument("--steps", type=int, default=None, help="optimisation steps (default: the config's)")
-    parser.add_argument("--seconds", type=float, default=None, help="time budget in seconds of training")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default=os.environ.get(f"{ENV}DEVICE", "auto"), help="auto, cpu, cuda, cuda:N")
-    parser.add_argument("--precision", default=os.environ.get(f"{ENV}PRECISION", "auto"), choices=PRECISION_CHOICES,
-                        help="auto = bf16 on GPUs that have it, fp32 on CPU")
-
-
-def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register ``train fewshot`` and ``train generic`` on the console script's subparsers."""
-    train = subparsers.add_parser("train", help="train an adapter (few-shot product or generic zero-shot)")
-    sub = train.add_subparsers(dest="train_command", metavar="{fewshot,generic}")
-    sub.required = True
-    few = sub.add_parser("fewshot", help="fine-tune LoRA + prompts on 1-16 normal photos of one product")
-    few.add_argument("--category", required=True, help="product name (a-z, 0-9, '.', '_', '-')")
-    few.add_argument("--shots", nargs="+", required=True, metavar="DIR|FILE", help="image files and/or folders")
-    few.add_argument("--object", dest="object_name", default=None, help="what the product is, e.g. 'screw'")
-    _common(few)
-    few.set_defaults(func=run_fewshot)
-    gen = sub.add_parser("generic", help="train the object-agnostic zero-shot adapter on an MVTec-layout dataset")
-    gen.add_argument("--data", required=True, help="dataset root (<root>/<category>/test, ground_truth)")
-    gen.add_argument("--categories", default=None, help="comma-separated subset (default: all)")
-    _common(gen)
-    gen.set_defaults(func=run_generic)
-    return train
 
 
 # -- input checks -------------------------------------------------------------------------------------------

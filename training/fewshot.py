@@ -84,8 +84,10 @@ class FewShotTrainer:
 
     def __init__(self, detector: Detector, shots: Sequence[Image.Image], *, category: str,
                  object_name: str | None = None, config: FewShotConfig | None = None,
-                 progress: ProgressCallback | None = None, cancel: CancelToken | None = None):
+                 progress: ProgressCallback | None = None, cancel: CancelToken | None = None,
+                 defects: Sequence[Image.Image] = ()):
         cfg = config or FewShotConfig()
+        self.defects = list(defects)  # operator-confirmed defects: validation evidence, never trained on
         shots = list(shots)
         if len(shots) < MIN_SHOTS:
             raise ValueError("few-shot training needs at least one normal image")
@@ -201,21 +203,29 @@ class FewShotTrainer:
             engine.report("finalize")
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the shot-count warning was already given at construction
-                detector.refit_memory(adapter, self.shots, coreset_ratio=cfg.coreset_ratio, policy=cfg.policy)
+                detector.refit_memory(adapter, self.shots, coreset_ratio=cfg.coreset_ratio, policy=cfg.policy,
+                                      defects=self.defects)
                 memory_adapter = detector.fit_memory(self.shots, category=self.category,
                                                      object_name=self.object_name, coreset_ratio=cfg.coreset_ratio,
-                                                     policy=cfg.policy)
+                                                     policy=cfg.policy, defects=self.defects)
         finally:
             engine.close()
         adapter.uid = uuid.uuid4().hex  # the training LoRA is gone; attach() must inject this one afresh
         self.seconds += time.perf_counter() - started
         ft, mem = self.metrics.get("auroc_finetuned"), self.metrics.get("auroc_memory")
         promotable = ft is not None and mem is not None and ft > mem + cfg.min_gain
+        rule = (f"auroc_finetuned > auroc_memory + {cfg.min_gain}" if self.validation is not None
+                else "no held-out shot (fewer than 4 shots): never promotable")
+        if self.defects:  # real defects outrank synthetic ones: the fine-tune must not catch fewer of them
+            ft_recall, mem_recall = _recall(adapter), _recall(memory_adapter)
+            self.metrics.update(recall_finetuned=ft_recall, recall_memory=mem_recall,
+                                confirmed_defects=len(self.defects))
+            promotable = promotable and ft_recall >= mem_recall
+            rule += " and recall_finetuned >= recall_memory on the confirmed defects"
         k = max(1, min(10, len(engine.losses) // 4))
         self.metrics.update(
             steps=engine.step_index, loss_first=_mean(engine.losses[:k]), loss_last=_mean(engine.losses[-k:]),
-            promotable_rule=f"auroc_finetuned > auroc_memory + {cfg.min_gain}"
-            if self.validation is not None else "no held-out shot (fewer than 4 shots): never promotable",
+            promotable_rule=rule,
         )
         engine.report("done", engine.losses[-1] if engine.losses else None)
         return FewShotResult(adapter, memory_adapter, dict(self.metrics), self.seconds, promotable, cfg.to_dict())
@@ -230,13 +240,21 @@ class FewShotTrainer:
         self.engine.close()
 
 
+def _recall(adapter: Adapter) -> float:
+    """Share of the confirmed defects above the adapter's own threshold (its calibration scored them)."""
+    cal = adapter.calibration
+    scores = [] if cal is None else cal.validation_defect_scores
+    return sum(s > cal.threshold for s in scores) / len(scores) if scores else 0.0
+
+
 def _mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
 def train_fewshot(detector: Detector, shots: Sequence[Image.Image], *, category: str,
                   object_name: str | None = None, config: FewShotConfig | None = None,
-                  progress: ProgressCallback | None = None, cancel: CancelToken | None = None) -> FewShotResult:
+                  progress: ProgressCallback | None = None, cancel: CancelToken | None = None,
+                  defects: Sequence[Image.Image] = ()) -> FewShotResult:
     """One-call few-shot training (CLI and scripts); the service drives ``FewShotTrainer.steps`` itself."""
     return FewShotTrainer(detector, shots, category=category, object_name=object_name, config=config,
-                          progress=progress, cancel=cancel).run()
+                          progress=progress, cancel=cancel, defects=defects).run()

@@ -198,7 +198,7 @@ async function tryImages(files) {
   if (!category) { say("Register or select a product first.", true); return; }
   const form = new FormData();
   for (const f of files) form.append("files", f, f.name);
-  const r = await api("POST", `/categories/${enc(category)}/predict?heatmap=png`, form);
+  const r = await api("POST", `/categories/${enc(category)}/predict?heatmap=jpeg`, form);
   const results = $("results");
   r.predictions.forEach((p, i) => results.prepend(resultCard(category, p, files[i])));
   say(`Scored ${r.predictions.length} image(s) with ${category} version ${r.adapter_version}.`);

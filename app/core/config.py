@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 log = logging.getLogger(__name__)
@@ -88,6 +88,13 @@ class Settings(BaseSettings):
         "branches in every forward (`off`): the forward then costs what the frozen backbone costs, but switching "
         "products copies the weights back. `auto` = `on` on GPUs (launch-bound at small batches), `off` on CPU.",
     )
+    mixed_lora: Literal["gather", "group", "split"] = Field(
+        "gather",
+        description="How one batch serves several LoRA products: `gather` (per-sample low-rank deltas with batched "
+        "matmuls over one base forward; fastest on CPU in benchmarks/mixed_batches.py), `group` (the deltas per "
+        "product, gathered and scattered back) or `split` (one backbone forward per LoRA product). Products "
+        "without LoRA always share one forward; a batch of one product folds/branches as `lora_merge` says.",
+    )
 
     # --- batching ------------------------------------------------------------------------------
     max_batch_size: int = Field(
@@ -134,7 +141,12 @@ class Settings(BaseSettings):
         1, ge=1, description="Fewest good reference photos accepted when registering a product."
     )
     max_shots: int = Field(
-        16, ge=1, description="Most good reference photos accepted when registering a product."
+        16, ge=1, description="Most good reference photos accepted in one upload (registration, more shots or "
+        "feedback); also the memory budget: beyond this many good images the memory is thinned with a coreset."
+    )
+    max_category_images: int = Field(
+        128, ge=1, description="Most good images (shots + confirmed goods) and, separately, most confirmed "
+        "defects one product may hold; every re-fit extracts features of all of them."
     )
     recommended_min_shots: int = Field(
         4, ge=1, description="Below this many shots registration succeeds but the response carries a warning."
@@ -166,7 +178,8 @@ class Settings(BaseSettings):
 
     # --- fine-tuning ---------------------------------------------------------------------------
     finetune_steps: int = Field(
-        200, ge=1, le=100_000, description="Default optimisation steps of a fine-tune job."
+        300, ge=1, le=100_000,
+        description="Default optimisation steps of a fine-tune job (the same default as `clipshot train fewshot`).",
     )
     finetune_seconds: float = Field(
         600.0,
@@ -175,9 +188,39 @@ class Settings(BaseSettings):
         description="Default wall-clock budget of a fine-tune job (s); it stops early when spent.",
     )
 
+    # --- job database and fine-tune workers ------------------------------------------------------
+    job_db: str | None = Field(
+        None,
+        repr=False,
+        description="Where fine-tune job records live. Empty: `jobs.sqlite3` in the store (one process). "
+        "`postgresql://user:password@host:port/database`: a PostgreSQL database shared by every replica and "
+        "fine-tune worker, so a queued job is claimed by exactly one of them. Unreachable at start-up -> the "
+        "service does not start.",
+    )
+    job_worker: bool = Field(
+        True,
+        description="Claim and run queued fine-tunes in this process. Set `false` on serving-only replicas when "
+        "dedicated workers (same `job_db` and store) run them; needs a PostgreSQL `job_db`.",
+    )
+    job_stale_s: float = Field(
+        60.0,
+        ge=0.5,
+        le=86_400,
+        description="A running fine-tune whose worker sent no heartbeat for this long (s) is marked failed by any "
+        "other worker, as a restart fails a local one (workers beat every quarter of it). Keep it well above "
+        "clock skew between machines.",
+    )
+
     # --- server --------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", min_length=1, description="Interface `clipshot serve` binds to.")
     port: int = Field(8000, ge=1, le=65535, description="TCP port `clipshot serve` listens on.")
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="Log lines of `clipshot serve` (and the other commands): `text` or `json` (one object per "
+        "line with time, level, logger, message and request_id).",
+    )
+
+    _insecure_warned: bool = PrivateAttr(False)  # the no-auth warning is said once per Settings, not per check
 
     @field_validator("device", mode="before")
     @classmethod
@@ -190,7 +233,7 @@ class Settings(BaseSettings):
                 )
         return v
 
-    @field_validator("precision", mode="before")
+    @field_validator("precision", "log_format", mode="before")
     @classmethod
     def _normalise_precision(cls, v: Any) -> Any:
         return v.strip().lower() if isinstance(v, str) else v
@@ -206,6 +249,16 @@ class Settings(BaseSettings):
     @classmethod
     def _expand_store(cls, v: Path) -> Path:
         return v.expanduser()
+
+    @field_validator("job_db", mode="before")
+    @classmethod
+    def _check_job_db(cls, v: Any) -> Any:
+        if v is None or (isinstance(v, str) and not v.strip()):
+            return None
+        if not isinstance(v, str) or not re.match(r"^postgres(ql)?://", v.strip()):
+            raise ValueError("job_db must be empty (SQLite in the store) or a "
+                             "postgresql://user:password@host:port/database URL")
+        return v.strip()
 
     @field_validator("admin_keys", "client_keys", mode="before")
     @classmethod
@@ -241,6 +294,9 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Settings:
+        if self.max_shots > self.max_category_images:
+            raise ValueError(f"max_shots ({self.max_shots}) must be <= max_category_images "
+                             f"({self.max_category_images})")
         if self.min_shots > self.max_shots:
             raise ValueError(f"min_shots ({self.min_shots}) must be <= max_shots ({self.max_shots})")
         if not self.min_shots <= self.recommended_min_shots <= self.max_shots:
@@ -253,6 +309,9 @@ class Settings(BaseSettings):
                 f"max_pending_images ({self.max_pending_images}) must be >= "
                 f"max_predict_images ({self.max_predict_images}): a full request could never be admitted"
             )
+        if not self.job_worker and not self.job_db:
+            raise ValueError("job_worker=false needs a shared PostgreSQL job_db: with the SQLite job file no other "
+                             "process could run this one's fine-tunes")
         if self.max_request_bytes < self.max_upload_bytes:
             raise ValueError(
                 f"max_request_bytes ({self.max_request_bytes}) must be >= "
@@ -275,9 +334,11 @@ class Settings(BaseSettings):
                 f"(comma-separated), or set {ENV_PREFIX}INSECURE_DEV=true to run WITHOUT authentication "
                 "(development only)."
             )
-        log.warning(
-            "clipshot is running WITHOUT authentication (%sINSECURE_DEV=true, no keys set)", ENV_PREFIX
-        )
+        if not self._insecure_warned:
+            self._insecure_warned = True
+            log.warning(
+                "clipshot is running WITHOUT authentication (%sINSECURE_DEV=true, no keys set)", ENV_PREFIX
+            )
 
 
 def env_var(field_name: str) -> str:

@@ -1,12 +1,15 @@
-"""Dynamic micro-batching: concurrent requests share one backbone forward per adapter.
+"""Dynamic micro-batching: concurrent requests share one backbone forward, whichever products they ask for.
 
 Why: a forward over 16 images costs little more than over 1 on an accelerator, and production
-lines send one image at a time from many cameras. An idle device takes what is pending at once (a
-lone request never waits for company that may not come); while a batch is on the device, images are
-collected for up to ``max_batch_wait_ms`` or ``max_batch_size`` images, grouped by adapter object
-(category + version, so a hot swap mid-window simply yields two groups), and each group is ONE device task:
-``ensure_resident`` + ``Detector.forward``. Decoding/preprocessing happen before ``submit`` and
-post-processing after, off the event loop, so the device thread only ever does device work.
+lines send one image at a time from many cameras, each camera a different product. An idle device takes what
+is pending at once (a lone request never waits for company that may not come); while a batch is on the
+device, images are collected for up to ``max_batch_wait_ms`` or ``max_batch_size`` images, and the batch is
+ONE device task: ``ensure_resident`` for each adapter in it + ``Detector.forward_mixed`` (one backbone forward,
+per-sample LoRA deltas, per-product scoring; each image keeps the adapter object its request resolved, so a
+hot swap mid-window simply means two adapters). A batch holds at most ``adapter_cache_device`` distinct
+adapters (they must all be resident at once); more are split into several device tasks. Decoding/preprocessing
+happen before ``submit`` and post-processing after, off the event loop, so the device thread only does device
+work.
 
 At most ``max_inflight`` collected batches wait for the device at once; while they do, new
 images pile up here and form the next (larger) batch, which is what makes batches grow under load.
@@ -23,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from app.errors import OverloadedError
-from app.metrics import Metrics
+from app.metrics import BATCH_CATEGORY, Metrics
 from app.services.adapter_cache import AdapterCache
 from app.services.device_worker import PREDICT, DeviceWorker
 from clipshot.adapter import Adapter
@@ -124,11 +127,9 @@ class Batcher:
             self._dispatch(live)
 
     def _dispatch(self, batch: list[_Item]) -> None:
-        """One device task per adapter group; the slot is freed when every group has finished."""
+        """One device task per chunk of the batch; the slot is freed when every chunk has finished."""
         assert self._slots is not None
-        groups: dict[str, list[_Item]] = {}
-        for item in batch:
-            groups.setdefault(item.adapter.uid, []).append(item)
+        groups = self._chunks(batch)
         remaining = [len(groups)]
         self._inflight += 1
 
@@ -138,18 +139,29 @@ class Batcher:
                 self._inflight -= 1
                 self._slots.release()
 
-        for group in groups.values():
+        for group in groups:
             task = asyncio.create_task(self._run_group(group))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
             task.add_done_callback(finished)
 
+    def _chunks(self, batch: list[_Item]) -> list[list[_Item]]:
+        """The batch as few chunks as the hot tier allows: at most ``device_capacity`` distinct adapters each."""
+        per_adapter: dict[str, list[_Item]] = {}
+        for item in batch:
+            per_adapter.setdefault(item.adapter.uid, []).append(item)
+        limit = max(1, self.cache.device_capacity)
+        groups = list(per_adapter.values())
+        return [[item for group in groups[i : i + limit] for item in group] for i in range(0, len(groups), limit)]
+
     async def _run_group(self, group: list[_Item]) -> None:
-        adapter, label = group[0].adapter, group[0].label
+        adapters = [item.adapter for item in group]
+        labels = {item.label for item in group}
+        label = labels.pop() if len(labels) == 1 else BATCH_CATEGORY
         pixels = torch.stack([item.pixels for item in group])
         try:
             scores, maps, started, forward_s = await self.worker.run(
-                lambda: self._device_task(adapter, pixels, label), priority=PREDICT, weight=len(group)
+                lambda: self._device_task(adapters, pixels, label), priority=PREDICT, weight=len(group)
             )
         except asyncio.CancelledError:
             self._fail(group, OverloadedError("the service is shutting down"))
@@ -165,14 +177,15 @@ class Batcher:
                     queue_s=max(0.0, started - item.submitted), forward_s=forward_s,
                 ))
 
-    def _device_task(self, adapter: Adapter, pixels: torch.Tensor,
+    def _device_task(self, adapters: list[Adapter], pixels: torch.Tensor,
                      label: str) -> tuple[torch.Tensor, torch.Tensor, float, float]:
         """Runs on the device thread: nothing else touches the backbone or residency meanwhile."""
         started = time.perf_counter()
         with self.metrics.time_stage("forward", label):
-            self.cache.ensure_resident(adapter)
+            for adapter in {a.uid: a for a in adapters}.values():
+                self.cache.ensure_resident(adapter)
             device = self.detector.backbone.device
-            scores, maps = self.detector.forward(pixels.to(device, non_blocking=True), adapter)
+            scores, maps = self.detector.forward_mixed(pixels.to(device, non_blocking=True), adapters)
             scores, maps = scores.float().cpu(), maps.float().cpu()
             self.cache.trim_device()
         return scores, maps, started, time.perf_counter() - started

@@ -23,14 +23,15 @@ from starlette.concurrency import run_in_threadpool
 from app.core.config import Settings
 from app.errors import ClipshotHTTPError, ConflictError, ImageError, NotFoundError, OverloadedError
 from app.metrics import Metrics
-from app.schemas import Heatmap, HeatmapMode, ImagePrediction, PredictResponse, StageTimings
+from app.schemas import AnomalyRegion, Heatmap, HeatmapMode, ImagePrediction, PredictResponse, StageTimings
 from app.services.adapter_cache import ZERO_SHOT_LABEL, AdapterCache
 from app.services.batcher import Batcher, BatchResult
-from app.services.heatmap import b64, colour_scale, png_overlay, raw_grid
+from app.services.heatmap import b64, render
 from app.services.images import DecodedImage, decode_image
 from clipshot.adapter import Adapter
 from clipshot.detector import Detector
 
+HeatmapOptions = tuple[HeatmapMode, int | None]  # mode, requested longer side of the picture
 OBJECT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _-]{0,63}$")
 
 
@@ -57,14 +58,14 @@ class InferenceService:
 
     # -- entry points ------------------------------------------------------------------------
     async def predict_category(self, category: str, files: Sequence[UploadFile],
-                               heatmap: HeatmapMode) -> PredictResponse:
+                               heatmap: HeatmapMode, *, heatmap_size: int | None = None) -> PredictResponse:
         """Score images with the category's active adapter (404 if there is none)."""
         self._check_count(files)
         adapter = await run_in_threadpool(self.cache.get, category)
-        return await self._predict(adapter, category, "category", files, heatmap)
+        return await self._predict(adapter, category, "category", files, (heatmap, heatmap_size))
 
     async def predict_zero_shot(self, files: Sequence[UploadFile], heatmap: HeatmapMode,
-                                object_name: str | None) -> PredictResponse:
+                                object_name: str | None, *, heatmap_size: int | None = None) -> PredictResponse:
         """Score without shots: handcrafted prompts for ``object_name``, else the generic bundle."""
         self._check_count(files)
         if object_name is not None and not OBJECT_NAME.fullmatch(object_name.strip()):
@@ -74,7 +75,7 @@ class InferenceService:
             )
         adapter, source = await run_in_threadpool(self._zero_shot_adapter, object_name and object_name.strip())
         label = "generic" if source == "generic" else ZERO_SHOT_LABEL
-        return await self._predict(adapter, label, source, files, heatmap)
+        return await self._predict(adapter, label, source, files, (heatmap, heatmap_size))
 
     def _zero_shot_adapter(self, object_name: str | None) -> tuple[Adapter, str]:
         clip = self.detector.backbone.supports_text
@@ -108,7 +109,7 @@ class InferenceService:
                                     code="too_many_images", status_code=413)
 
     async def _predict(self, adapter: Adapter, label: str, source: str, files: Sequence[UploadFile],
-                       heatmap: HeatmapMode) -> PredictResponse:
+                       heatmap: HeatmapOptions) -> PredictResponse:
         count, limit = len(files), self.settings.max_pending_images
         if self._pending_images + count > limit:  # shed before decoding: refusing must cost nothing
             raise OverloadedError(f"{self._pending_images} images are already being scored (limit {limit}); "
@@ -122,7 +123,7 @@ class InferenceService:
             self.metrics.queue_depth.labels("admitted").dec(count)
 
     async def _admitted(self, adapter: Adapter, label: str, source: str, files: Sequence[UploadFile],
-                        heatmap: HeatmapMode) -> PredictResponse:
+                        heatmap: HeatmapOptions) -> PredictResponse:
         uploads = [await self._read(f) for f in files]
         decoded = await asyncio.gather(*(run_in_threadpool(self._decode, u, label) for u in uploads))
         images = [d.image for d, _ in decoded]
@@ -153,32 +154,32 @@ class InferenceService:
 
     def _preprocess(self, images: list[Image.Image], label: str) -> tuple[torch.Tensor, float]:
         start = time.perf_counter()
-        with self.metrics.time_stage("preprocess", label):
+        with self.metrics.time_stage("preprocess", label, images=len(images)):
             pixels = self._cpu_backbone.preprocess(images)
         return pixels, time.perf_counter() - start
 
     def _postprocess(self, adapter: Adapter, label: str, upload: Upload, decoded: DecodedImage,
-                     result: BatchResult, mode: HeatmapMode, decode_s: float, preprocess_s: float) -> ImagePrediction:
+                     result: BatchResult, options: HeatmapOptions, decode_s: float,
+                     preprocess_s: float) -> ImagePrediction:
         start = time.perf_counter()
         image = decoded.image
+        mode, size = options
         with self.metrics.time_stage("postprocess", label):
             pred = Detector.make_prediction(result.score, result.heat, adapter, image.size, None)
-            heatmap = None
-            if mode == "png":
-                vmin, vmax = colour_scale(pred.threshold)
-                png = png_overlay(image, result.heat, vmin=vmin, vmax=vmax)
-                heatmap = Heatmap(encoding="png", data=b64(png), shape=[image.height, image.width],
-                                  vmin=vmin, vmax=vmax)
-            elif mode == "raw":
-                data, shape = raw_grid(result.heat)
-                heatmap = Heatmap(encoding="raw", data=b64(data), shape=shape, dtype="float16")
+            out = render(image, result.heat, pred.threshold, mode, size)
+            heatmap = None if out.encoding is None else Heatmap(
+                encoding=out.encoding, data=b64(out.data), shape=list(out.shape or ()), vmin=out.vmin, vmax=out.vmax,
+                dtype="float16" if out.encoding == "raw" else None)
+            regions = None if out.regions is None else [
+                AnomalyRegion(box=list(r.box), area_pct=r.area_pct, peak_score=r.peak_score) for r in out.regions]
         verdict = "unknown" if pred.is_anomalous is None else ("anomalous" if pred.is_anomalous else "normal")
-        self.metrics.predictions.labels(label, verdict).inc()
+        self.metrics.observe_verdict(label, verdict, pred.score, pred.threshold)
         ms = 1000.0
         return ImagePrediction(
             filename=upload.filename, sha256=decoded.sha256, category=adapter.category,
             adapter_version=adapter.version, score=pred.score, threshold=pred.threshold,
-            is_anomalous=pred.is_anomalous, heatmap=heatmap, batch_size=result.batch_size,
+            is_anomalous=pred.is_anomalous, heatmap=heatmap, regions=regions, regions_total=out.regions_total,
+            batch_size=result.batch_size,
             timings=StageTimings(decode_ms=decode_s * ms, preprocess_ms=preprocess_s * ms,
                                  queue_ms=result.queue_s * ms, forward_ms=result.forward_s * ms,
                                  postprocess_ms=(time.perf_counter() - start) * ms),

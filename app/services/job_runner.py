@@ -2,8 +2,13 @@
 
 Why a single thread driving ``FewShotTrainer.steps()`` one ``next()`` at a time through the device worker
 (``submit(..., priority=TRAIN)``): predictions keep priority between steps, so a 10-minute fine-tune never
-stalls a production line for more than one step. Jobs live in SQLite (``JobStore``) so clients can poll
-them across restarts; ``start()`` fails whatever a previous process left queued/running.
+stalls a production line for more than one step. Jobs live in a ``JobStore`` (SQLite, or PostgreSQL shared by
+several replicas) so clients can poll them across restarts. Jobs are *claimed* from the database
+(``claim_next``), so with a shared database any number of runners take each queued job exactly once; the
+runner beats a heartbeat for its job and reads cancellation requests from other processes with it. On
+``start()`` a runner alone on its database fails whatever a previous process left queued/running; on a shared
+one it fails only running jobs whose worker stopped beating (``reap_stale``), and it keeps doing that while
+it polls, so a dead worker's job ends as failed within ``job_stale_s`` plus one poll.
 
 Wiring (what ``app.main`` must pass; construct it BEFORE ``CategoryService``, which enqueues through it)::
 
@@ -23,8 +28,11 @@ written), or failed (error text; ``"service stopping"`` when ``stop()`` interrup
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -35,8 +43,10 @@ from app.core.config import Settings
 from app.errors import ConflictError, OverloadedError
 from app.metrics import Metrics
 from app.services.device_worker import TRAIN
-from app.services.job_store import ACTIVE_STATES, Job, JobNotFoundError, JobState, JobStore
+from app.services.job_store import ACTIVE_STATES, Job, JobNotFoundError, JobState, JobStore, StaleJobError
 from app.services.registry import adapter_facts, load_shots
+from app.services.shot_ledger import Ledger, current_ledger, decode_refs, memory_coreset
+from clipshot.calibration import Calibration
 from clipshot.detector import Detector
 from model_store import AdapterStore
 from model_store.adapters import save_adapter
@@ -84,17 +94,23 @@ class JobRunner:
         self._stopping = threading.Event()
         self._current: _Running | None = None
         self._thread: threading.Thread | None = None
+        self._beat_thread: threading.Thread | None = None
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.stale_s = settings.job_stale_s
+        self.claims_jobs = settings.job_worker
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def start(self) -> None:
-        """Fail jobs a previous process left active (they can never finish), then start the thread."""
-        interrupted = self.jobs.mark_interrupted()
+        """Fail jobs that can never finish (see the module doc), then start claiming (if this is a worker)."""
+        interrupted = self.jobs.reap_stale(self.stale_s) if self.jobs.shared else self.jobs.mark_interrupted()
         if interrupted:
             log.warning("marked %d interrupted job(s) failed: %s", len(interrupted), interrupted)
         self._refresh_gauge()
         self._stopping.clear()
         self._thread = threading.Thread(target=self._loop, name="clipshot-job-runner", daemon=True)
+        self._beat_thread = threading.Thread(target=self._beat, name="clipshot-job-heartbeat", daemon=True)
         self._thread.start()
+        self._beat_thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         """End promptly: cancel the running job (-> failed "service stopping"), fail queued ones, join."""
@@ -108,6 +124,10 @@ class JobRunner:
             self._thread.join(timeout)
             if self._thread.is_alive():
                 log.warning("job runner did not stop within %.1fs (a device call is still running)", timeout)
+        if self._beat_thread is not None:
+            self._beat_thread.join(timeout)
+        if self.jobs.shared:
+            return  # queued jobs stay queued: another worker on the shared database takes them
         for job in self.jobs.list(state=JobState.queued, limit=10_000):
             self._finish(job.id, None, state=JobState.failed, error=STOPPING_ERROR.format(c=job.category))
 
@@ -126,7 +146,7 @@ class JobRunner:
         return job
 
     def cancel(self, job_id: str) -> Job:
-        """Cancel a queued job at once, or ask the running one to stop at its next step; returns the record."""
+        """Cancel a queued job at once, or ask the running one (here or in any worker) to stop; returns the record."""
         with self._lock:
             job = self.jobs.get(job_id)
             if job is None:
@@ -134,12 +154,20 @@ class JobRunner:
             if job.state not in ACTIVE_STATES:
                 raise ConflictError(f"Job {job_id} already finished ({job.state}); nothing to cancel.",
                                     code="job_finished")
-            if self._current is not None and self._current.job_id == job_id:
-                self._current.reason = self._current.reason or "request"
-                self._current.token.cancel()
-                job = self.jobs.update(job_id, message="cancellation requested")
-            else:  # queued: the runner has not claimed it, and cannot while we hold the lock
-                job = self.jobs.update(job_id, state=JobState.cancelled, message="cancelled before it started")
+            if job.state == JobState.queued:
+                try:  # only if still queued: a worker may claim it this very moment
+                    job = self.jobs.update(job_id, expect=JobState.queued, state=JobState.cancelled,
+                                           message="cancelled before it started")
+                except StaleJobError:
+                    job = self.jobs.get(job_id) or job
+            if job.state == JobState.running:
+                if self._current is not None and self._current.job_id == job_id:
+                    self._current.reason = self._current.reason or "request"
+                    self._current.token.cancel()
+                try:  # the flag reaches a worker in another process with its next heartbeat
+                    job = self.jobs.request_cancel(job_id)
+                except StaleJobError as exc:  # finished in between
+                    raise ConflictError(str(exc), code="job_finished") from exc
         self._refresh_gauge()
         return job
 
@@ -169,30 +197,43 @@ class JobRunner:
     def _loop(self) -> None:
         while not self._stopping.is_set():
             try:
-                queued = self.jobs.list(state=JobState.queued, limit=10_000)
-                if queued:
-                    self._run(queued[-1])  # list() is newest first: run the oldest
+                if self.jobs.shared and self.jobs.reap_stale(self.stale_s):
+                    self._refresh_gauge()
+                if self.claims_jobs and self._run_next():
                     continue
             except Exception:  # never let one job (or a database hiccup) kill the runner thread
                 log.exception("job runner: unexpected error")
             self._wake.wait(self.poll_interval)
             self._wake.clear()
 
-    def _claim(self, job: Job) -> _Running | None:
-        with self._lock:
+    def _run_next(self) -> bool:
+        """Claim the oldest queued job (exactly one worker gets it) and run it; False when none was queued."""
+        with self._lock:  # cancel() sees either no claim yet or ``_current`` set
             if self._stopping.is_set():
-                return None
-            current = self.jobs.get(job.id)
-            if current is None or current.state != JobState.queued:
-                return None  # cancelled meanwhile
-            self.jobs.update(job.id, state=JobState.running, message="loading shots")
-            self._current = _Running(job.id, job.category)
-            return self._current
+                return False
+            job = self.jobs.claim_next(self.worker_id)
+            if job is None:
+                return False
+            self._current = running = _Running(job.id, job.category)
+        self._run(job, running)
+        return True
 
-    def _run(self, job: Job) -> None:
-        running = self._claim(job)
-        if running is None:
-            return
+    def _beat(self) -> None:
+        """Heartbeat of the running job; turns a cancel request or a lost claim into the job's cancel token."""
+        while not self._stopping.wait(max(0.1, self.stale_s / 4)):
+            running = self._current
+            if running is None:
+                continue
+            try:
+                status = self.jobs.heartbeat(running.job_id, self.worker_id)
+            except Exception:  # a database hiccup: the next beat retries; reap_stale covers a long outage
+                log.warning("job heartbeat failed", exc_info=True)
+                continue
+            if status != "ok" and not running.token.cancelled:
+                running.reason = running.reason or ("request" if status == "cancel" else "lost")
+                running.token.cancel()
+
+    def _run(self, job: Job, running: _Running) -> None:
         self._refresh_gauge()
         fields: dict[str, Any]
         try:
@@ -225,10 +266,12 @@ class JobRunner:
         images, refs, object_name = load_shots(self.store, job.category, self.settings)
         if not images:
             raise RuntimeError(f"category {job.category!r} has no stored shots")
-        config = self._config(job.params)
+        ledger = current_ledger(self.store, job.category)  # confirmed defects + policy of the serving version
+        defects = decode_refs(self.store, job.category, ledger.defects, self.settings)
+        config = self._config(job.params, ledger)
         trainer = self._device(lambda: self.trainer_factory(
             self.detector, images, category=job.category, object_name=object_name, config=config,
-            progress=running.observe, cancel=running.token), running)
+            progress=running.observe, cancel=running.token, defects=defects), running)
         steps = None
         try:
             steps = trainer.steps()
@@ -242,13 +285,18 @@ class JobRunner:
         finally:
             self._cleanup(trainer, steps)
         running.token.raise_if_cancelled()  # a cancel that arrived during result(): write nothing
-        return self._save(job, result, refs)
+        return self._save(job, result, refs, ledger.defects)
 
-    def _config(self, params: dict[str, Any]) -> FewShotConfig:
-        """Request budget, else the settings' defaults; the seconds budget always caps a job."""
+    def _config(self, params: dict[str, Any], ledger: Ledger) -> FewShotConfig:
+        """Request budget, else the settings' defaults; the seconds budget always caps a job. The result keeps
+        the serving version's decision policy (an operator's threshold choice survives a fine-tune)."""
+        raw = None if ledger.manifest is None else ledger.manifest.adapter.get("calibration")
+        n = len(ledger.goods)
         return FewShotConfig(steps=params.get("steps") or self.settings.finetune_steps,
                              seconds=params.get("seconds") or self.settings.finetune_seconds,
-                             seed=params.get("seed") or 0, max_shots=self.settings.max_shots)
+                             seed=params.get("seed") or 0, max_shots=self.settings.max_category_images,
+                             policy=Calibration.from_dict(raw).policy_spec() if raw else None,
+                             coreset_ratio=memory_coreset(n, self.settings.max_shots))
 
     @staticmethod
     def _progress_fields(progress: Progress, config: FewShotConfig) -> dict[str, Any]:
@@ -287,20 +335,24 @@ class JobRunner:
         except Exception:
             log.exception("could not release the training LoRA")
 
-    def _save(self, job: Job, result: Any, refs: list[dict[str, str]]) -> dict[str, Any]:
+    def _save(self, job: Job, result: Any, refs: list[dict[str, Any]],
+              defects: list[dict[str, Any]]) -> dict[str, Any]:
         """Persist the fine-tuned bundle; activate (hot swap) only when promotable and still current."""
-        _, now_refs, _ = load_shots(self.store, job.category, self.settings, decode=False)
-        fresh = [r["sha256"] for r in now_refs] == [r["sha256"] for r in refs]
+        now = current_ledger(self.store, job.category)
+        fresh = ([r["sha256"] for r in now.goods] == [r["sha256"] for r in refs]
+                 and [r["sha256"] for r in now.defects] == [r["sha256"] for r in defects])
         promote = bool(result.promotable) and fresh
         metrics = {**result.metrics, **adapter_facts(result.adapter, "finetuned")}
         version = save_adapter(self.store, self.detector, result.adapter, activate=promote, shots=refs,
+                               validation=defects,
                                training={"config": result.config, "seconds": result.seconds, "job_id": job.id},
                                metrics=metrics, promotable=bool(result.promotable))
         if promote:
             self.cache.invalidate(job.category)
             message = f"version {version} promoted and active"
         elif not fresh:
-            message = f"version {version} saved inactive: the category's shots changed during training"
+            message = (f"version {version} saved inactive: the category's shots or confirmed defects changed "
+                       "during training")
         else:
             rule = result.metrics.get("promotable_rule", "validation did not beat the memory adapter")
             ft, mem = result.metrics.get("auroc_finetuned"), result.metrics.get("auroc_memory")

@@ -1,162 +1,79 @@
-"""Durable records of background jobs (fine-tunes) in a SQLite file inside the store directory.
+"""Durable records of background jobs (fine-tunes): SQLite in the store by default, PostgreSQL when shared.
 
-Why SQLite: job state must survive restarts (so clients polling a job id get an answer, and jobs cut
-off by a restart are reported as failed rather than "running" forever), it needs no server, and the
-stdlib ships it. One connection guarded by a lock serves all threads; WAL mode lets readers (e.g. an
-operator's ``sqlite3`` shell) look while the service writes.
-
-Rules enforced here, not in the routes, so every caller gets them:
+Why durable: clients poll a job id across restarts, and jobs cut off by a restart or a dead worker must be
+reported as failed rather than "running" forever. The rows live where ``app.services.job_db`` says (a SQLite
+file for one process, PostgreSQL for several replicas / workers); the rules live here, in one SQL text, so
+every caller and both databases get the same contract (``tests/test_app_job_store.py`` runs on both):
 
 * state machine: queued -> running | failed | cancelled; running -> succeeded | failed | cancelled;
   terminal states (succeeded, failed, cancelled) are final and the record is then immutable;
 * at most one active (queued or running) job per category, enforced by a partial UNIQUE index, so two
   concurrent requests cannot both start a fine-tune (the loser gets ``JobConflictError`` = 409);
+* a queued job is claimed by exactly one worker (``claim_next``: ``FOR UPDATE SKIP LOCKED`` on PostgreSQL,
+  the database write lock on SQLite); the claimer stamps a heartbeat while it runs, and a job whose heartbeat
+  is older than the stale limit is failed by any worker (``reap_stale``), as a restart fails a local one;
+* cancellation of a job running in another process is a flag the running worker reads with its heartbeat;
 * ``started_at`` / ``finished_at`` are stamped automatically on entering running / a terminal state.
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
-import threading
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
-from datetime import UTC, datetime
-from enum import StrEnum
+from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from app.services.job_db import DB_FILENAME, JobDatabase, JobDatabaseError, open_job_database
+from app.services.job_model import (
+    ACTIVE_STATES,
+    INTERRUPTED_ERROR,
+    TERMINAL_STATES,
+    TRANSITIONS,
+    InvalidTransitionError,
+    Job,
+    JobConflictError,
+    JobKind,
+    JobNotFoundError,
+    JobState,
+    now,
+    ts,
+)
 
-from app.errors import ConflictError, NotFoundError
+__all__ = ["ACTIVE_STATES", "DB_FILENAME", "INTERRUPTED_ERROR", "TERMINAL_STATES", "TRANSITIONS",
+           "InvalidTransitionError", "Job", "JobConflictError", "JobDatabaseError", "JobKind", "JobNotFoundError",
+           "JobState", "JobStore", "StaleJobError"]
 
-DB_FILENAME = "jobs.sqlite3"
-INTERRUPTED_ERROR = "interrupted by service restart"
-
-
-class JobState(StrEnum):
-    queued = "queued"
-    running = "running"
-    succeeded = "succeeded"
-    failed = "failed"
-    cancelled = "cancelled"
-
-
-ACTIVE_STATES = frozenset({JobState.queued, JobState.running})
-TERMINAL_STATES = frozenset({JobState.succeeded, JobState.failed, JobState.cancelled})
-TRANSITIONS: dict[JobState, frozenset[JobState]] = {
-    JobState.queued: frozenset({JobState.running, JobState.failed, JobState.cancelled}),
-    JobState.running: frozenset({JobState.succeeded, JobState.failed, JobState.cancelled}),
-    JobState.succeeded: frozenset(),
-    JobState.failed: frozenset(),
-    JobState.cancelled: frozenset(),
-}
-JobKind = Literal["finetune"]
 _UPDATABLE = ("state", "progress", "step", "total_steps", "message", "metrics", "error", "result_version")
 _JSON_COLUMNS = ("params", "metrics")
-
-_SCHEMA = f"""
-CREATE TABLE IF NOT EXISTS jobs (
-    id TEXT PRIMARY KEY,
-    category TEXT NOT NULL,
-    kind TEXT NOT NULL CHECK (kind IN ('finetune')),
-    state TEXT NOT NULL CHECK (state IN ({", ".join(repr(s.value) for s in JobState)})),
-    progress REAL NOT NULL DEFAULT 0 CHECK (progress >= 0 AND progress <= 1),
-    step INTEGER,
-    total_steps INTEGER,
-    message TEXT,
-    params TEXT NOT NULL DEFAULT '{{}}',
-    metrics TEXT,
-    error TEXT,
-    result_version INTEGER,
-    created_at TEXT NOT NULL,
-    started_at TEXT,
-    finished_at TEXT
-);
-CREATE INDEX IF NOT EXISTS jobs_by_created ON jobs (created_at DESC);
-CREATE INDEX IF NOT EXISTS jobs_by_category ON jobs (category, created_at DESC);
-CREATE UNIQUE INDEX IF NOT EXISTS jobs_one_active_per_category
-    ON jobs (category) WHERE state IN ('queued', 'running');
-"""
+_ROW_FIELDS = frozenset(Job.model_fields)
+STALE_ERROR = "interrupted: worker {worker} sent no heartbeat for {seconds:.0f} s (it stopped or lost the database)"
 
 
-class Job(BaseModel):
-    """One background job; also the API response schema for job endpoints."""
-
-    model_config = ConfigDict(frozen=True)
-
-    id: str = Field(description="Job id (UUID4).")
-    category: str = Field(description="Product category the job works on.")
-    kind: JobKind = Field(description="What the job does.")
-    state: JobState = Field(description="Lifecycle state; succeeded, failed and cancelled are final.")
-    progress: float = Field(0.0, ge=0.0, le=1.0, description="Fraction done, 0..1.")
-    step: int | None = Field(None, ge=0, description="Current optimisation step, if known.")
-    total_steps: int | None = Field(None, ge=0, description="Planned number of steps, if known.")
-    message: str | None = Field(None, description="Latest human-readable status line.")
-    params: dict[str, Any] = Field(default_factory=dict, description="Parameters the job was started with.")
-    metrics: dict[str, Any] | None = Field(
-        None, description="Training/validation metrics reported by the job."
-    )
-    error: str | None = Field(None, description="Why the job failed, when state is failed.")
-    result_version: int | None = Field(None, description="Adapter version the job produced, when succeeded.")
-    created_at: datetime = Field(description="When the job was queued (UTC).")
-    started_at: datetime | None = Field(None, description="When the job started running (UTC).")
-    finished_at: datetime | None = Field(None, description="When the job reached a final state (UTC).")
-
-    @property
-    def active(self) -> bool:
-        """True while queued or running: the category is busy."""
-        return self.state in ACTIVE_STATES
-
-
-class JobNotFoundError(NotFoundError):
-    code = "job_not_found"
-
-
-class InvalidTransitionError(ConflictError):
-    code = "invalid_job_transition"
-
-
-class JobConflictError(ConflictError):
-    """A category already has an active job; ``active_job_id`` names it so the client can poll that one."""
-
-    code = "job_already_active"
-
-    def __init__(self, message: str, *, active_job_id: str | None) -> None:
-        super().__init__(message)
-        self.active_job_id = active_job_id
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
-def _ts(dt: datetime) -> str:
-    """Fixed-width UTC text, so ORDER BY on the column is chronological."""
-    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+class StaleJobError(InvalidTransitionError):
+    """``update(..., expect=...)`` found the job in another state than the caller saw (someone else moved it)."""
 
 
 class JobStore:
     """Thread-safe CRUD over the ``jobs`` table; open one per process and share it."""
 
-    def __init__(self, store_dir: Path, *, filename: str = DB_FILENAME) -> None:
-        store_dir = Path(store_dir)
-        store_dir.mkdir(parents=True, exist_ok=True)
-        self.path = store_dir / filename
-        self._lock = threading.RLock()
-        # isolation_level=None: we issue BEGIN IMMEDIATE ourselves, so read-check-write is atomic.
-        self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
-        self._conn.row_factory = sqlite3.Row
-        with self._lock:
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=NORMAL")
-            self._conn.executescript(_SCHEMA)
+    def __init__(self, store_dir: Path | None = None, *, url: str | None = None,
+                 database: JobDatabase | None = None) -> None:
+        if database is None:
+            if store_dir is None and not url:
+                raise ValueError("JobStore needs a store directory (SQLite) or a postgresql:// URL")
+            database = open_job_database(Path(store_dir or "."), url)
+        self.db = database
+        self.path = getattr(database, "path", None)  # the SQLite file, when there is one
+
+    @property
+    def shared(self) -> bool:
+        """True when other processes share these rows (PostgreSQL): a restart must only reap stale jobs."""
+        return self.db.shared
 
     def close(self) -> None:
-        """Close the connection; the store is unusable afterwards."""
-        with self._lock:
-            self._conn.close()
+        """Close the connection(s); the store is unusable afterwards."""
+        self.db.close()
 
     def __enter__(self) -> JobStore:
         return self
@@ -164,41 +81,21 @@ class JobStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._conn
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
-
     def create(self, category: str, kind: JobKind = "finetune", params: dict[str, Any] | None = None) -> Job:
         """Queue a new job; raises ``JobConflictError`` (409) if the category already has an active one."""
-        job = Job(
-            id=str(uuid.uuid4()),
-            category=category,
-            kind=kind,
-            state=JobState.queued,
-            params=dict(params or {}),
-            created_at=_now(),
-        )
+        job = Job(id=str(uuid.uuid4()), category=category, kind=kind, state=JobState.queued,
+                  params=dict(params or {}), created_at=now())
         row = _to_row(job)
-        cols = ", ".join(row)
         try:
-            with self._tx() as conn:
-                conn.execute(
-                    f"INSERT INTO jobs ({cols}) VALUES ({', '.join('?' * len(row))})", tuple(row.values())
-                )
-        except sqlite3.IntegrityError as e:
+            with self.db.tx() as tx:
+                tx.run(f"INSERT INTO jobs ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                       tuple(row.values()))
+        except self.db.integrity_errors as e:
             active = self.active_for(category)
             if active is None:
                 raise
             raise JobConflictError(
-                f"Category {category!r} already has an active {active.kind} job {active.id} "
-                f"({active.state}); "
+                f"Category {category!r} already has an active {active.kind} job {active.id} ({active.state}); "
                 "wait for it to finish or cancel it.",
                 active_job_id=active.id,
             ) from e
@@ -206,8 +103,8 @@ class JobStore:
 
     def get(self, job_id: str) -> Job | None:
         """The job with this id, or None."""
-        with self._lock:
-            row = self._conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        with self.db.tx() as tx:
+            row = tx.one("SELECT * FROM jobs WHERE id = ?", (job_id,))
         return _from_row(row) if row else None
 
     def list(
@@ -226,29 +123,33 @@ class JobStore:
         sql = "SELECT * FROM jobs"
         if where:
             sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY created_at DESC, rowid DESC LIMIT ?"
-        with self._lock:
-            rows = self._conn.execute(sql, (*args, limit)).fetchall()
+        sql += f" ORDER BY created_at DESC, {self.db.order_key} DESC LIMIT ?"
+        with self.db.tx() as tx:
+            rows = tx.all(sql, (*args, limit))
         return [_from_row(r) for r in rows]
 
     def active_for(self, category: str) -> Job | None:
         """The queued or running job of ``category``, if any (at most one exists)."""
-        with self._lock:
-            row = self._conn.execute(
-                "SELECT * FROM jobs WHERE category = ? AND state IN ('queued', 'running')", (category,)
-            ).fetchone()
+        with self.db.tx() as tx:
+            row = tx.one("SELECT * FROM jobs WHERE category = ? AND state IN ('queued', 'running')", (category,))
         return _from_row(row) if row else None
 
-    def update(self, job_id: str, **fields: Any) -> Job:
-        """Change mutable fields atomically, validating the state transition; returns the new record."""
+    def update(self, job_id: str, *, expect: JobState | None = None, **fields: Any) -> Job:
+        """Change mutable fields atomically, validating the state transition; returns the new record.
+
+        ``expect``: the state the caller saw; if the row is in another state now, ``StaleJobError`` and nothing
+        is written (cancelling a queued job must not cancel it after another worker started it).
+        """
         unknown = set(fields) - set(_UPDATABLE)
         if unknown:
             raise ValueError(f"cannot update {sorted(unknown)}; updatable fields: {list(_UPDATABLE)}")
-        with self._tx() as conn:
-            row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        with self.db.tx() as tx:
+            row = tx.one(f"SELECT * FROM jobs WHERE id = ?{self.db.lock_rows}", (job_id,))
             if row is None:
                 raise JobNotFoundError(f"No job with id {job_id!r}.")
             current = _from_row(row)
+            if expect is not None and current.state != expect:
+                raise StaleJobError(f"Job {job_id} is {current.state} now, not {JobState(expect)}.")
             if current.state in TERMINAL_STATES:
                 raise InvalidTransitionError(f"Job {job_id} is {current.state}; finished jobs cannot change.")
             changes = dict(fields)
@@ -262,35 +163,88 @@ class JobStore:
                             f"allowed: {sorted(s.value for s in TRANSITIONS[current.state]) or 'none'}."
                         )
                     if new == JobState.running and current.started_at is None:
-                        changes["started_at"] = _now()
+                        changes["started_at"] = now()
                     if new in TERMINAL_STATES:
-                        changes["finished_at"] = _now()
+                        changes["finished_at"] = now()
             # Validate through the model so bad values (progress 1.5) never reach the database.
             updated = Job.model_validate({**current.model_dump(), **changes})
             row_changes = {k: v for k, v in _to_row(updated).items() if k in changes}
             if row_changes:
                 assignments = ", ".join(f"{k} = ?" for k in row_changes)
-                conn.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", (*row_changes.values(), job_id))
+                tx.run(f"UPDATE jobs SET {assignments} WHERE id = ?", (*row_changes.values(), job_id))
         return updated
 
+    def claim_next(self, worker: str) -> Job | None:
+        """Atomically move the oldest queued job to running for ``worker``; None when nothing is queued.
+
+        Exactly one of any number of concurrent claimers (threads, processes, machines) gets a given job.
+        """
+        with self.db.tx() as tx:
+            row = tx.one(f"SELECT id FROM jobs WHERE state = 'queued' ORDER BY created_at, {self.db.order_key} "
+                         f"LIMIT 1{self.db.skip_locked}")
+            if row is None:
+                return None
+            stamp = ts(now())
+            if not tx.run("UPDATE jobs SET state = 'running', worker = ?, started_at = ?, heartbeat_at = ?, "
+                          "message = ? WHERE id = ? AND state = 'queued'",
+                          (worker, stamp, stamp, "loading shots", row["id"])):
+                return None  # taken meanwhile (cannot happen under the locks above; the poll retries)
+            claimed = tx.one("SELECT * FROM jobs WHERE id = ?", (row["id"],))
+        return _from_row(claimed) if claimed else None
+
+    def heartbeat(self, job_id: str, worker: str) -> str:
+        """Stamp that ``worker`` still runs ``job_id``: ``"ok"``, ``"cancel"`` (someone asked) or ``"lost"``.
+
+        ``"lost"``: the job is no longer this worker's running job (reaped as stale, or gone), so stop it.
+        """
+        with self.db.tx() as tx:
+            tx.run("UPDATE jobs SET heartbeat_at = ? WHERE id = ? AND worker = ? AND state = 'running'",
+                   (ts(now()), job_id, worker))
+            row = tx.one("SELECT state, worker, cancel_requested FROM jobs WHERE id = ?", (job_id,))
+        if row is None or row["state"] != JobState.running or row["worker"] != worker:
+            return "lost"
+        return "cancel" if row["cancel_requested"] else "ok"
+
+    def request_cancel(self, job_id: str, message: str = "cancellation requested") -> Job:
+        """Ask the worker running ``job_id`` (in any process) to stop at its next heartbeat."""
+        with self.db.tx() as tx:
+            n = tx.run("UPDATE jobs SET cancel_requested = 1, message = ? WHERE id = ? AND state = 'running'",
+                       (message, job_id))
+        job = self.get(job_id)
+        if job is None:
+            raise JobNotFoundError(f"No job with id {job_id!r}.")
+        if n == 0:
+            raise StaleJobError(f"Job {job_id} is {job.state}, not running.")
+        return job
+
+    def reap_stale(self, stale_after_s: float) -> list[str]:
+        """Fail running jobs whose worker sent no heartbeat for ``stale_after_s``; returns their ids."""
+        cutoff = ts(now() - timedelta(seconds=stale_after_s))
+        with self.db.tx() as tx:
+            rows = tx.all("SELECT id, worker FROM jobs WHERE state = 'running' AND "
+                          f"COALESCE(heartbeat_at, started_at, created_at) < ?{self.db.skip_locked}", (cutoff,))
+            stamp = ts(now())
+            for row in rows:
+                error = STALE_ERROR.format(worker=row["worker"] or "?", seconds=stale_after_s)
+                tx.run("UPDATE jobs SET state = 'failed', error = ?, finished_at = ? WHERE id = ?",
+                       (error, stamp, row["id"]))
+        return [r["id"] for r in rows]
+
     def mark_interrupted(self) -> list[str]:
-        """At startup, fail every job a previous process left queued/running; returns their ids."""
-        now = _ts(_now())
-        with self._tx() as conn:
-            ids = [r["id"] for r in conn.execute("SELECT id FROM jobs WHERE state IN ('queued', 'running')")]
-            conn.execute(
-                "UPDATE jobs SET state = 'failed', error = ?, finished_at = ? "
-                "WHERE state IN ('queued', 'running')",
-                (INTERRUPTED_ERROR, now),
-            )
+        """At startup of the only process using this database, fail every job a previous one left active."""
+        with self.db.tx() as tx:
+            ids = [r["id"] for r in tx.all(f"SELECT id FROM jobs WHERE state IN ('queued', 'running')"
+                                           f"{self.db.lock_rows}")]
+            tx.run("UPDATE jobs SET state = 'failed', error = ?, finished_at = ? WHERE state IN ('queued', 'running')",
+                   (INTERRUPTED_ERROR, ts(now())))
         return ids
 
     def count_by_state(self) -> dict[JobState, int]:
         """Number of jobs per state (every state present, zeros included) for the ``clipshot_jobs`` gauge."""
         counts = dict.fromkeys(JobState, 0)
-        with self._lock:
-            for row in self._conn.execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state"):
-                counts[JobState(row["state"])] = row["n"]
+        with self.db.tx() as tx:
+            for row in tx.all("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state"):
+                counts[JobState(row["state"])] = int(row["n"])
         return counts
 
 
@@ -303,12 +257,12 @@ def _to_row(job: Job) -> dict[str, Any]:
             data[col] = json.dumps(json_ready[col], sort_keys=True)
     for col in ("created_at", "started_at", "finished_at"):
         if data[col] is not None:
-            data[col] = _ts(data[col])
+            data[col] = ts(data[col])
     return data
 
 
-def _from_row(row: sqlite3.Row) -> Job:
-    data = dict(row)
+def _from_row(row: dict[str, Any]) -> Job:
+    data = {k: v for k, v in row.items() if k in _ROW_FIELDS}  # drop seq, heartbeat_at, cancel_requested
     for col in _JSON_COLUMNS:
         if data[col] is not None:
             data[col] = json.loads(data[col])

@@ -1,5 +1,8 @@
 """CategoryService: register products from a few good photos, list/inspect/activate/delete their versions.
 
+Operator edits (threshold policy, feedback, shot removal) live in ``category_edits.py``; which images belong
+to a category is read from its active version (``shot_ledger.py``).
+
 Why registration fits the memory adapter synchronously: it needs no training, so the product serves the
 moment the 201 returns; the (optional) fine-tune then runs as a background job and hot-swaps itself in only
 if it beats that adapter. Every input is validated before anything is written, so a rejected upload leaves
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -24,12 +28,23 @@ from starlette.concurrency import run_in_threadpool
 
 from app.core.config import Settings
 from app.errors import BadRequestError, ClipshotHTTPError, ConflictError, NotFoundError, OverloadedError
+from app.services.category_edits import CategoryEdits
 from app.services.device_worker import TRAIN
 from app.services.images import decode_image
+from app.services.shot_ledger import (
+    Ledger,
+    current_ledger,
+    decode_refs,
+    memory_coreset,
+    new_refs,
+    validation_facts,
+)
 from clipshot.adapter import Adapter
+from clipshot.calibration import Calibration
 from clipshot.detector import Detector
 from model_store import AdapterStore, BundleNotFound, InvalidName, StoreError, VersionNotFound, validate_category
-from model_store.adapters import save_adapter
+from model_store.adapters import load_adapter, save_adapter
+from model_store.manifest import Manifest
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -46,21 +61,16 @@ def adapter_facts(adapter: Adapter, kind: str) -> dict[str, Any]:
 
 
 def load_shots(store: AdapterStore, category: str, settings: Settings, *,
-               decode: bool = True) -> tuple[list[Image.Image], list[dict[str, str]], str | None]:
-    """(images, manifest shot refs, object name) of a category's stored shots; files are ``<sha256><ext>``."""
-    paths = store.shot_paths(category)
-    refs = [{"name": p.name, "sha256": p.name.split(".", 1)[0]} for p in paths]
-    images = [decode_image(p.read_bytes(), max_pixels=settings.max_image_pixels,
-                           max_bytes=settings.max_upload_bytes).image for p in paths] if decode else []
-    return images, refs, _object_name(store, category)
+               decode: bool = True) -> tuple[list[Image.Image], list[dict[str, Any]], str | None]:
+    """(images, manifest refs, object name) of the good images the category's active version lists."""
+    ledger = current_ledger(store, category)
+    images = decode_refs(store, category, ledger.goods, settings) if decode else []
+    return images, ledger.goods, _object_name(ledger)
 
 
-def _object_name(store: AdapterStore, category: str) -> str | None:
+def _object_name(ledger: Ledger) -> str | None:
     """The product description given at the last registration (kept in the adapter config)."""
-    try:
-        return store.manifest(category).adapter.get("object_name")
-    except StoreError:
-        return None
+    return None if ledger.manifest is None else ledger.manifest.adapter.get("object_name")
 
 
 @dataclass
@@ -75,8 +85,13 @@ class Registration:
     warnings: list[str] = field(default_factory=list)
 
 
-class CategoryService:
-    """Product (category) management on top of the adapter store, the device worker and the job runner."""
+class CategoryService(CategoryEdits):
+    """Product (category) management on top of the adapter store, the device worker and the job runner.
+
+    Every mutation of a category (register, feedback, threshold, shot removal, activate, delete) runs under
+    one ``asyncio.Lock`` per category that is never dropped: a DELETE that removed its lock let a request
+    still waiting on the old lock recreate the category after a later DELETE had answered (issue 13, item 5).
+    """
 
     def __init__(self, *, settings: Settings, store: AdapterStore, detector: Detector, device_worker: Any,
                  adapter_cache: Any, job_runner: JobRunner) -> None:
@@ -95,7 +110,7 @@ class CategoryService:
 
     def _existing(self, category: str) -> str:
         name = self.name(category)
-        if not (self.store.versions(name) or self.store.shot_paths(name)):
+        if not self.store.versions(name):
             raise NotFoundError(f"Unknown category {name!r}; register it with POST /v1/categories/{name}/shots.",
                                 code="category_not_found")
         return name
@@ -103,16 +118,28 @@ class CategoryService:
     def _lock(self, category: str) -> asyncio.Lock:
         return self._locks.setdefault(category, asyncio.Lock())
 
+    def sweep_orphans(self) -> dict[str, list[str]]:
+        """Start-up: delete image files no version lists (a crash between storing shots and saving the
+        version that uses them); they are already invisible, this only frees the disk."""
+        swept = {}
+        for name in self.store.categories():
+            removed = self.store.sweep_orphan_shots(name)
+            if removed:
+                swept[name] = removed
+        return swept
+
     # -- registration -------------------------------------------------------------------------------
-    def validate_upload(self, category: str, files: list[tuple[str, bytes]]) -> tuple[str, list[str]]:
+    def validate_upload(self, category: str, files: list[tuple[str, bytes]], *,
+                        minimum: int | None = None) -> tuple[str, list[str]]:
         """Checks of the upload itself (name, counts, every image); returns (name, content hashes)."""
         name = self.name(category)
         s = self.settings
-        if len(files) < s.min_shots:
-            raise BadRequestError(f"too few shots: got {len(files)}, need at least {s.min_shots}",
+        least = s.min_shots if minimum is None else minimum
+        if len(files) < least:
+            raise BadRequestError(f"too few images: got {len(files)}, need at least {least}",
                                   code="too_few_shots")
         if len(files) > s.max_shots:
-            raise BadRequestError(f"too many shots: got {len(files)}, at most {s.max_shots} per upload",
+            raise BadRequestError(f"too many images: got {len(files)}, at most {s.max_shots} per upload",
                                   code="too_many_shots")
         hashes = []
         for filename, data in files:
@@ -123,16 +150,18 @@ class CategoryService:
                 raise
         return name, hashes
 
-    def _check_total(self, name: str, hashes: list[str]) -> list[str]:
-        """The category-wide limit (stored + new, deduplicated); checked under the category lock."""
+    def _check_total(self, ledger: Ledger, hashes: list[str]) -> list[str]:
+        """The category-wide limit (listed + new, deduplicated); checked under the category lock."""
         s = self.settings
-        stored = {p.name.split(".", 1)[0] for p in self.store.shot_paths(name)}
-        total = len(stored | set(hashes))
-        if total > s.max_shots:
+        conflict = ledger.defect_hashes & set(hashes)
+        if conflict:
+            raise ConflictError(f"{len(conflict)} image(s) are confirmed defects of this product; a defect "
+                                "cannot also be a good shot", code="label_conflict")
+        total = len(ledger.good_hashes | set(hashes))
+        if total > s.max_category_images:
             raise BadRequestError(
-                f"too many shots: {name!r} would hold {total} distinct shots, at most {s.max_shots}; "
-                f"delete the category and register the {s.max_shots} most representative photos",
-                code="too_many_shots")
+                f"too many good images: the product would hold {total}, at most {s.max_category_images}; "
+                "remove some with DELETE /v1/categories/{category}/shots/{sha256}", code="too_many_shots")
         notes = []
         if len(set(hashes)) < len(hashes):
             notes.append(f"{len(hashes) - len(set(hashes))} duplicate image(s) in the upload were stored once")
@@ -143,18 +172,15 @@ class CategoryService:
 
     async def register(self, category: str, files: list[tuple[str, bytes]], *, description: str | None = None,
                        finetune: bool = True) -> Registration:
-        """Validate, store the shots, fit + activate the memory adapter over ALL shots, maybe queue a fine-tune."""
+        """Validate, store the shots, fit + activate the memory adapter over ALL good images, maybe fine-tune."""
         name, hashes = await run_in_threadpool(self.validate_upload, category, files)
         async with self._lock(name):
-            notes = self._check_total(name, hashes)
-            before = {p.name for p in self.store.shot_paths(name)}
-            stored = await run_in_threadpool(self.store.save_shots, name, files)
-            added = sorted(set(stored) - before)
-            try:
-                version, total = await self._fit_memory_version(name, description)
-            except BaseException:
-                await run_in_threadpool(self._forget_shots, name, added)
-                raise
+            ledger = current_ledger(self.store, name)
+            notes = self._check_total(ledger, hashes)
+            added = await self._store_images(name, files, source="registration", skip=ledger.good_hashes)
+            goods = ledger.goods + added
+            version, _ = await self._fit_and_save(name, goods, ledger.defects, base=ledger.manifest,
+                                                  through_lora=False, object_name=description, new=added)
         self.cache.invalidate(name)
         job_id = None
         if finetune and not self.detector.backbone.supports_text:
@@ -166,44 +192,104 @@ class CategoryService:
             except (ConflictError, OverloadedError) as exc:  # busy (a job on the old shots) or shutting down
                 notes.append(f"fine-tune not started: {exc} Then start one with POST /v1/categories/{name}/finetune "
                              "so training sees the new shots.")
-        return Registration(name, version, job_id, total, len(added), notes)
+        return Registration(name, version, job_id, len(goods), len(added), notes)
 
-    async def _fit_memory_version(self, name: str, description: str | None) -> tuple[int, int]:
-        images, refs, previous = await run_in_threadpool(load_shots, self.store, name, self.settings)
-        object_name = description or previous
+    async def _store_images(self, name: str, files: list[tuple[str, bytes]], *, source: str,
+                            skip: set[str], **fields: Any) -> list[dict[str, Any]]:
+        """Write the bytes (content-addressed) and return manifest refs of the images new to the list.
+
+        The files stay invisible until a version lists them; ``_fit_and_save`` removes them again if the
+        fit fails, and the start-up sweep if the process dies first."""
+        stored = await run_in_threadpool(self.store.save_shots, name, files)
+        return new_refs(stored, files, source=source, skip=skip, **fields)
+
+    async def _fit_and_save(self, name: str, goods: list[dict[str, Any]], defects: list[dict[str, Any]], *,
+                            base: Manifest | None, through_lora: bool, object_name: str | None = None,
+                            new: list[dict[str, Any]] = ()) -> tuple[int, Adapter]:
+        """Fit memory + calibration over ``goods`` (validation on ``defects``) and save it as the active version.
+
+        ``through_lora``: a fine-tuned active version keeps its LoRA and prompts and only re-fits memory and
+        calibration through them; otherwise a fresh memory adapter. The decision policy of ``base`` carries
+        over (a manual threshold stays manual). On any failure the files of ``new`` that no version lists
+        are removed, so a retry starts from the same store."""
+        try:
+            return await self._fit(name, goods, defects, base=base, through_lora=through_lora,
+                                   object_name=object_name)
+        except BaseException:
+            await run_in_threadpool(self._forget, name, [r["name"] for r in new])
+            raise
+
+    async def _fit(self, name: str, goods: list[dict[str, Any]], defects: list[dict[str, Any]], *,
+                   base: Manifest | None, through_lora: bool, object_name: str | None) -> tuple[int, Adapter]:
+        s = self.settings
+        good_images = await run_in_threadpool(decode_refs, self.store, name, goods, s)
+        defect_images = await run_in_threadpool(decode_refs, self.store, name, defects, s)
+        calibration = None if base is None else base.adapter.get("calibration")
+        policy = Calibration.from_dict(calibration).policy_spec() if calibration else None
+        ratio = memory_coreset(len(good_images), s.max_shots)
+        source = None
+        if through_lora and base is not None and base.adapter.get("lora"):
+            source, _ = await run_in_threadpool(load_adapter, self.store, self.detector, name, base.version)
+            source.uid = uuid.uuid4().hex  # its own peft slot: the serving cache may hold this version's
+        object_name = object_name or (None if base is None else base.adapter.get("object_name"))
 
         def fit() -> tuple[Adapter, float]:
             started = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the shot-count warning is in the response instead
-                adapter = self.detector.fit_memory(images, category=name, object_name=object_name)
+                if source is None:
+                    adapter = self.detector.fit_memory(good_images, category=name, object_name=object_name,
+                                                       coreset_ratio=ratio, defects=defect_images, policy=policy)
+                else:
+                    try:
+                        adapter = self.detector.refit_memory(source, good_images, coreset_ratio=ratio,
+                                                             defects=defect_images, policy=policy)
+                    finally:
+                        self.detector.detach(source)
             return adapter, time.perf_counter() - started
 
         adapter, seconds = await self.worker.run(fit, priority=TRAIN)
-        metrics = {**adapter_facts(adapter, "memory"), "shots": len(refs), "fit_seconds": round(seconds, 3)}
+        kind = "memory" if source is None else "finetuned"
+        n_feedback = sum(r.get("source") == "feedback" for r in goods)
+        metrics = {**adapter_facts(adapter, kind), "shots": len(goods), "fit_seconds": round(seconds, 3),
+                   "coreset_ratio": ratio,
+                   "validation": validation_facts(adapter.config()["calibration"], n_feedback, len(defects))}
+        fields: dict[str, Any] = {"shots": goods, "validation": defects, "metrics": metrics, "promotable": True}
+        if source is not None and base is not None and base.training is not None:
+            fields["training"] = base.training.model_dump(mode="json")  # the LoRA it still carries
         version = await run_in_threadpool(save_adapter, self.store, self.detector, adapter, activate=True,
-                                          shots=refs, metrics=metrics, promotable=True)
-        return version, len(refs)
+                                          **fields)
+        return version, adapter
 
-    def _forget_shots(self, name: str, added: list[str]) -> None:
-        """Undo this request's new shot files after a failed fit, so a retry starts from the same store."""
-        for path in self.store.shot_paths(name):
-            if path.name in added:
-                path.unlink(missing_ok=True)
+    def _forget(self, name: str, files: list[str]) -> None:
+        """Remove this request's new image files after a failed fit unless some version lists them."""
+        if not files:
+            return
+        keep = self.store.referenced_shots(name)
+        for file in files:
+            if file not in keep:
+                self.store.shot_path(name, file).unlink(missing_ok=True)
 
     # -- fine-tune ----------------------------------------------------------------------------------
-    def finetune(self, category: str, params: dict[str, Any]) -> Any:
-        """Queue a fine-tune over the stored shots (404 unknown, 400 non-CLIP backbone, 409 already active)."""
+    async def finetune(self, category: str, params: dict[str, Any]) -> Any:
+        """Queue a fine-tune over the stored shots (404 unknown, 409 non-CLIP backbone or already active).
+
+        Under the category lock, so a DELETE (which cancels the category's jobs while holding it) can never
+        be followed by a job queued in between that would write a version into the deleted category."""
         name = self._existing(category)
         backbone = self.detector.backbone
         if not backbone.supports_text:
-            raise BadRequestError(f"fine-tuning needs a CLIP backbone (text tower + LoRA); this service runs "
-                                  f"{backbone.spec}, which supports the memory adapter only",
-                                  code="finetune_unsupported")
-        if not self.store.shot_paths(name):
-            raise ConflictError(f"category {name!r} has no stored shots to train on; upload some first",
-                                code="no_shots")
-        return self.jobs.enqueue(name, {k: v for k, v in params.items() if v is not None})
+            # 409 like zero-shot without CLIP: a valid request the running service's backbone cannot serve
+            raise ConflictError(f"fine-tuning needs a CLIP backbone (text tower + LoRA); this service runs "
+                                f"{backbone.spec}, which supports the memory adapter only",
+                                code="finetune_unsupported")
+        async with self._lock(name):
+            self._existing(name)
+            if not current_ledger(self.store, name).goods:
+                raise ConflictError(f"category {name!r} has no stored shots to train on; upload some first",
+                                    code="no_shots")
+            return await run_in_threadpool(self.jobs.enqueue, name, {k: v for k, v in params.items()
+                                                                     if v is not None})
 
     # -- inspection ---------------------------------------------------------------------------------
     def summary(self, category: str) -> dict[str, Any]:
@@ -213,17 +299,20 @@ class CategoryService:
         except StoreError:
             active = None
         return {"category": name, "active_version": active, "versions": self.store.versions(name),
-                "shots": len(self.store.shot_paths(name))}
+                "shots": len(current_ledger(self.store, name).goods)}
 
     def list_all(self) -> list[dict[str, Any]]:
-        return [self.summary(c) for c in self.store.categories()]
+        return [self.summary(c) for c in self.store.categories() if self.store.versions(c)]
 
     def detail(self, category: str) -> dict[str, Any]:
-        """Summary plus each version's key facts from its manifest (no tensors are read)."""
+        """Summary plus the active decision and each version's key facts from its manifest (no tensors read)."""
         info = self.summary(category)
         info["versions"] = [self._version_facts(info["category"], v, info["active_version"])
                             for v in info["versions"]]
         info["active_job"] = self.jobs.jobs.active_for(info["category"])
+        manifest = current_ledger(self.store, info["category"]).manifest
+        calibration = None if manifest is None else manifest.adapter.get("calibration")
+        info["decision"] = Calibration.from_dict(calibration).decision() if calibration else None
         return info
 
     def _version_facts(self, name: str, version: int, active: int | None) -> dict[str, Any]:
@@ -232,43 +321,50 @@ class CategoryService:
             m = self.store.manifest(name, version)
         except StoreError as exc:
             return {**facts, "error": str(exc)}
+        goods = sum(r.source == "feedback" for r in m.shots)
         return {**facts, "created": m.created, "promotable": m.promotable,
                 "kind": m.metrics.get("kind", "finetuned" if m.adapter.get("lora") else "memory"),
                 "branches": m.metrics.get("branches", []), "object_name": m.adapter.get("object_name"),
                 "shots": len(m.shots), "metrics": m.metrics,
                 "training_seconds": None if m.training is None else m.training.seconds,
-                "backbone": m.backbone.spec}
+                "backbone": m.backbone.spec,
+                "validation": validation_facts(m.adapter.get("calibration"), goods, len(m.validation))}
 
     # -- mutation -----------------------------------------------------------------------------------
     async def activate(self, category: str, version: int) -> dict[str, Any]:
         """Point the category at an existing version (rollback included) and hot-swap it in."""
         name = self._existing(category)
-        try:
-            manifest = self.store.manifest(name, version)
-        except (VersionNotFound, BundleNotFound) as exc:
-            raise NotFoundError(str(exc), code="version_not_found") from exc
-        except StoreError as exc:
-            raise ConflictError(f"version {version} of {name!r} is unusable: {exc}", code="version_corrupt") from exc
-        if manifest.backbone.spec != self.detector.backbone.spec:
-            raise ConflictError(f"version {version} was built for {manifest.backbone.spec}; this service runs "
-                                f"{self.detector.backbone.spec}", code="backbone_mismatch")
         async with self._lock(name):
+            self._existing(name)  # a DELETE that held the lock first wins
+            try:
+                manifest = self.store.manifest(name, version)
+            except (VersionNotFound, BundleNotFound) as exc:
+                raise NotFoundError(str(exc), code="version_not_found") from exc
+            except StoreError as exc:
+                raise ConflictError(f"version {version} of {name!r} is unusable: {exc}",
+                                    code="version_corrupt") from exc
+            if manifest.backbone.spec != self.detector.backbone.spec:
+                raise ConflictError(f"version {version} was built for {manifest.backbone.spec}; this service runs "
+                                    f"{self.detector.backbone.spec}", code="backbone_mismatch")
             await run_in_threadpool(self.store.activate, name, version)
         self.cache.invalidate(name)
         return self.summary(name)
 
     async def delete(self, category: str) -> str | None:
-        """Cancel the category's job (and wait for it to let go), then remove everything; returns the job id."""
-        name = self._existing(category)
-        job = await run_in_threadpool(self.jobs.cancel_category, name, timeout=DELETE_WAIT_S)
-        if job is not None and job.active:
-            raise ConflictError(f"job {job.id} of {name!r} is still stopping; retry the delete shortly",
-                                code="job_still_running")
-        async with self._lock(name):
+        """Under the category lock: cancel its job (and wait for it to let go), then remove everything.
+
+        Holding the lock throughout means a mutation queued behind this DELETE finds the category gone
+        (404) or re-creates it only after the DELETE answered, never half-way through."""
+        name = self.name(category)
+        async with self._lock(name):  # wait for mutations queued earlier (a first registration included)
+            self._existing(name)
+            job = await run_in_threadpool(self.jobs.cancel_category, name, timeout=DELETE_WAIT_S)
+            if job is not None and job.active:
+                raise ConflictError(f"job {job.id} of {name!r} is still stopping; retry the delete shortly",
+                                    code="job_still_running")
             try:
                 await run_in_threadpool(self.store.delete, name)
             except BundleNotFound as exc:
                 raise NotFoundError(str(exc), code="category_not_found") from exc
         self.cache.invalidate(name)
-        self._locks.pop(name, None)
         return None if job is None else job.id

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import hashlib
 import warnings
 from collections.abc import Sequence
@@ -14,7 +16,8 @@ from torch import nn
 
 from clipshot.backbone.attention import split_attention
 from clipshot.backbone.base import PRECISIONS, Backbone, resolve_device, resolve_precision
-from clipshot.backbone.spec import EFFICIENTNET_LITE0, BackboneSpec
+from clipshot.backbone.hub import hub_endpoint, hub_offline, hub_reachable, offline_requested
+from clipshot.backbone.spec import EFFICIENTNET_LITE0, WEIGHT_SUFFIXES, BackboneSpec
 from clipshot.features import Features
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
@@ -52,8 +55,12 @@ def create_clip_model(spec: BackboneSpec, image_size: int | None, quick_gelu: bo
     _register_configs()
     arch = TINY_ARCH if spec.family == "test" else spec.arch
     if arch not in open_clip.list_models():
-        close = [m for m in open_clip.list_models() if spec.arch.lower().split("-")[0] in m.lower()][:8]
-        raise BackboneLoadError(f"unknown open_clip architecture {spec.arch!r}; similar: {close}")
+        known = open_clip.list_models()
+        close = difflib.get_close_matches(spec.arch, known, n=5, cutoff=0.6) or difflib.get_close_matches(
+            spec.arch.lower(), [m.lower() for m in known], n=5, cutoff=0.4)
+        hint = f"did you mean {', '.join(close)}?" if close else f"e.g. {', '.join(known[:3])}"
+        raise BackboneLoadError(f"unknown open_clip architecture {spec.arch!r}; {hint} "
+                                "(all: python -c 'import open_clip; print(open_clip.list_models())')")
     kwargs: dict = {"force_image_size": image_size} if image_size else {}
     if quick_gelu is None and spec.weights_is_path and "openai" in Path(spec.weights).name.lower():
         warnings.warn(
@@ -68,20 +75,48 @@ def create_clip_model(spec: BackboneSpec, image_size: int | None, quick_gelu: bo
         with torch.random.fork_rng(devices=[]):  # the model is built on CPU: seed (and restore) only that RNG
             torch.default_generator.manual_seed(0)
             return open_clip.create_model(arch, pretrained=None, **kwargs)
-    if spec.weights_is_path and not Path(spec.weights).is_file():
+    if spec.weights_is_path:
+        return _load_checkpoint(arch, spec, kwargs)
+    if not open_clip.get_pretrained_cfg(arch, spec.weights):
+        tags = open_clip.list_pretrained_tags_by_model(arch)
         raise BackboneLoadError(
-            f"CLIP checkpoint file {spec.weights!r} does not exist. Pass the path of a local .safetensors/.pt "
-            f"open_clip checkpoint, or use '{EFFICIENTNET_LITE0}' (bundled, offline, memory branch only)."
-        )
+            f"open_clip has no pretrained tag {spec.weights!r} for {spec.arch}; known tags: "
+            f"{', '.join(tags) or 'none'}; or pass a local checkpoint path ('open_clip:{spec.arch}:/path/to/file')")
+    offline = offline_requested() or not hub_reachable()
     try:
-        return open_clip.create_model(arch, pretrained=spec.weights, **kwargs)
-    except Exception as exc:  # network, missing tag, bad file: all end in the same advice
+        with hub_offline() if offline else contextlib.nullcontext():
+            return open_clip.create_model(arch, pretrained=spec.weights, **kwargs)
+    except Exception as exc:  # network, missing tag, bad download: all end in the same advice
+        why = (f"the model hub ({hub_endpoint()}) cannot be reached and the weights are not in the local cache"
+               if offline else f"{type(exc).__name__}: {exc}")
         raise BackboneLoadError(
-            f"could not load CLIP weights {spec.weights!r} for {spec.arch} ({type(exc).__name__}: {exc}). "
-            "open_clip downloads pretrained tags on first use, which needs network access to the model hub. "
+            f"could not get CLIP weights {spec.weights!r} for {spec.arch}: {why}. "
             f"Offline: download the checkpoint elsewhere and pass 'open_clip:{spec.arch}:/path/to/"
             f"open_clip_model.safetensors', or use '{EFFICIENTNET_LITE0}' (bundled, memory branch only)."
         ) from exc
+
+
+def _load_checkpoint(arch: str, spec: BackboneSpec, kwargs: dict) -> nn.Module:
+    """A local checkpoint file: a missing file, a folder and a corrupt file each get their own advice."""
+    path = Path(spec.weights or "")
+    if path.is_dir():
+        inside = sorted(p.name for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES)[:5]
+        hint = f" (it holds {', '.join(inside)})" if inside else ""
+        raise BackboneLoadError(
+            f"CLIP checkpoint {str(path)!r} is a directory; pass the checkpoint file inside it{hint}, e.g. "
+            f"'open_clip:{spec.arch}:{path / 'open_clip_model.safetensors'}'")
+    if not path.is_file():
+        raise BackboneLoadError(
+            f"CLIP checkpoint file {str(path)!r} does not exist. Pass the path of a local .safetensors/.pt "
+            f"open_clip checkpoint, or use '{EFFICIENTNET_LITE0}' (bundled, offline, memory branch only).")
+    try:
+        return open_clip.create_model(arch, pretrained=str(path), **kwargs)
+    except Exception as exc:  # truncated copy, wrong format, another architecture's weights
+        first = " ".join(str(exc).split())[:200]
+        raise BackboneLoadError(
+            f"cannot read CLIP checkpoint {str(path)!r} ({path.stat().st_size} bytes) as {spec.arch} weights: "
+            f"{type(exc).__name__}: {first}. The file is corrupt or truncated, or holds another architecture: "
+            "copy it again and check its sha256, or name the architecture it was trained as") from exc
 
 
 class ClipBackbone(Backbone):

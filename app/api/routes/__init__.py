@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from app.api.routes import categories, health, jobs, metrics, predict
+from app.api.routes import categories, decisions, health, jobs, metrics, predict
 
 
 def all_routers() -> list[APIRouter]:
     """Versioned API first, then probes and metrics (unversioned: orchestrators hard-code those paths)."""
-    return [predict.router, categories.router, jobs.router, health.router, metrics.router]
+    return [predict.router, categories.router, decisions.router, jobs.router, health.router, metrics.router]

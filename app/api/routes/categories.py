@@ -67,16 +67,16 @@ async def register_shots(
 
 @router.post("/{category}/finetune", status_code=202, response_model=Job, summary="Start a background fine-tune",
              responses=errors(400, 401, 403, 404, 409, 422,
-                              e400="Invalid name, or the backbone cannot be fine-tuned (no text tower).",
-                              e409="A fine-tune is already queued or running for the category, or it has no "
-                                   "stored shots."))
-def start_finetune(
+                              e400="Invalid category name.",
+                              e409="The backbone cannot be fine-tuned (no CLIP text tower), a fine-tune is already "
+                                   "queued or running for the category, or it has no stored shots."))
+async def start_finetune(
     category: CategoryPath, _: AdminDep, service: CategoriesDep,
     body: Annotated[FinetuneRequest | None, Body()] = None,
 ) -> Job:
     """Fine-tune the category on its stored shots as a background job; poll ``GET /v1/jobs/{id}``. Admin only."""
     params = (body or FinetuneRequest()).model_dump(exclude_none=True)
-    return service.finetune(category, params)
+    return await service.finetune(category, params)
 
 
 @router.get("", response_model=CategoryList, summary="List products", responses=errors(401))
@@ -88,7 +88,7 @@ def list_categories(_: ClientDep, service: CategoriesDep) -> CategoryList:
 @router.get("/{category}", response_model=CategoryDetail, summary="One product's versions",
             responses=errors(400, 401, 404, 422))
 def get_category(category: CategoryPath, _: ClientDep, service: CategoriesDep) -> CategoryDetail:
-    """One product's versions with their manifests' key facts. Client or admin key."""
+    """One product's versions with their manifests' key facts, and the active `decision`. Client or admin key."""
     return CategoryDetail.model_validate(service.detail(category))
 
 

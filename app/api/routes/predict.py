@@ -1,70 +1,99 @@
-"""Prediction endpoints: thin HTTP adapters over ``InferenceService``."""
+"""Prediction endpoints: thin HTTP adapters over ``InferenceService``.
+
+``heatmap``, ``heatmap_size`` and ``object`` are query parameters in the API description; ``heatmap`` and
+``object`` are also read from a multipart form field of that name (older clients send them there), without
+listing them twice in the schema. Both at once must agree.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, get_args
 
-from fastapi import APIRouter, File, Form, Path, Query, UploadFile
+from fastapi import APIRouter, File, Path, Query, Request, UploadFile
 
 from app.api.deps import ClientDep, InferenceDep
 from app.api.responses import errors
 from app.errors import ClipshotHTTPError
 from app.schemas import HeatmapMode, PredictResponse
+from app.services.heatmap import DEFAULT_MAX_SIDE as MAX_HEATMAP_SIZE
 
 API_PREFIX = "/v1"
 # Full prefix on the router itself: nested include prefixes do not reach scope["route"].path (metrics label).
 router = APIRouter(prefix=API_PREFIX, tags=["predict"])
+DEFAULT_HEATMAP = "jpeg"
+HEATMAP_MODES = get_args(HeatmapMode)
 
-RESPONSES = errors(
+CATEGORY_RESPONSES = errors(
     400, 401, 404, 409, 413, 415, 422, 503,
-    e404="Unknown category, or no active adapter version (and no generic bundle for `/v1/predict`).",
-    e409="Adapter incompatible with the backbone, or zero-shot without a CLIP backbone.",
-    e422="Invalid parameters (e.g. unknown `heatmap` value).",
+    e404="Unknown category, or no active adapter version.",
+    e409="The active adapter was built for another backbone.",
+    e422="Invalid parameters (e.g. unknown `heatmap` value, `heatmap_size` out of range).",
 )
-_HEATMAP_DOC = "`png` (overlay on the input, default), `raw` (float16 grid at model resolution) or `none`."
+# No 404 here: without a generic bundle a CLIP service answers with handcrafted prompts, a non-CLIP one with 409.
+ZERO_SHOT_RESPONSES = errors(
+    401, 409, 413, 415, 422, 503,
+    e409="Zero-shot needs a CLIP backbone (text prompts); this service runs a memory-only backbone.",
+    e422="Invalid parameters (e.g. unknown `heatmap` value, `heatmap_size` out of range, bad `object`).",
+)
+_HEATMAP_DOC = ("`jpeg` (default): the input with the region above the threshold tinted and outlined, normal "
+                "pixels untouched; `png`: the same overlay, lossless; `mask`: 1-bit PNG of score > threshold, plus "
+                "`regions`; `regions`: boxes with area % and peak score only; `raw`: float16 grid at model "
+                "resolution; `none`. May also be sent as a form field.")
+_SIZE_DOC = f"Longer side in pixels of the returned picture (default: the input's, at most {MAX_HEATMAP_SIZE})."
 Files = Annotated[list[UploadFile], File(description="1 to CLIPSHOT_MAX_PREDICT_IMAGES image files.")]
 HeatmapQuery = Annotated[HeatmapMode | None, Query(alias="heatmap", description=_HEATMAP_DOC)]
-HeatmapForm = Annotated[HeatmapMode | None, Form(alias="heatmap", description=_HEATMAP_DOC)]
-_OBJECT_DOC = "Object name for handcrafted CLIP prompts (e.g. `bottle`); omit for the generic bundle."
+SizeQuery = Annotated[int | None, Query(alias="heatmap_size", ge=16, le=MAX_HEATMAP_SIZE, description=_SIZE_DOC)]
+_OBJECT_DOC = ("Object name for handcrafted CLIP prompts (e.g. `bottle`); omit for the generic bundle. May also "
+               "be sent as a form field.")
 ObjectQuery = Annotated[str | None, Query(alias="object", max_length=64, description=_OBJECT_DOC)]
-ObjectForm = Annotated[str | None, Form(alias="object", max_length=64, description=_OBJECT_DOC)]
 
 
-def _one(name: str, query: str | None, form: str | None, default: str | None) -> str | None:
-    """A parameter may come as query or form field; both at once must agree."""
+async def _one(request: Request, name: str, query: str | None, default: str | None,
+               allowed: tuple[str, ...] | None = None) -> str | None:
+    """The query value or the form field of the same name (the form is already parsed and cached)."""
+    form = (await request.form()).get(name)
+    if form is not None and not isinstance(form, str):
+        raise ClipshotHTTPError(f"`{name}` must be a text field, not a file", code="validation_error",
+                                status_code=422)
+    if allowed is not None and form is not None and form not in allowed:
+        raise ClipshotHTTPError(f"`{name}` must be one of {', '.join(allowed)}, got {form!r}",
+                                code="validation_error", status_code=422)
     if query is not None and form is not None and query != form:
         raise ClipshotHTTPError(f"`{name}` given twice with different values ({query!r} vs {form!r})",
                                 code="validation_error", status_code=422)
     return query if query is not None else form if form is not None else default
 
 
-@router.post("/categories/{category}/predict", response_model=PredictResponse, responses=RESPONSES,
+@router.post("/categories/{category}/predict", response_model=PredictResponse, responses=CATEGORY_RESPONSES,
              summary="Score images against a product's active adapter")
 async def predict_category(
     category: Annotated[str, Path(description="Product category (lowercase slug).")],
     files: Files,
     _: ClientDep,
     inference: InferenceDep,
+    request: Request,
     heatmap_query: HeatmapQuery = None,
-    heatmap_form: HeatmapForm = None,
+    heatmap_size: SizeQuery = None,
 ) -> PredictResponse:
     """Few-shot prediction; each answer names the adapter version that produced it."""
-    heatmap = _one("heatmap", heatmap_query, heatmap_form, "png")
-    return await inference.predict_category(category, files, heatmap)  # type: ignore[arg-type]
+    heatmap = await _one(request, "heatmap", heatmap_query, DEFAULT_HEATMAP, HEATMAP_MODES)
+    return await inference.predict_category(category, files, heatmap,  # type: ignore[arg-type]
+                                            heatmap_size=heatmap_size)
 
 
-@router.post("/predict", response_model=PredictResponse, responses=RESPONSES,
+@router.post("/predict", response_model=PredictResponse, responses=ZERO_SHOT_RESPONSES,
              summary="Zero-shot prediction without a registered product")
 async def predict_zero_shot(
     files: Files,
     _: ClientDep,
     inference: InferenceDep,
+    request: Request,
     heatmap_query: HeatmapQuery = None,
-    heatmap_form: HeatmapForm = None,
     object_query: ObjectQuery = None,
-    object_form: ObjectForm = None,
+    heatmap_size: SizeQuery = None,
 ) -> PredictResponse:
     """Generic bundle, or handcrafted prompts for ``object`` (CLIP backbones only)."""
-    heatmap = _one("heatmap", heatmap_query, heatmap_form, "png")
-    object_name = _one("object", object_query, object_form, None)
-    return await inference.predict_zero_shot(files, heatmap, object_name)  # type: ignore[arg-type]
+    heatmap = await _one(request, "heatmap", heatmap_query, DEFAULT_HEATMAP, HEATMAP_MODES)
+    object_name = await _one(request, "object", object_query, None)
+    return await inference.predict_zero_shot(files, heatmap, object_name,  # type: ignore[arg-type]
+                                             heatmap_size=heatmap_size)

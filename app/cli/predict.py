@@ -23,20 +23,12 @@ from typing import Any
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 FIELDS = ["file", "category", "adapter_version", "score", "threshold", "is_anomalous", "verdict", "sha256", "error"]
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_ANOMALY = 0, 1, 2, 3
-KEY_ENV = "CLIPSHOT_KEY"
+KEY_ENV = "CLIPSHOT_KEY"  # listed in app.core.env.EXTRA_KNOWN: not a typo of a setting
 IMAGE_ERRORS = {400, 413, 415, 422}  # the service rejected an image (corrupt, too large, ...), not the run
 
 
-HELP = "score images or folders against a running service (--url) or a local store (--store)"
-
-
-def add_predict_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``predict`` on the ``clipshot`` subparsers (imports nothing heavy: ``--help`` stays fast)."""
-    return register(subparsers, "predict", HELP)
-
-
 def register(subparsers: Any, name: str, help_text: str) -> argparse.ArgumentParser:
-    """The same, in the ``register(subparsers, name, help)`` shape of a lazily imported command module."""
+    """Register ``predict`` on the console script's subparsers (nothing heavy imported: ``--help`` stays fast)."""
     parser = subparsers.add_parser(
         name, help=help_text,
         description="Score images against a product's active adapter, on a running service (--url, --key) or "

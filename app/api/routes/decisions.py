@@ -1,0 +1,80 @@
+"""Decision routes of a product: threshold policy, operator feedback, and its shot list.
+
+Auth: changes need an **admin** key; listing the shots accepts a client key too (hashes and file names,
+like the category detail). Every change answers with the new version it made, so the line can trace which
+rule judged a part and roll back with ``POST .../versions/{v}/activate``. Rules live in
+``CategoryService`` (``app/services/category_edits.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Body, File, Form, Path, UploadFile
+
+from app.api.deps import AdminDep, ClientDep, SettingsDep
+from app.api.responses import errors
+from app.api.routes.categories import CategoriesDep, CategoryPath
+from app.schemas import FeedbackResult, ShotList, ShotRemoved, ThresholdChanged, ThresholdRequest
+from app.services.category_edits import policy_from_request
+
+router = APIRouter(prefix="/v1/categories", tags=["categories"])
+
+Sha256Path = Annotated[str, Path(description="SHA-256 of the shot (64 lowercase hex digits), from GET .../shots.")]
+
+
+@router.put("/{category}/threshold", response_model=ThresholdChanged, summary="Set the decision policy",
+            responses=errors(400, 401, 403, 404, 409, 422,
+                             e400="Invalid name, or not exactly one of the three fields.",
+                             e409="No usable active version, or it stores no calibration evidence.",
+                             e422="A value out of range (rate not in (0, 0.5), negative threshold)."))
+async def set_threshold(category: CategoryPath, _: AdminDep, service: CategoriesDep,
+                        body: Annotated[ThresholdRequest, Body()]) -> ThresholdChanged:
+    """New version = the active one under a new decision policy; answers with the expected rates. Admin only.
+
+    The threshold is recomputed from the calibration evidence stored in the active version (no images are
+    processed), so this is instant; roll back by activating the previous version."""
+    policy = policy_from_request(body.target_false_alarm_rate, body.threshold, body.policy)
+    return ThresholdChanged(**await service.set_threshold(category, policy))
+
+
+@router.post("/{category}/feedback", status_code=201, response_model=FeedbackResult,
+             summary="Teach a product with confirmed images",
+             responses=errors(400, 401, 403, 404, 409, 413, 415, 422, 503,
+                              e400="Invalid name, label, defect type or note; corrupt or empty image; too many.",
+                              e409="No usable active version or memory branch, or an image already carries the "
+                                   "other label."))
+async def feedback(
+    category: CategoryPath,
+    _: AdminDep,
+    service: CategoriesDep,
+    settings: SettingsDep,
+    label: Annotated[str, Form(description="`good` (a false alarm) or `defect` (a confirmed or missed defect).")],
+    files: Annotated[list[UploadFile] | None, File(description="1-16 images carrying that label.")] = None,
+    defect_type: Annotated[str | None, Form(description="With `defect`: a slug such as `scratch`.")] = None,
+    note: Annotated[str | None, Form(description="Up to 500 printable characters.")] = None,
+) -> FeedbackResult:
+    """Confirmed goods join the normal memory, confirmed defects the validation set. Admin only.
+
+    Makes a new version (memory and calibration re-fitted, through the LoRA of a fine-tuned version) that
+    reports its recall on the confirmed defects; nothing is written unless every field and image checks out."""
+    uploads = files or []
+    data = [(f.filename or "", await f.read(settings.max_upload_bytes + 1)) for f in uploads]
+    return FeedbackResult(**await service.feedback(category, data, label=label, defect_type=defect_type or None,
+                                                   note=note or None))
+
+
+@router.get("/{category}/shots", response_model=ShotList, summary="A product's good shots",
+            responses=errors(400, 401, 404, 422))
+def list_shots(category: CategoryPath, _: ClientDep, service: CategoriesDep) -> ShotList:
+    """The good images the active version was fitted on (registration shots and confirmed goods)."""
+    return ShotList(**service.list_shots(category))
+
+
+@router.delete("/{category}/shots/{sha256}", response_model=ShotRemoved, summary="Remove one shot",
+               responses=errors(400, 401, 403, 404, 409, 422, e404="Unknown category or shot.",
+                                e409="It is the last shot, or no version is usable."))
+async def remove_shot(category: CategoryPath, sha256: Sha256Path, _: AdminDep,
+                      service: CategoriesDep) -> ShotRemoved:
+    """New version fitted without the shot; the old versions keep it, so activate rolls back. Admin only."""
+    return ShotRemoved(**await service.remove_shot(category, sha256))

@@ -1,0 +1,35 @@
+"""``clipshot info``: load a backbone and print what it supports (the offline check of a CLIP checkpoint)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from app.cli.common import EFFICIENTNET_LITE0, env_option
+
+
+def register(subparsers: Any, name: str, help_text: str) -> argparse.ArgumentParser:
+    """Register ``info`` on the console script's subparsers."""
+    parser = subparsers.add_parser(
+        name, help=help_text,
+        description="Load a backbone spec and print its resolution, layers, weights sha256 and supported branches.",
+    )
+    env_option(parser, "--backbone", EFFICIENTNET_LITE0,
+               "backbone spec, e.g. open_clip:ViT-B-16-plus-240:/path/to/weights.safetensors")
+    env_option(parser, "--device", "cpu", "auto, cpu, cuda, cuda:N")
+    parser.set_defaults(func=info)
+    return parser
+
+
+def info(args: argparse.Namespace) -> int:
+    """Print the backbone's facts; loading it is the check (weights readable, architecture known)."""
+    from clipshot.backbone import load_backbone
+
+    backbone = load_backbone(args.backbone, device=args.device)
+    print(f"backbone:      {backbone.spec}")
+    print(f"weights sha256 {backbone.weights_sha256}")
+    print(f"image size:    {backbone.image_size}")
+    print(f"layers:        {list(backbone.layers)}")
+    branches = "text + memory (zero-shot, LoRA fine-tuning)" if backbone.supports_text else "memory only"
+    print(f"branches:      {branches}")
+    return 0

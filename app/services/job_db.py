@@ -1,0 +1,232 @@
+"""Where job records live: a SQLite file in the store (the embedded default) or PostgreSQL (``CLIPSHOT_JOB_DB``).
+
+Why two: one process needs no database server, so SQLite stays the default; several replicas or fine-tune
+workers need one shared, concurrent database, and PostgreSQL gives row locks (``FOR UPDATE SKIP LOCKED``) so a
+queued job is claimed by exactly one worker. ``JobStore`` writes one SQL text for both (``?`` placeholders);
+each class here supplies the connection, the transaction and the few words in which the dialects differ.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
+
+from app.services.job_model import JobState
+
+DB_FILENAME = "jobs.sqlite3"
+POSTGRES_SCHEMES = ("postgresql", "postgres")
+CONNECT_TIMEOUT_S = 5
+_SCHEMA_LOCK_ID = 0x636C6970  # pg_advisory_xact_lock key: two replicas starting at once create the table once
+_STATES = ", ".join(repr(s.value) for s in JobState)
+_COLUMNS = f"""
+    id TEXT PRIMARY KEY,
+    category TEXT NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN ('finetune')),
+    state TEXT NOT NULL CHECK (state IN ({_STATES})),
+    progress {{real}} NOT NULL DEFAULT 0 CHECK (progress >= 0 AND progress <= 1),
+    step INTEGER,
+    total_steps INTEGER,
+    message TEXT,
+    params TEXT NOT NULL DEFAULT '{{{{}}}}',
+    metrics TEXT,
+    error TEXT,
+    result_version INTEGER,
+    worker TEXT,
+    heartbeat_at TEXT,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    created_at TEXT NOT NULL,
+    started_at TEXT,
+    finished_at TEXT"""
+_INDEXES = [
+    "CREATE INDEX IF NOT EXISTS jobs_by_created ON jobs (created_at DESC)",
+    "CREATE INDEX IF NOT EXISTS jobs_by_category ON jobs (category, created_at DESC)",
+    "CREATE UNIQUE INDEX IF NOT EXISTS jobs_one_active_per_category ON jobs (category) "
+    "WHERE state IN ('queued', 'running')",
+]
+# Columns added after the first SQLite release: older job files get them on open (ALTER TABLE ADD COLUMN).
+_ADDED_COLUMNS = {"worker": "TEXT", "heartbeat_at": "TEXT", "cancel_requested": "INTEGER NOT NULL DEFAULT 0"}
+
+
+class JobDatabaseError(RuntimeError):
+    """The job database cannot be opened; the message is one line saying what to fix."""
+
+
+class Tx(Protocol):
+    """The three calls ``JobStore`` makes inside a transaction (rows come back as dicts)."""
+
+    def all(self, sql: str, args: tuple[Any, ...] = ()) -> list[dict[str, Any]]: ...
+    def one(self, sql: str, args: tuple[Any, ...] = ()) -> dict[str, Any] | None: ...
+    def run(self, sql: str, args: tuple[Any, ...] = ()) -> int: ...
+
+
+class JobDatabase(Protocol):
+    """What differs between the backends; everything else is ``JobStore``'s shared SQL."""
+
+    shared: bool  # True when other processes use the same rows (a restart must not fail their jobs)
+    order_key: str  # insertion-order tie-breaker for equal created_at
+    lock_rows: str  # appended to a SELECT that is followed by an UPDATE of the same rows
+    skip_locked: str  # appended to the claim SELECT: concurrent claimers skip each other's row
+    integrity_errors: tuple[type[BaseException], ...]
+    location: str  # where the rows live, for logs (never contains a password)
+
+    def tx(self) -> Any: ...
+    def close(self) -> None: ...
+
+
+def redact(url: str) -> str:
+    """``url`` with its password replaced by ``***``, for logs and error messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def is_postgres_url(url: str) -> bool:
+    """True for ``postgresql://…`` / ``postgres://…``."""
+    return urlsplit(url).scheme in POSTGRES_SCHEMES
+
+
+def open_job_database(store_dir: Path, url: str | None = None) -> JobDatabase:
+    """PostgreSQL when ``url`` is given, else ``<store_dir>/jobs.sqlite3``; raises ``JobDatabaseError``."""
+    if url:
+        return PostgresJobDatabase(url)
+    return SqliteJobDatabase(Path(store_dir) / DB_FILENAME)
+
+
+class _SqliteTx:
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def all(self, sql: str, args: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        return [dict(r) for r in self.conn.execute(sql, args).fetchall()]
+
+    def one(self, sql: str, args: tuple[Any, ...] = ()) -> dict[str, Any] | None:
+        row = self.conn.execute(sql, args).fetchone()
+        return dict(row) if row is not None else None
+
+    def run(self, sql: str, args: tuple[Any, ...] = ()) -> int:
+        return self.conn.execute(sql, args).rowcount
+
+
+class SqliteJobDatabase:
+    """One connection guarded by a lock serves all threads; WAL lets an operator's ``sqlite3`` shell read along.
+
+    ``BEGIN IMMEDIATE`` takes the database's write lock at the start of every transaction, so a
+    read-check-write (a claim, a state transition) is atomic against other threads and processes.
+    """
+
+    shared = False
+    order_key = "rowid"
+    lock_rows = ""
+    skip_locked = ""
+    integrity_errors = (sqlite3.IntegrityError,)
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.location = str(path)
+        self._lock = threading.RLock()
+        try:
+            # isolation_level=None: we issue BEGIN IMMEDIATE ourselves.
+            self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+            self._conn.row_factory = sqlite3.Row
+            with self._lock:
+                self._conn.execute("PRAGMA journal_mode=WAL")
+                self._conn.execute("PRAGMA synchronous=NORMAL")
+                self._conn.execute(f"CREATE TABLE IF NOT EXISTS jobs ({_COLUMNS.format(real='REAL')})")
+                have = {r["name"] for r in self._conn.execute("PRAGMA table_info(jobs)")}
+                for name, decl in _ADDED_COLUMNS.items():
+                    if name not in have:
+                        self._conn.execute(f"ALTER TABLE jobs ADD COLUMN {name} {decl}")
+                for sql in _INDEXES:
+                    self._conn.execute(sql)
+        except sqlite3.Error as exc:
+            raise JobDatabaseError(f"cannot open the job database {path}: {exc}") from exc
+
+    @contextmanager
+    def tx(self) -> Iterator[_SqliteTx]:
+        """An exclusive write transaction (also used for reads: they are short)."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield _SqliteTx(self._conn)
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+
+class _PgTx:
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+
+    @staticmethod
+    def _sql(sql: str) -> str:
+        return sql.replace("?", "%s")  # JobStore's SQL has no literal "?" or "%"
+
+    def all(self, sql: str, args: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        return self.conn.execute(self._sql(sql), args).fetchall()
+
+    def one(self, sql: str, args: tuple[Any, ...] = ()) -> dict[str, Any] | None:
+        return self.conn.execute(self._sql(sql), args).fetchone()
+
+    def run(self, sql: str, args: tuple[Any, ...] = ()) -> int:
+        return self.conn.execute(self._sql(sql), args).rowcount
+
+
+class PostgresJobDatabase:
+    """A small psycopg 3 connection pool; PostgreSQL's row locks make claims exclusive across machines.
+
+    The pool re-checks a connection before lending it, so a database restart costs the requests in flight,
+    not the process.
+    """
+
+    shared = True
+    order_key = "seq"
+    lock_rows = " FOR UPDATE"
+    skip_locked = " FOR UPDATE SKIP LOCKED"
+
+    def __init__(self, url: str, *, pool_size: int = 4) -> None:
+        self.location = redact(url)
+        if not is_postgres_url(url):
+            raise JobDatabaseError(f"job database URL {self.location!r} is not postgresql://user:pass@host:port/db")
+        try:
+            import psycopg
+            from psycopg.rows import dict_row
+            from psycopg_pool import ConnectionPool
+        except ImportError as exc:  # pragma: no cover - both are main dependencies
+            raise JobDatabaseError(f"PostgreSQL job database needs psycopg 3: pip install clipshot ({exc})") from exc
+        self.integrity_errors = (psycopg.errors.IntegrityError,)
+        try:  # one direct attempt first: the pool would retry in the background and hide the reason
+            psycopg.connect(url, connect_timeout=CONNECT_TIMEOUT_S).close()
+        except psycopg.Error as exc:
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            raise JobDatabaseError(f"cannot connect to the job database {self.location}: {reason}") from exc
+        self._pool = ConnectionPool(url, min_size=1, max_size=pool_size, open=True, name="clipshot-jobs",
+                                    kwargs={"row_factory": dict_row, "connect_timeout": CONNECT_TIMEOUT_S},
+                                    check=ConnectionPool.check_connection)
+        with self.tx() as tx:
+            tx.run("SELECT pg_advisory_xact_lock(?)", (_SCHEMA_LOCK_ID,))
+            columns = _COLUMNS.format(real="DOUBLE PRECISION")
+            tx.run(f"CREATE TABLE IF NOT EXISTS jobs (seq BIGINT GENERATED ALWAYS AS IDENTITY UNIQUE, {columns})")
+            for sql in _INDEXES:
+                tx.run(sql)
+
+    @contextmanager
+    def tx(self) -> Iterator[_PgTx]:
+        """One transaction on a pooled connection (rolled back if the block raises)."""
+        with self._pool.connection() as conn, conn.transaction():
+            yield _PgTx(conn)
+
+    def close(self) -> None:
+        self._pool.close()

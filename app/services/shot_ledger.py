@@ -1,0 +1,116 @@
+"""Which images belong to a category: the ones its active version lists, never whatever lies in ``shots/``.
+
+Why: a crash between writing shot files and saving the version that uses them used to leave files that the
+next fit silently included (issue 13, item 6). Now the active version's manifest is the ledger: ``shots``
+are the good images (registration shots and confirmed goods) the memory was fitted on, ``validation`` the
+operator-confirmed defects. Files no version lists are invisible and swept at start-up. Rolling back to
+an older version therefore also rolls back the image set, so the served model and the listing always agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from app.core.config import Settings
+from app.services.images import decode_image
+from model_store import AdapterStore, StoreError
+from model_store.manifest import Manifest
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+
+@dataclass
+class Ledger:
+    """The category's evidence as of its active version (empty before the first version)."""
+
+    goods: list[dict[str, Any]] = field(default_factory=list)
+    defects: list[dict[str, Any]] = field(default_factory=list)
+    manifest: Manifest | None = None
+
+    @property
+    def good_hashes(self) -> set[str]:
+        return {r["sha256"] for r in self.goods}
+
+    @property
+    def defect_hashes(self) -> set[str]:
+        return {r["sha256"] for r in self.defects}
+
+
+def _refs(refs: list[Any]) -> list[dict[str, Any]]:
+    return [r.model_dump(mode="json") for r in refs]
+
+
+def current_ledger(store: AdapterStore, category: str) -> Ledger:
+    """The active version's image lists; a category without a readable active version has none."""
+    try:
+        manifest = store.manifest(category)
+    except StoreError:
+        return Ledger()
+    return Ledger(_refs(manifest.shots), _refs(manifest.validation), manifest)
+
+
+def new_refs(stored: list[str], files: list[tuple[str, bytes]], *, source: str, label: str = "good",
+             defect_type: str | None = None, note: str | None = None,
+             skip: set[str] = frozenset()) -> list[dict[str, Any]]:
+    """Manifest entries for freshly stored files, one per distinct image not in ``skip`` (upload order)."""
+    now = datetime.now(UTC).isoformat()
+    refs, seen = [], set(skip)
+    for name, (file_name, _) in zip(stored, files, strict=True):
+        digest = name.split(".", 1)[0]
+        if digest in seen:
+            continue
+        seen.add(digest)
+        ref = {"name": name, "sha256": digest, "file_name": (file_name or None) and file_name[:255],
+               "added_at": now, "source": source, "label": label}
+        if defect_type is not None:
+            ref["defect_type"] = defect_type
+        if note is not None:
+            ref["note"] = note
+        refs.append(ref)
+    return refs
+
+
+def decode_refs(store: AdapterStore, category: str, refs: list[dict[str, Any]],
+                settings: Settings) -> list[Image.Image]:
+    """Decode the stored bytes of ``refs`` (same limits as uploads); a missing file is a damaged store."""
+    images = []
+    for ref in refs:
+        path = store.shot_path(category, ref["name"])
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError as exc:
+            raise StoreError(f"category {category!r}: image {ref['name']} listed by the active version is "
+                             "missing from shots/; restore it or activate another version") from exc
+        images.append(decode_image(data, max_pixels=settings.max_image_pixels,
+                                   max_bytes=settings.max_upload_bytes).image)
+    return images
+
+
+def memory_coreset(n_images: int, budget: int) -> float | None:
+    """Coreset ratio that keeps the memory near ``budget`` images' worth of patches (None: keep all).
+
+    Why: confirmed goods keep arriving, and memory size sets the cost of every prediction."""
+    return None if n_images <= budget else budget / n_images
+
+
+def validation_facts(calibration: dict[str, Any] | None, goods: int, defects: int) -> dict[str, Any]:
+    """What a version measures on the operator-confirmed images (``validation`` in the API).
+
+    ``recall``: share of confirmed defects scoring above the threshold. ``false_alarm_rate``: share of the
+    leave-one-out scores of the good images (shots and confirmed goods, each scored against a memory
+    without it) above the threshold; reported once there is at least one confirmed good.
+    """
+    cal = calibration or {}
+    threshold = cal.get("threshold")
+    scores = cal.get("validation_defect_scores") or []
+    normal = cal.get("normal_scores") or []
+    recall = None
+    if threshold is not None and defects and scores:
+        recall = sum(s > threshold for s in scores) / len(scores)
+    far = None
+    if threshold is not None and goods and normal:
+        far = sum(s > threshold for s in normal) / len(normal)
+    return {"defects": defects, "recall": recall, "goods": goods, "false_alarm_rate": far}

@@ -1,0 +1,110 @@
+"""Mixed-product batches (``Detector.forward_mixed``): one backbone forward for a batch mixing products, LoRA
+products included (per-sample low-rank deltas), and every sample scored exactly as its own product's path."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import pytest
+import torch
+from conftest import textured
+from PIL import Image
+
+from clipshot import lora
+from clipshot.backbone import load_backbone
+from clipshot.detector import Detector
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+# fp32; the batched path multiplies in other groupings than per-sample calls (batched GEMM blocking, W x + sum of
+# deltas): observed differences are ~1e-6, two orders below any effect a product's adapter has (see assertions)
+ATOL = 1e-4
+
+
+def fit(detector: Detector, seeds, category: str):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return detector.fit_memory([Image.fromarray(textured(s)) for s in seeds], category=category,
+                                   calibration_views=0)
+
+
+@pytest.fixture(scope="module")
+def clip_products():
+    """A private tiny CLIP and five products: two memory-only, two LoRA (ranks 4 and 8), one DPAM."""
+    backbone = load_backbone("test:tiny-clip")
+    detector = Detector(backbone)
+    m1, m2 = fit(detector, range(4), "m1"), fit(detector, range(10, 14), "m2")
+    gen = torch.Generator().manual_seed(0)
+    loras = []
+    for uid, rank in (("x", 4), ("y", 8)):
+        spec = lora.LoraSpec(rank=rank)
+        lora.add_adapter(backbone.visual, "shape", spec)
+        shapes = lora.state(backbone.visual, "shape")
+        lora.remove_adapter(backbone.visual, "shape")
+        loras.append(dataclasses.replace(m1, category=uid, lora=spec, uid=uid, lora_state={
+            k: 0.05 * torch.randn(v.shape, generator=gen) for k, v in shapes.items()}))
+    dpam = dataclasses.replace(m2, category="d", uid="d", scoring=dataclasses.replace(m2.scoring, dpam=True))
+    pixels = backbone.preprocess([Image.fromarray(textured(20 + i, jitter=0.1)) for i in range(8)])
+    x, y = loras
+    return backbone, {"m1": m1, "m2": m2, "x": x, "y": y, "d": dpam}, pixels
+
+
+def reference(detector: Detector, pixels: torch.Tensor, adapters) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-product path: each sample alone through ``forward`` with its own adapter."""
+    outs = [detector.forward(pixels[i : i + 1], a) for i, a in enumerate(adapters)]
+    return torch.cat([s for s, _ in outs]), torch.cat([m for _, m in outs])
+
+
+@pytest.mark.parametrize("mixed_lora", ["group", "gather", "split"])
+@pytest.mark.parametrize("merge", [False, True])
+def test_mixed_batch_equals_the_per_product_path(clip_products, mixed_lora, merge):
+    backbone, p, pixels = clip_products
+    detector = Detector(backbone, merge_lora=merge, mixed_lora=mixed_lora)
+    order = [p["m1"], p["x"], p["m2"], p["y"], p["x"], p["m1"], p["d"], p["y"]]
+    want_scores, want_maps = reference(Detector(backbone), pixels, order)
+    scores, maps = detector.forward_mixed(pixels, order)
+    assert torch.allclose(scores, want_scores, atol=ATOL) and torch.allclose(maps, want_maps, atol=ATOL)
+    # the LoRA really matters: sample 1 scored by m1 (x's memory and calibration, no LoRA) is far from x's score
+    without_lora = detector.forward(pixels[1:2], p["m1"])[1]
+    assert (without_lora - want_maps[1:2]).abs().max() > 100 * ATOL
+    # no hook, fold or activation leaks out: a plain forward afterwards is the frozen model's again
+    assert all(not m._forward_hooks for m in backbone.visual.modules())
+    assert torch.allclose(Detector(backbone).forward(pixels[:1], p["m1"])[1], want_maps[:1], atol=ATOL)
+
+
+def test_mixed_batch_runs_one_backbone_forward(clip_products, monkeypatch):
+    backbone, p, pixels = clip_products
+    calls: list[int] = []
+    extract = backbone.extract
+    monkeypatch.setattr(backbone, "extract", lambda px, **kw: calls.append(px.shape[0]) or extract(px, **kw))
+    order = [p["m1"], p["x"], p["m2"], p["y"]] * 2
+    Detector(backbone, mixed_lora="group").forward_mixed(pixels, order)
+    assert calls == [8]  # four products incl. two LoRAs, one forward over all 8 images
+    calls.clear()
+    Detector(backbone, mixed_lora="split").forward_mixed(pixels, order)
+    assert sorted(calls) == [2, 2, 4]  # the grouping fallback: x, y, and the two memory products together
+    calls.clear()
+    Detector(backbone).forward_mixed(pixels, [p["m1"], p["d"]] * 4)
+    assert calls == [4, 4]  # DPAM is another forward: split by it, nothing else
+
+
+def test_mixed_batch_on_the_offline_backbone():
+    backbone = load_backbone("imagenet:efficientnet-lite0", image_size=64)
+    detector = Detector(backbone)
+    a = fit(detector, range(4), "a")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # product b: the inverted pattern, so its memory disagrees with a's
+        b = detector.fit_memory([Image.fromarray(255 - textured(s)) for s in range(4)], category="b",
+                                calibration_views=0)
+    pixels = backbone.preprocess([Image.fromarray(textured(40 + i, jitter=0.1)) for i in range(4)])
+    order = [a, b, b, a]
+    scores, maps = detector.forward_mixed(pixels, order)
+    want_scores, want_maps = reference(detector, pixels, order)
+    assert torch.allclose(scores, want_scores, atol=ATOL) and torch.allclose(maps, want_maps, atol=ATOL)
+    assert (detector.forward(pixels[1:2], a)[1] - want_maps[1:2]).abs().max() > 100 * ATOL  # b's rows are b's
+
+
+def test_mixed_batch_rejects_a_length_mismatch(clip_products):
+    backbone, p, pixels = clip_products
+    with pytest.raises(ValueError, match="8 images but 2 adapters"):
+        Detector(backbone).forward_mixed(pixels, [p["m1"], p["x"]])
