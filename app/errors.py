@@ -19,7 +19,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.api.request_id import current_request_id
@@ -134,8 +134,26 @@ async def _clipshot_handler(_: Request, exc: Exception) -> JSONResponse:
     return exc.to_response()
 
 
-async def _http_exception_handler(_: Request, exc: Exception) -> JSONResponse:
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at this path (Starlette's 405 names only the first route's methods)."""
+    methods, path = {"OPTIONS"}, request.url.path
+    stack = list(request.app.router.routes)
+    while stack:
+        route = stack.pop()
+        if (included := getattr(route, "original_router", None)) is not None:  # FastAPI's include_router wrapper
+            stack.extend(included.routes)
+        elif (regex := getattr(route, "path_regex", None)) is not None and regex.match(path):
+            methods |= set(getattr(route, "methods", None) or ())
+    return sorted(methods)
+
+
+async def _http_exception_handler(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 405:  # also how OPTIONS reaches us: no route declares it
+        allow = ", ".join(allowed_methods(request))
+        if request.method == "OPTIONS":
+            return Response(status_code=204, headers={"Allow": allow})
+        exc.headers = {**(exc.headers or {}), "Allow": allow}
     message = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
     code = getattr(exc, "code", None) or _status_code_name(exc.status_code)  # subclasses may pin a stable code
     err = ClipshotHTTPError(message, code=code, status_code=exc.status_code, headers=exc.headers)

@@ -18,6 +18,7 @@ from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
 
 from app.api.limits import BodySizeLimitMiddleware
+from app.api.openapi import document_upload_limits
 from app.api.request_id import RequestIdMiddleware
 from app.api.routes import all_routers
 from app.api.ui import install_ui
@@ -87,6 +88,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         merge = settings.lora_merge == "on" or (settings.lora_merge == "auto" and backbone.device.type == "cuda")
         state.detector = detector = Detector(backbone, merge_lora=merge, mixed_lora=settings.mixed_lora)
         state.store = store = AdapterStore(settings.store)
+        if swept := await run_in_threadpool(store.sweep_abandoned):
+            log.info("removed %d leftover temp/trash entries of interrupted store writes", swept)
         state.job_store = job_store = open_job_store(settings)
         stack.callback(job_store.close)
         state.device_worker = worker = DeviceWorker(metrics)
@@ -152,6 +155,7 @@ def create_app(settings: Settings | None = None, *, backbone: Backbone | None = 
     app.state.metrics = metrics
     app.state.preloaded_backbone = backbone
     install_error_handlers(app)
+    document_upload_limits(app, settings)
     for router in all_routers():
         app.include_router(router)
     install_ui(app)

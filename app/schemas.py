@@ -18,6 +18,10 @@ HeatmapMode = Literal["jpeg", "png", "mask", "regions", "raw", "none"]
 # --- prediction ------------------------------------------------------------------------------
 
 
+# What a product/object name may hold: it goes into CLIP prompts, manifests and logs, so no control characters,
+# line breaks or terminal escapes (shared by the zero-shot `object` and the register `description`).
+OBJECT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9 _-]{0,63}$"
+
 class Heatmap(BaseModel):
     """An anomaly map: a picture for people (jpeg/png overlay), a mask, or the numbers (raw)."""
 
@@ -118,18 +122,22 @@ class ShotsRegistered(BaseModel):
     job_id: str | None = Field(description="Fine-tune job started for it, or null (disabled, non-CLIP, busy).")
     shots: int = Field(description="Distinct shots the category now holds.")
     added: int = Field(description="Shots this upload added (identical images are stored once).")
-    warnings: list[str] = Field(default_factory=list, description="Things the engineer should know.")
+    warnings: list[str] = Field(default_factory=list, description="Things the engineer should know (with 1-3 "
+                                "shots: that the threshold's promises are rough guesses).")
+    decision: Decision | None = Field(None, description="How the new version decides `is_anomalous`: threshold, "
+                                      "expected false-alarm rate and recall, and whether the shots let it be sure.")
 
 
 class FinetuneRequest(BaseModel):
     """Optional budget of ``POST /v1/categories/{category}/finetune``; omitted fields use the settings."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid")  # strict ints: `"seed": false` is a client bug, not seed 0
 
-    steps: int | None = Field(None, ge=1, le=100_000, description="Optimisation steps (default finetune_steps).")
+    steps: int | None = Field(None, ge=1, le=100_000, strict=True,
+                              description="Optimisation steps (default finetune_steps).")
     seconds: float | None = Field(None, gt=0, le=86_400,
                                   description="Wall-clock budget in s (default finetune_seconds).")
-    seed: int | None = Field(None, ge=0, le=2**31 - 1, description="Random seed (default 0).")
+    seed: int | None = Field(None, ge=0, le=2**31 - 1, strict=True, description="Random seed (default 0).")
 
 
 # --- decisions: threshold policy, feedback, shots ----------------------------------------------
@@ -225,6 +233,8 @@ class AdapterVersionInfo(BaseModel):
 
     version: int = Field(description="Version number (1, 2, ...).")
     active: bool = Field(description="Whether predictions use this version now.")
+    integrity: str | None = Field(None, description="`ok` when the tensor file matches its manifest's sha256, else "
+                                  "`corrupt: <why>` (activation is then refused with 409).")
     created: datetime | None = Field(None, description="When the version was saved (UTC).")
     promotable: bool | None = Field(None, description="Memory adapters, and fine-tunes that beat them.")
     kind: str | None = Field(None, description="`memory` (no training) or `finetuned` (LoRA + prompts).")

@@ -40,10 +40,17 @@ def pixel_map(patch_maps: torch.Tensor, size: int, sigma: float = SIGMA) -> torc
     return gaussian_blur(upsample(patch_maps, (size, size)), sigma)
 
 
+# How a map is shown to people (the service overlay and the eval figures share it): untinted at or below the
+# threshold, a YlOrRd tint (its pale start skipped) from the threshold up to twice the threshold.
+OVERLAY_COLORMAP = "YlOrRd"
+OVERLAY_COLORMAP_START = 0.25
+UNCALIBRATED_THRESHOLD = 0.5  # middle of the [0, 1] score range every branch produces
+
+
 def colour_scale(threshold: float | None) -> tuple[float, float]:
-    """(vmin, vmax) for showing a map to people: 0 .. 2 x threshold, so the threshold sits mid-scale and a
-    good part looks calm next to a defect. The service overlay and the eval figures share it. Uncalibrated
-    adapters fall back to the maps' natural [0, 1] range."""
-    if threshold is None or not math.isfinite(threshold) or threshold <= 0:
-        return 0.0, 1.0
-    return 0.0, 2.0 * float(threshold)
+    """(vmin, vmax) for showing a map: vmin is the threshold (untinted at or below it), vmax = 2 x threshold
+    (capped at 1, the top of every score range), so two pictures can be compared by eye. An uncalibrated
+    adapter uses ``UNCALIBRATED_THRESHOLD``."""
+    t = UNCALIBRATED_THRESHOLD if threshold is None or not math.isfinite(threshold) else float(threshold)
+    t = min(max(t, 0.0), 0.99)
+    return t, max(min(2.0 * t, 1.0), t + 0.01)

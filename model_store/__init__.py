@@ -12,10 +12,11 @@ from .errors import (
     VersionNotFound,
 )
 from .manifest import SCHEMA_VERSION, BackboneRef, Manifest, ShotRef, TrainingInfo
-from .store import CATEGORY_NAME, AdapterStore, validate_category
+from .store import CATEGORY_NAME, CATEGORY_PATTERN, AdapterStore, validate_category
 
 __all__ = [
     "CATEGORY_NAME",
+    "CATEGORY_PATTERN",
     "SCHEMA_VERSION",
     "AdapterStore",
     "BackboneMismatch",

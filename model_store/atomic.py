@@ -96,6 +96,69 @@ def sweep_stale(directory: Path, *, max_age: float = STALE_SECONDS) -> None:
                     entry.unlink()
 
 
+TMP_FILE_GRACE_SECONDS = 60.0  # a temp *file* lives for one write + rename (ms); older ones were abandoned
+
+
+@contextlib.contextmanager
+def claimed_tmp_dir(parent: Path) -> Iterator[Path]:
+    """Create a hidden temp dir and hold an ``flock`` on it while the caller fills it.
+
+    The lock is what start-up sweeping asks: a temp dir whose lock can be taken has no live writer (the
+    kernel drops a dead process's locks), so a crashed write is swept at once, never a running one.
+    """
+    while True:
+        tmp = parent / tmp_name()
+        tmp.mkdir()
+        fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if (os.fstat(fd).st_ino, os.fstat(fd).st_dev) == (os.stat(tmp).st_ino, os.stat(tmp).st_dev):
+                break  # ours, and not swept between mkdir and flock
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        yield tmp
+    finally:
+        os.close(fd)
+
+
+def sweep_abandoned(directory: Path) -> int:
+    """Start-up sweep: remove temp dirs no live writer holds, old temp files and all trash; returns a count."""
+    removed = 0
+    with contextlib.suppress(OSError):
+        for entry in directory.iterdir():
+            if entry.name.startswith(TRASH_PREFIX):
+                removed += _remove(entry)
+            elif entry.name.startswith(TMP_PREFIX):
+                with contextlib.suppress(OSError):
+                    if entry.is_dir() and not entry.is_symlink():
+                        removed += _remove_if_unclaimed(entry)
+                    elif time.time() - entry.lstat().st_mtime >= TMP_FILE_GRACE_SECONDS:
+                        removed += _remove(entry)
+    return removed
+
+
+def _remove_if_unclaimed(tmp_dir: Path) -> int:
+    fd = os.open(tmp_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return 0  # a live writer is filling it
+        return _remove(tmp_dir)
+    finally:
+        os.close(fd)
+
+
+def _remove(entry: Path) -> int:
+    if entry.is_dir() and not entry.is_symlink():
+        shutil.rmtree(entry, ignore_errors=True)
+    else:
+        entry.unlink(missing_ok=True)
+    return 0 if entry.exists() or entry.is_symlink() else 1
+
+
 @contextlib.contextmanager
 def locked(directory: Path) -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``directory/.lock`` (works across threads and processes).

@@ -18,13 +18,13 @@ from typing import Any
 import torch
 
 from .atomic import (
+    claimed_tmp_dir,
     fsync_dir,
     locked,
     rename_new,
     replace_file,
     sha256_file,
     sweep_stale,
-    tmp_name,
     write_new_file,
 )
 from .errors import BackboneMismatch, BundleCorrupt, BundleNotFound, InvalidInput, VersionNotFound
@@ -126,6 +126,23 @@ class VersionedBundles:
         version, vdir = self._resolve(version)
         return self._read_manifest(version, vdir, self._checked_dir(version, vdir))
 
+    def verify(self, version: int | None = None) -> Manifest:
+        """Check a version's files, manifest and tensor checksum (no tensors parsed); raises BundleCorrupt."""
+        version, vdir = self._resolve(version)
+        where = self._checked_dir(version, vdir)
+        manifest = self._read_manifest(version, vdir, where)
+        self._check_digest(vdir, manifest, where)
+        return manifest
+
+    @staticmethod
+    def _check_digest(vdir: Path, manifest: Manifest, where: str) -> None:
+        digest = sha256_file(vdir / TENSORS_FILE)
+        if digest != manifest.tensors_sha256:
+            raise BundleCorrupt(
+                f"{where}: adapter.safetensors sha256 is {digest}, manifest says {manifest.tensors_sha256}; "
+                "the file is damaged, restore it or activate another version"
+            )
+
     def load(
         self,
         version: int | None = None,
@@ -145,12 +162,7 @@ class VersionedBundles:
                     f"{where} was built for backbone {field} {actual!r} but {expected!r} is loaded; "
                     "load the matching backbone or refit the adapter on this one"
                 )
-        digest = sha256_file(vdir / TENSORS_FILE)
-        if digest != manifest.tensors_sha256:
-            raise BundleCorrupt(
-                f"{where}: adapter.safetensors sha256 is {digest}, manifest says {manifest.tensors_sha256}; "
-                "the file is damaged, restore it or activate another version"
-            )
+        self._check_digest(vdir, manifest, where)
         return load_tensors(vdir / TENSORS_FILE, device=device, where=where), manifest
 
     # ---- writing -------------------------------------------------------------------------
@@ -192,22 +204,21 @@ class VersionedBundles:
 
         self.path.mkdir(parents=True, exist_ok=True)
         sweep_stale(self.path)
-        tmp = self.path / tmp_name()
-        tmp.mkdir()
-        try:
-            write_new_file(tmp / TENSORS_FILE, payload)
-            with locked(self.path):
-                version = max(self.versions(), default=0) + 1
-                final = draft.model_copy(update={"version": version})
-                write_new_file(tmp / MANIFEST_FILE, dump_manifest(final))
-                fsync_dir(tmp)
-                rename_new(tmp, self.path / f"v{version}")
-                if activate:
-                    self._write_pointer(version)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                shutil.rmtree(tmp)
-            raise
+        with claimed_tmp_dir(self.path) as tmp:
+            try:
+                write_new_file(tmp / TENSORS_FILE, payload)
+                with locked(self.path):
+                    version = max(self.versions(), default=0) + 1
+                    final = draft.model_copy(update={"version": version})
+                    write_new_file(tmp / MANIFEST_FILE, dump_manifest(final))
+                    fsync_dir(tmp)
+                    rename_new(tmp, self.path / f"v{version}")
+                    if activate:
+                        self._write_pointer(version)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    shutil.rmtree(tmp)
+                raise
         return version
 
     def activate(self, version: int) -> None:
@@ -216,7 +227,7 @@ class VersionedBundles:
         if not self.path.is_dir():
             raise BundleNotFound(f"{self.label} does not exist; save a bundle first")
         with locked(self.path):
-            self.manifest(version)  # refuse to point at a missing or broken version
+            self.verify(version)  # refuse to point at a missing, broken or damaged version
             self._write_pointer(version)
 
     def rollback(self) -> int:
@@ -230,7 +241,7 @@ class VersionedBundles:
             older = [v for v in self.versions() if v < active]
             if not older:
                 raise VersionNotFound(f"{self.label}: no version older than v{active} to roll back to")
-            self.manifest(older[-1])
+            self.verify(older[-1])
             self._write_pointer(older[-1])
             return older[-1]
 

@@ -20,13 +20,14 @@ from typing import Any
 
 import torch
 
-from .atomic import STALE_SECONDS, TRASH_PREFIX, fsync_dir, locked, sweep_stale
-from .bundles import VersionedBundles
+from .atomic import STALE_SECONDS, TRASH_PREFIX, fsync_dir, locked, sweep_abandoned, sweep_stale
+from .bundles import TENSORS_FILE, VersionedBundles
 from .errors import BundleNotFound, InvalidName, StoreError
 from .manifest import Manifest
 from .shots import SHOT_NAME, SHOTS_DIR, list_shots, store_shots, validate_shots
 
-CATEGORY_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+CATEGORY_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+CATEGORY_NAME = re.compile(CATEGORY_PATTERN)
 GENERIC_NAME = "generic"
 
 
@@ -90,6 +91,14 @@ class AdapterStore:
         """A version's manifest (default: active) without reading the tensors."""
         return self._bundles(category).manifest(version)
 
+    def verify(self, category: str, version: int | None = None) -> Manifest:
+        """Check a version's files, manifest and tensor checksum; raises BundleCorrupt if damaged."""
+        return self._bundles(category).verify(version)
+
+    def tensors_path(self, category: str, version: int) -> Path:
+        """Where a version's tensor file lives (for integrity caches keyed on its stat)."""
+        return self._bundles(category).path / f"v{version}" / TENSORS_FILE
+
     def versions(self, category: str) -> list[int]:
         """Committed versions of ``category``, ascending ([] if it does not exist)."""
         return self._bundles(category).versions()
@@ -134,6 +143,19 @@ class AdapterStore:
             fsync_dir(self._categories_dir)
         shutil.rmtree(trash, ignore_errors=True)
         sweep_stale(self._categories_dir)
+
+    def sweep_abandoned(self) -> int:
+        """Remove what crashed writers left (temp bundle dirs and files, shot temp files, trash); returns a count.
+
+        Run at service start-up. Safe beside other live processes: a temp dir being written is held under
+        an ``flock`` by its writer and skipped.
+        """
+        dirs = [self._categories_dir, self.generic.path]
+        if self._categories_dir.is_dir():
+            for entry in self._categories_dir.iterdir():
+                if CATEGORY_NAME.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink():
+                    dirs += [entry, entry / SHOTS_DIR]
+        return sum(sweep_abandoned(d) for d in dirs if d.is_dir())
 
     # ---- shots -------------------------------------------------------------------------
     def save_shots(self, category: str, files: list[tuple[str, bytes]]) -> list[str]:

@@ -271,3 +271,14 @@ def test_finetune_keeps_policy_and_validation_and_feedback_refits_through_its_lo
     assert lora_keys and lora_keys == sorted(k for k in new if k.startswith("lora."))
     assert all((old[k] == new[k]).all() for k in lora_keys)  # the LoRA is reused, not retrained
     assert predict(client, [50])[0]["adapter_version"] == refit
+
+
+def test_registration_answers_with_its_decision_and_says_when_it_cannot_be_sure(client):
+    few = register(client, seeds=range(2), category="few")
+    assert few["decision"]["confident"] is False and few["decision"]["threshold"] > 0
+    assert few["decision"]["note"] in few["warnings"]  # 1-3 shots: the response says the rates are rough
+    enough = register(client, seeds=range(4), category="enough")
+    assert enough["decision"]["confident"] is True and enough["decision"]["note"] is None
+    assert enough["decision"]["expected_recall"] is not None  # synthetic defects were scored at registration
+    detail = client.get("/v1/categories/enough", headers=CLIENT).json()
+    assert detail["decision"] == enough["decision"]

@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Response
+from fastapi.dependencies.models import Dependant
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app.core.config import Settings
-from app.errors import ForbiddenError, UnauthorizedError
+from app.errors import ClipshotHTTPError, ForbiddenError, UnauthorizedError
 from app.metrics import Metrics
 from app.services.adapter_cache import AdapterCache
 from app.services.inference import InferenceService
@@ -144,3 +146,44 @@ JobStoreDep = Annotated[JobStore, Depends(get_job_store)]
 InferenceDep = Annotated[InferenceService, Depends(get_inference)]
 AdapterCacheDep = Annotated[AdapterCache, Depends(get_adapter_cache)]
 ReadinessDep = Annotated[ReadinessProbe, Depends(get_readiness)]
+
+
+def _required_scope(dependant: Dependant) -> Scope | None:
+    """The scope a route's dependency tree demands (admin wins), found once when the route is built."""
+    calls = set()
+    stack = [dependant]
+    while stack:
+        node = stack.pop()
+        calls.add(node.call)
+        stack.extend(node.dependencies)
+    return "admin" if require_admin in calls else "client" if require_client in calls else None
+
+
+class AuthFirstRoute(APIRoute):
+    """Checks the bearer key and scope from the headers *before* FastAPI reads (and spools) the body.
+
+    FastAPI parses a form body before it solves dependencies, so without this an anonymous 200 MiB
+    upload was read to a temp file only to get its 401, and a malformed body without a key got 422.
+    The route's own ``AdminDep``/``ClientDep`` still runs afterwards (cheap) and documents the scheme.
+    A refusal with a body still on the wire closes the connection, so the client stops sending it.
+    """
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+        scope = _required_scope(self.dependant)
+        if scope is None:
+            return handler
+
+        async def auth_first(request: Request) -> Response:
+            settings: Settings = request.app.state.settings
+            try:
+                principal = authenticate(settings, await _bearer(request))
+                if scope == "admin" and principal.scope != "admin":
+                    require_admin(settings, await _bearer(request))  # raises the 403
+            except ClipshotHTTPError as exc:
+                if "content-length" in request.headers or "transfer-encoding" in request.headers:
+                    exc.headers["Connection"] = "close"
+                raise
+            return await handler(request)
+
+        return auth_first

@@ -7,6 +7,13 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from model_store import CATEGORY_PATTERN
+
+# The category path parameter as the server checks it (an invalid name answers 400 `invalid_category`); the
+# schema states the rule without FastAPI enforcing it, so the answer keeps its documented status and code.
+CATEGORY_DOC = "Product category: 1-64 characters of a-z 0-9 . _ - (starting with a letter or digit)."
+CATEGORY_SCHEMA: dict[str, Any] = {"pattern": CATEGORY_PATTERN, "minLength": 1, "maxLength": 64}
+
 
 class ErrorDetail(BaseModel):
     code: str = Field(description="Stable machine-readable error code, e.g. `image_too_large`.")

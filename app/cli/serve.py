@@ -64,6 +64,7 @@ def serve(ns: argparse.Namespace) -> int:
 
     import uvicorn  # heavy imports only once the configuration is known to be sane
 
+    from app.http_guard import guarded_protocol
     from app.main import StartupError, create_app, load_service_backbone, open_job_store
 
     try:
@@ -74,8 +75,10 @@ def serve(ns: argparse.Namespace) -> int:
         return _fail(str(exc), EXIT_STARTUP)
     app = create_app(settings, backbone=backbone)
     # log_config=None: uvicorn keeps its hands off logging, its loggers propagate to our root handler.
+    # Our httptools protocol adds the header-size, read-timeout and connection limits uvicorn lacks.
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=level, log_config=None,
-                            lifespan="on", timeout_graceful_shutdown=SHUTDOWN_DRAIN_S)
+                            lifespan="on", timeout_graceful_shutdown=SHUTDOWN_DRAIN_S,
+                            http=guarded_protocol(settings), timeout_keep_alive=settings.keep_alive_timeout_s)
     server = uvicorn.Server(config)
     with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises Ctrl-C after its graceful shutdown
         server.run()

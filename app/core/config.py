@@ -135,6 +135,27 @@ class Settings(BaseSettings):
         description="Largest accepted image area (width x height) read from the header before decoding; "
         "guards against decompression bombs -> 413.",
     )
+    max_request_pixels: int = Field(
+        64_000_000,
+        ge=1,
+        description="Most decoded pixels (sum of width x height over its images, read from the headers before "
+        "anything is decoded) one predict request may carry -> 413. Must be at least `max_image_pixels`.",
+    )
+    max_inflight_pixels: int = Field(
+        200_000_000,
+        ge=1,
+        description="Most decoded pixels held by all predict requests in flight together (about 3 bytes each "
+        "as RGB, plus the overlay); a request that would pass it gets 503 + Retry-After before decoding. "
+        "Must be at least `max_request_pixels`.",
+    )
+    max_overlay_side: int = Field(
+        1024,
+        ge=64,
+        le=16384,
+        description="Longest side of any heatmap picture (overlay or mask, px): larger uploads get theirs drawn on "
+        "a downscaled copy (the response's `shape` says which), so its memory does not grow with the upload; "
+        "`heatmap_size` may ask for smaller.",
+    )
 
     # --- few-shot limits -----------------------------------------------------------------------
     min_shots: int = Field(
@@ -221,6 +242,42 @@ class Settings(BaseSettings):
     )
 
     _insecure_warned: bool = PrivateAttr(False)  # the no-auth warning is said once per Settings, not per check
+    max_header_bytes: int = Field(
+        32 * 1024,
+        ge=1024,
+        le=MiB,
+        description="Largest request line plus headers (bytes); beyond it `clipshot serve` answers 431 and "
+        "closes the connection before parsing more.",
+    )
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description="Time a client has from connecting (or from a request's first byte) to the end of its "
+        "headers (s); then 408 and the connection is closed.",
+    )
+    body_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="Longest pause while a request body arrives (s); also the grace period after which the "
+        "body must average `min_body_rate`. A slower client gets 408 and is disconnected.",
+    )
+    min_body_rate: int = Field(
+        1024,
+        ge=0,
+        description="Slowest accepted average upload rate (bytes/s) once a body has taken `body_timeout_s`; "
+        "0 disables the rate check (the pause limit stays).",
+    )
+    keep_alive_timeout_s: int = Field(
+        5, ge=1, le=3600, description="How long an idle keep-alive connection stays open between requests (s)."
+    )
+    max_connections: int = Field(
+        1024,
+        ge=1,
+        le=1_000_000,
+        description="Most open HTTP connections; one more is answered 503 + Retry-After and closed at once.",
+    )
 
     @field_validator("device", mode="before")
     @classmethod
@@ -312,6 +369,11 @@ class Settings(BaseSettings):
         if not self.job_worker and not self.job_db:
             raise ValueError("job_worker=false needs a shared PostgreSQL job_db: with the SQLite job file no other "
                              "process could run this one's fine-tunes")
+        if not self.max_image_pixels <= self.max_request_pixels <= self.max_inflight_pixels:
+            raise ValueError(
+                f"pixel limits must grow: max_image_pixels ({self.max_image_pixels}) <= max_request_pixels "
+                f"({self.max_request_pixels}) <= max_inflight_pixels ({self.max_inflight_pixels})"
+            )
         if self.max_request_bytes < self.max_upload_bytes:
             raise ValueError(
                 f"max_request_bytes ({self.max_request_bytes}) must be >= "

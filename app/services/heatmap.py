@@ -27,17 +27,17 @@ from PIL import Image
 from scipy import ndimage
 
 from app.services.png_encoder import encode_png
+from clipshot.anomaly_map import OVERLAY_COLORMAP, OVERLAY_COLORMAP_START, colour_scale
 
 DEFAULT_MAX_SIDE = 1024  # longest side of any returned picture unless heatmap_size asks for less
 MAX_REGIONS = 32  # the strongest regions are listed; regions_total in the answer counts all of them
 JPEG_QUALITY = 85
-UNCALIBRATED_THRESHOLD = 0.5  # middle of the [0, 1] score range every branch produces
-COLORMAP = "YlOrRd"
 ALPHA_MIN, ALPHA_MAX = 0.30, 0.65  # tint opacity just above the threshold and at vmax
 CONTOUR_RGB = (255, 0, 0)
 # Yellow (just anomalous) to dark red (vmax) as a 256-entry palette: a palette lookup in Pillow's C loop is
 # ~10x cheaper than evaluating the colour map per output pixel. The pale start of YlOrRd is skipped.
-_PALETTE = colormaps[COLORMAP](np.linspace(0.25, 1.0, 256), bytes=True)[:, :3].astype(np.uint8)
+_PALETTE = colormaps[OVERLAY_COLORMAP](np.linspace(OVERLAY_COLORMAP_START, 1.0, 256), bytes=True)[:, :3]
+_PALETTE = _PALETTE.astype(np.uint8)
 
 
 @dataclass(frozen=True)
@@ -47,13 +47,6 @@ class Region:
     box: tuple[int, int, int, int]  # x0, y0, x1, y1 (x1, y1 exclusive)
     area_pct: float  # share of the image's area, in percent
     peak_score: float  # highest anomaly score inside
-
-
-def colour_scale(threshold: float | None) -> tuple[float, float]:
-    """(vmin, vmax) of the overlay: vmin is the threshold (untinted at or below it), vmax = 2 x threshold."""
-    t = UNCALIBRATED_THRESHOLD if threshold is None or not np.isfinite(threshold) else float(threshold)
-    t = min(max(t, 0.0), 0.99)
-    return t, max(min(2.0 * t, 1.0), t + 0.01)
 
 
 def output_size(image_size: tuple[int, int], heatmap_size: int | None, max_side: int = DEFAULT_MAX_SIDE

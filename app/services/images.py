@@ -29,7 +29,7 @@ import io
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from app.errors import ImageError
 
@@ -57,16 +57,10 @@ class DecodedImage:
 
 def decode_image(data: bytes, *, max_pixels: int, max_bytes: int) -> DecodedImage:
     """Decode one uploaded file fully and safely, or raise ``ImageError`` with the right status."""
-    if not data:
-        raise ImageError(400, "empty_file", "The uploaded file is empty.")
-    if len(data) > max_bytes:
-        raise ImageError(
-            413,
-            "upload_too_large",
-            f"The file is {len(data)} bytes; the limit is {max_bytes} bytes per image.",
-        )
+    _check_bytes(data, max_bytes)
     digest = hashlib.sha256(data).hexdigest()
     img = _open(data, max_pixels)
+    rgb: Image.Image | None = None
     try:
         try:
             img.load()  # full decode: truncated or corrupt data raises here, never silently padded
@@ -80,10 +74,36 @@ def decode_image(data: bytes, *, max_pixels: int, max_bytes: int) -> DecodedImag
             ) from e
         fmt, mode, size = img.format or "unknown", img.mode, img.size
         upright = _exif_upright(img)
-        rgb = to_rgb(upright)
+        # An upright RGB file is returned as decoded: a copy would double the peak memory of a large upload.
+        rgb = upright if upright.mode == "RGB" else to_rgb(upright)
+    finally:
+        if rgb is not img:
+            img.close()
+    return DecodedImage(image=rgb, sha256=digest, original_size=size, format=fmt, original_mode=mode)
+
+
+def header_pixels(data: bytes, *, max_pixels: int, max_bytes: int) -> int:
+    """Width x height from the file's header alone (nothing decoded), with the same checks as ``decode_image``.
+
+    Lets a request's pixel budget be decided before any pixel is decoded.
+    """
+    _check_bytes(data, max_bytes)
+    img = _open(data, max_pixels)
+    try:
+        return img.size[0] * img.size[1]
     finally:
         img.close()
-    return DecodedImage(image=rgb, sha256=digest, original_size=size, format=fmt, original_mode=mode)
+
+
+def _check_bytes(data: bytes, max_bytes: int) -> None:
+    if not data:
+        raise ImageError(400, "empty_file", "The uploaded file is empty.")
+    if len(data) > max_bytes:
+        raise ImageError(
+            413,
+            "upload_too_large",
+            f"The file is {len(data)} bytes; the limit is {max_bytes} bytes per image.",
+        )
 
 
 def _open(data: bytes, max_pixels: int) -> Image.Image:
@@ -129,6 +149,8 @@ def _too_large(size: tuple[int, int], max_pixels: int) -> ImageError:
 def _exif_upright(img: Image.Image) -> Image.Image:
     """Apply the EXIF orientation; a broken EXIF block keeps the stored orientation instead of failing."""
     try:
+        if img.getexif().get(ExifTags.Base.Orientation, 1) in (0, 1):
+            return img  # already upright: exif_transpose would still return a full copy
         return ImageOps.exif_transpose(img) or img
     except Exception:  # metadata damage must not reject an otherwise valid photo
         return img

@@ -23,16 +23,25 @@ from starlette.concurrency import run_in_threadpool
 from app.core.config import Settings
 from app.errors import ClipshotHTTPError, ConflictError, ImageError, NotFoundError, OverloadedError
 from app.metrics import Metrics
-from app.schemas import AnomalyRegion, Heatmap, HeatmapMode, ImagePrediction, PredictResponse, StageTimings
+from app.schemas import (
+    OBJECT_NAME_PATTERN,
+    AnomalyRegion,
+    Heatmap,
+    HeatmapMode,
+    ImagePrediction,
+    PredictResponse,
+    StageTimings,
+)
 from app.services.adapter_cache import ZERO_SHOT_LABEL, AdapterCache
 from app.services.batcher import Batcher, BatchResult
 from app.services.heatmap import b64, render
-from app.services.images import DecodedImage, decode_image
+from app.services.images import DecodedImage, decode_image, header_pixels
+from app.services.pixel_budget import PixelBudget, release_free_memory
 from clipshot.adapter import Adapter
 from clipshot.detector import Detector
 
 HeatmapOptions = tuple[HeatmapMode, int | None]  # mode, requested longer side of the picture
-OBJECT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _-]{0,63}$")
+OBJECT_NAME = re.compile(OBJECT_NAME_PATTERN)
 
 
 @dataclass(frozen=True)
@@ -55,6 +64,8 @@ class InferenceService:
         self._cpu_backbone = copy.copy(detector.backbone)
         self._cpu_backbone.device = torch.device("cpu")
         self._pending_images = 0  # admitted and not answered yet; only touched on the event loop
+        self.pixel_budget = PixelBudget(settings.max_request_pixels, settings.max_inflight_pixels)
+        self._trims: set[asyncio.Future[bool]] = set()
 
     # -- entry points ------------------------------------------------------------------------
     async def predict_category(self, category: str, files: Sequence[UploadFile],
@@ -125,6 +136,18 @@ class InferenceService:
     async def _admitted(self, adapter: Adapter, label: str, source: str, files: Sequence[UploadFile],
                         heatmap: HeatmapOptions) -> PredictResponse:
         uploads = [await self._read(f) for f in files]
+        pixels = sum(await run_in_threadpool(lambda: [self._header_pixels(u) for u in uploads]))
+        self.pixel_budget.acquire(pixels)  # 413 / 503 from the headers, before a pixel is decoded
+        try:
+            return await self._decoded(adapter, label, source, uploads, heatmap)
+        finally:
+            if self.pixel_budget.release(pixels):  # idle after large images: hand the pages back, off-path
+                trim = asyncio.get_running_loop().run_in_executor(None, release_free_memory)
+                self._trims.add(trim)
+                trim.add_done_callback(self._trims.discard)
+
+    async def _decoded(self, adapter: Adapter, label: str, source: str, uploads: list[Upload],
+                       heatmap: HeatmapMode) -> PredictResponse:
         decoded = await asyncio.gather(*(run_in_threadpool(self._decode, u, label) for u in uploads))
         images = [d.image for d, _ in decoded]
         pixels, preprocess_s = await run_in_threadpool(self._preprocess, images, label)
@@ -140,6 +163,13 @@ class InferenceService:
         """Read at most one byte past the per-file limit, so an oversized part is never held whole."""
         data = await file.read(self.settings.max_upload_bytes + 1)
         return Upload(file.filename, data)
+
+    def _header_pixels(self, upload: Upload) -> int:
+        try:
+            return header_pixels(upload.data, max_pixels=self.settings.max_image_pixels,
+                                 max_bytes=self.settings.max_upload_bytes)
+        except ImageError as exc:
+            raise ImageError(exc.status_code, exc.code, f"{upload.filename or 'upload'}: {exc.message}") from exc
 
     def _decode(self, upload: Upload, label: str) -> tuple[DecodedImage, float]:
         start = time.perf_counter()
@@ -166,7 +196,8 @@ class InferenceService:
         mode, size = options
         with self.metrics.time_stage("postprocess", label):
             pred = Detector.make_prediction(result.score, result.heat, adapter, image.size, None)
-            out = render(image, result.heat, pred.threshold, mode, size)
+            # the picture's memory must not grow with the upload: at most max_overlay_side on its longer side
+            out = render(image, result.heat, pred.threshold, mode, size, max_side=self.settings.max_overlay_side)
             heatmap = None if out.encoding is None else Heatmap(
                 encoding=out.encoding, data=b64(out.data), shape=list(out.shape or ()), vmin=out.vmin, vmax=out.vmax,
                 dtype="float16" if out.encoding == "raw" else None)
@@ -184,3 +215,4 @@ class InferenceService:
                                  queue_ms=result.queue_s * ms, forward_ms=result.forward_s * ms,
                                  postprocess_ms=(time.perf_counter() - start) * ms),
         )
+

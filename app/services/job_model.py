@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from app.errors import ConflictError, NotFoundError
 
 INTERRUPTED_ERROR = "interrupted by service restart"
+INTERRUPTED_MESSAGE = "interrupted by a service restart; start it again with POST /v1/categories/{category}/finetune"
 
 
 class JobState(StrEnum):

@@ -28,6 +28,7 @@ from app.services.job_db import DB_FILENAME, JobDatabase, JobDatabaseError, open
 from app.services.job_model import (
     ACTIVE_STATES,
     INTERRUPTED_ERROR,
+    INTERRUPTED_MESSAGE,
     TERMINAL_STATES,
     TRANSITIONS,
     InvalidTransitionError,
@@ -40,7 +41,7 @@ from app.services.job_model import (
     ts,
 )
 
-__all__ = ["ACTIVE_STATES", "DB_FILENAME", "INTERRUPTED_ERROR", "TERMINAL_STATES", "TRANSITIONS",
+__all__ = ["ACTIVE_STATES", "DB_FILENAME", "INTERRUPTED_ERROR", "INTERRUPTED_MESSAGE", "TERMINAL_STATES", "TRANSITIONS",
            "InvalidTransitionError", "Job", "JobConflictError", "JobDatabaseError", "JobKind", "JobNotFoundError",
            "JobState", "JobStore", "StaleJobError"]
 
@@ -235,8 +236,9 @@ class JobStore:
         with self.db.tx() as tx:
             ids = [r["id"] for r in tx.all(f"SELECT id FROM jobs WHERE state IN ('queued', 'running')"
                                            f"{self.db.lock_rows}")]
-            tx.run("UPDATE jobs SET state = 'failed', error = ?, finished_at = ? WHERE state IN ('queued', 'running')",
-                   (INTERRUPTED_ERROR, ts(now())))
+            tx.run("UPDATE jobs SET state = 'failed', error = ?, message = ?, finished_at = ? "
+                   "WHERE state IN ('queued', 'running')",
+                   (INTERRUPTED_ERROR, INTERRUPTED_MESSAGE, ts(now())))  # the last progress message is stale now
         return ids
 
     def count_by_state(self) -> dict[JobState, int]:

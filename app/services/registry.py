@@ -83,6 +83,7 @@ class Registration:
     shots: int
     added: int
     warnings: list[str] = field(default_factory=list)
+    decision: dict[str, Any] | None = None  # Calibration.decision() of the new version: threshold, expected rates
 
 
 class CategoryService(CategoryEdits):
@@ -98,6 +99,7 @@ class CategoryService(CategoryEdits):
         self.settings, self.store, self.detector = settings, store, detector
         self.worker, self.cache, self.jobs = device_worker, adapter_cache, job_runner
         self._locks: dict[str, asyncio.Lock] = {}
+        self._integrity_cache: dict[tuple[str, int, int, int, int], str] = {}
 
     # -- helpers ------------------------------------------------------------------------------------
     @staticmethod
@@ -179,8 +181,8 @@ class CategoryService(CategoryEdits):
             notes = self._check_total(ledger, hashes)
             added = await self._store_images(name, files, source="registration", skip=ledger.good_hashes)
             goods = ledger.goods + added
-            version, _ = await self._fit_and_save(name, goods, ledger.defects, base=ledger.manifest,
-                                                  through_lora=False, object_name=description, new=added)
+            version, adapter = await self._fit_and_save(name, goods, ledger.defects, base=ledger.manifest,
+                                                        through_lora=False, object_name=description, new=added)
         self.cache.invalidate(name)
         job_id = None
         if finetune and not self.detector.backbone.supports_text:
@@ -192,7 +194,10 @@ class CategoryService(CategoryEdits):
             except (ConflictError, OverloadedError) as exc:  # busy (a job on the old shots) or shutting down
                 notes.append(f"fine-tune not started: {exc} Then start one with POST /v1/categories/{name}/finetune "
                              "so training sees the new shots.")
-        return Registration(name, version, job_id, len(goods), len(added), notes)
+        decision = None if adapter.calibration is None else adapter.calibration.decision()
+        if decision is not None and decision["note"]:
+            notes.append(decision["note"])
+        return Registration(name, version, job_id, len(goods), len(added), notes, decision)
 
     async def _store_images(self, name: str, files: list[tuple[str, bytes]], *, source: str,
                             skip: set[str], **fields: Any) -> list[dict[str, Any]]:
@@ -322,13 +327,28 @@ class CategoryService(CategoryEdits):
         except StoreError as exc:
             return {**facts, "error": str(exc)}
         goods = sum(r.source == "feedback" for r in m.shots)
-        return {**facts, "created": m.created, "promotable": m.promotable,
+        return {**facts, "integrity": self._integrity(name, version), "created": m.created, "promotable": m.promotable,
                 "kind": m.metrics.get("kind", "finetuned" if m.adapter.get("lora") else "memory"),
                 "branches": m.metrics.get("branches", []), "object_name": m.adapter.get("object_name"),
                 "shots": len(m.shots), "metrics": m.metrics,
                 "training_seconds": None if m.training is None else m.training.seconds,
                 "backbone": m.backbone.spec,
                 "validation": validation_facts(m.adapter.get("calibration"), goods, len(m.validation))}
+
+    def _integrity(self, name: str, version: int) -> str:
+        """``ok`` or why the tensors fail their checksum; cached per file state, since bundles can be large."""
+        try:
+            st = self.store.tensors_path(name, version).stat()
+            key = (name, version, st.st_ino, st.st_size, st.st_mtime_ns)
+        except OSError as exc:
+            return f"corrupt: {exc.strerror}"
+        if key not in self._integrity_cache:
+            try:
+                self.store.verify(name, version)
+                self._integrity_cache[key] = "ok"
+            except StoreError as exc:
+                self._integrity_cache[key] = f"corrupt: {exc}"
+        return self._integrity_cache[key]
 
     # -- mutation -----------------------------------------------------------------------------------
     async def activate(self, category: str, version: int) -> dict[str, Any]:
@@ -346,7 +366,13 @@ class CategoryService(CategoryEdits):
             if manifest.backbone.spec != self.detector.backbone.spec:
                 raise ConflictError(f"version {version} was built for {manifest.backbone.spec}; this service runs "
                                     f"{self.detector.backbone.spec}", code="backbone_mismatch")
-            await run_in_threadpool(self.store.activate, name, version)
+            try:  # the store re-reads the bundle and its tensor checksum before moving the pointer
+                await run_in_threadpool(self.store.activate, name, version)
+            except (VersionNotFound, BundleNotFound) as exc:
+                raise NotFoundError(str(exc), code="version_not_found") from exc
+            except StoreError as exc:
+                raise ConflictError(f"version {version} of {name!r} is unusable, not activated: {exc}",
+                                    code="version_corrupt") from exc
         self.cache.invalidate(name)
         return self.summary(name)
 

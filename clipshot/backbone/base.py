@@ -67,7 +67,8 @@ REDUCING_GAP = 1.5
 
 def square_resize(image: Image.Image, size: int) -> Image.Image:
     """RGB squash-resize to size x size; the one resize used by inference, calibration and training alike."""
-    return image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC, reducing_gap=REDUCING_GAP)
+    rgb = image if image.mode == "RGB" else image.convert("RGB")  # convert() would copy a large RGB upload
+    return rgb.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=REDUCING_GAP)
 
 
 def unit_pixels(images: Sequence[Image.Image], size: int) -> torch.Tensor:

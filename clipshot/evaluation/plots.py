@@ -17,7 +17,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from clipshot.anomaly_map import colour_scale
+from clipshot.anomaly_map import OVERLAY_COLORMAP, OVERLAY_COLORMAP_START, colour_scale
 
 from .metrics import QUALITY_METRICS
 
@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 _LABELS = {"image_auroc": "image AUROC", "pixel_auroc": "pixel AUROC", "aupro": "AUPRO",
            "image_f1max": "image F1-max", "pixel_f1max": "pixel F1-max"}
 _LINESTYLES = ("-", "--", ":", "-.")
+# The service overlay's palette: normal pixels untinted (masked), yellow -> dark red from threshold to 2x.
+_OVERLAY_CMAP = mpl.colors.ListedColormap(mpl.colormaps[OVERLAY_COLORMAP](np.linspace(OVERLAY_COLORMAP_START, 1, 256)))
 
 
 
@@ -97,11 +99,11 @@ def plot_examples(examples: Sequence[Example], out_path: str | Path) -> Path:
         ax_gt.set_title("ground truth", fontsize=6)
         lo, hi = colour_scale(example.threshold)
         ax_map.imshow(image)
-        ax_map.imshow(amap, cmap="jet", alpha=0.5, vmin=lo, vmax=hi, extent=extent)
-        if example.threshold is not None and amap.max() > example.threshold > amap.min():
-            ax_map.contour(amap, levels=[example.threshold], colors="white", linewidths=0.6, extent=extent,
-                           origin="upper")
-        ax_map.set_title("anomaly map (mid-scale = threshold)", fontsize=5)
+        ax_map.imshow(np.ma.masked_less_equal(amap, lo), cmap=_OVERLAY_CMAP, alpha=0.6, vmin=lo, vmax=hi,
+                      extent=extent)
+        if amap.max() > lo > amap.min():
+            ax_map.contour(amap, levels=[lo], colors="red", linewidths=0.6, extent=extent, origin="upper")
+        ax_map.set_title("above threshold (service colours)", fontsize=5)
     fig.tight_layout()
     return _save(fig, out_path, dpi=80)
 

@@ -12,9 +12,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Body, Depends, File, Form, Path, Request, UploadFile
 
-from app.api.deps import AdminDep, ClientDep, SettingsDep
-from app.api.responses import errors
+from app.api.deps import AdminDep, AuthFirstRoute, ClientDep, SettingsDep
+from app.api.responses import CATEGORY_DOC, CATEGORY_SCHEMA, errors
 from app.schemas import (
+    OBJECT_NAME_PATTERN,
     CategoryDeleted,
     CategoryDetail,
     CategoryList,
@@ -25,7 +26,7 @@ from app.schemas import (
 from app.services.job_store import Job
 from app.services.registry import CategoryService
 
-router = APIRouter(prefix="/v1/categories", tags=["categories"])
+router = APIRouter(prefix="/v1/categories", tags=["categories"], route_class=AuthFirstRoute)
 
 
 def get_category_service(request: Request) -> CategoryService:
@@ -35,22 +36,23 @@ def get_category_service(request: Request) -> CategoryService:
 
 CategoriesDep = Annotated[CategoryService, Depends(get_category_service)]
 VersionPath = Annotated[int, Path(ge=1, description="Version number (1, 2, ...).")]
-CategoryPath = Annotated[str, Path(description="Product category: 1-64 characters of a-z 0-9 . _ - "
-                                               "(starting with a letter or digit).")]
+CategoryPath = Annotated[str, Path(description=CATEGORY_DOC, json_schema_extra=CATEGORY_SCHEMA)]
 
 
 @router.post("/{category}/shots", status_code=201, response_model=ShotsRegistered,
              summary="Register a product, or add good shots to it",
              responses=errors(400, 401, 403, 413, 415, 422, 503,
                               e400="Invalid name, corrupt or empty image, too few or too many shots.",
-                              e422="Invalid form fields (e.g. a description over 200 characters)."))
+                              e422="Invalid form fields (e.g. a description outside its pattern)."))
 async def register_shots(
     category: CategoryPath,
     _: AdminDep,
     service: CategoriesDep,
     settings: SettingsDep,
-    files: Annotated[list[UploadFile] | None, File(description="1-16 photos of GOOD parts.")] = None,
-    description: Annotated[str | None, Form(max_length=200, description="What the product is (prompts).")] = None,
+    files: Annotated[list[UploadFile] | None, File(description="Photos of GOOD parts: CLIPSHOT_MIN_SHOTS to "
+                                                                 "CLIPSHOT_MAX_SHOTS (default 1-16).")] = None,
+    description: Annotated[str | None, Form(pattern=OBJECT_NAME_PATTERN, description="What the product is, for "
+                                            "the prompts: 1-64 letters, digits, spaces, '_' or '-'.")] = None,
     finetune: Annotated[bool, Form(description="Start a background fine-tune (CLIP backbones).")] = True,
 ) -> ShotsRegistered:
     """Register a product or add shots: the memory adapter over ALL its shots serves as soon as this returns.
@@ -62,7 +64,8 @@ async def register_shots(
     data = [(f.filename or "", await f.read(settings.max_upload_bytes + 1)) for f in uploads]
     result = await service.register(category, data, description=description or None, finetune=finetune)
     return ShotsRegistered(category=result.category, version=result.version, job_id=result.job_id,
-                           shots=result.shots, added=result.added, warnings=result.warnings)
+                           shots=result.shots, added=result.added, warnings=result.warnings,
+                           decision=result.decision)
 
 
 @router.post("/{category}/finetune", status_code=202, response_model=Job, summary="Start a background fine-tune",

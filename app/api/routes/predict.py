@@ -11,15 +11,15 @@ from typing import Annotated, get_args
 
 from fastapi import APIRouter, File, Path, Query, Request, UploadFile
 
-from app.api.deps import ClientDep, InferenceDep
-from app.api.responses import errors
+from app.api.deps import AuthFirstRoute, ClientDep, InferenceDep
+from app.api.responses import CATEGORY_DOC, CATEGORY_SCHEMA, errors
 from app.errors import ClipshotHTTPError
 from app.schemas import HeatmapMode, PredictResponse
 from app.services.heatmap import DEFAULT_MAX_SIDE as MAX_HEATMAP_SIZE
 
 API_PREFIX = "/v1"
 # Full prefix on the router itself: nested include prefixes do not reach scope["route"].path (metrics label).
-router = APIRouter(prefix=API_PREFIX, tags=["predict"])
+router = APIRouter(prefix=API_PREFIX, tags=["predict"], route_class=AuthFirstRoute)
 DEFAULT_HEATMAP = "jpeg"
 HEATMAP_MODES = get_args(HeatmapMode)
 
@@ -67,7 +67,7 @@ async def _one(request: Request, name: str, query: str | None, default: str | No
 @router.post("/categories/{category}/predict", response_model=PredictResponse, responses=CATEGORY_RESPONSES,
              summary="Score images against a product's active adapter")
 async def predict_category(
-    category: Annotated[str, Path(description="Product category (lowercase slug).")],
+    category: Annotated[str, Path(description=CATEGORY_DOC, json_schema_extra=CATEGORY_SCHEMA)],
     files: Files,
     _: ClientDep,
     inference: InferenceDep,
