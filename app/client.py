@@ -246,13 +246,13 @@ class Client:
         return CategoryDeleted.model_validate(self._call("DELETE", f"/v1/categories/{category}").json())
 
     def set_threshold(self, category: str, *, target_false_alarm_rate: float | None = None,
-                      threshold: float | None = None) -> ThresholdChanged:
-        """Pick the decision by a target false-alarm rate or a fixed score (exactly one)."""
-        if (target_false_alarm_rate is None) == (threshold is None):
-            raise ValueError("give exactly one of target_false_alarm_rate or threshold")
-        body = ({"threshold": threshold} if threshold is not None
-                else {"target_false_alarm_rate": target_false_alarm_rate})
-        r = self._call("PUT", f"/v1/categories/{category}/threshold", json=body)
+                      threshold: float | None = None, auto: bool = False) -> ThresholdChanged:
+        """Decide by a target false-alarm rate, a fixed score, or back to the automatic rule (exactly one)."""
+        chosen = [body for body in ({"target_false_alarm_rate": target_false_alarm_rate}, {"threshold": threshold})
+                  if next(iter(body.values())) is not None] + ([{"policy": "auto"}] if auto else [])
+        if len(chosen) != 1:
+            raise ValueError("give exactly one of target_false_alarm_rate, threshold or auto=True")
+        r = self._call("PUT", f"/v1/categories/{category}/threshold", json=chosen[0])
         return ThresholdChanged.model_validate(r.json())
 
     def feedback(self, category: str, images: ImageInput | Sequence[ImageInput], label: Literal["good", "defect"],

@@ -109,6 +109,9 @@ def test_decision_routes_when_the_server_has_them(server, registered):
         changed = admin.set_threshold("widget", threshold=0.75)
         assert changed.decision.threshold == pytest.approx(0.75) and changed.decision.policy == "manual"
         assert admin.category("widget").decision.threshold == pytest.approx(0.75)
+        assert admin.set_threshold("widget", auto=True).decision.policy == "auto"
+        with pytest.raises(ValueError, match="exactly one"):
+            admin.set_threshold("widget", threshold=0.5, auto=True)
         fed = admin.feedback("widget", [defect(30)], "defect")
         assert fed.added == 1 and fed.version > changed.version
         assert any(s.source == "registration" for s in admin.shots("widget"))

@@ -170,6 +170,10 @@ def test_threshold_form_when_the_server_has_the_route(browser, server):
     browser.find_element("id", "thr-value").send_keys("0.5")
     browser.find_element("id", "thr-submit").click()
     wait(browser, lambda d: d.find_element("css selector", "#decision dd[data-field='threshold']").text == "0.5000")
+    assert browser.find_element("css selector", "#decision dd[data-field='policy']").text == "manual"
+    browser.find_element("css selector", "#thr-mode option[value='policy']").click()
+    browser.find_element("id", "thr-submit").click()  # back to the automatic rule
+    wait(browser, lambda d: d.find_element("css selector", "#decision dd[data-field='policy']").text == "auto")
 
 
 @pytest.mark.parametrize(("page", "rendered"), [

@@ -137,8 +137,10 @@ async function loadShots() {
 async function setThreshold(event) {
   event.preventDefault();
   const field = $("thr-mode").value;
-  const value = Number($("thr-value").value);
-  const r = await api("PUT", `/categories/${enc(state.selected)}/threshold`, { [field]: value });
+  const raw = $("thr-value").value.trim();
+  if (field !== "policy" && raw === "") { say("Enter a value for the new decision.", true); return; }
+  const body = field === "policy" ? { policy: "auto" } : { [field]: Number(raw) };
+  const r = await api("PUT", `/categories/${enc(state.selected)}/threshold`, body);
   say(`${r.category} version ${r.version}: threshold ${num(r.decision.threshold)}.`);
   await loadProducts();
 }
