@@ -14,12 +14,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
 
 from app.api.limits import BodySizeLimitMiddleware
 from app.api.openapi import document_upload_limits
 from app.api.request_id import RequestIdMiddleware
 from app.api.routes import all_routers
+from app.api.ui import install_ui
 from app.core.config import Settings, env_var
 from app.errors import install_error_handlers
 from app.metrics import Metrics, RequestMetricsMiddleware
@@ -130,6 +132,11 @@ def _start_jobs_and_registry(app: FastAPI, stack: contextlib.AsyncExitStack) -> 
                     {name: len(files) for name, files in swept.items()})
 
 
+def operation_id(route: APIRoute) -> str:
+    """OpenAPI operationId = the handler's name (``predict_category``), so generated clients read well."""
+    return route.name
+
+
 def create_app(settings: Settings | None = None, *, backbone: Backbone | None = None) -> FastAPI:
     """Build the ASGI app; ``backbone`` lets the CLI load (and report failures) before the server starts."""
     settings = settings or Settings()
@@ -139,8 +146,10 @@ def create_app(settings: Settings | None = None, *, backbone: Backbone | None = 
         version=API_VERSION,
         summary="Few-shot industrial anomaly detection on one frozen CLIP with per-product adapters.",
         lifespan=lifespan,
-        docs_url="/docs",
+        docs_url=None,  # served offline by install_ui, with /redoc and /console
+        redoc_url=None,
         openapi_url="/openapi.json",
+        generate_unique_id_function=operation_id,
     )
     app.state.settings = settings
     app.state.metrics = metrics
@@ -149,6 +158,7 @@ def create_app(settings: Settings | None = None, *, backbone: Backbone | None = 
     document_upload_limits(app, settings)
     for router in all_routers():
         app.include_router(router)
+    install_ui(app)
     # Last added = outermost: metrics see every response, including early 413s; every response gets an id.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)

@@ -23,7 +23,7 @@ def test_cli_reference_does_not_depend_on_the_environment(monkeypatch):
 def test_every_command_is_documented():
     text = render_cli_markdown()
     for command in ("clipshot serve", "clipshot train fewshot", "clipshot train generic", "clipshot eval",
-                    "clipshot info"):
+                    "clipshot info", "clipshot predict"):
         assert f"## `{command}`" in text
 
 

@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("app.cli.train", "train an adapter (few-shot product or generic zero-shot)"),
     "eval": ("app.cli.eval", "run the MVTec AD few-/zero-shot protocol on an MVTec-layout dataset"),
     "info": ("app.cli.info", "load a backbone and print what it supports (checks an offline CLIP checkpoint path)"),
+    "predict": ("app.cli.predict", "score images or folders against a running service (--url) or a local store"),
 }
 DESCRIPTION = "Few-shot / zero-shot industrial anomaly detection on a frozen CLIP with per-product adapters."
 EXIT_USAGE = 2  # bad input, bad configuration, missing weights: what the user must change

@@ -17,8 +17,9 @@ from pydantic import ValidationError
 
 from app.core.config import ENV_PREFIX, Settings, env_var
 
-# CLIPSHOT_* variables read outside ``Settings`` (none today: the CLI reads the same fields), so not typos.
-EXTRA_KNOWN: frozenset[str] = frozenset()
+# CLIPSHOT_* variables read outside ``Settings``, so not typos: CLIPSHOT_KEY is the key `clipshot predict`
+# sends to a running service (a client's secret, not the server's).
+EXTRA_KNOWN: frozenset[str] = frozenset({"CLIPSHOT_KEY"})
 
 
 def known_variables() -> set[str]:
