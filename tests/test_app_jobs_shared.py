@@ -98,12 +98,14 @@ def test_dead_workers_job_fails_and_a_restart_spares_live_jobs(tmp_path, postgre
     ({"CLIPSHOT_JOB_DB": "postgresql://clipshot:s3cret@127.0.0.1:1/jobs"},  # port 1: nothing listens
      1, ["cannot connect to the job database postgresql://clipshot:***@127.0.0.1:1/jobs", "CLIPSHOT_JOB_DB"]),
     ({"CLIPSHOT_JOB_DB": "mysql://db/jobs"}, 2, ["job_db must be empty", "postgresql://"]),
-    ({"CLIPSHOT_JOB_WORKER": "false"}, 2, ["job_worker=false needs a shared PostgreSQL job_db"]),
+    ({"CLIPSHOT_JOB_WORKER": "false"}, 2, ["CLIPSHOT_JOB_WORKER=false needs a shared PostgreSQL CLIPSHOT_JOB_DB"]),
 ])
 def test_bad_job_database_settings_stop_serve_with_one_message(monkeypatch, tmp_path, env, expected_code,
                                                                must_mention):
     monkeypatch.chdir(tmp_path)  # no stray .env
-    for name, value in {"CLIPSHOT_INSECURE_DEV": "true", "CLIPSHOT_BACKBONE": "test:tiny-clip",
+    # keys, not insecure-dev: the one line under test must be the first thing serve says (no no-auth warning)
+    for name, value in {"CLIPSHOT_ADMIN_KEYS": "admin-key-0123456789", "CLIPSHOT_CLIENT_KEYS": "client-key-0123456789",
+                        "CLIPSHOT_BACKBONE": "test:tiny-clip",
                         "CLIPSHOT_STORE": str(tmp_path / "store"), **env}.items():
         monkeypatch.setenv(name, value)
     stderr = io.StringIO()

@@ -22,10 +22,11 @@ def compute_metrics(labels: Sequence[int] | np.ndarray, scores: Sequence[float] 
     """The five quality metrics of the protocol (``QUALITY_METRICS``) and, when the adapter has a threshold,
     the decision metrics at it (``DECISION_METRICS``, the gap to F1-max, recall per defect type).
     ``pixel=False`` skips the three pixel metrics (the expensive part) where only decisions matter."""
-    out = {"image_auroc": image_auroc(labels, scores), "image_f1max": image_f1max(labels, scores)}
+    found = {"image_auroc": image_auroc(labels, scores), "image_f1max": image_f1max(labels, scores)}
     if pixel:
-        out.update(pixel_auroc=pixel_auroc(masks, maps), pixel_f1max=pixel_f1max(masks, maps),
-                   aupro=aupro(masks, maps, max_fpr=max_fpr, num_bins=aupro_bins))
+        found.update(pixel_auroc=pixel_auroc(masks, maps), pixel_f1max=pixel_f1max(masks, maps),
+                     aupro=aupro(masks, maps, max_fpr=max_fpr, num_bins=aupro_bins))
+    out = {name: found[name] for name in QUALITY_METRICS if name in found}  # table order
     if threshold is not None:
         out.update(decision_metrics(labels, scores, threshold))
         out["f1_gap"] = out["image_f1max"] - out["f1_at_threshold"]
