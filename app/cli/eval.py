@@ -1,4 +1,4 @@
-"""``clipshot eval``: the parser and handler live with the harness (``clipshot.evaluation.command``).
+"""``clipshot eval``: registration of the command whose parser and handler are in ``app.cli.eval_command``.
 
 Registering it imports torch (the harness imports the backbone package), so this module is only imported
 when ``eval`` is the chosen command. Here its ``--backbone`` and ``--device`` learn to read
@@ -14,7 +14,7 @@ from typing import Any
 def register(subparsers: Any, name: str, help_text: str) -> argparse.ArgumentParser:
     """Register ``eval`` (the harness names itself and writes its own help line; ``name`` must be "eval")."""
     from app.cli.common import honour_env
-    from clipshot.evaluation.command import add_eval_parser
+    from app.cli.eval_command import add_eval_parser
 
     add_eval_parser(subparsers)
     parser = subparsers.choices[name]

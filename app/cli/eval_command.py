@@ -1,4 +1,8 @@
-"""``clipshot eval``: the standard few-/zero-shot MVTec protocol, reproducible with one command."""
+"""``clipshot eval``: the standard few-/zero-shot MVTec protocol, reproducible with one command.
+
+It lives above the core because it builds adapters the way every floor does (memory fits in ``clipshot``,
+fine-tunes in ``training``, generic bundles from ``model_store``); the protocol, metrics and reports it
+drives stay pure in ``clipshot.evaluation``."""
 
 from __future__ import annotations
 
