@@ -3,7 +3,7 @@
 Why its own cluster instead of the Debian ``main`` one: no password or ``pg_hba`` edits on the machine, no
 port shared with anything else (it listens on a Unix socket in a private folder only), and ``fsync=off``
 because the data dies with the test run. ``.ci/run`` starts one and exports its URL as
-``CLIPSHOT_TEST_POSTGRES_URL``; ``tests/conftest.py`` starts one itself when that variable is unset.
+``TEST_POSTGRES_URL``; ``tests/conftest.py`` starts one itself when that variable is unset.
 
     python3 tests/pg_cluster.py start DIR   # prints the URL
     python3 tests/pg_cluster.py stop DIR

@@ -22,15 +22,15 @@ def in_ci() -> bool:
 
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[str]:
-    """URL of a running server: ``CLIPSHOT_TEST_POSTGRES_URL`` (as ``.ci/run`` sets it) or one started here."""
-    url = os.environ.get("CLIPSHOT_TEST_POSTGRES_URL")
+    """URL of a running server: ``TEST_POSTGRES_URL`` (as ``.ci/run`` sets it) or one started here."""
+    url = os.environ.get("TEST_POSTGRES_URL")
     if url:
         yield url
         return
     if pg_cluster.find_bindir() is None:
         if in_ci():
             pytest.fail("CI must run the PostgreSQL tests: install the server (apt-get install -y postgresql) "
-                        "or set CLIPSHOT_TEST_POSTGRES_URL")
+                        "or set TEST_POSTGRES_URL")
         pytest.skip("PostgreSQL server not installed (apt-get install -y postgresql); CI runs these tests")
     folder = Path(tempfile.mkdtemp(prefix="clipshot-pg-", dir="/tmp"))  # short: Unix socket paths are capped
     try:
