@@ -103,21 +103,28 @@ def test_a_128_mib_header_is_cut_off_without_stalling_other_clients(server):
     assert probe.worst < HEALTHZ_BAR_S
 
 
-def test_slow_header_client_is_dropped_while_others_are_served(server):
-    sock = server.connect()
-    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+def _trickle_until_dropped(server, sock, byte: bytes, timeout_s: float) -> tuple[float | None, HealthProbe]:
+    """Send ``byte`` every half second until the server drops the connection (or ``timeout_s`` + 10 s pass),
+    probing /healthz on other connections meanwhile; returns (seconds until dropped or None, the probe)."""
     start, dropped = time.monotonic(), None
     with HealthProbe(server.base) as probe:
         try:
-            while time.monotonic() - start < HEADER_TIMEOUT_S + 10:
-                sock.sendall(b"X")  # one byte every half second: a slowloris
+            while time.monotonic() - start < timeout_s + 10:
+                sock.sendall(byte)
                 time.sleep(0.5)
         except OSError:
             dropped = time.monotonic() - start
     raw = read_response(sock, timeout=1)
     sock.close()
     if dropped is None and status_of(raw) == 408:
-        dropped = HEADER_TIMEOUT_S
+        dropped = timeout_s
+    return dropped, probe
+
+
+def test_slow_header_client_is_dropped_while_others_are_served(server):
+    sock = server.connect()
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+    dropped, probe = _trickle_until_dropped(server, sock, b"X", HEADER_TIMEOUT_S)  # a slowloris
     assert dropped is not None, "a slowloris kept its connection"
     assert dropped < HEADER_TIMEOUT_S + SLACK_S + 0.5  # + one send interval
     assert probe.count > 0 and not probe.failures
@@ -129,18 +136,8 @@ def test_slow_body_client_is_dropped_while_others_are_served(server):
     sock.sendall(b"POST /v1/categories/widget/shots HTTP/1.1\r\nHost: x\r\n"
                  b"Authorization: Bearer " + ADMIN.encode() + b"\r\n"
                  b"Content-Type: multipart/form-data; boundary=xx\r\nContent-Length: 100000\r\n\r\n")
-    start, dropped = time.monotonic(), None
-    with HealthProbe(server.base) as probe:
-        try:
-            while time.monotonic() - start < BODY_TIMEOUT_S + 10:
-                sock.sendall(b"-")  # 2 bytes/s, far under the 1000 bytes/s floor
-                time.sleep(0.5)
-        except OSError:
-            dropped = time.monotonic() - start
-    raw = read_response(sock, timeout=1)
-    sock.close()
-    if dropped is None and status_of(raw) == 408:
-        dropped = BODY_TIMEOUT_S
+    # 2 bytes/s, far under the 1000 bytes/s floor
+    dropped, probe = _trickle_until_dropped(server, sock, b"-", BODY_TIMEOUT_S)
     assert dropped is not None, "a client trickling its body kept its connection"
     assert dropped < BODY_TIMEOUT_S + SLACK_S + 1.0  # + the check interval and one send interval
     assert probe.count > 0 and not probe.failures
