@@ -75,3 +75,13 @@ def test_eval_writes_decisions_scores_csv_and_feedback_runs(tmp_path):
     md = (out / "results.md").read_text()
     assert "decisions at the adapter's own threshold" in md and "F1 at threshold" in md
     assert "mode: memory+feedback2:after" in md
+
+
+def test_eval_help_shows_defaults_and_no_empty_ones(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for shown in ("(default: memory)", "(default: 0.25)", "(default: 0)", "imagenet:efficientnet-lite0"):
+        assert shown in text, shown
+    assert "(default: None)" not in text  # unset options say nothing rather than "None"

@@ -26,10 +26,21 @@ def _int_list(value: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from exc
 
 
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Shows a default where there is one to show: not for required options, unset ones (None) or help that
+    already explains its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, argparse.SUPPRESS) or "default" in text or action.required:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def add_eval_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "eval", help="run the MVTec AD few-/zero-shot protocol on an MVTec-layout dataset",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsFormatter,
         description=(
             "Evaluate on <root>/<category>/{train/good,test/<defect>,ground_truth/<defect>}. For each category, "
             "seed and shot count, k shots are drawn from the sorted train/good listing (a fixed per-seed "
@@ -63,7 +74,8 @@ def add_eval_parser(subparsers) -> None:
                         help="store folder whose active generic (zero-shot) bundle serves the 0-shot runs")
     parser.add_argument("--mask-size", default="full", help="full (ground-truth resolution), 256 or 518")
     parser.add_argument("--steps", type=int, default=None, help="fine-tune steps for --mode finetuned")
-    parser.add_argument("--examples-per-defect", type=int, default=2)
+    parser.add_argument("--examples-per-defect", type=int, default=2,
+                        help="test images of each defect type shown in examples.png")
     parser.add_argument("--feedback", type=int, default=0, metavar="N",
                         help="simulate an operator correcting the first N wrong verdicts on one half of the test "
                         "set and report decisions on the other half before/after (rule in evaluation/feedback.py)")
