@@ -60,9 +60,22 @@ def server(tmp_path_factory, tiny_backbone):
 
 
 def wait(driver, condition, timeout: float = WAIT_S):
+    """Poll ``condition``; an element the console re-rendered between find and read (stale) is just polled
+    again, as a person would look again, instead of failing the test on a race with the page's refresh."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, timeout, poll_frequency=0.1).until(condition)
+    return WebDriverWait(driver, timeout, poll_frequency=0.1,
+                         ignored_exceptions=(NoSuchElementException, StaleElementReferenceException)).until(condition)
+
+
+def click(driver, css: str) -> None:
+    """Click the first element matching ``css`` once it exists, again if the page re-rendered it meanwhile."""
+    def done(d) -> bool:
+        d.find_element("css selector", css).click()
+        return True
+
+    wait(driver, done)
 
 
 def text_of(driver, element_id: str) -> str:
@@ -165,7 +178,7 @@ def test_threshold_form_when_the_server_has_the_route(browser, server):
             pytest.skip("this service has no threshold route yet")
         client.category("widget")  # registered by the test above
     browser.get(server + "/console")
-    wait(browser, lambda d: d.find_elements("css selector", '#product-list tr[data-category="widget"]'))[0].click()
+    click(browser, '#product-list tr[data-category="widget"]')
     browser.find_element("css selector", "#thr-mode option[value='threshold']").click()
     browser.find_element("id", "thr-value").send_keys("0.5")
     browser.find_element("id", "thr-submit").click()
