@@ -322,11 +322,9 @@ class Detector:
         resize), one row per image."""
         views = units.shape[1]
         flat = units.flatten(0, 1)
-        mean = torch.tensor(self.backbone.mean).view(1, 3, 1, 1)
-        std = torch.tensor(self.backbone.std).view(1, 3, 1, 1)
         step = max(1, FEATURE_BATCH // views) * views
         return Features.cat([
-            self.features(((flat[i : i + step] - mean) / std).to(self.backbone.device), adapter,
-                          dpam=adapter.scoring.dpam).per_image(views)
+            self.features(self.backbone.normalise(flat[i : i + step]), adapter, dpam=adapter.scoring.dpam)
+            .per_image(views)
             for i in range(0, len(flat), step)
         ])

@@ -229,9 +229,7 @@ class StepEngine:
         probability has zero gradient, which would freeze a wrong prediction forever.
         """
         backbone, cfg = self.backbone, self.config
-        mean = torch.tensor(backbone.mean, device=backbone.device).view(1, 3, 1, 1)
-        std = torch.tensor(backbone.std, device=backbone.device).view(1, 3, 1, 1)
-        feats = backbone.extract((pixels01.to(backbone.device) - mean) / std, dpam=self.dpam)
+        feats = backbone.extract(backbone.normalise(pixels01), dpam=self.dpam)
         text = self.prompts().float()
         direction = cfg.temperature * (text[1] - text[0])
         labels = labels.to(backbone.device).float()

@@ -64,12 +64,9 @@ def synthetic_validation_set(held: torch.Tensor, sources: Sequence[torch.Tensor]
 @torch.inference_mode()
 def adapter_auroc(detector: Detector, adapter: Adapter, data: ValidationSet) -> float | None:
     """Image AUROC of ``adapter``'s full scorer (whatever branches it has) on ``data``."""
-    backbone = detector.backbone
-    mean = torch.tensor(backbone.mean).view(1, 3, 1, 1)
-    std = torch.tensor(backbone.std).view(1, 3, 1, 1)
     scores: list[float] = []
     for start in range(0, len(data.pixels), FEATURE_BATCH):
-        pixels = ((data.pixels[start : start + FEATURE_BATCH] - mean) / std).to(backbone.device)
+        pixels = detector.backbone.normalise(data.pixels[start : start + FEATURE_BATCH])
         feats = detector.features(pixels, adapter, dpam=adapter.scoring.dpam)
         scores.extend(detector.score_features(feats, adapter)[0].float().cpu().tolist())
     return auroc(data.labels, scores)

@@ -94,10 +94,15 @@ class Backbone(ABC):
     def preprocess(self, images: Sequence[Image.Image], geometry: Geometry | None = None) -> torch.Tensor:
         """Views of the images as the category's geometry cuts them (default: squash-resize to the square
         input, no crop: a crop could cut a defect at the border), normalised: (N * views, 3, H, W)."""
-        batch = (geometry or Geometry()).unit_pixels(images, self.image_size)
-        mean = torch.tensor(self.mean).view(1, 3, 1, 1)
-        std = torch.tensor(self.std).view(1, 3, 1, 1)
-        return ((batch - mean) / std).to(self.device)
+        return self.normalise((geometry or Geometry()).unit_pixels(images, self.image_size))
+
+    def normalise(self, units: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) pixels in [0, 1] -> the backbone's input on its device: the one normalisation used by
+        inference, calibration's synthetic defects, training and validation."""
+        units = units.to(self.device)
+        mean = torch.tensor(self.mean, device=units.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=units.device).view(1, 3, 1, 1)
+        return (units - mean) / std
 
     def autocast(self):
         """Half-precision autocast keeps fp32 LoRA weights usable next to a half backbone (CUDA or CPU)."""
