@@ -91,6 +91,8 @@ class PredictResponse(BaseModel):
         "`handcrafted`: CLIP prompts built on the fly (no bundle stored)."
     )
     predictions: list[ImagePrediction] = Field(description="One per uploaded file, in upload order.")
+    replica: str = Field(description="The process that scored the request: `host:pid`, or under Ray Serve the "
+                         "replica id followed by `@host:pid` (also sent as the `X-Clipshot-Replica` header).")
 
 
 # --- health ----------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from app.cli.common import CliError, check_device, resolve_env_defaults
 # command -> (module with ``register(subparsers, name, help)``, one-line help). A new command is one row here.
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("app.cli.serve", "run the anomaly-detection HTTP service"),
+    "serve-ray": ("app.cli.serve_ray", "run the service on Ray Serve: router + detector replicas (extra: ray)"),
     "train": ("app.cli.train", "train an adapter (few-shot product or generic zero-shot)"),
     "eval": ("app.cli.eval", "run the MVTec AD few-/zero-shot protocol on an MVTec-layout dataset"),
     "info": ("app.cli.info", "load a backbone and print what it supports (checks an offline CLIP checkpoint path)"),

@@ -18,6 +18,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from app.core.ray_config import RaySettings
+
 log = logging.getLogger(__name__)
 
 ENV_PREFIX = "CLIPSHOT_"
@@ -33,7 +35,7 @@ class InsecureConfigurationError(RuntimeError):
     """Raised by ``Settings.validate_security`` when the service would start with no authentication."""
 
 
-class Settings(BaseSettings):
+class Settings(BaseSettings, RaySettings):
     """Runtime configuration of the clipshot service (env prefix ``CLIPSHOT_``)."""
 
     model_config = SettingsConfigDict(

@@ -92,7 +92,8 @@ def _bounds(field: FieldInfo) -> str:
 def render_settings_markdown() -> str:
     """The full markdown page, one table row per ``Settings`` field, in declaration order."""
     rows = []
-    for name, field in Settings.model_fields.items():
+    # the Ray layout's settings (inherited, so pydantic lists them first) go last: most deployments skip them
+    for name, field in sorted(Settings.model_fields.items(), key=lambda item: item[0].startswith("ray_")):
         desc = (field.description or "").replace("|", "\\|").replace("\n", " ")
         rows.append(
             f"| `{env_var(name)}` | {_type_name(field.annotation)} | {_default(field)} "

@@ -21,6 +21,7 @@ from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from app.core.config import Settings
+from app.core.identity import replica_name
 from app.errors import BadRequestError, ClipshotHTTPError, ConflictError, ImageError, NotFoundError, OverloadedError
 from app.metrics import Metrics
 from app.schemas import (
@@ -69,11 +70,15 @@ class InferenceService:
         self._trims: set[asyncio.Future[bool]] = set()
 
     # -- entry points ------------------------------------------------------------------------
-    async def predict_category(self, category: str, files: Sequence[UploadFile],
-                               heatmap: HeatmapMode, *, heatmap_size: int | None = None) -> PredictResponse:
-        """Score images with the category's active adapter (404 if there is none)."""
+    async def predict_category(self, category: str, files: Sequence[UploadFile], heatmap: HeatmapMode, *,
+                               heatmap_size: int | None = None, version: int | None = None) -> PredictResponse:
+        """Score images with the category's active adapter (404 if there is none).
+
+        ``version`` pins one version: the Ray Serve router resolves the active version once, at the edge,
+        and routes by ``category@version``, so the replica must serve exactly that one.
+        """
         self._check_count(files)
-        adapter = await run_in_threadpool(self.cache.get, category)
+        adapter = await run_in_threadpool(self.cache.get, category, version)
         return await self._predict(adapter, category, "category", files, (heatmap, heatmap_size))
 
     async def predict_zero_shot(self, files: Sequence[UploadFile], heatmap: HeatmapMode,
@@ -158,7 +163,7 @@ class InferenceService:
             for upload, result, (item, decode_s) in zip(uploads, results, decoded, strict=True)
         ))
         return PredictResponse(category=predictions[0].category, adapter_version=adapter.version,
-                               adapter_source=source, predictions=list(predictions))
+                               adapter_source=source, predictions=list(predictions), replica=replica_name())
 
     async def _read(self, file: UploadFile) -> Upload:
         """Read at most one byte past the per-file limit, so an oversized part is never held whole."""

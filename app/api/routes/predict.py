@@ -18,6 +18,7 @@ from app.schemas import HeatmapMode, PredictResponse
 from app.services.heatmap import DEFAULT_MAX_SIDE as MAX_HEATMAP_SIZE
 
 API_PREFIX = "/v1"
+PINNED_VERSION_SCOPE = "clipshot.pinned_version"
 # Full prefix on the router itself: nested include prefixes do not reach scope["route"].path (metrics label).
 router = APIRouter(prefix=API_PREFIX, tags=["predict"], route_class=AuthFirstRoute)
 DEFAULT_HEATMAP = "jpeg"
@@ -78,8 +79,11 @@ async def predict_category(
 ) -> PredictResponse:
     """Few-shot prediction; each answer names the adapter version that produced it."""
     heatmap = await _one(request, "heatmap", heatmap_query, DEFAULT_HEATMAP, HEATMAP_MODES)
+    # Set only by the Ray Serve replica (in the ASGI scope, out of reach of HTTP clients): the version its
+    # router resolved and routed on; plain `clipshot serve` resolves the active version here instead.
+    pinned = request.scope.get(PINNED_VERSION_SCOPE)
     return await inference.predict_category(category, files, heatmap,  # type: ignore[arg-type]
-                                            heatmap_size=heatmap_size)
+                                            heatmap_size=heatmap_size, version=pinned)
 
 
 @router.post("/predict", response_model=PredictResponse, responses=ZERO_SHOT_RESPONSES,
