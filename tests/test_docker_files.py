@@ -94,3 +94,29 @@ def test_compose_sets_only_real_settings_and_prometheus_scrapes_the_service(comp
     mounts = {volume.split(":")[-2] if volume.endswith(":ro") else volume.split(":")[-1]
               for volume in service["volumes"]}
     assert "/data/store" in mounts  # the image's CLIPSHOT_STORE, so adapters survive the container
+
+
+def test_kuberay_manifest_runs_the_real_builder_with_real_settings_on_one_shared_store():
+    """KubeRay cannot run here; what can drift is checked: the import path, setting names, the store mount."""
+    import importlib
+
+    docs = list(yaml.safe_load_all((DOCKER / "kuberay-rayservice.yaml").read_text()))
+    (service,) = [d for d in docs if d["kind"] == "RayService"]
+    (claim,) = [d for d in docs if d["kind"] == "PersistentVolumeClaim"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]  # every node writes bundles
+    (application,) = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
+    module, function = application["import_path"].split(":")
+    assert callable(getattr(importlib.import_module(module), function))
+    cluster = service["spec"]["rayClusterConfig"]
+    pods = [cluster["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in cluster["workerGroupSpecs"]]
+    fields = {f"{ENV_PREFIX}{name.upper()}" for name in Settings.model_fields}
+    for pod in pods:
+        (container,) = pod["containers"]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert set(env) <= fields, set(env) - fields
+        store_volume = next(m["name"] for m in container["volumeMounts"] if m["mountPath"] == env["CLIPSHOT_STORE"])
+        volume = next(v for v in pod["volumes"] if v["name"] == store_volume)
+        assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+        assert {"CLIPSHOT_JOB_DB", "CLIPSHOT_ADMIN_KEYS"} <= set(env)  # several replicas need the shared database
+    assert all(g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu")
+               for g in cluster["workerGroupSpecs"])

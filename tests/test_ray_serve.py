@@ -1,11 +1,12 @@
 """clipshot on a real local Ray cluster (``clipshot serve-ray`` as a subprocess), killed mid-load.
 
-One bounded scenario (about a minute on 2 cores), because a Ray cluster is expensive to start: 2 detector
-replicas of the tiny CLIP sharing a store folder and a real PostgreSQL job database; two products registered
-through the API; 4 client threads predicting in a loop; a threshold change and a rollback made through the
-API mid-load; one replica SIGKILLed mid-load. Asserted: every answer is a 200 or a retryable 503 (never a
-500 or a dropped connection), every 200 after an activation answered carries the new version, Ray replaces
-the dead replica, and each product keeps landing on the replica that holds its adapter.
+One bounded scenario (about 90 s on 2 cores), because a Ray cluster is expensive to start: 2 detector
+replicas of the tiny CLIP and 1 fine-tune worker sharing a store folder and a real PostgreSQL job database;
+products registered and a fine-tune queued through the API (it must run on the worker, not a detector);
+4 client threads predicting in a loop; a threshold change and a rollback made through the API mid-load;
+one replica SIGKILLed mid-load. Asserted: every answer is a 200 or a retryable 503 (never a 500 or a
+dropped connection), every 200 after an activation answered carries the new version, Ray replaces the dead
+replica, and each product keeps landing on the replica that holds its adapter.
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ def cluster(tmp_path, postgres_url):
            "CLIPSHOT_STORE": str(tmp_path / "store"), "CLIPSHOT_JOB_DB": postgres_url,
            "CLIPSHOT_ADMIN_KEYS": "admin-key", "CLIPSHOT_CLIENT_KEYS": "client-key",
            "CLIPSHOT_RAY_MIN_REPLICAS": "2", "CLIPSHOT_RAY_MAX_REPLICAS": "2", "CLIPSHOT_RAY_NUM_CPUS": "0.5",
-           "CLIPSHOT_RAY_NUM_GPUS": "0", "CLIPSHOT_ADAPTER_CACHE_DEVICE": "1", "OMP_NUM_THREADS": "1",
+           "CLIPSHOT_RAY_NUM_GPUS": "0", "CLIPSHOT_ADAPTER_CACHE_DEVICE": "1",
+           "CLIPSHOT_RAY_FINETUNE_WORKERS": "1", "CLIPSHOT_FINETUNE_STEPS": "3", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0"}
     command = [*serve_command()[:-1], "serve-ray", "--port", str(port), "--log-level", "warning"]
     log = (tmp_path / "serve-ray.log").open("w+")
@@ -110,10 +112,12 @@ def load(client: httpx.Client, stop: threading.Event, answers: list[Answer], ind
 
 
 def test_replica_killed_mid_load_gives_only_successes_or_retryable_503s(cluster):
-    for product in PRODUCTS:
+    for product in (*PRODUCTS, "trained"):
         r = cluster.post(f"/v1/categories/{product}/shots", headers=ADMIN, files=shots(range(4)),
                          data={"finetune": "false"})
         assert r.status_code == 201, r.text
+    job = cluster.post("/v1/categories/trained/finetune", headers=ADMIN)  # queued by whichever replica answers
+    assert job.status_code == 202, job.text
     answers: list[Answer] = []
     stop = threading.Event()
     with httpx.Client(base_url=cluster.base_url, timeout=30) as shared:
@@ -144,6 +148,19 @@ def test_replica_killed_mid_load_gives_only_successes_or_retryable_503s(cluster)
             stop.set()
             for t in threads:
                 t.join(timeout=60)
+
+    detector_pids = {pid_of(a.replica) for a in answers if a.replica}
+    _wait(lambda: cluster.get(f"/v1/jobs/{job.json()['id']}", headers=ADMIN).json()["state"] == "succeeded",
+          "the fine-tune", timeout=120)
+    worker = cluster.get(f"/v1/jobs/{job.json()['id']}", headers=ADMIN).json()["worker"]
+    assert int(worker.split(":")[1]) not in detector_pids, "a serving replica trained; the fine-tune worker must"
+
+    scraped = cluster.get("/metrics")  # one exposition for every replica: the live detectors and the worker
+    assert scraped.status_code == 200, scraped.text
+    labelled = {line.split('replica="')[1].split('"')[0] for line in scraped.text.splitlines()
+                if line.startswith("process_start_time_seconds{")}  # a series every replica has
+    live = {cluster.get("/healthz").headers["x-clipshot-replica"] for _ in range(20)}  # detectors only
+    assert live <= labelled and len(labelled) == len(live) + 1, (live, labelled)  # + the fine-tune worker
 
     statuses = Counter(a.status for a in answers)
     print(f"\nanswers by status: {dict(statuses)}; by product and replica: "

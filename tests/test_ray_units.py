@@ -196,3 +196,22 @@ def test_serve_ray_without_ray_installed_says_how_to_install(monkeypatch, capsys
     assert main(["serve-ray"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("clipshot serve-ray: Ray Serve is not installed") and "pip install -e '.[ray]'" in err
+
+
+def test_metrics_of_all_replicas_merge_into_one_exposition_labelled_by_replica():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from app.distributed.metrics_merge import merge_expositions
+    from app.metrics import Metrics
+
+    replicas = {"a@host:1": Metrics(), "b@host:2": Metrics()}
+    replicas["a@host:1"].observe_verdict("widget", "normal", 0.1, 0.5)
+    for _ in range(3):
+        replicas["b@host:2"].observe_verdict("widget", "anomalous", 0.9, 0.5)
+    merged = merge_expositions({name: m.render()[0].decode() for name, m in replicas.items()}).decode()
+    families = {f.name: f for f in text_string_to_metric_families(merged)}
+    assert merged.count("# TYPE clipshot_predictions_total counter") == 1  # each family once
+    counts = {(s.labels["replica"], s.labels["verdict"]): s.value
+              for s in families["clipshot_predictions"].samples if s.name == "clipshot_predictions_total"}
+    assert counts == {("a@host:1", "normal"): 1.0, ("b@host:2", "anomalous"): 3.0}
+    assert all("replica" in s.labels for f in families.values() for s in f.samples)

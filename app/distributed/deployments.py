@@ -17,6 +17,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import CONTENT_TYPE_LATEST
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
@@ -31,6 +32,7 @@ from app.api.routes.predict import PINNED_VERSION_SCOPE
 from app.core.config import Settings
 from app.core.identity import replica_name, set_replica_name
 from app.distributed.asgi_call import HttpRequest, HttpResponse, call_asgi
+from app.distributed.metrics_merge import merge_expositions
 from model_store import CATEGORY_NAME, AdapterStore
 
 STORE_CHECK_DIR = ".ray-store-check"  # the launcher writes a token here; every replica must see it
@@ -99,6 +101,14 @@ class DetectorReplica:
             extra[PINNED_VERSION_SCOPE] = parsed[1]
         return await call_asgi(self.app, request, extra)
 
+    async def metrics_text(self) -> tuple[str, str]:
+        """This replica's name and Prometheus exposition (job counts read now, as the route does)."""
+        state = self.app.state
+        if getattr(state, "job_store", None) is not None:
+            await run_in_threadpool(lambda: state.metrics.set_job_counts(state.job_store.count_by_state()))
+        body, _ = state.metrics.render()
+        return replica_name(), body.decode()
+
     async def check_health(self) -> None:
         """Ray replaces a replica whose device no longer answers (same probe as ``/readyz``)."""
         result = await self.app.state.readiness.check()
@@ -119,7 +129,7 @@ class Router:
         self.settings = Settings(**settings)
         self.store = AdapterStore(self.settings.store)
         self.detector = detector
-        self.finetune = finetune  # bound only to keep the worker deployment in the application
+        self.finetune = finetune  # not routed to; part of the application, and of /metrics
 
     async def __call__(self, request: Request) -> Response:
         body = await self._body(request)
@@ -138,9 +148,22 @@ class Router:
             return _error(request, 503, "replica_unavailable",
                           f"the replica serving this request went away ({type(exc).__name__}); retry shortly",
                           retry_after=RETRY_AFTER_S)
+        if request.url.path == "/metrics" and request.method == "GET" and answer.status == 200:
+            return await self._all_metrics(request)  # the replica that answered has checked the key
         response = Response(content=answer.body, status_code=answer.status)
         response.raw_headers = answer.headers
         return response
+
+    async def _all_metrics(self, request: Request) -> Response:
+        """Every replica's metrics (detectors and fine-tune workers) in one exposition, labelled by replica."""
+        texts: dict[str, str] = {}
+        try:
+            for handle in filter(None, (self.detector, self.finetune)):
+                texts.update(await handle.broadcast("metrics_text").results_async())
+        except Exception as exc:  # a replica went away mid-scrape: the next scrape will see its replacement
+            return _error(request, 503, "replica_unavailable", f"could not collect every replica's metrics "
+                          f"({type(exc).__name__}); retry", retry_after=RETRY_AFTER_S)
+        return Response(merge_expositions(texts), media_type=CONTENT_TYPE_LATEST)
 
     async def _body(self, request: Request) -> bytes | None:
         """The whole body, or None once it passes ``max_request_bytes`` (read no further)."""
