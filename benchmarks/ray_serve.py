@@ -17,9 +17,6 @@ import argparse
 import asyncio
 import io
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,14 +31,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 import pg_cluster  # noqa: E402
-
-ADMIN, CLIENT = "bench-admin", "bench-client"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from live_server import ADMIN, CLIENT, live_server  # noqa: E402
 
 
 def image(seed: int, size: int = 128) -> bytes:
@@ -53,38 +43,15 @@ def image(seed: int, size: int = 128) -> bytes:
 
 @contextmanager
 def server(layout: str, replicas: int, args: argparse.Namespace, job_db: str | None):
-    """A running ``clipshot serve`` or ``serve-ray``; yields its base URL."""
-    port = free_port()
-    store = tempfile.mkdtemp(prefix="clipshot-bench-")
-    env = {**os.environ, "CLIPSHOT_BACKBONE": args.backbone, "CLIPSHOT_DEVICE": args.device, "CLIPSHOT_STORE": store,
-           "CLIPSHOT_ADMIN_KEYS": ADMIN, "CLIPSHOT_CLIENT_KEYS": CLIENT, "PYTHONPATH": str(REPO),
+    """A running ``clipshot serve`` or ``serve-ray`` (tests/live_server.py); yields its base URL."""
+    env = {"CLIPSHOT_BACKBONE": args.backbone, "CLIPSHOT_DEVICE": args.device,
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count())),  # torch's default, not 1
            "CLIPSHOT_RAY_MIN_REPLICAS": str(replicas), "CLIPSHOT_RAY_MAX_REPLICAS": str(replicas),
            "CLIPSHOT_RAY_NUM_CPUS": str(round(1 / replicas, 2)), "RAY_USAGE_STATS_ENABLED": "0",
            **({"CLIPSHOT_JOB_DB": job_db} if job_db and replicas > 1 else {})}
-    command = [sys.executable, "-m", "app.cli.main", layout, "--port", str(port), "--log-level", "warning"]
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit(f"{layout} exited with {proc.returncode}")
-            try:
-                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit(f"{layout} did not start")
-            time.sleep(0.5)
-        yield url
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+    with tempfile.TemporaryDirectory(prefix="clipshot-bench-") as folder, \
+            live_server(Path(folder), command=layout, startup_timeout=300, stop_timeout=60, **env) as running:
+        yield running.base
 
 
 async def measure(url: str, args: argparse.Namespace) -> dict[str, float]:

@@ -64,8 +64,10 @@ def status_of(raw: bytes) -> int | None:
 
 
 @contextlib.contextmanager
-def live_server(tmp_path: Path, **env: str) -> Iterator[LiveServer]:
-    """Start ``clipshot serve`` (tiny CLIP on CPU, admin + client keys) and stop it with SIGINT afterwards."""
+def live_server(tmp_path: Path, *, command: str = "serve", startup_timeout: float = STARTUP_TIMEOUT_S,
+                stop_timeout: float = 30, **env: str) -> Iterator[LiveServer]:
+    """Start ``clipshot serve`` (or ``serve-ray``: tiny CLIP on CPU, admin + client keys) and stop it with
+    SIGINT afterwards; its process group is killed if it does not stop (Ray's helpers included)."""
     exe = shutil.which("clipshot")
     assert exe, "the clipshot console script is not installed (pip install -e .)"
     port = free_port()
@@ -74,23 +76,24 @@ def live_server(tmp_path: Path, **env: str) -> Iterator[LiveServer]:
                 "CLIPSHOT_CLIENT_KEYS": CLIENT, "OMP_NUM_THREADS": "1", **env}
     log_path = tmp_path / f"serve-{port}.log"
     with log_path.open("w") as log:
-        proc = subprocess.Popen([exe, "serve", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
-                                env=full_env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([exe, command, "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+                                env=full_env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
     server = LiveServer(proc, port, log_path)
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        deadline = time.monotonic() + startup_timeout
         while True:
             assert proc.poll() is None, f"server exited early:\n{server.log()}"
             with contextlib.suppress(httpx.TransportError):
                 if httpx.get(f"{server.base}/healthz", timeout=1).status_code == 200:
                     break
-            assert time.monotonic() < deadline, "server did not come up in time"
+            assert time.monotonic() < deadline, f"server did not come up in time:\n{server.log()}"
             time.sleep(0.25)
         yield server
     finally:
         proc.send_signal(signal.SIGINT)
         try:
-            proc.wait(timeout=30)
+            proc.wait(timeout=stop_timeout)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)

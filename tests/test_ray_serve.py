@@ -21,17 +21,20 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
+from live_server import ADMIN as ADMIN_KEY
+from live_server import CLIENT as CLIENT_KEY
+from live_server import live_server
 from pg_fixtures import in_ci
 from test_app_jobs import image_bytes, shots
 from test_app_serve_subprocess import free_port, serve_command
 
 from tests.conftest import REPO
 
-ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install -e '.[ray]'); CI installs it") \
-    if not in_ci() else None
+if not in_ci():
+    pytest.importorskip("ray", reason="the ray extra is not installed (pip install -e '.[ray]'); CI installs it")
 STARTUP_TIMEOUT_S = 180
-ADMIN = {"Authorization": "Bearer admin-key"}
-CLIENT = {"Authorization": "Bearer client-key"}
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+CLIENT = {"Authorization": f"Bearer {CLIENT_KEY}"}
 PRODUCTS = ("widget", "gadget")
 # Each replica holds ONE adapter (CLIPSHOT_ADAPTER_CACHE_DEVICE=1, which also sizes Ray's multiplex LRU), so
 # with 2 products on 2 replicas affinity routing settles each product on its own replica; random routing
@@ -58,39 +61,12 @@ def pid_of(replica: str) -> int:
 
 @pytest.fixture
 def cluster(tmp_path, postgres_url):
-    port = free_port()
-    env = {**os.environ, "CLIPSHOT_BACKBONE": "test:tiny-clip", "CLIPSHOT_DEVICE": "cpu",
-           "CLIPSHOT_STORE": str(tmp_path / "store"), "CLIPSHOT_JOB_DB": postgres_url,
-           "CLIPSHOT_ADMIN_KEYS": "admin-key", "CLIPSHOT_CLIENT_KEYS": "client-key",
-           "CLIPSHOT_RAY_MIN_REPLICAS": "2", "CLIPSHOT_RAY_MAX_REPLICAS": "2", "CLIPSHOT_RAY_NUM_CPUS": "0.5",
-           "CLIPSHOT_RAY_NUM_GPUS": "0", "CLIPSHOT_ADAPTER_CACHE_DEVICE": "1",
-           "CLIPSHOT_RAY_FINETUNE_WORKERS": "1", "CLIPSHOT_FINETUNE_STEPS": "3", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0"}
-    command = [*serve_command()[:-1], "serve-ray", "--port", str(port), "--log-level", "warning"]
-    log = (tmp_path / "serve-ray.log").open("w+")
-    proc = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            assert proc.poll() is None, f"serve-ray exited early:\n{(tmp_path / 'serve-ray.log').read_text()}"
-            try:
-                if client.get("/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, f"no answer in time:\n{(tmp_path / 'serve-ray.log').read_text()}"
-            time.sleep(0.5)
+    env = {"CLIPSHOT_JOB_DB": postgres_url, "CLIPSHOT_RAY_MIN_REPLICAS": "2", "CLIPSHOT_RAY_MAX_REPLICAS": "2",
+           "CLIPSHOT_RAY_NUM_CPUS": "0.5", "CLIPSHOT_RAY_NUM_GPUS": "0", "CLIPSHOT_ADAPTER_CACHE_DEVICE": "1",
+           "CLIPSHOT_RAY_FINETUNE_WORKERS": "1", "CLIPSHOT_FINETUNE_STEPS": "3", "RAY_USAGE_STATS_ENABLED": "0"}
+    with live_server(tmp_path, command="serve-ray", startup_timeout=STARTUP_TIMEOUT_S, stop_timeout=60,
+                     **env) as server, httpx.Client(base_url=server.base, timeout=30) as client:
         yield client
-    finally:
-        client.close()
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def load(client: httpx.Client, stop: threading.Event, answers: list[Answer], index: int) -> None:
