@@ -36,7 +36,7 @@ STARTUP_TIMEOUT_S = 180
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 CLIENT = {"Authorization": f"Bearer {CLIENT_KEY}"}
 PRODUCTS = ("widget", "gadget")
-# Each replica holds ONE adapter (CLIPSHOT_ADAPTER_CACHE_DEVICE=1, which also sizes Ray's multiplex LRU), so
+# Each replica holds ONE adapter (CLIPSHOT_ADAPTER_CACHE_DEVICE=1 and _CPU=0, which also size Ray's LRU), so
 # with 2 products on 2 replicas affinity routing settles each product on its own replica; random routing
 # would put ~50 % of a product's requests on either (and reload adapters all the time). 0.8 separates the
 # two with margin, measured over each product's last SETTLED answers before the kill.
@@ -63,6 +63,7 @@ def pid_of(replica: str) -> int:
 def cluster(tmp_path, postgres_url):
     env = {"CLIPSHOT_JOB_DB": postgres_url, "CLIPSHOT_RAY_MIN_REPLICAS": "2", "CLIPSHOT_RAY_MAX_REPLICAS": "2",
            "CLIPSHOT_RAY_NUM_CPUS": "0.5", "CLIPSHOT_RAY_NUM_GPUS": "0", "CLIPSHOT_ADAPTER_CACHE_DEVICE": "1",
+           "CLIPSHOT_ADAPTER_CACHE_CPU": "0",
            "CLIPSHOT_RAY_FINETUNE_WORKERS": "1", "CLIPSHOT_FINETUNE_STEPS": "3", "RAY_USAGE_STATS_ENABLED": "0"}
     with live_server(tmp_path, command="serve-ray", startup_timeout=STARTUP_TIMEOUT_S, stop_timeout=60,
                      **env) as server, httpx.Client(base_url=server.base, timeout=30) as client:

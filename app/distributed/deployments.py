@@ -89,8 +89,11 @@ class DetectorReplica:
             await run_in_threadpool(cache.get, category, version)
             return adapter_id
 
-        # Ray's LRU is sized like the device tier: what Ray believes is resident here really is.
-        self._warm = serve.multiplexed(max_num_models_per_replica=max(1, config.adapter_cache_device))(warm)
+        # Ray's LRU is as large as this replica's adapter cache (device + host tiers): an adapter in either tier
+        # is "held" (a host-to-device copy, not a load from the store), and a smaller LRU would make Ray evict
+        # and re-route adapters this replica still has (16 products round-robin over 8 slots: every request).
+        capacity = max(1, config.adapter_cache_device + config.adapter_cache_cpu)
+        self._warm = serve.multiplexed(max_num_models_per_replica=capacity)(warm)
 
     async def handle(self, request: HttpRequest) -> HttpResponse:
         """Replay one HTTP request into the app, pinned to the version the router routed on."""
