@@ -118,7 +118,7 @@ def test_router_resolves_the_active_version_and_turns_a_dead_replica_into_a_retr
     limits = {"max_request_bytes": 4096, "max_upload_bytes": 4096}
     settings = make_settings(tmp_path / "store").model_copy(update=limits)
     store = AdapterStore(settings.store)
-    adapter = tiny_detector.fit_memory([good(s) for s in range(2)], category="widget", text=False,
+    adapter = tiny_detector.fit_memory([good(s) for s in range(4)], category="widget", text=False,
                                        calibration_views=0)
     for _ in range(3):
         save_adapter(store, tiny_detector, adapter)
