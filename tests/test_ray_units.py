@@ -62,6 +62,9 @@ def test_replayed_requests_behave_as_http_and_only_the_scope_can_pin_a_version(t
             out["spoofed"] = await call_asgi(app, as_record(spoof))
             anonymous = httpx.Request("POST", f"{base}/v1/categories/widget/predict", files=files)
             out["anonymous"] = await call_asgi(app, as_record(anonymous))
+            # what the router forwards for a key it knows no replica accepts: headers only, body left unread
+            out["unread"] = await call_asgi(app, HttpRequest("POST", "/v1/categories/widget/predict",
+                                                             headers=[(b"authorization", b"Bearer nope")]))
             return out
 
     out = asyncio.run(scenario())
@@ -73,6 +76,7 @@ def test_replayed_requests_behave_as_http_and_only_the_scope_can_pin_a_version(t
     body = httpx.Response(200, content=out["pinned"].body).json()
     assert body["replica"] == replica_name() == out["pinned"].header("X-Clipshot-Replica")
     assert out["anonymous"].status == 401 and out["anonymous"].header("www-authenticate").startswith("Bearer")
+    assert out["unread"].status == 401 and b"invalid_key" in out["unread"].body
 
 
 def test_model_ids_round_trip_and_reject_what_is_not_one():
@@ -81,33 +85,44 @@ def test_model_ids_round_trip_and_reject_what_is_not_one():
         assert deployments.parse_model_id(bad) is None, bad
 
 
-class UnreachableReplica:
-    """A deployment handle whose replica died: Ray raises ActorDiedError from the call (what a SIGKILL
-    mid-request produces, seen in test_ray_serve.py); records the model id it was routed with."""
+class Replica:
+    """A deployment handle standing in for Ray's: records what the router forwards and with which model id;
+    ``dead`` raises ActorDiedError from the call (what a SIGKILL mid-request produces, seen for real in
+    test_ray_serve.py)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, dead: bool) -> None:
+        self.dead = dead
         self.routed: list[str | None] = []
+        self.forwarded: list[HttpRequest] = []
         self.handle = self
 
-    def options(self, *, multiplexed_model_id: str) -> UnreachableReplica:
+    def options(self, *, multiplexed_model_id: str) -> Replica:
         self.routed.append(multiplexed_model_id)
         return self
 
     async def remote(self, request: HttpRequest) -> HttpResponse:
-        raise ActorDiedError()
+        self.forwarded.append(request)
+        if self.dead:
+            raise ActorDiedError()
+        return HttpResponse(401, [(b"content-type", b"application/json")], b"{}")
 
 
-def starlette_request(path: str, body: bytes, method: str = "POST"):
+def starlette_request(path: str, body: bytes, method: str = "POST", key: str | None = "client-key", *,
+                      readable: bool = True):
     from starlette.requests import Request
 
     chunks = [body[i:i + 1000] for i in range(0, len(body), 1000)] or [b""]
 
     async def receive():
+        assert readable, "the router read a body it should have left on the wire"
         chunk = chunks.pop(0)
         return {"type": "http.request", "body": chunk, "more_body": bool(chunks)}
 
+    headers = [(b"x-request-id", b"line-7.part-42"), (b"content-length", str(len(body)).encode())]
+    if key is not None:
+        headers.append((b"authorization", f"Bearer {key}".encode()))
     scope = {"type": "http", "method": method, "path": path, "query_string": b"", "client": ("127.0.0.1", 5),
-             "headers": [(b"x-request-id", b"line-7.part-42")]}
+             "headers": headers}
     return Request(scope, receive)
 
 
@@ -123,7 +138,7 @@ def test_router_resolves_the_active_version_and_turns_a_dead_replica_into_a_retr
     for _ in range(3):
         save_adapter(store, tiny_detector, adapter)
     store.activate("widget", 2)
-    handle = UnreachableReplica()
+    handle = Replica(dead=True)
     router = deployments.Router(handle, settings.model_dump(mode="json"))
 
     answer = asyncio.run(router(starlette_request("/v1/categories/widget/predict", b"x" * 10)))
@@ -135,6 +150,18 @@ def test_router_resolves_the_active_version_and_turns_a_dead_replica_into_a_retr
     asyncio.run(router(starlette_request("/v1/categories/nothing/predict", b"")))
     asyncio.run(router(starlette_request("/v1/categories/widget", b"", method="GET")))
     assert handle.routed == ["widget@2"]  # unknown product and other routes: no model id, any replica
+
+
+@pytest.mark.parametrize("key", [None, "stolen-key"])
+def test_router_never_reads_the_body_of_a_request_no_key_admits(tmp_path, key):
+    """Issue 13's auth-before-body holds under Ray too: the replica gets the headers only and answers 401."""
+    handle = Replica(dead=False)
+    router = deployments.Router(handle, make_settings(tmp_path / "store").model_dump(mode="json"))
+    request = starlette_request("/v1/categories/widget/predict", b"x" * 100_000, key=key, readable=False)
+    answer = asyncio.run(router(request))
+    assert answer.status_code == 401
+    (forwarded,) = handle.forwarded
+    assert forwarded.body == b"" and b"content-length" not in dict(forwarded.headers)
 
 
 def test_a_replica_refuses_a_store_the_launcher_did_not_write(tmp_path):

@@ -37,6 +37,7 @@ from model_store import CATEGORY_NAME, AdapterStore
 
 STORE_CHECK_DIR = ".ray-store-check"  # the launcher writes a token here; every replica must see it
 RETRY_AFTER_S = 1  # a replacement replica is scheduled at once; the next try usually lands on a live one
+_BODY_HEADERS = (b"content-length", b"transfer-encoding", b"content-type")  # dropped with an unread body
 _PREDICT_PATH = re.compile(r"^/v1/categories/([^/]+)/predict/?$")
 # Replica died or went away mid-request, or every replica is full: the caller should retry, not give up.
 RETRYABLE = (RayActorError, BackPressureError, DeploymentUnavailableError)
@@ -135,7 +136,8 @@ class Router:
         self.finetune = finetune  # not routed to; part of the application, and of /metrics
 
     async def __call__(self, request: Request) -> Response:
-        body = await self._body(request)
+        refused = self._unknown_key(request)
+        body = b"" if refused else await self._body(request)
         if body is None:
             limit = self.settings.max_request_bytes
             return _error(request, 413, "request_too_large", f"request body over {limit} bytes")
@@ -143,7 +145,8 @@ class Router:
         handle = self.detector.options(multiplexed_model_id=adapter_id) if adapter_id else self.detector
         forwarded = HttpRequest(method=request.method, path=request.url.path,
                                 query_string=request.scope.get("query_string", b""),
-                                headers=list(request.scope.get("headers", [])), body=body,
+                                headers=[(k, v) for k, v in request.scope.get("headers", [])
+                                         if not (refused and k.lower() in _BODY_HEADERS)], body=body,
                                 client=tuple(request.client) if request.client else None)
         try:
             answer: HttpResponse = await handle.handle.remote(forwarded)
@@ -167,6 +170,15 @@ class Router:
             return _error(request, 503, "replica_unavailable", f"could not collect every replica's metrics "
                           f"({type(exc).__name__}); retry", retry_after=RETRY_AFTER_S)
         return Response(merge_expositions(texts), media_type=CONTENT_TYPE_LATEST)
+
+    def _unknown_key(self, request: Request) -> bool:
+        """An API request whose key no replica would accept: forwarded without its body (never read), so an
+        anonymous 100 MiB upload costs its headers only, as under ``clipshot serve``; the replica answers
+        the 401/403 itself, so the error is the app's own."""
+        if not self.settings.auth_enabled or not request.url.path.startswith("/v1/"):
+            return False
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        return scheme.lower() != "bearer" or key.strip() not in {*self.settings.admin_keys, *self.settings.client_keys}
 
     async def _body(self, request: Request) -> bytes | None:
         """The whole body, or None once it passes ``max_request_bytes`` (read no further)."""
