@@ -53,14 +53,14 @@ def serve(ns: argparse.Namespace) -> int:
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
-        return _fail(settings_error_line(exc, cli_flags={"host": "--host", "port": "--port"}), EXIT_CONFIG)
+        return fail(settings_error_line(exc, cli_flags={"host": "--host", "port": "--port"}), EXIT_CONFIG)
     configure_logging(level, settings.log_format, request_ids=True)
     for warning in unknown_env_warnings():
         log.warning(warning)
     try:
         settings.validate_security()  # warns (once) when running without keys
     except InsecureConfigurationError as exc:
-        return _fail(str(exc), EXIT_CONFIG)
+        return fail(str(exc), EXIT_CONFIG)
 
     import uvicorn  # heavy imports only once the configuration is known to be sane
 
@@ -72,7 +72,7 @@ def serve(ns: argparse.Namespace) -> int:
             open_job_store(settings).close()
         backbone = load_service_backbone(settings)
     except StartupError as exc:
-        return _fail(str(exc), EXIT_STARTUP)
+        return fail(str(exc), EXIT_STARTUP)
     app = create_app(settings, backbone=backbone)
     # log_config=None: uvicorn keeps its hands off logging, its loggers propagate to our root handler.
     # Our httptools protocol adds the header-size, read-timeout and connection limits uvicorn lacks.
@@ -85,6 +85,7 @@ def serve(ns: argparse.Namespace) -> int:
     return 0 if server.started else EXIT_STARTUP
 
 
-def _fail(message: str, code: int) -> int:
-    print(f"clipshot serve: {' '.join(message.split())}", file=sys.stderr)
+def fail(message: str, code: int, command: str = "serve") -> int:
+    """One line on stderr, ``clipshot <command>: <message>`` (whitespace folded); returns ``code``."""
+    print(f"clipshot {command}: {' '.join(message.split())}", file=sys.stderr)
     return code

@@ -14,7 +14,7 @@ import sys
 import threading
 from typing import Any
 
-from app.cli.serve import EXIT_CONFIG, EXIT_STARTUP, LOG_LEVELS
+from app.cli.serve import EXIT_CONFIG, EXIT_STARTUP, LOG_LEVELS, fail
 
 FLAGS = {"host": "--host", "port": "--port", "ray_address": "--address"}
 
@@ -87,5 +87,4 @@ def _teardown(*, private: bool) -> None:
 
 
 def _fail(message: str, code: int) -> int:
-    print(f"clipshot serve-ray: {' '.join(message.split())}", file=sys.stderr)
-    return code
+    return fail(message, code, command="serve-ray")

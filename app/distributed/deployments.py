@@ -17,6 +17,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from fastapi.security import HTTPAuthorizationCredentials
+from fastapi.security.utils import get_authorization_scheme_param
 from prometheus_client import CONTENT_TYPE_LATEST
 from ray import serve
 from ray.exceptions import RayActorError
@@ -26,6 +28,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from app.api.deps import authenticate
 from app.api.request_id import HEADER as REQUEST_ID_HEADER
 from app.api.request_id import accepted_request_id
 from app.api.routes.predict import PINNED_VERSION_SCOPE
@@ -33,6 +36,7 @@ from app.core.config import Settings
 from app.core.identity import replica_name, set_replica_name
 from app.distributed.asgi_call import HttpRequest, HttpResponse, call_asgi
 from app.distributed.metrics_merge import merge_expositions
+from app.errors import ClipshotHTTPError, OverloadedError
 from model_store import CATEGORY_NAME, AdapterStore
 
 STORE_CHECK_DIR = ".ray-store-check"  # the launcher writes a token here; every replica must see it
@@ -140,7 +144,8 @@ class Router:
         body = b"" if refused else await self._body(request)
         if body is None:
             limit = self.settings.max_request_bytes
-            return _error(request, 413, "request_too_large", f"request body over {limit} bytes")
+            return _error(request, ClipshotHTTPError(f"request body over {limit} bytes", code="request_too_large",
+                                                     status_code=413))
         adapter_id = await run_in_threadpool(self._model_id, request.url.path) if request.method == "POST" else None
         handle = self.detector.options(multiplexed_model_id=adapter_id) if adapter_id else self.detector
         forwarded = HttpRequest(method=request.method, path=request.url.path,
@@ -151,9 +156,9 @@ class Router:
         try:
             answer: HttpResponse = await handle.handle.remote(forwarded)
         except RETRYABLE as exc:
-            return _error(request, 503, "replica_unavailable",
-                          f"the replica serving this request went away ({type(exc).__name__}); retry shortly",
-                          retry_after=RETRY_AFTER_S)
+            return _error(request, OverloadedError(
+                f"the replica serving this request went away ({type(exc).__name__}); retry shortly",
+                code="replica_unavailable", retry_after=RETRY_AFTER_S))
         if request.url.path == "/metrics" and request.method == "GET" and answer.status == 200:
             return await self._all_metrics(request)  # the replica that answered has checked the key
         response = Response(content=answer.body, status_code=answer.status)
@@ -167,8 +172,9 @@ class Router:
             for handle in filter(None, (self.detector, self.finetune)):
                 texts.update(await handle.broadcast("metrics_text").results_async())
         except Exception as exc:  # a replica went away mid-scrape: the next scrape will see its replacement
-            return _error(request, 503, "replica_unavailable", f"could not collect every replica's metrics "
-                          f"({type(exc).__name__}); retry", retry_after=RETRY_AFTER_S)
+            return _error(request, OverloadedError(f"could not collect every replica's metrics "
+                                                   f"({type(exc).__name__}); retry", code="replica_unavailable",
+                                                   retry_after=RETRY_AFTER_S))
         return Response(merge_expositions(texts), media_type=CONTENT_TYPE_LATEST)
 
     def _unknown_key(self, request: Request) -> bool:
@@ -177,8 +183,14 @@ class Router:
         the 401/403 itself, so the error is the app's own."""
         if not self.settings.auth_enabled or not request.url.path.startswith("/v1/"):
             return False
-        scheme, _, key = request.headers.get("authorization", "").partition(" ")
-        return scheme.lower() != "bearer" or key.strip() not in {*self.settings.admin_keys, *self.settings.client_keys}
+        scheme, key = get_authorization_scheme_param(request.headers.get("authorization"))
+        credentials = HTTPAuthorizationCredentials(scheme=scheme, credentials=key) if scheme.lower() == "bearer" \
+            else None
+        try:
+            authenticate(self.settings, credentials)  # the app's own, constant-time key check
+        except ClipshotHTTPError:
+            return True
+        return False
 
     async def _body(self, request: Request) -> bytes | None:
         """The whole body, or None once it passes ``max_request_bytes`` (read no further)."""
@@ -202,14 +214,12 @@ class Router:
         return None if version is None else model_id(category, version)
 
 
-def _error(request: Request, status: int, code: str, message: str, *, retry_after: int | None = None) -> Response:
-    """The service's error shape, with the caller's request id when it sent a usable one."""
+def _error(request: Request, error: ClipshotHTTPError) -> Response:
+    """The app's error (shape, code, Retry-After), with the caller's request id when it sent a usable one."""
     request_id = accepted_request_id(request.headers.get(REQUEST_ID_HEADER))
-    headers = {REQUEST_ID_HEADER: request_id}
-    if retry_after is not None:
-        headers["Retry-After"] = str(retry_after)
-    return JSONResponse({"error": {"code": code, "message": message, "request_id": request_id}},
-                        status_code=status, headers=headers)
+    body = error.body()
+    body["error"]["request_id"] = request_id
+    return JSONResponse(body, status_code=error.status_code, headers={**error.headers, REQUEST_ID_HEADER: request_id})
 
 
 __all__ = ["DetectorReplica", "Router", "StoreNotShared", "check_store_token", "model_id", "parse_model_id"]

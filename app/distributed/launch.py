@@ -56,6 +56,7 @@ def check_settings(settings: Settings) -> None:
 def write_store_token(store: Path) -> str:
     """A fresh token file in the store, which every replica must see (the shared-store check)."""
     from app.distributed.deployments import STORE_CHECK_DIR
+    from model_store.atomic import replace_file
 
     folder = Path(store) / STORE_CHECK_DIR
     try:
@@ -64,9 +65,7 @@ def write_store_token(store: Path) -> str:
             if time.time() - old.stat().st_mtime > TOKEN_MAX_AGE_S:
                 old.unlink(missing_ok=True)
         token = uuid.uuid4().hex
-        tmp = folder / f".{token}.tmp"
-        tmp.write_text(f"written by clipshot serve-ray on {os.uname().nodename}\n")
-        tmp.rename(folder / token)
+        replace_file(folder / token, f"written by clipshot serve-ray on {os.uname().nodename}\n".encode())
     except OSError as exc:
         raise RayConfigError(f"cannot write to the adapter store {store}: {exc}. Fix: make "
                              f"{env_var('store')} a writable folder shared by every Ray node.") from None
