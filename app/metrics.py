@@ -253,6 +253,12 @@ class Metrics:
         """Exposition body and its content type, for the ``/metrics`` endpoint."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
+    def scrape(self, job_store: Any | None) -> tuple[bytes, str]:
+        """``render`` after reading the job counts now, so the gauge is never stale (``/metrics``, Ray replicas)."""
+        if job_store is not None:
+            self.set_job_counts(job_store.count_by_state())
+        return self.render()
+
 
 class RequestMetricsMiddleware:
     """Pure-ASGI middleware observing ``clipshot_http_request_duration_seconds`` for every request."""

@@ -112,9 +112,7 @@ class DetectorReplica:
     async def metrics_text(self) -> tuple[str, str]:
         """This replica's name and Prometheus exposition (job counts read now, as the route does)."""
         state = self.app.state
-        if getattr(state, "job_store", None) is not None:
-            await run_in_threadpool(lambda: state.metrics.set_job_counts(state.job_store.count_by_state()))
-        body, _ = state.metrics.render()
+        body, _ = await run_in_threadpool(state.metrics.scrape, getattr(state, "job_store", None))
         return replica_name(), body.decode()
 
     async def check_health(self) -> None:

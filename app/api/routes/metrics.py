@@ -15,8 +15,5 @@ router = APIRouter(tags=["metrics"])
                        **errors(401, 403, e401="Missing or unknown key (when CLIPSHOT_METRICS_REQUIRE_KEY=true).")})
 async def metrics(request: Request, registry: MetricsDep, _: MetricsAccessDep) -> Response:
     """Job counts are read at scrape time, so the gauge is never stale."""
-    job_store = getattr(request.app.state, "job_store", None)
-    if job_store is not None:
-        registry.set_job_counts(job_store.count_by_state())
-    body, content_type = registry.render()
+    body, content_type = registry.scrape(getattr(request.app.state, "job_store", None))
     return Response(body, media_type=content_type)
