@@ -118,8 +118,10 @@ def test_replica_killed_mid_load_gives_only_successes_or_retryable_503s(cluster)
             rolled_back = time.monotonic()
             # affinity keeps both products on the survivor; unrouted requests (health) reach any replica
             known = {victim, *[b.replica for b in before_kill]}
-            _wait(lambda: cluster.get("/healthz").headers["x-clipshot-replica"] not in known,
+            seen: list[str] = []
+            _wait(lambda: seen.append(cluster.get("/healthz").headers["x-clipshot-replica"]) or seen[-1] not in known,
                   "a replacement replica answering", timeout=120)
+            replacement = seen[-1]
             _wait(lambda: sum(a.sent > rolled_back and a.status == 200 for a in answers) >= 40, "answers after")
         finally:
             stop.set()
@@ -136,8 +138,8 @@ def test_replica_killed_mid_load_gives_only_successes_or_retryable_503s(cluster)
     assert scraped.status_code == 200, scraped.text
     labelled = {line.split('replica="')[1].split('"')[0] for line in scraped.text.splitlines()
                 if line.startswith("process_start_time_seconds{")}  # a series every replica has
-    live = {cluster.get("/healthz").headers["x-clipshot-replica"] for _ in range(20)}  # detectors only
-    assert live <= labelled and len(labelled) == len(live) + 1, (live, labelled)  # + the fine-tune worker
+    # exactly the live processes: 2 detectors (the replacement, not the dead one) + the fine-tune worker
+    assert replacement in labelled and victim not in labelled and len(labelled) == 3, (victim, labelled)
 
     statuses = Counter(a.status for a in answers)
     print(f"\nanswers by status: {dict(statuses)}; by product and replica: "
