@@ -14,6 +14,7 @@ Usage::
 320 -> 208x496 on 1130x460 frames, 480 -> 304x752, 720 -> 464x1136, i.e. the full frame); square images are
 squashed to ``size``. ``--layers`` the two output strides whose features are concatenated (fine grid first).
 ``--augment`` adds horizontally (h) / vertically (v) flipped and 180-degree rotated (r) shots to the memory.
+``--no-center`` measures distances around the origin (memory before issue 10's centring).
 Prints one JSON line: image AUROC of each score rule, ms/image of features + nearest neighbours.
 """
 
@@ -27,8 +28,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-IMAGE_SCORES = ("smoothed max (shipped)", "raw patch max", "raw top 0.1 %", "raw top 1 % (AnomalyDINO)",
-                "smoothed top 1 %", "smoothed max sigma 2", "smoothed max sigma 8")
+IMAGE_SCORES = ("smoothed peak_mean (shipped)", "smoothed max (peak)", "raw patch max", "raw top 0.1 %",
+                "raw top 1 % (AnomalyDINO)", "smoothed top 1 %", "smoothed max sigma 2", "smoothed max sigma 8")
 
 
 def main() -> None:
@@ -42,6 +43,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shots", type=int, default=4)
     parser.add_argument("--pixel", action="store_true", help="also pixel AUROC and AUPRO (half-size masks)")
+    parser.add_argument("--no-center", action="store_true", help="distances around the origin (before issue 10)")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -79,7 +81,7 @@ def main() -> None:
         memory_images += [ImageOps.flip(s) for s in shots]
     if "r" in args.augment:
         memory_images += [s.rotate(180) for s in shots]
-    bank = MemoryBank.from_features(detector.features_of(memory_images, adapter))
+    bank = MemoryBank.from_features(detector.features_of(memory_images, adapter), center=not args.no_center)
     start = time.perf_counter()
     raw = torch.cat([bank.distances(detector.features_of(images[i : i + 16], adapter))
                      for i in range(0, len(images), 16)])
@@ -90,11 +92,13 @@ def main() -> None:
     def top(x: torch.Tensor, fraction: float) -> torch.Tensor:
         return x.topk(max(1, round(fraction * x.shape[1])), dim=1).values.mean(1)
 
-    rules = (sflat.amax(1), flat.amax(1), top(flat, 0.001), top(flat, 0.01), top(sflat, 0.01),
+    rules = ((sflat.amax(1) * sflat.mean(1)).clamp_min(0).sqrt(), sflat.amax(1), flat.amax(1),
+             top(flat, 0.001), top(flat, 0.01), top(sflat, 0.01),
              pixel_map(raw, geometry.frame, 2.0).flatten(1).amax(1),
              pixel_map(raw, geometry.frame, 8.0).flatten(1).amax(1))
     out = {"category": args.category, "backbone": args.backbone, "frame": list(geometry.frame), "layers": args.layers,
-           "augment": args.augment, "seed": args.seed, "memory_patches": bank.size, "ms_per_image": round(ms)}
+           "augment": args.augment,
+           "center": not args.no_center, "seed": args.seed, "memory_patches": bank.size, "ms_per_image": round(ms)}
     for name, scores in zip(IMAGE_SCORES, rules, strict=True):
         out[name] = round(100 * image_auroc(labels, scores.numpy()), 2)
     if args.pixel:

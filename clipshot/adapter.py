@@ -60,6 +60,8 @@ class Adapter:
         if self.memory is not None:
             for i, layer in enumerate(self.memory.layers):
                 tensors[f"memory.layer{i}"] = layer.detach().cpu().contiguous()
+            for i, center in enumerate(self.memory.centers or []):
+                tensors[f"memory.center{i}"] = center.detach().cpu().float().contiguous()
         for key, value in (self.lora_state or {}).items():
             tensors[f"lora.{key}"] = value.detach().cpu().float().contiguous()
         for key, value in (self.prompt_state or {}).items():
@@ -73,6 +75,7 @@ class Adapter:
             "prompt": None if self.prompt is None else self.prompt.to_dict(),
             "calibration": None if self.calibration is None else self.calibration.to_dict(),
             "memory_layers": 0 if self.memory is None else len(self.memory.layers),
+            "memory_centered": self.memory is not None and self.memory.centered,
             "object_name": self.object_name,
             "backbone": self.backbone,
             "geometry": self.geometry.to_dict(),
@@ -84,9 +87,15 @@ class Adapter:
         """Inverse of ``to_tensors``/``config``; a missing tensor the config promises is a corrupt bundle."""
         layers = int(config.get("memory_layers", 0))
         try:
-            memory = MemoryBank([tensors[f"memory.layer{i}"] for i in range(layers)]) if layers else None
+            centers = ([tensors[f"memory.center{i}"] for i in range(layers)]
+                       if layers and config.get("memory_centered") else None)
+            memory = MemoryBank([tensors[f"memory.layer{i}"] for i in range(layers)], centers) if layers else None
         except KeyError as exc:
             raise ValueError(f"bundle config promises {layers} memory layers but {exc} is missing") from exc
+        scoring = dict(config.get("scoring", {}))
+        # Written before these settings existed: keep scoring exactly as the bundle was calibrated.
+        scoring.setdefault("memory_center", False)
+        scoring.setdefault("image_score", "peak")
         lora_state = {k[len("lora."):]: v for k, v in tensors.items() if k.startswith("lora.")}
         prompt_state = {k: v for k, v in tensors.items() if k.startswith("prompt.")}
         if config.get("lora") and not lora_state:
@@ -94,7 +103,7 @@ class Adapter:
         cal = config.get("calibration")
         return cls(
             category=category,
-            scoring=ScoringConfig(**config.get("scoring", {})),
+            scoring=ScoringConfig(**scoring),
             text=tensors.get("text.embeddings"),
             memory=memory,
             lora=LoraSpec(**config["lora"]) if config.get("lora") else None,

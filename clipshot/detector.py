@@ -255,7 +255,7 @@ class Detector:
             policy = adapter.calibration.policy_spec() if adapter.calibration is not None else DecisionPolicy()
         dpam = adapter.scoring.dpam
         feats = self.features_of(list(shots), adapter, dpam=dpam)
-        adapter.memory = MemoryBank.from_features(feats, coreset_ratio)
+        adapter.memory = MemoryBank.from_features(feats, coreset_ratio, center=adapter.scoring.memory_center)
         adapter.calibration = self._calibrate(adapter, list(shots), feats, calibration_views, list(defects), policy)
         return adapter
 
@@ -281,7 +281,7 @@ class Detector:
         synthetic: list[float] = []
         for i in range(n):
             rest = [j for j in range(n) if j != i] or [i]
-            bank = MemoryBank.from_features(feats.select(torch.tensor(rest)))
+            bank = MemoryBank.from_features(feats.select(torch.tensor(rest)), center=adapter.scoring.memory_center)
             parts = [feats.select(slice(i, i + 1))] if n > 1 or view_feats is None else []
             if view_feats is not None:
                 parts.append(view_feats.select(slice(i * views, (i + 1) * views)))

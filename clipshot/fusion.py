@@ -7,6 +7,10 @@ from dataclasses import asdict, dataclass
 import torch
 
 COMBINATIONS = ("harmonic", "mean", "max")
+# How a map becomes one number: "peak" = the map's maximum (the worst spot); "peak_mean" = the geometric mean of
+# that maximum and the map's mean (how much of the part is off), with no weight to choose: both are distances
+# on the same scale, and the geometric mean ranks by their relative change alike.
+IMAGE_SCORES = ("peak", "peak_mean")
 
 
 @dataclass
@@ -18,10 +22,17 @@ class ScoringConfig:
     temperature: float = 100.0
     dpam: bool = False
     sigma: float = 4.0
+    # Memory distances measured around the shots' mean patch (``MemoryBank`` docstring). Bundles written before
+    # this setting load with False and keep scoring exactly as they were calibrated.
+    memory_center: bool = True
+    # Map -> image score (``IMAGE_SCORES``). Bundles written before this setting load with "peak".
+    image_score: str = "peak_mean"
 
     def __post_init__(self) -> None:
         if self.image_combination not in COMBINATIONS:
             raise ValueError(f"image_combination must be one of {COMBINATIONS}, got {self.image_combination!r}")
+        if self.image_score not in IMAGE_SCORES:
+            raise ValueError(f"image_score must be one of {IMAGE_SCORES}, got {self.image_score!r}")
         if not 0 <= self.text_weight <= 1:
             raise ValueError("text_weight must be in [0, 1]")
 
@@ -39,9 +50,23 @@ def fuse_maps(text_map: torch.Tensor | None, memory_map: torch.Tensor | None, co
     return config.text_weight * text_map + (1 - config.text_weight) * memory_map
 
 
+def map_score(pixel_maps: torch.Tensor, config: ScoringConfig) -> torch.Tensor:
+    """(B,) one number per map, by ``config.image_score``.
+
+    The maximum alone ranks a part by its worst spot, so a good part with one strong but harmless mark (a worn
+    band, a reflection) outranks a part whose damage is spread over more of the surface. The geometric mean with
+    the map's mean keeps the worst spot decisive while counting how much of the part is off. Measured on the two
+    shared sets (issue 10): ball screw image AUROC +2.4 at 4 shots (+2 to +3 at 1-16 shots), bottle unchanged."""
+    flat = pixel_maps.flatten(1)
+    peak = flat.amax(dim=1)
+    if config.image_score == "peak":
+        return peak
+    return (peak.clamp_min(0) * flat.mean(dim=1).clamp_min(0)).sqrt()
+
+
 def image_score(cls_score: torch.Tensor | None, pixel_maps: torch.Tensor, config: ScoringConfig) -> torch.Tensor:
-    """(B,) image score: the map maximum, combined with the text CLS score when there is one."""
-    peak = pixel_maps.flatten(1).amax(dim=1)
+    """(B,) image score: the map score (``map_score``), combined with the text CLS score when there is one."""
+    peak = map_score(pixel_maps, config)
     if cls_score is None:
         return peak
     if config.image_combination == "harmonic":

@@ -33,20 +33,46 @@ def greedy_coreset(bank: torch.Tensor, ratio: float, *, projection_dim: int = 12
 
 
 class MemoryBank:
-    """Normal patch embeddings per layer, stored fp16 (half the bytes, cosine error ~1e-3)."""
+    """Normal patch embeddings per layer, stored fp16 (half the bytes, cosine error ~1e-3).
 
-    def __init__(self, layers: list[torch.Tensor]):
+    With ``centers`` (one (D,) mean of the normal patches per layer) distances are cosines *around the normal
+    mean* instead of around the backbone's origin (mean-shifted features, Reiss & Hoshen, AAAI 2023). Pretrained
+    features share a large common component; measured from the origin it compresses every angle, so a product
+    whose normal look differs from the shots (another spindle position, light) and a real defect end up at
+    similar distances. Centring at the shots' own mean takes that component out. It needs no constant: the centre
+    is the mean of the patches the bank is built from."""
+
+    def __init__(self, layers: list[torch.Tensor], centers: list[torch.Tensor] | None = None):
         if not layers or any(layer.ndim != 2 for layer in layers):
             raise ValueError("a memory bank needs one (M, D) tensor per layer")
+        if centers is not None and (len(centers) != len(layers) or any(
+                c.shape != (layer.shape[1],) for c, layer in zip(centers, layers, strict=True))):
+            raise ValueError("a centred memory bank needs one (D,) centre per layer, matching its layers")
         self.layers = [layer.to(torch.float16).contiguous() for layer in layers]
+        self.centers = None if centers is None else [c.float().contiguous() for c in centers]
         self._cache: dict[tuple, list[torch.Tensor]] = {}
 
     @classmethod
-    def from_features(cls, features: Features, coreset_ratio: float | None = None) -> MemoryBank:
-        layers = [p.reshape(-1, p.shape[-1]) for p in features.patches]
+    def from_features(cls, features: Features, coreset_ratio: float | None = None, *,
+                      center: bool = False) -> MemoryBank:
+        """Bank of every patch of ``features``; ``center`` stores their per-layer mean (taken before the coreset,
+        so the centre is the mean of all the normal patches, not of the kept subset)."""
+        layers = [p.reshape(-1, p.shape[-1]).detach() for p in features.patches]
+        centers = [layer.float().mean(dim=0) for layer in layers] if center else None
         if coreset_ratio is not None and coreset_ratio < 1:
             layers = [layer[greedy_coreset(layer, coreset_ratio)] for layer in layers]
-        return cls([layer.detach() for layer in layers])
+        return cls(layers, centers)
+
+    @property
+    def centered(self) -> bool:
+        return self.centers is not None
+
+    def _shift(self, x: torch.Tensor, layer: int, dtype: torch.dtype) -> torch.Tensor:
+        """``x`` re-normalised around the layer's centre (unchanged for an uncentred bank)."""
+        if self.centers is None:
+            return x.to(dtype)
+        shifted = x.float() - self.centers[layer].to(x.device)
+        return torch.nn.functional.normalize(shifted, dim=-1).to(dtype)
 
     @property
     def size(self) -> int:
@@ -55,12 +81,14 @@ class MemoryBank:
     def _on(self, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
         key = (str(device), dtype)
         if key not in self._cache:
-            self._cache = {key: [layer.to(device, dtype) for layer in self.layers]}
+            self._cache = {key: [self._shift(layer.to(device), i, dtype) for i, layer in enumerate(self.layers)]}
         return self._cache[key]
 
     def to(self, device: torch.device | str) -> MemoryBank:
         """Move the stored bank (used by the adapter cache's device/CPU tiers)."""
         self.layers = [layer.to(device) for layer in self.layers]
+        if self.centers is not None:
+            self.centers = [c.to(device) for c in self.centers]
         self._cache = {}
         return self
 
@@ -73,10 +101,10 @@ class MemoryBank:
         compute = torch.float32 if query0.device.type == "cpu" else torch.float16
         banks = self._on(query0.device, compute)
         total = torch.zeros(query0.shape[0] * query0.shape[1], device=query0.device)
-        for query, bank in zip(features.patches, banks, strict=True):
+        for layer, (query, bank) in enumerate(zip(features.patches, banks, strict=True)):
             if query.shape[-1] != bank.shape[-1]:
                 raise ValueError(f"feature dim {query.shape[-1]} does not match memory dim {bank.shape[-1]}")
-            flat = query.reshape(-1, query.shape[-1]).to(compute)
+            flat = self._shift(query.reshape(-1, query.shape[-1]), layer, compute)
             chunk = max(128, SIM_BUDGET // max(1, bank.shape[0]))
             for start in range(0, flat.shape[0], chunk):
                 sim = (flat[start : start + chunk] @ bank.t()).amax(dim=1).float()

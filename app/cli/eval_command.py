@@ -67,6 +67,12 @@ def add_eval_parser(subparsers) -> None:
     parser.add_argument("--tile", type=int, default=None,
                         help="square tile side in image pixels; 0 = no tiles (default: the registration rule)")
     parser.add_argument("--tile-overlap", type=float, default=0.25, help="overlap of neighbouring tiles")
+    parser.add_argument("--memory-center", choices=("on", "off"), default="on",
+                        help="memory distances around the shots' mean patch (the shipped default) or, with off, "
+                             "around the origin as before issue 10 (memory and fused modes)")
+    parser.add_argument("--image-score", choices=("peak", "peak_mean"), default="peak_mean",
+                        help="map -> image score: peak_mean (shipped: geometric mean of the map's maximum and mean) "
+                             "or peak (the maximum alone, as before issue 10)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
                         help="auto = bf16 on GPUs that have it, fp32 on CPU")
@@ -108,8 +114,11 @@ def _adapter_factory(detector, args: argparse.Namespace):
             [img.size for img in shots], resize=None if args.resize == "auto" else args.resize,
             roi=tuple(args.roi) if args.roi else None, tile=args.tile, tile_overlap=args.tile_overlap)
         if args.mode in ("memory", "fused"):
+            from clipshot.fusion import ScoringConfig
+
+            scoring = ScoringConfig(memory_center=args.memory_center == "on", image_score=args.image_score)
             adapter = detector.fit_memory(shots, category=category, text=args.mode == "fused", object_name=category,
-                                          geometry=geometry)
+                                          geometry=geometry, scoring=scoring)
             return adapter, time.perf_counter() - start, 0.0
         from training.fewshot import FewShotConfig, train_fewshot
 
