@@ -149,13 +149,15 @@ def heatmap_grid(prediction: ImagePrediction) -> np.ndarray:
 
 
 def anomaly_mask(prediction: ImagePrediction, size: tuple[int, int] | None = None) -> np.ndarray:
-    """Boolean mask of pixels scoring above the threshold, from a raw heatmap, resized to ``size`` (w, h)."""
+    """Boolean mask of the pixels that made the verdict (above the prediction's ``map_threshold``; the threshold
+    itself from a server older than that field), from a raw heatmap, resized to ``size`` (w, h)."""
     if prediction.threshold is None:
         raise ValueError("the adapter is uncalibrated (no threshold), so there is no mask")
     grid = heatmap_grid(prediction)
     if size is not None:
         grid = np.asarray(Image.fromarray(grid, "F").resize(size, Image.Resampling.BILINEAR))
-    return grid > prediction.threshold
+    level = prediction.threshold if prediction.map_threshold is None else prediction.map_threshold
+    return grid > level
 
 
 # --- the client ---------------------------------------------------------------------------------------

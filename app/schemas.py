@@ -26,22 +26,23 @@ class Heatmap(BaseModel):
     """An anomaly map: a picture for people (jpeg/png overlay), a mask, or the numbers (raw)."""
 
     encoding: Literal["jpeg", "png", "mask", "raw"] = Field(
-        description="`jpeg` / `png`: the input with pixels above the threshold tinted (yellow to dark red up to "
-        "`vmax`) and outlined in red; pixels at or below it are untouched. `mask`: 1-bit PNG, white where the "
-        "score exceeds the threshold. `raw`: the score grid over the whole input at about model resolution "
+        description="`jpeg` / `png`: the input with pixels above the map threshold (`vmin`, the prediction's "
+        "`map_threshold`) tinted (yellow to dark red up to `vmax`) and outlined in red; pixels at or below it are "
+        "untouched. `mask`: 1-bit PNG, white where the map exceeds it. "
+        "`raw`: the score grid over the whole input at about model resolution "
         "(resize it to the input's size) as little-endian float16; outside a category's ROI it is 0."
     )
     data: str = Field(description="Base64 of the JPEG/PNG file or of the float16 bytes (row-major).")
     shape: list[int] = Field(description="[height, width] of the picture (the input's aspect, longer side at most "
                              "`heatmap_size` or 1024) or of the raw grid.")
     dtype: Literal["float16"] | None = Field(None, description="Element type of `raw` data (little-endian).")
-    vmin: float | None = Field(None, description="Threshold the picture uses: untinted (mask: black) at or below "
-                               "it. The adapter's threshold, or 0.5 when it has none.")
+    vmin: float | None = Field(None, description="Level the picture uses: untinted (mask: black) at or below "
+                               "it. The prediction's `map_threshold` (at most 0.99), or 0.5 when uncalibrated.")
     vmax: float | None = Field(None, description="Score at which the tint is deepest (2 x vmin, at most 1).")
 
 
 class AnomalyRegion(BaseModel):
-    """A connected area scoring above the threshold."""
+    """A connected area of the map above the prediction's `map_threshold`."""
 
     box: list[int] = Field(description="[x0, y0, x1, y1] in the uploaded image's pixels (x1, y1 exclusive).")
     area_pct: float = Field(description="Share of the image's area, in percent.")
@@ -70,6 +71,11 @@ class ImagePrediction(BaseModel):
     )
     score: float = Field(description="Image anomaly score; higher = more anomalous.")
     threshold: float | None = Field(description="Calibrated decision threshold; null when uncalibrated.")
+    map_threshold: float | None = Field(
+        None, description="Heatmap level that made this verdict: the image is anomalous exactly when its map's "
+        "maximum exceeds it, and the overlay tint, `mask` and `regions` start there. Equal to `threshold` for "
+        "the `peak` image score; for `peak_mean` (the default since issue 10) it is threshold² / the map's mean, so "
+        "it differs per image. Null when uncalibrated.")
     is_anomalous: bool | None = Field(description="score > threshold; null when there is no threshold.")
     heatmap: Heatmap | None = Field(None, description="Anomaly map in the requested encoding; null for `none` and "
                                     "`regions`.")

@@ -19,7 +19,7 @@ from clipshot.anomaly_map import pixel_map
 from clipshot.backbone import Backbone, ClipBackbone
 from clipshot.calibration import Calibration, DecisionPolicy, calibrate, light_views
 from clipshot.features import Features
-from clipshot.fusion import ScoringConfig, fuse_maps, image_score
+from clipshot.fusion import ScoringConfig, fuse_maps, image_score, map_threshold
 from clipshot.geometry import TILE_OVERLAP, Geometry, GeometryError, build_geometry
 from clipshot.memory_branch import MemoryBank
 from clipshot.prompts import handcrafted_embeddings
@@ -37,6 +37,7 @@ class Prediction:
     threshold: float | None
     is_anomalous: bool | None
     anomaly_map: np.ndarray | None  # float32 (H, W)
+    map_threshold: float | None = None  # map pixels above it made the verdict (``fusion.map_threshold``)
 
 
 class Detector:
@@ -188,7 +189,7 @@ class Detector:
             else:  # a legacy frame-less geometry is square: the map's width is its side
                 heatmap = adapter.geometry.map_back(heat, image_size, heat.shape[-1], size)
         verdict = None if threshold is None else bool(score > threshold)
-        return Prediction(float(score), threshold, verdict, heatmap)
+        return Prediction(float(score), threshold, verdict, heatmap, map_threshold(threshold, heat, adapter.scoring))
 
     # -- adapters without training -----------------------------------------------------------------
     def text_adapter(self, *, category: str, object_name: str | None = None,

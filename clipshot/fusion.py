@@ -64,6 +64,17 @@ def map_score(pixel_maps: torch.Tensor, config: ScoringConfig) -> torch.Tensor:
     return (peak.clamp_min(0) * flat.mean(dim=1).clamp_min(0)).sqrt()
 
 
+def map_threshold(threshold: float | None, frame_map: torch.Tensor, config: ScoringConfig) -> float | None:
+    """The level one map pixel must pass for this image to be flagged, so heatmap pixels "above threshold"
+    (overlay tint, mask, regions) mark exactly what made the verdict: the image is anomalous iff its map's
+    maximum exceeds this. "peak": the threshold itself. "peak_mean": sqrt(max * mean) > t iff max > t^2 / mean,
+    so the level is t^2 / mean of this image's frame map (a part that is off all over flags weaker spots)."""
+    if threshold is None or config.image_score == "peak":
+        return threshold
+    mean = float(frame_map.float().mean().clamp_min(1e-12))
+    return threshold * threshold / mean
+
+
 def image_score(cls_score: torch.Tensor | None, pixel_maps: torch.Tensor, config: ScoringConfig) -> torch.Tensor:
     """(B,) image score: the map score (``map_score``), combined with the text CLS score when there is one."""
     peak = map_score(pixel_maps, config)

@@ -27,16 +27,20 @@ def test_default_is_a_jpeg_overlay_at_the_inputs_size(client):  # noqa: F811
     pred = r.json()["predictions"][0]
     heat = pred["heatmap"]
     assert heat["encoding"] == "jpeg" and heat["shape"] == [64, 64]
-    assert picture(heat).format == "JPEG" and heat["vmin"] == pytest.approx(pred["threshold"])
+    # The tint starts at the level that made the verdict: threshold^2 / map mean under the peak_mean score.
+    assert picture(heat).format == "JPEG" and heat["vmin"] == pytest.approx(pred["map_threshold"])
+    assert pred["map_threshold"] != pytest.approx(pred["threshold"])
     assert pred["regions"] is None  # overlays carry no region list; mask and regions do
 
 
 def test_mask_and_regions_agree_with_the_raw_map(client):  # noqa: F811
-    """The mask is 'score > threshold' per pixel of the map stretched over the image; regions are its blobs."""
+    """The mask is 'map > map_threshold' per pixel of the map stretched over the image; regions are its blobs;
+    the part is anomalous exactly when the map's peak passes the map threshold."""
     upload = files(("d.png", png(defect())))
     raw = client.post(URL + "?heatmap=raw", headers=CLIENT, files=upload).json()["predictions"][0]
     grid = np.frombuffer(base64.b64decode(raw["heatmap"]["data"]), dtype="<f2").reshape(raw["heatmap"]["shape"])
-    threshold = raw["threshold"]
+    threshold = raw["map_threshold"]
+    assert raw["is_anomalous"] is True and grid.max() > threshold
     r = client.post(URL + "?heatmap=mask", headers=CLIENT, files=upload)
     assert r.status_code == 200, r.text
     pred = r.json()["predictions"][0]
@@ -51,7 +55,7 @@ def test_mask_and_regions_agree_with_the_raw_map(client):  # noqa: F811
     assert 0 <= x0 < x1 <= 64 and 0 <= y0 < y1 <= 64
     # the defect is the black square [20, 40) x [20, 40): the strongest region must overlap it
     assert x0 < 40 and x1 > 20 and y0 < 40 and y1 > 20
-    assert regions[0]["peak_score"] == pytest.approx(pred["score"], rel=0.02)  # memory-only: score = map peak
+    assert regions[0]["peak_score"] == pytest.approx(float(grid.max()), rel=0.02)
     assert sum(reg["area_pct"] for reg in regions) == pytest.approx(100 * mask.mean(), abs=2.0)
 
     only = client.post(URL + "?heatmap=regions", headers=CLIENT, files=upload).json()["predictions"][0]
@@ -61,6 +65,9 @@ def test_mask_and_regions_agree_with_the_raw_map(client):  # noqa: F811
 def test_normal_part_has_no_regions(client):  # noqa: F811
     pred = client.post(URL + "?heatmap=regions", headers=CLIENT, files=files(("g.png", png(good())))).json()
     assert pred["predictions"][0]["is_anomalous"] is False and pred["predictions"][0]["regions"] == []
+    raw = client.post(URL + "?heatmap=raw", headers=CLIENT, files=files(("g.png", png(good())))).json()
+    grid = np.frombuffer(base64.b64decode(raw["predictions"][0]["heatmap"]["data"]), dtype="<f2")
+    assert grid.max() <= raw["predictions"][0]["map_threshold"]  # nothing above the level: no region
 
 
 def test_heatmap_size_bounds_the_picture_and_keeps_the_aspect(client):  # noqa: F811

@@ -96,7 +96,7 @@ def test_predict_png_heatmap_has_each_inputs_size(client):
     assert second["score"] > first["score"]
 
 
-def test_raw_heatmap_is_float16_grid_whose_max_is_the_score(client):
+def test_raw_heatmap_is_float16_grid_that_gives_the_score(client):
     r = client.post("/v1/categories/widget/predict", headers=CLIENT, data={"heatmap": "raw"},
                     files=files(("a.png", png(defect()))))
     assert r.status_code == 200, r.text
@@ -105,7 +105,11 @@ def test_raw_heatmap_is_float16_grid_whose_max_is_the_score(client):
     assert heat["encoding"] == "raw" and heat["dtype"] == "float16" and heat["shape"] == [64, 64]
     grid = np.frombuffer(base64.b64decode(heat["data"]), dtype="<f2").reshape(heat["shape"])
     assert np.isfinite(grid).all()
-    assert float(grid.max()) == pytest.approx(pred["score"], rel=1e-2)  # memory-only: score = map peak
+    # memory-only, peak_mean image score: the score is sqrt(map peak x map mean) of this very grid (square image,
+    # so the grid is the model frame), and the verdict is the peak against the map threshold.
+    grid = grid.astype(np.float64)
+    assert (grid.max() * grid.mean()) ** 0.5 == pytest.approx(pred["score"], rel=1e-2)
+    assert pred["map_threshold"] == pytest.approx(pred["threshold"] ** 2 / grid.mean(), rel=1e-2)
 
     r = client.post("/v1/categories/widget/predict?heatmap=none", headers=CLIENT, files=files(("a.png", png(good()))))
     assert r.status_code == 200 and r.json()["predictions"][0]["heatmap"] is None

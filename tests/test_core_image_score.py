@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from clipshot.adapter import Adapter
-from clipshot.fusion import ScoringConfig, image_score, map_score
+from clipshot.fusion import ScoringConfig, image_score, map_score, map_threshold
 
 
 def _maps() -> torch.Tensor:
@@ -56,3 +56,19 @@ def test_bundle_keeps_the_rule_and_older_bundles_keep_the_peak():
     config = adapter.config()
     del config["scoring"]["image_score"]  # a manifest written before the setting
     assert Adapter.from_tensors("c", {}, config).scoring.image_score == "peak"
+
+
+@pytest.mark.parametrize("rule", ["peak", "peak_mean"])
+def test_map_threshold_marks_exactly_what_made_the_verdict(rule):
+    # The overlay, mask and regions start at map_threshold: for every map and threshold, "the image score passes
+    # the threshold" must equal "some map pixel passes map_threshold", or a flagged part could show no region.
+    config = ScoringConfig(image_score=rule)
+    generator = torch.Generator().manual_seed(0)
+    maps = torch.rand(50, 8, 8, generator=generator) ** 3
+    scores = map_score(maps, config)
+    for threshold in torch.linspace(0.01, 0.9, 40).tolist():
+        for heat, score in zip(maps, scores.tolist(), strict=True):
+            if abs(score - threshold) < 1e-6:
+                continue  # a tie is float noise either way
+            assert (score > threshold) == bool(heat.max() > map_threshold(threshold, heat, config))
+    assert map_threshold(None, maps[0], config) is None

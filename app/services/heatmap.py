@@ -1,12 +1,13 @@
 """Heatmap outputs of the predict response: an overlay people can read, a mask and regions programs can use.
 
-Overlay (``jpeg``, ``png``): pixels scoring at or below the threshold are left exactly as photographed;
+Overlay (``jpeg``, ``png``): pixels scoring at or below the map threshold are left exactly as photographed;
 above it a yellow-to-dark-red tint grows with the score (never opaque, so the defect's texture stays
-visible) and the region's contour is drawn in solid red. The colour scale is anchored at the adapter's
-threshold (``vmin``) and saturates at ``vmax`` = twice the threshold (capped at 1, the top of every score
-range), so two answers can be compared by eye. An uncalibrated adapter uses 0.5, the middle of the score
-range, and says so through ``vmin``. ``mask`` is the 1-bit picture of "score > threshold"; ``regions`` are
-its connected components (scipy.ndimage) as boxes in the uploaded image's pixel coordinates.
+visible) and the region's contour is drawn in solid red. The colour scale is anchored at the prediction's
+map threshold (``vmin``: the level that made the verdict, ``clipshot.fusion.map_threshold``; the adapter's
+threshold under the ``peak`` image score) and saturates at ``vmax`` = twice that (capped at 1, the top of
+every score range), so what is tinted is exactly what flagged the part. An uncalibrated adapter uses 0.5,
+the middle of the score range, and says so through ``vmin``. ``mask`` is the 1-bit picture of "map > map
+threshold"; ``regions`` are its connected components (scipy.ndimage) as boxes in the uploaded image's pixel coordinates.
 
 Every picture is at most ``max_side`` pixels on its longer side (``heatmap_size`` asks for smaller): a
 2592-pixel photo would otherwise make a multi-megabyte answer and as much transient memory per request.

@@ -214,7 +214,7 @@ class InferenceService:
             grid = None if mode == "none" else adapter.geometry.image_grid(result.heat, image.size,
                                                                            result.heat.shape[-1])
             # the picture's memory must not grow with the upload: at most max_overlay_side on its longer side
-            out = render(image, result.heat if grid is None else grid, pred.threshold, mode, size,
+            out = render(image, result.heat if grid is None else grid, pred.map_threshold, mode, size,
                          max_side=self.settings.max_overlay_side)
             heatmap = None if out.encoding is None else Heatmap(
                 encoding=out.encoding, data=b64(out.data), shape=list(out.shape or ()), vmin=out.vmin, vmax=out.vmax,
@@ -227,7 +227,8 @@ class InferenceService:
         return ImagePrediction(
             filename=upload.filename, sha256=decoded.sha256, category=adapter.category,
             adapter_version=adapter.version, score=pred.score, threshold=pred.threshold,
-            is_anomalous=pred.is_anomalous, heatmap=heatmap, regions=regions, regions_total=out.regions_total,
+            map_threshold=pred.map_threshold, is_anomalous=pred.is_anomalous, heatmap=heatmap, regions=regions,
+            regions_total=out.regions_total,
             batch_size=result.batch_size,
             timings=StageTimings(decode_ms=decode_s * ms, preprocess_ms=preprocess_s * ms,
                                  queue_ms=result.queue_s * ms, forward_ms=result.forward_s * ms,

@@ -148,7 +148,8 @@ def _run_category(result: ProtocolResult, root: str | Path, cat: str, runs: list
         shot_paths = select_shots(train, k, category=cat, seed=seed)
         shot_images = [load_image(p) for p in shot_paths]
         adapter, fit_s, finetune_s = make_adapter(shot_images, k, seed, category=cat)
-        scores, maps, infer_s = predict_all(detector, images, adapter, map_size, batch_size)
+        levels: list[float | None] = []
+        scores, maps, infer_s = predict_all(detector, images, adapter, map_size, batch_size, map_levels=levels)
         for sample, mask, amap in zip(samples, masks, maps, strict=True):
             if amap.shape != mask.shape:
                 raise ValueError(f"{cat}/{sample.name}: anomaly map {amap.shape} != mask {mask.shape}; "
@@ -168,7 +169,8 @@ def _run_category(result: ProtocolResult, root: str | Path, cat: str, runs: list
                                "shot_files": [p.name for p in shot_paths], "n_test": len(samples),
                                "n_anomalous": int(sum(labels)), "metrics": metrics})
         if (seed, k) == example_run:
-            result.examples += _examples(cat, samples, images, masks, maps, scores, examples_per_defect, threshold)
+            result.examples += _examples(cat, samples, images, masks, maps, scores, examples_per_defect, threshold,
+                                         levels)
         if feedback and threshold is not None and refine_adapter is not None:
             operator, held = split_halves(samples)
             fed = wrong_verdicts(operator, labels, scores, threshold, feedback)
@@ -190,9 +192,10 @@ def _run_category(result: ProtocolResult, root: str | Path, cat: str, runs: list
 
 
 def predict_all(detector: DetectorLike, images: Sequence[Image.Image], adapter: Any,
-                map_size: str | tuple[int, int], batch_size: int
+                map_size: str | tuple[int, int], batch_size: int, *, map_levels: list | None = None
                 ) -> tuple[list[float], list[np.ndarray], float]:
-    """Scores, float32 maps and the seconds spent inside ``detector.predict`` over all batches."""
+    """Scores, float32 maps and the seconds spent inside ``detector.predict`` over all batches; each image's
+    ``map_threshold`` (the map level that made its verdict) is appended to ``map_levels`` when given."""
     scores: list[float] = []
     maps: list[np.ndarray] = []
     elapsed = 0.0
@@ -208,6 +211,8 @@ def predict_all(detector: DetectorLike, images: Sequence[Image.Image], adapter: 
                 raise ValueError("the protocol needs anomaly maps; predict returned anomaly_map=None")
             scores.append(float(p.score))
             maps.append(np.asarray(p.anomaly_map, dtype=np.float32))
+            if map_levels is not None:
+                map_levels.append(getattr(p, "map_threshold", getattr(p, "threshold", None)))
     return scores, maps, elapsed
 
 
@@ -222,9 +227,10 @@ def _thumbnail(image: Image.Image, mask: np.ndarray, amap: np.ndarray, side: int
 
 def _examples(cat: str, samples: list[Sample], images: list[Image.Image], masks: list[np.ndarray],
               maps: list[np.ndarray], scores: list[float], per_defect: int,
-              threshold: float | None) -> list[Example]:
+              threshold: float | None, levels: list[float | None]) -> list[Example]:
     """First ``per_defect`` images of each defect type with score, threshold and verdict in the title; maps are
-    kept in score units so the plot can use the service overlay's colour scale (anchored at the threshold)."""
+    kept in score units so the plot can use the service overlay's colour scale (anchored at each image's map
+    threshold, the level that made its verdict, as in a predict response)."""
     taken: dict[str, int] = {}
     out = []
     for i, sample in enumerate(samples):
@@ -235,5 +241,5 @@ def _examples(cat: str, samples: list[Sample], images: list[Image.Image], masks:
         verdict = "" if threshold is None else (" ANOMALOUS" if scores[i] > threshold else " normal")
         limit = "" if threshold is None else f" thr={threshold:.3f}"
         title = f"{cat} {sample.name} score={scores[i]:.3f}{limit}{verdict}"
-        out.append(Example(img, mask, amap, title, threshold))
+        out.append(Example(img, mask, amap, title, levels[i]))
     return out
