@@ -28,6 +28,7 @@ from clipshot.text_branch import text_maps, text_scores
 
 RECOMMENDED_MIN_SHOTS = 4
 FEATURE_BATCH = 32
+ZERO_SHOT_IMAGE_SCORE = "peak"  # text-only adapters keep the map maximum: see ``Detector.text_adapter``
 SYNTHETIC_DEFECTS = 32  # calibration's synthetic defects per fit, spread evenly over the shots
 
 
@@ -194,12 +195,16 @@ class Detector:
     # -- adapters without training -----------------------------------------------------------------
     def text_adapter(self, *, category: str, object_name: str | None = None,
                      scoring: ScoringConfig | None = None) -> Adapter:
-        """Zero-shot adapter from the handcrafted prompt ensemble (no shots, so no calibration)."""
+        """Zero-shot adapter from the handcrafted prompt ensemble (no shots, so no calibration).
+
+        Without ``scoring`` it keeps the map maximum (``ZERO_SHOT_IMAGE_SCORE``): the peak-mean image score was
+        chosen by measuring the memory branch, and no CLIP weights are available here to measure a text map."""
         backbone = self._require_clip("the text branch")
         with torch.inference_mode():
             text = handcrafted_embeddings(backbone.model, object_name)
-        return Adapter(category=category, scoring=scoring or ScoringConfig(), text=text,
-                       object_name=object_name, backbone=self.layout())
+        scoring = scoring or ScoringConfig(image_score=ZERO_SHOT_IMAGE_SCORE)
+        return Adapter(category=category, scoring=scoring, text=text, object_name=object_name,
+                       backbone=self.layout())
 
     def fit_memory(self, shots: Sequence[Image.Image], *, category: str, text: bool | None = None,
                    object_name: str | None = None, coreset_ratio: float | None = None,
@@ -218,9 +223,9 @@ class Detector:
             warnings.warn(f"{len(shots)} shot(s) given; {RECOMMENDED_MIN_SHOTS}-16 give reliable memory and "
                           "calibration", stacklevel=2)
         use_text = self.backbone.supports_text if text is None else text
+        scoring = scoring or ScoringConfig()
         adapter = self.text_adapter(category=category, object_name=object_name, scoring=scoring) if use_text \
-            else Adapter(category=category, scoring=scoring or ScoringConfig(), object_name=object_name,
-                         backbone=self.layout())
+            else Adapter(category=category, scoring=scoring, object_name=object_name, backbone=self.layout())
         adapter.geometry = geometry
         return self.refit_memory(adapter, shots, coreset_ratio=coreset_ratio, calibration_views=calibration_views,
                                  defects=defects, policy=policy)

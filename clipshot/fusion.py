@@ -18,7 +18,7 @@ class ScoringConfig:
     """How an adapter turns branch outputs into a verdict; stored in the bundle manifest."""
 
     text_weight: float = 0.5  # weight of the text map when both branches exist (memory gets 1 - this)
-    image_combination: str = "harmonic"  # text CLS score with the map maximum: WinCLIP+/PromptAD harmonic mean
+    image_combination: str = "harmonic"  # text CLS score with the map score: WinCLIP+/PromptAD harmonic mean
     temperature: float = 100.0
     dpam: bool = False
     sigma: float = 4.0

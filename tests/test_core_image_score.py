@@ -72,3 +72,10 @@ def test_map_threshold_marks_exactly_what_made_the_verdict(rule):
                 continue  # a tie is float noise either way
             assert (score > threshold) == bool(heat.max() > map_threshold(threshold, heat, config))
     assert map_threshold(None, maps[0], config) is None
+
+
+def test_zero_shot_adapters_keep_the_peak_and_memory_adapters_get_peak_mean(tiny_detector, good_images):
+    # peak_mean was chosen by measuring the memory branch; a text-only map was never measured (no CLIP weights).
+    assert tiny_detector.text_adapter(category="c").scoring.image_score == "peak"
+    fused = tiny_detector.fit_memory(good_images, category="c", text=True, calibration_views=0)
+    assert fused.scoring.image_score == "peak_mean" and fused.memory.centered

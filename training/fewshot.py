@@ -152,7 +152,8 @@ class FewShotTrainer:
         """Memory-only (handcrafted text + memory, no training) and untrained-prompt text AUROCs."""
         if self.validation is None:
             return
-        memory = self.detector.text_adapter(category=self.category, object_name=self.object_name)
+        memory = self.detector.text_adapter(category=self.category, object_name=self.object_name,
+                                            scoring=self._scoring())
         memory.geometry = self.geometry
         memory.memory = self._bank(memory)
         untrained = Adapter(category=self.category, scoring=self._scoring(), text=self.engine.text_embeddings(),

@@ -20,7 +20,7 @@ from PIL import Image
 from clipshot import lora
 from clipshot.adapter import Adapter
 from clipshot.backbone.base import square_resize
-from clipshot.detector import Detector
+from clipshot.detector import ZERO_SHOT_IMAGE_SCORE, Detector
 from clipshot.evaluation.dataset import list_categories, list_test_samples, load_image, load_mask
 from clipshot.fusion import ScoringConfig
 from clipshot.lora import LoraSpec
@@ -140,7 +140,8 @@ class GenericTrainer:
         try:
             engine.check_cancel()
             adapter = Adapter(
-                category="generic", scoring=ScoringConfig(dpam=cfg.dpam, temperature=cfg.temperature),
+                category="generic", scoring=ScoringConfig(dpam=cfg.dpam, temperature=cfg.temperature,
+                                                        image_score=ZERO_SHOT_IMAGE_SCORE),
                 text=engine.text_embeddings(), lora=cfg.lora,
                 lora_state=lora.state(engine.visual, engine.name) if engine.resident() else None,
                 prompt=cfg.prompt, prompt_state=engine.prompts.state(), backbone=self.detector.layout(),
