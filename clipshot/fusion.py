@@ -56,7 +56,9 @@ def map_score(pixel_maps: torch.Tensor, config: ScoringConfig) -> torch.Tensor:
     The maximum alone ranks a part by its worst spot, so a good part with one strong but harmless mark (a worn
     band, a reflection) outranks a part whose damage is spread over more of the surface. The geometric mean with
     the map's mean keeps the worst spot decisive while counting how much of the part is off. Measured on the two
-    shared sets (issue 10): ball screw image AUROC +2.4 at 4 shots (+2 to +3 at 1-16 shots), bottle unchanged."""
+    shared sets (issue 10): ball screw image AUROC +2.4 at 4 shots (+1.8 to +4.2 at 1-16 shots), bottle unchanged.
+    The mean is over the whole model frame, all tiles included; letterbox padding (matched in the shots) counts
+    as normal surface, so an upload with another aspect ratio than the shots shifts it a little."""
     flat = pixel_maps.flatten(1)
     peak = flat.amax(dim=1)
     if config.image_score == "peak":
@@ -68,7 +70,9 @@ def map_threshold(threshold: float | None, frame_map: torch.Tensor, config: Scor
     """The level one map pixel must pass for this image to be flagged, so heatmap pixels "above threshold"
     (overlay tint, mask, regions) mark exactly what made the verdict: the image is anomalous iff its map's
     maximum exceeds this. "peak": the threshold itself. "peak_mean": sqrt(max * mean) > t iff max > t^2 / mean,
-    so the level is t^2 / mean of this image's frame map (a part that is off all over flags weaker spots)."""
+    so the level is t^2 / mean of this image's frame map (a part that is off all over flags weaker spots).
+    Exact for map-only adapters; with a text branch the CLS score also enters the image score, so there (as
+    under "peak" before) the level is the map's own share of the decision."""
     if threshold is None or config.image_score == "peak":
         return threshold
     mean = float(frame_map.float().mean().clamp_min(1e-12))
