@@ -54,7 +54,7 @@ def main() -> None:
     from clipshot.evaluation.dataset import list_test_samples, list_train_good, load_image, load_mask
     from clipshot.evaluation.metrics import aupro, image_auroc, pixel_auroc
     from clipshot.evaluation.shots import select_shots
-    from clipshot.fusion import ScoringConfig
+    from clipshot.fusion import ScoringConfig, map_score
     from clipshot.geometry import ASPECT_LIMIT, Geometry, native_frame
     from clipshot.memory_branch import MemoryBank
 
@@ -92,8 +92,9 @@ def main() -> None:
     def top(x: torch.Tensor, fraction: float) -> torch.Tensor:
         return x.topk(max(1, round(fraction * x.shape[1])), dim=1).values.mean(1)
 
-    rules = ((sflat.amax(1) * sflat.mean(1)).clamp_min(0).sqrt(), sflat.amax(1), flat.amax(1),
-             top(flat, 0.001), top(flat, 0.01), top(sflat, 0.01),
+    rules = (map_score(smooth, ScoringConfig(image_score="peak_mean")),
+             map_score(smooth, ScoringConfig(image_score="peak")),
+             flat.amax(1), top(flat, 0.001), top(flat, 0.01), top(sflat, 0.01),
              pixel_map(raw, geometry.frame, 2.0).flatten(1).amax(1),
              pixel_map(raw, geometry.frame, 8.0).flatten(1).amax(1))
     out = {"category": args.category, "backbone": args.backbone, "frame": list(geometry.frame), "layers": args.layers,

@@ -3,6 +3,8 @@ EfficientNet-Lite0, the verdict at the adapter's own threshold. Skips cleanly wh
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -23,13 +25,9 @@ def detector():
     return Detector(load_backbone("imagenet:efficientnet-lite0"))
 
 
-_CACHE: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-
-
+@functools.cache
 def _verdicts(detector, category: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(labels, verdicts, scores) of the test set, computed once per category for the module."""
-    if category in _CACHE:
-        return _CACHE[category]
+    """(labels, verdicts, scores) of the test set, computed once per category for the module's detector."""
     root = DATASETS[category]
     if not (root / category / "test").is_dir():
         pytest.skip(f"{root / category} is absent")
@@ -38,9 +36,8 @@ def _verdicts(detector, category: str) -> tuple[np.ndarray, np.ndarray, np.ndarr
     adapter = detector.fit_memory(shots, category=category)  # shipped defaults: auto geometry, auto policy
     samples = list_test_samples(root, category)
     preds = [detector.predict([Image.open(s.path).convert("RGB")], adapter, map_size=None)[0] for s in samples]
-    _CACHE[category] = (np.array([s.label for s in samples], bool), np.array([p.is_anomalous for p in preds], bool),
-                        np.array([p.score for p in preds]))
-    return _CACHE[category]
+    return (np.array([s.label for s in samples], bool), np.array([p.is_anomalous for p in preds], bool),
+            np.array([p.score for p in preds]))
 
 
 def _f1(labels: np.ndarray, flagged: np.ndarray) -> float:
