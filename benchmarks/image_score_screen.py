@@ -14,7 +14,8 @@ Usage::
 320 -> 208x496 on 1130x460 frames, 480 -> 304x752, 720 -> 464x1136, i.e. the full frame); square images are
 squashed to ``size``. ``--layers`` the two output strides whose features are concatenated (fine grid first).
 ``--augment`` adds horizontally (h) / vertically (v) flipped and 180-degree rotated (r) shots to the memory.
-``--no-center`` measures distances around the origin (memory before issue 10's centring).
+``--no-center`` measures distances around the origin (memory before issue 10's centring); ``--joint-stages`` one
+cosine over the concatenated stages instead of one per stage.
 Prints one JSON line: image AUROC of each score rule, ms/image of features + nearest neighbours.
 """
 
@@ -44,6 +45,8 @@ def main() -> None:
     parser.add_argument("--shots", type=int, default=4)
     parser.add_argument("--pixel", action="store_true", help="also pixel AUROC and AUPRO (half-size masks)")
     parser.add_argument("--no-center", action="store_true", help="distances around the origin (before issue 10)")
+    parser.add_argument("--joint-stages", action="store_true",
+                        help="one cosine over the concatenated stages (before per-stage scoring)")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -81,7 +84,8 @@ def main() -> None:
         memory_images += [ImageOps.flip(s) for s in shots]
     if "r" in args.augment:
         memory_images += [s.rotate(180) for s in shots]
-    bank = MemoryBank.from_features(detector.features_of(memory_images, adapter), center=not args.no_center)
+    bank = MemoryBank.from_features(detector.features_of(memory_images, adapter), center=not args.no_center,
+                                    stages=None if args.joint_stages else list(detector.backbone.stage_dims))
     start = time.perf_counter()
     raw = torch.cat([bank.distances(detector.features_of(images[i : i + 16], adapter))
                      for i in range(0, len(images), 16)])

@@ -76,6 +76,7 @@ class Adapter:
             "calibration": None if self.calibration is None else self.calibration.to_dict(),
             "memory_layers": 0 if self.memory is None else len(self.memory.layers),
             "memory_centered": self.memory is not None and self.memory.centered,
+            "memory_stages": None if self.memory is None else self.memory.stages,
             "object_name": self.object_name,
             "backbone": self.backbone,
             "geometry": self.geometry.to_dict(),
@@ -89,13 +90,15 @@ class Adapter:
         try:
             centers = ([tensors[f"memory.center{i}"] for i in range(layers)]
                        if layers and config.get("memory_centered") else None)
-            memory = MemoryBank([tensors[f"memory.layer{i}"] for i in range(layers)], centers) if layers else None
+            memory = (MemoryBank([tensors[f"memory.layer{i}"] for i in range(layers)], centers,
+                                 config.get("memory_stages")) if layers else None)
         except KeyError as exc:
             raise ValueError(f"bundle config promises {layers} memory layers but {exc} is missing") from exc
         scoring = dict(config.get("scoring", {}))
         # Written before these settings existed: keep scoring exactly as the bundle was calibrated.
         scoring.setdefault("memory_center", False)
         scoring.setdefault("image_score", "peak")
+        scoring.setdefault("memory_stages", False)
         lora_state = {k[len("lora."):]: v for k, v in tensors.items() if k.startswith("lora.")}
         prompt_state = {k: v for k, v in tensors.items() if k.startswith("prompt.")}
         if config.get("lora") and not lora_state:

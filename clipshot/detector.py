@@ -261,9 +261,15 @@ class Detector:
             policy = adapter.calibration.policy_spec() if adapter.calibration is not None else DecisionPolicy()
         dpam = adapter.scoring.dpam
         feats = self.features_of(list(shots), adapter, dpam=dpam)
-        adapter.memory = MemoryBank.from_features(feats, coreset_ratio, center=adapter.scoring.memory_center)
+        adapter.memory = self.memory_bank(feats, adapter, coreset_ratio)
         adapter.calibration = self._calibrate(adapter, list(shots), feats, calibration_views, list(defects), policy)
         return adapter
+
+    def memory_bank(self, feats: Features, adapter: Adapter, coreset_ratio: float | None = None) -> MemoryBank:
+        """A bank of ``feats`` scored the way ``adapter.scoring`` says (centre, per-stage cosines)."""
+        stages = self.backbone.stage_dims if adapter.scoring.memory_stages else None
+        return MemoryBank.from_features(feats, coreset_ratio, center=adapter.scoring.memory_center,
+                                        stages=None if stages is None else list(stages))
 
     def score_images(self, images: Sequence[Image.Image], adapter: Adapter) -> list[float]:
         """Image scores only (no maps): validation evidence such as confirmed defects."""
@@ -287,7 +293,7 @@ class Detector:
         synthetic: list[float] = []
         for i in range(n):
             rest = [j for j in range(n) if j != i] or [i]
-            bank = MemoryBank.from_features(feats.select(torch.tensor(rest)), center=adapter.scoring.memory_center)
+            bank = self.memory_bank(feats.select(torch.tensor(rest)), adapter)
             parts = [feats.select(slice(i, i + 1))] if n > 1 or view_feats is None else []
             if view_feats is not None:
                 parts.append(view_feats.select(slice(i * views, (i + 1) * views)))

@@ -27,6 +27,9 @@ class ScoringConfig:
     memory_center: bool = True
     # Map -> image score (``IMAGE_SCORES``). Bundles written before this setting load with "peak".
     image_score: str = "peak_mean"
+    # Score each backbone stage concatenated in a patch vector by its own cosine (``MemoryBank`` docstring);
+    # no effect on backbones whose layers are already separate (CLIP). Bundles written before load with False.
+    memory_stages: bool = True
 
     def __post_init__(self) -> None:
         if self.image_combination not in COMBINATIONS:

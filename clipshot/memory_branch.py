@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from clipshot.features import Features
 
@@ -40,45 +41,62 @@ class MemoryBank:
     features share a large common component; measured from the origin it compresses every angle, so a product
     whose normal look differs from the shots (another spindle position, light) and a real defect end up at
     similar distances. Centring at the shots' own mean takes that component out. It needs no constant: the centre
-    is the mean of the patches the bank is built from."""
+    is the mean of the patches the bank is built from.
 
-    def __init__(self, layers: list[torch.Tensor], centers: list[torch.Tensor] | None = None):
+    With ``stages`` (the channel widths of the backbone stages concatenated in each patch vector, e.g. 40 + 112
+    for EfficientNet-Lite0's stride-8 and stride-16 outputs) every stage is scored as a layer of its own: its
+    slice re-normalised, centred on its own mean, its own nearest neighbour, and the stage distances averaged,
+    as the CLIP layers already are. Concatenated and normalised together, the stage with the larger activations
+    outweighs the other (issue 10: ball screw image AUROC 91.7 -> 92.3, bottle pixel AUROC 98.4 -> 98.7)."""
+
+    def __init__(self, layers: list[torch.Tensor], centers: list[torch.Tensor] | None = None,
+                 stages: list[int] | None = None):
         if not layers or any(layer.ndim != 2 for layer in layers):
             raise ValueError("a memory bank needs one (M, D) tensor per layer")
         if centers is not None and (len(centers) != len(layers) or any(
                 c.shape != (layer.shape[1],) for c, layer in zip(centers, layers, strict=True))):
             raise ValueError("a centred memory bank needs one (D,) centre per layer, matching its layers")
+        if stages is not None and (not stages or any(int(w) < 1 for w in stages)
+                                   or any(sum(stages) != layer.shape[1] for layer in layers)):
+            raise ValueError(f"memory stages {stages} must be positive widths summing to the feature dim")
         self.layers = [layer.to(torch.float16).contiguous() for layer in layers]
         self.centers = None if centers is None else [c.float().contiguous() for c in centers]
-        self._cache: dict[tuple, list[torch.Tensor]] = {}
+        self.stages = None if stages is None else [int(w) for w in stages]
+        self._cache: dict[tuple, list[list[torch.Tensor]]] = {}
 
     @classmethod
     def from_features(cls, features: Features, coreset_ratio: float | None = None, *,
-                      center: bool = False) -> MemoryBank:
+                      center: bool = False, stages: list[int] | None = None) -> MemoryBank:
         """Bank of every patch of ``features``; ``center`` stores their per-layer mean (taken before the coreset,
-        so the centre is the mean of all the normal patches, not of the kept subset)."""
+        so the centre is the mean of all the normal patches, not of the kept subset; per stage with ``stages``)."""
         layers = [p.reshape(-1, p.shape[-1]).detach() for p in features.patches]
-        centers = [layer.float().mean(dim=0) for layer in layers] if center else None
+        centers = None
+        if center:
+            centers = [torch.cat([part.mean(dim=0) for part in _split(layer.float(), stages)]) for layer in layers]
         if coreset_ratio is not None and coreset_ratio < 1:
             layers = [layer[greedy_coreset(layer, coreset_ratio)] for layer in layers]
-        return cls(layers, centers)
+        return cls(layers, centers, stages)
 
     @property
     def centered(self) -> bool:
         return self.centers is not None
 
-    def _shift(self, x: torch.Tensor, layer: int, dtype: torch.dtype) -> torch.Tensor:
-        """``x`` re-normalised around the layer's centre (unchanged for an uncentred bank)."""
-        if self.centers is None:
-            return x.to(dtype)
-        shifted = x.float() - self.centers[layer].to(x.device)
-        return torch.nn.functional.normalize(shifted, dim=-1).to(dtype)
+    def _shift(self, x: torch.Tensor, layer: int, dtype: torch.dtype) -> list[torch.Tensor]:
+        """``x`` as the vectors cosines are taken between: one per stage (one in all without ``stages``), each
+        re-normalised around its centre (unchanged for an uncentred single-stage bank)."""
+        if self.centers is None and self.stages is None:
+            return [x.to(dtype)]
+        parts = _split(x.float(), self.stages)
+        if self.centers is not None:
+            centers = self.centers[layer].to(x.device).split(self.stages or [x.shape[-1]])
+            parts = [F.normalize(part - c, dim=-1) for part, c in zip(parts, centers, strict=True)]
+        return [part.to(dtype) for part in parts]
 
     @property
     def size(self) -> int:
         return self.layers[0].shape[0]
 
-    def _on(self, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
+    def _on(self, device: torch.device, dtype: torch.dtype) -> list[list[torch.Tensor]]:
         key = (str(device), dtype)
         if key not in self._cache:
             self._cache = {key: [self._shift(layer.to(device), i, dtype) for i, layer in enumerate(self.layers)]}
@@ -101,12 +119,23 @@ class MemoryBank:
         compute = torch.float32 if query0.device.type == "cpu" else torch.float16
         banks = self._on(query0.device, compute)
         total = torch.zeros(query0.shape[0] * query0.shape[1], device=query0.device)
-        for layer, (query, bank) in enumerate(zip(features.patches, banks, strict=True)):
-            if query.shape[-1] != bank.shape[-1]:
-                raise ValueError(f"feature dim {query.shape[-1]} does not match memory dim {bank.shape[-1]}")
-            flat = self._shift(query.reshape(-1, query.shape[-1]), layer, compute)
-            chunk = max(128, SIM_BUDGET // max(1, bank.shape[0]))
-            for start in range(0, flat.shape[0], chunk):
-                sim = (flat[start : start + chunk] @ bank.t()).amax(dim=1).float()
-                total[start : start + chunk] += (1 - sim.clamp(-1, 1)) / 2
-        return (total / len(self.layers)).view(query0.shape[0], h, w)
+        terms = 0
+        for layer, (query, parts) in enumerate(zip(features.patches, banks, strict=True)):
+            if query.shape[-1] != self.layers[layer].shape[-1]:
+                raise ValueError(f"feature dim {query.shape[-1]} does not match memory dim "
+                                 f"{self.layers[layer].shape[-1]}")
+            flats = self._shift(query.reshape(-1, query.shape[-1]), layer, compute)
+            for flat, bank in zip(flats, parts, strict=True):
+                chunk = max(128, SIM_BUDGET // max(1, bank.shape[0]))
+                for start in range(0, flat.shape[0], chunk):
+                    sim = (flat[start : start + chunk] @ bank.t()).amax(dim=1).float()
+                    total[start : start + chunk] += (1 - sim.clamp(-1, 1)) / 2
+                terms += 1
+        return (total / terms).view(query0.shape[0], h, w)
+
+
+def _split(x: torch.Tensor, stages: list[int] | None) -> list[torch.Tensor]:
+    """(N, D) -> one re-normalised (N, width) slice per stage; ``[x]`` itself without stages."""
+    if stages is None:
+        return [x]
+    return [F.normalize(part, dim=-1) for part in x.split(stages, dim=-1)]

@@ -146,7 +146,7 @@ class FewShotTrainer:
     def _bank(self, adapter: Adapter) -> MemoryBank:
         """Memory of the TRAINING shots only, so held-out shots stay unseen during validation."""
         feats = self.detector.features_of([self.shots[i] for i in self.train_index], adapter)
-        return MemoryBank.from_features(feats, self.config.coreset_ratio, center=adapter.scoring.memory_center)
+        return self.detector.memory_bank(feats, adapter, self.config.coreset_ratio)
 
     def _baseline(self) -> None:
         """Memory-only (handcrafted text + memory, no training) and untrained-prompt text AUROCs."""

@@ -70,6 +70,9 @@ def add_eval_parser(subparsers) -> None:
     parser.add_argument("--memory-center", choices=("on", "off"), default="on",
                         help="memory distances around the shots' mean patch (the shipped default) or, with off, "
                              "around the origin as before issue 10 (memory and fused modes)")
+    parser.add_argument("--memory-stages", choices=("on", "off"), default="on",
+                        help="one cosine per backbone stage, averaged (shipped) or, with off, one cosine over the "
+                             "concatenated stages as before (ImageNet EfficientNet; CLIP layers are separate anyway)")
     parser.add_argument("--image-score", choices=("peak", "peak_mean"), default="peak_mean",
                         help="map -> image score: peak_mean (shipped: geometric mean of the map's maximum and mean) "
                              "or peak (the maximum alone, as before issue 10)")
@@ -116,7 +119,8 @@ def _adapter_factory(detector, args: argparse.Namespace):
         if args.mode in ("memory", "fused"):
             from clipshot.fusion import ScoringConfig
 
-            scoring = ScoringConfig(memory_center=args.memory_center == "on", image_score=args.image_score)
+            scoring = ScoringConfig(memory_center=args.memory_center == "on", image_score=args.image_score,
+                                    memory_stages=args.memory_stages == "on")
             adapter = detector.fit_memory(shots, category=category, text=args.mode == "fused", object_name=category,
                                           geometry=geometry, scoring=scoring)
             return adapter, time.perf_counter() - start, 0.0

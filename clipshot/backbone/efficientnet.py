@@ -60,15 +60,23 @@ class EfficientNetBackbone(Backbone):
         self.layers = (8, 16)  # output strides of the two stages used
         self.grid = (self.image_size // 8, self.image_size // 8)
 
+    @property
+    def stage_dims(self) -> tuple[int, ...]:
+        """Channels of the used stages, in the order ``extract`` concatenates them (fine grid first)."""
+        return tuple(self._widths[s] for s in self.layers)
+
     def _stage_ends(self) -> dict[int, int]:
         """Index of the last block at each output stride, found by running a dummy input once."""
         ends: dict[int, int] = {}
+        widths: dict[int, int] = {}
         with torch.no_grad():
             x = torch.zeros(1, 3, 64, 64, device=self.device)
             x = self.model._swish(self.model._bn0(self.model._conv_stem(x)))
             for index, block in enumerate(self.model._blocks):
                 x = block(x)
                 ends[64 // x.shape[-1]] = index
+                widths[64 // x.shape[-1]] = x.shape[1]
+        self._widths = widths
         return ends
 
     def extract(self, pixels: torch.Tensor, *, dpam: bool = False) -> Features:
