@@ -59,7 +59,6 @@ def main() -> None:
     from clipshot.evaluation.shots import select_shots
     from clipshot.fusion import ScoringConfig, map_score
     from clipshot.geometry import ASPECT_LIMIT, Geometry, native_frame
-    from clipshot.memory_branch import MemoryBank
 
     detector = Detector(load_backbone(args.backbone, device="cpu"))
     detector.backbone.layers = tuple(int(s) for s in args.layers.split(","))
@@ -75,7 +74,8 @@ def main() -> None:
         geometry = Geometry(resize="native", frame=native_frame(aspect, args.size, detector.backbone.frame_multiple))
     else:
         geometry = Geometry(resize="squash", frame=(args.size, args.size))
-    adapter = Adapter(category=args.category, scoring=ScoringConfig(), backbone=detector.layout())
+    scoring = ScoringConfig(memory_center=not args.no_center, memory_stages=not args.joint_stages)
+    adapter = Adapter(category=args.category, scoring=scoring, backbone=detector.layout())
     adapter.geometry = geometry
     memory_images = list(shots)
     if "h" in args.augment:
@@ -84,8 +84,7 @@ def main() -> None:
         memory_images += [ImageOps.flip(s) for s in shots]
     if "r" in args.augment:
         memory_images += [s.rotate(180) for s in shots]
-    bank = MemoryBank.from_features(detector.features_of(memory_images, adapter), center=not args.no_center,
-                                    stages=None if args.joint_stages else list(detector.backbone.stage_dims))
+    bank = detector.memory_bank(detector.features_of(memory_images, adapter), adapter)
     start = time.perf_counter()
     raw = torch.cat([bank.distances(detector.features_of(images[i : i + 16], adapter))
                      for i in range(0, len(images), 16)])

@@ -268,8 +268,7 @@ class Detector:
     def memory_bank(self, feats: Features, adapter: Adapter, coreset_ratio: float | None = None) -> MemoryBank:
         """A bank of ``feats`` scored the way ``adapter.scoring`` says (centre, per-stage cosines)."""
         stages = self.backbone.stage_dims if adapter.scoring.memory_stages else None
-        return MemoryBank.from_features(feats, coreset_ratio, center=adapter.scoring.memory_center,
-                                        stages=None if stages is None else list(stages))
+        return MemoryBank.from_features(feats, coreset_ratio, center=adapter.scoring.memory_center, stages=stages)
 
     def score_images(self, images: Sequence[Image.Image], adapter: Adapter) -> list[float]:
         """Image scores only (no maps): validation evidence such as confirmed defects."""

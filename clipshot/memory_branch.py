@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -50,7 +52,7 @@ class MemoryBank:
     outweighs the other (issue 10: ball screw image AUROC 91.7 -> 92.3, bottle pixel AUROC 98.4 -> 98.7)."""
 
     def __init__(self, layers: list[torch.Tensor], centers: list[torch.Tensor] | None = None,
-                 stages: list[int] | None = None):
+                 stages: Sequence[int] | None = None):
         if not layers or any(layer.ndim != 2 for layer in layers):
             raise ValueError("a memory bank needs one (M, D) tensor per layer")
         if centers is not None and (len(centers) != len(layers) or any(
@@ -66,7 +68,7 @@ class MemoryBank:
 
     @classmethod
     def from_features(cls, features: Features, coreset_ratio: float | None = None, *,
-                      center: bool = False, stages: list[int] | None = None) -> MemoryBank:
+                      center: bool = False, stages: Sequence[int] | None = None) -> MemoryBank:
         """Bank of every patch of ``features``; ``center`` stores their per-layer mean (taken before the coreset,
         so the centre is the mean of all the normal patches, not of the kept subset; per stage with ``stages``)."""
         layers = [p.reshape(-1, p.shape[-1]).detach() for p in features.patches]
@@ -134,7 +136,7 @@ class MemoryBank:
         return (total / terms).view(query0.shape[0], h, w)
 
 
-def _split(x: torch.Tensor, stages: list[int] | None) -> list[torch.Tensor]:
+def _split(x: torch.Tensor, stages: Sequence[int] | None) -> list[torch.Tensor]:
     """(N, D) -> one re-normalised (N, width) slice per stage; ``[x]`` itself without stages."""
     if stages is None:
         return [x]

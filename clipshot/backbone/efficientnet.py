@@ -56,7 +56,7 @@ class EfficientNetBackbone(Backbone):
         self.mean = (0.5, 0.5, 0.5)
         self.std = (0.5, 0.5, 0.5)
         self.model = model.eval().requires_grad_(False).to(self.device)
-        self.stage_ends = self._stage_ends()
+        self.stage_ends, self._widths = self._probe_stages()
         self.layers = (8, 16)  # output strides of the two stages used
         self.grid = (self.image_size // 8, self.image_size // 8)
 
@@ -65,8 +65,8 @@ class EfficientNetBackbone(Backbone):
         """Channels of the used stages, in the order ``extract`` concatenates them (fine grid first)."""
         return tuple(self._widths[s] for s in self.layers)
 
-    def _stage_ends(self) -> dict[int, int]:
-        """Index of the last block at each output stride, found by running a dummy input once."""
+    def _probe_stages(self) -> tuple[dict[int, int], dict[int, int]]:
+        """Index of the last block and channel width at each output stride, found by running a dummy input once."""
         ends: dict[int, int] = {}
         widths: dict[int, int] = {}
         with torch.no_grad():
@@ -76,8 +76,7 @@ class EfficientNetBackbone(Backbone):
                 x = block(x)
                 ends[64 // x.shape[-1]] = index
                 widths[64 // x.shape[-1]] = x.shape[1]
-        self._widths = widths
-        return ends
+        return ends, widths
 
     def extract(self, pixels: torch.Tensor, *, dpam: bool = False) -> Features:
         if dpam:
