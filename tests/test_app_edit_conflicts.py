@@ -117,10 +117,10 @@ def test_a_threshold_change_during_a_finetune_survives_its_promotion(served):
     assert r.status_code == 200, r.text
     gate.release.set()
     job = wait_job(client, job_id)
-    assert job["state"] == "succeeded" and job["metrics"]["promotion"] == "promoted", job
     detail = client.get("/v1/categories/widget").json()
-    assert detail["active_version"] == job["result_version"]  # the fine-tune serves ...
-    assert detail["decision"]["policy"] == "manual" and detail["decision"]["threshold"] == 0.123  # ... at her choice
+    assert detail["decision"]["policy"] == "manual" and detail["decision"]["threshold"] == 0.123, detail
+    assert job["state"] == "succeeded" and job["metrics"]["promotion"] == "promoted", job
+    assert detail["active_version"] == job["result_version"]  # the fine-tune serves, at the operator's choice
 
 
 def test_a_rollback_during_a_finetune_survives_the_job(served):
@@ -248,3 +248,33 @@ def test_two_processes_editing_one_category_never_lose_a_version_or_a_shot(tmp_p
     assert final.version == 1 + 2 * edits and store.versions("widget") == list(range(1, 2 + 2 * edits))
     assert len({r.name for r in final.shots}) == 2 * edits  # every process's every shot
     assert len(store.shot_paths("widget")) == 2 * edits  # and no file of a lost race left behind
+
+
+def test_slow_store_reads_of_an_edit_do_not_block_the_event_loop(tmp_path, tiny_backbone):
+    """The category handlers read manifests and list directories; on a slow disk (network storage) those calls
+    must not stall the event loop, or every other request (health probes included) waits behind them."""
+    app = create_app(settings(tmp_path / "store"), backbone=tiny_backbone)
+    slow_s = 1.5  # one slowed manifest read; a blocked loop would hold /healthz at least this long
+    with threaded_server(app.state.settings, app=app) as base, \
+            httpx.Client(base_url=base, headers=ADMIN, timeout=WAIT_S) as client:
+        register(client, range(3))
+        store = app.state.store
+        reading = threading.Event()
+
+        def slow_manifest(*args, **kwargs):
+            reading.set()
+            time.sleep(slow_s)
+            return AdapterStore.manifest(store, *args, **kwargs)
+
+        store.manifest = slow_manifest  # this store instance only: the disk got slow
+        edit = threading.Thread(target=client.put, args=("/v1/categories/widget/threshold",),
+                                kwargs={"json": {"threshold": 0.5}})
+        edit.start()
+        assert reading.wait(WAIT_S)
+        started = time.monotonic()
+        assert client.get("/healthz").status_code == 200
+        waited = time.monotonic() - started
+        edit.join(WAIT_S)
+        del store.manifest
+    # /healthz takes milliseconds; a third of the slowed read leaves room for a loaded 2-core box.
+    assert waited < slow_s / 3, f"/healthz waited {waited:.2f}s behind a store read"
