@@ -30,7 +30,7 @@ from starlette.concurrency import run_in_threadpool
 from app.errors import BadRequestError, ConflictError, NotFoundError
 from app.services.shot_ledger import Ledger, current_ledger, validation_facts
 from clipshot.calibration import Calibration, DecisionPolicy, apply_policy
-from model_store import CATEGORY_NAME, StaleVersion, StoreError
+from model_store import CATEGORY_NAME, StaleVersion, StoreError, VersionNotFound
 from model_store.holds import Hold
 
 if TYPE_CHECKING:
@@ -248,6 +248,19 @@ class CategoryEdits:
         self.cache.invalidate(name)
         return {"category": name, "version": version, "shots": len(goods), "removed": sha256,
                 "decision": adapter.calibration.decision() if adapter.calibration else None}
+
+    # -- retention ----------------------------------------------------------------------------------
+    async def pin(self, category: str, version: int, pinned: bool) -> dict[str, Any]:
+        """Pin (keep) or unpin a version; 404 for an unknown category or (pinning) version."""
+        name = await run_in_threadpool(self._existing, category)
+        try:
+            pins = await run_in_threadpool(self.store.pin, name, version, pinned)
+        except VersionNotFound as exc:
+            raise NotFoundError(str(exc), code="version_not_found") from exc
+        except StoreError as exc:
+            raise ConflictError(f"version {version} of {name!r} cannot be pinned: {exc}",
+                                code="version_corrupt") from exc
+        return {"category": name, "pinned": sorted(pins)}
 
     # declared for type checkers; implemented by CategoryService
     def validate_upload(self, category: str, files: list[tuple[str, bytes]], *,

@@ -22,6 +22,7 @@ from app.schemas import (
     CategorySummary,
     FinetuneRequest,
     ShotsRegistered,
+    VersionPins,
 )
 from app.services.geometry import GeometryRequest
 from app.services.job_store import Job
@@ -128,3 +129,19 @@ async def activate_version(category: CategoryPath, version: VersionPath, _: Admi
                            service: CategoriesDep) -> CategorySummary:
     """Serve another stored version from the next request on (promotion or rollback). Admin only."""
     return CategorySummary(**await service.activate(category, version))
+
+
+@router.put("/{category}/versions/{version}/pin", response_model=VersionPins, summary="Keep a version",
+            responses=errors(400, 401, 403, 404, 409, 422, e409="The version's manifest is unreadable."))
+async def pin_version(category: CategoryPath, version: VersionPath, _: AdminDep,
+                      service: CategoriesDep) -> VersionPins:
+    """Pin a version so version retention (`CLIPSHOT_KEEP_VERSIONS`) never deletes it. Admin only."""
+    return VersionPins(**await service.pin(category, version, True))
+
+
+@router.delete("/{category}/versions/{version}/pin", response_model=VersionPins, summary="Stop keeping a version",
+               responses=errors(400, 401, 403, 404, 422))
+async def unpin_version(category: CategoryPath, version: VersionPath, _: AdminDep,
+                        service: CategoriesDep) -> VersionPins:
+    """Unpin a version: retention may delete it once it is older than the versions kept. Admin only."""
+    return VersionPins(**await service.pin(category, version, False))
