@@ -105,7 +105,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await batcher.start()
         stack.push_async_callback(batcher.stop)
         state.inference = InferenceService(settings, detector, cache, batcher, metrics)
-        state.readiness = ReadinessProbe(backbone, worker)
+        state.readiness = ReadinessProbe(
+            backbone, worker, broken=lambda: None if batcher.failure is None else f"batcher stopped: {batcher.failure}")
         _start_jobs_and_registry(app, stack)
         yield
 

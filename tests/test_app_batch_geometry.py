@@ -12,7 +12,10 @@ import numpy as np
 from PIL import Image
 from threaded_server import threaded_server
 
-from tests.test_app_categories import ADMIN, CLIENT, make_settings
+from app.core.config import Settings
+
+ADMIN = {"Authorization": "Bearer admin-key"}
+CLIENT = {"Authorization": "Bearer client-key"}
 
 # product -> (upload width, height, registration geometry fields); two products per geometry, so a batch can hold
 # two products of the same frame (one forward) next to products of other frames (other forwards)
@@ -60,7 +63,8 @@ def heat(prediction: dict) -> np.ndarray:
 
 
 def test_a_burst_mixing_frames_and_tiles_answers_every_request_like_each_alone(tmp_path, tiny_backbone):
-    settings = make_settings(tmp_path / "store", max_batch_wait_ms=300, max_batch_size=32)
+    settings = Settings(_env_file=None, backbone="test:tiny-clip", device="cpu", store=tmp_path / "store",
+                        admin_keys=["admin-key"], client_keys=["client-key"], max_batch_wait_ms=300, max_batch_size=32)
     burst = [(c, 100 + i) for i in range(PER_PRODUCT) for c in PRODUCTS]
 
     async def predict(client: httpx.AsyncClient, category: str, seed: int) -> dict:

@@ -9,12 +9,15 @@ import time
 import warnings
 from contextlib import asynccontextmanager
 
+import httpx
 import pytest
 import torch
 from conftest import textured
 from PIL import Image
 
+from app.core.config import Settings
 from app.errors import OverloadedError
+from app.main import create_app
 from app.metrics import Metrics
 from app.services.adapter_cache import AdapterCache
 from app.services.batcher import Batcher, _Item
@@ -127,3 +130,21 @@ def test_a_dead_collector_fails_queued_images_and_refuses_new_ones_at_once(tiny_
     assert isinstance(queued_error, OverloadedError) and queued_error.code == "batcher_failed"
     assert refused.code == "batcher_failed" and refused_after < 0.5  # refused at once, not after any wait
     assert first.batch_size == 1  # the image already on its way to the device still got its answer
+
+
+def test_a_replica_whose_collector_died_is_not_ready(tmp_path, tiny_backbone):
+    """The device still answers, but every predict would be refused: the readiness probe must say so."""
+    app = create_app(Settings(_env_file=None, backbone="test:tiny-clip", device="cpu", store=tmp_path / "store",
+                              admin_keys=["admin-key"], client_keys=["client-key"]), backbone=tiny_backbone)
+
+    async def scenario():
+        async with app.router.lifespan_context(app), httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://clipshot") as client:
+            before = await client.get("/readyz")
+            app.state.batcher._collector.cancel()
+            await asyncio.sleep(0.05)  # the cancellation lands on the next loop turn
+            return before, await client.get("/readyz")
+
+    before, after = asyncio.run(scenario())
+    assert before.status_code == 200
+    assert after.status_code == 503 and "batcher stopped" in after.json()["detail"]
