@@ -137,6 +137,9 @@ class Detector:
 
         With tiles (``features.views`` > 1) each map holds the image's tiles stacked vertically, so the image
         score is taken over all of them."""
+        if not features.batch_size:  # nothing to score (e.g. no synthetic defect came out): empty results
+            fh, fw = adapter.geometry.frame_of(self.backbone.image_size)
+            return torch.empty(0), torch.empty(0, features.views * fh, fw)
         return self.score_rows(features, [adapter] * features.batch_size, memory=memory)
 
     def score_rows(self, features: Features, adapters: Sequence[Adapter],
@@ -160,6 +163,7 @@ class Detector:
             return slice(None) if len(keep) == len(adapters) else torch.tensor(keep, device=device)
 
         fused: torch.Tensor | None = None
+        cls: dict[str, torch.Tensor | None] = {}
         scores = torch.empty(len(adapters), device=device)
         maps = torch.empty(len(adapters), features.views * frame[0], frame[1], device=device)
         for uid, adapter in unique.items():
@@ -171,15 +175,14 @@ class Detector:
             fused_rows = fuse_maps(t_map, m_map, cfg)
             fused = fused_rows.new_empty((len(adapters), *fused_rows.shape[1:])) if fused is None else fused
             fused[rows] = fused_rows
+            has_cls = adapter.text is not None and part.cls is not None
+            cls[uid] = text_scores(part, adapter.text, cfg.temperature) if has_cls else None
         for sigma in {a.scoring.sigma for a in unique.values()}:
             rows = rows_of([i for i, a in enumerate(adapters) if a.scoring.sigma == sigma])
             maps[rows] = pixel_map(fused[rows], frame, sigma, views=features.views)
         for uid, adapter in unique.items():
-            rows, part = rows_of(owners[uid]), features.select(rows_of(owners[uid]))
-            cls = None
-            if adapter.text is not None and part.cls is not None:
-                cls = text_scores(part, adapter.text, adapter.scoring.temperature)
-            scores[rows] = image_score(cls, maps[rows], adapter.scoring).to(scores.dtype)
+            rows = rows_of(owners[uid])
+            scores[rows] = image_score(cls[uid], maps[rows], adapter.scoring).to(scores.dtype)
         return scores, maps
 
     @torch.inference_mode()
