@@ -137,16 +137,53 @@ class Detector:
 
         With tiles (``features.views`` > 1) each map holds the image's tiles stacked vertically, so the image
         score is taken over all of them."""
-        cfg = adapter.scoring
-        bank = memory if memory is not None else adapter.memory
-        t_map = None if adapter.text is None else text_maps(features, adapter.text, cfg.temperature)
-        m_map = None if bank is None else bank.distances(features)
-        frame = adapter.geometry.frame_of(self.backbone.image_size)
-        maps = pixel_map(fuse_maps(t_map, m_map, cfg), frame, cfg.sigma, views=features.views)
-        cls = None
-        if adapter.text is not None and features.cls is not None:
-            cls = text_scores(features, adapter.text, cfg.temperature)
-        return image_score(cls, maps, cfg), maps
+        if not features.batch_size:  # nothing to score (e.g. no synthetic defect came out): empty results
+            fh, fw = adapter.geometry.frame_of(self.backbone.image_size)
+            return torch.empty(0), torch.empty(0, features.views * fh, fw)
+        return self.score_rows(features, [adapter] * features.batch_size, memory=memory)
+
+    def score_rows(self, features: Features, adapters: Sequence[Adapter],
+                   *, memory: MemoryBank | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``score_features`` with row i scored by ``adapters[i]``: the one scoring path of lone and mixed batches.
+
+        Each product's branches run over its own rows; the map smoothing (upsample + Gaussian, the costly part of
+        scoring on small models) runs once over all rows that share a sigma. All rows share one model frame and
+        one view count (a batch of one pixel shape); ``memory`` needs a single product."""
+        owners: dict[str, list[int]] = {}
+        for i, adapter in enumerate(adapters):
+            owners.setdefault(adapter.uid, []).append(i)
+        unique = {uid: adapters[rows[0]] for uid, rows in owners.items()}
+        frames = {a.geometry.frame_of(self.backbone.image_size) for a in unique.values()}
+        if len(frames) != 1 or (memory is not None and len(unique) > 1):
+            raise ValueError(f"score_rows takes one model frame (got {sorted(frames)}) and a memory override "
+                             "for one product only")
+        frame, device = frames.pop(), features.patches[0].device
+
+        def rows_of(keep: list[int]) -> slice | torch.Tensor:  # a slice keeps a lone product's tensors uncopied
+            return slice(None) if len(keep) == len(adapters) else torch.tensor(keep, device=device)
+
+        fused: torch.Tensor | None = None
+        cls: dict[str, torch.Tensor | None] = {}
+        scores = torch.empty(len(adapters), device=device)
+        maps = torch.empty(len(adapters), features.views * frame[0], frame[1], device=device)
+        for uid, adapter in unique.items():
+            rows, cfg = rows_of(owners[uid]), adapter.scoring
+            bank = memory if memory is not None else adapter.memory
+            part = features.select(rows)
+            t_map = None if adapter.text is None else text_maps(part, adapter.text, cfg.temperature)
+            m_map = None if bank is None else bank.distances(part)
+            fused_rows = fuse_maps(t_map, m_map, cfg)
+            fused = fused_rows.new_empty((len(adapters), *fused_rows.shape[1:])) if fused is None else fused
+            fused[rows] = fused_rows
+            has_cls = adapter.text is not None and part.cls is not None
+            cls[uid] = text_scores(part, adapter.text, cfg.temperature) if has_cls else None
+        for sigma in {a.scoring.sigma for a in unique.values()}:
+            rows = rows_of([i for i, a in enumerate(adapters) if a.scoring.sigma == sigma])
+            maps[rows] = pixel_map(fused[rows], frame, sigma, views=features.views)
+        for uid, adapter in unique.items():
+            rows = rows_of(owners[uid])
+            scores[rows] = image_score(cls[uid], maps[rows], adapter.scoring).to(scores.dtype)
+        return scores, maps
 
     @torch.inference_mode()
     def forward(self, pixels: torch.Tensor, adapter: Adapter) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,9 +196,29 @@ class Detector:
         feats = self.features(pixels, adapter, dpam=adapter.scoring.dpam).per_image(views)
         return self.score_features(feats, adapter)
 
+    @torch.inference_mode()
     def forward_mixed(self, pixels: torch.Tensor, adapters: Sequence[Adapter]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sample i scored by ``adapters[i]`` in as few backbone forwards as possible (``clipshot.mixed_batch``)."""
-        return mixed_batch.forward_mixed(self, pixels, adapters)
+        """Sample i scored by ``adapters[i]`` in as few backbone forwards as possible (``clipshot.mixed_batch``);
+        one product = ``forward``. Pixels as ``forward`` takes them; every adapter must cut its images into the
+        same frame and number of views, so the batch is one pixel shape and one map shape."""
+        if len(adapters) != pixels.shape[0]:
+            raise ValueError(f"{pixels.shape[0]} images but {len(adapters)} adapters")
+        unique = {a.uid: a for a in adapters}
+        for adapter in unique.values():
+            self.check_compatible(adapter)
+        if len(unique) == 1:
+            return self.forward(pixels, adapters[0])  # single product: LoRA folding applies where enabled
+        shapes = {(a.geometry.views_per_image, a.geometry.frame_of(self.backbone.image_size))
+                  for a in unique.values()}
+        if len(shapes) != 1:
+            raise ValueError("a mixed batch needs one model frame and one view count, got (views, frame) "
+                             f"{sorted(shapes)}; group the images by geometry first")
+        views, frame = shapes.pop()
+        flat = pixels.flatten(0, 1) if pixels.ndim == 5 else pixels
+        if flat.shape[0] != len(adapters) * views or tuple(flat.shape[-2:]) != frame:
+            raise ValueError(f"pixels {list(pixels.shape)} do not hold {views} view(s) of {list(frame)} per image")
+        feats = mixed_batch.mixed_features(self, flat, adapters, views)
+        return self.score_rows(feats, adapters)
 
     def predict(self, images: Sequence[Image.Image], adapter: Adapter,
                 *, map_size: tuple[int, int] | str | None = "input") -> list[Prediction]:

@@ -118,6 +118,13 @@ class Settings(BaseSettings, RaySettings):
         description="While a batch is on the device, how long the batcher collects more requests before sending "
         "a partial batch (ms). An idle device takes a lone request at once.",
     )
+    predict_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        le=3600,
+        description="Most seconds an image waits for its batch (queue + device) before its predict request fails "
+        "with 503 `predict_timeout` and Retry-After, so a stuck or saturated device never leaves a request hanging.",
+    )
     max_pending_images: int = Field(
         256,
         ge=1,
