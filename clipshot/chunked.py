@@ -9,6 +9,7 @@ worker runs one chunk per task so prediction batches overtake between chunks.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Generator
 from typing import Any, TypeVar
 
@@ -24,3 +25,20 @@ def finish(steps: Generator[Any, None, T]) -> T:
             next(steps)
         except StopIteration as stop:
             return stop.value
+
+
+def timed(steps: Generator[Any, None, T]) -> Steps[tuple[T, float]]:
+    """``steps`` yielding where it yields, returning (its result, seconds spent inside its own chunks): the cost
+    of the work itself, without the time other tasks ran between its chunks."""
+    seconds = 0.0
+    try:
+        while True:
+            started = time.perf_counter()
+            try:
+                next(steps)
+            except StopIteration as stop:
+                return stop.value, seconds + time.perf_counter() - started
+            seconds += time.perf_counter() - started
+            yield
+    finally:
+        steps.close()
