@@ -325,8 +325,7 @@ class Detector:
         if views:
             all_views = [view for img in shots for view in light_views(img, views)]
             view_feats = yield from self.features_steps(all_views, adapter, dpam=dpam)
-        made, sources = self._synthetic_defects(shots, adapter)
-        yield
+        made, sources = yield from self._synthetic_defects(shots, adapter)
         synth_feats = (yield from self._unit_features(made, adapter)) if len(made) else None
         normal: list[float] = []
         synthetic: list[float] = []
@@ -350,10 +349,11 @@ class Detector:
         return calibrate(normal, synthetic, shots=n, validation_defect_scores=validation, policy=policy,
                          method=method)
 
-    def _synthetic_defects(self, shots: list[Image.Image], adapter: Adapter) -> tuple[torch.Tensor, list[int]]:
+    def _synthetic_defects(self, shots: list[Image.Image], adapter: Adapter
+                           ) -> Steps[tuple[torch.Tensor, list[int]]]:
         """(N, views, 3, H, W) unit-range synthetic defects (CutPaste, scar, Perlin) made from the shots in the
         adapter's geometry (one view of each damaged, the rest as they are), and the shot each was made from.
-        A fixed seed: the same shots calibrate the same way."""
+        A fixed seed: the same shots calibrate the same way. Yields after each shot's defects."""
         geometry = adapter.geometry
         views = geometry.views_per_image
         units = geometry.unit_pixels(shots, self.backbone.image_size)
@@ -372,6 +372,7 @@ class Detector:
                     damaged[view] = image
                     made.append(damaged)
                     sources.append(i)
+            yield
         return (torch.stack(made) if made else units[:0]), sources
 
     def _unit_features(self, units: torch.Tensor, adapter: Adapter) -> Steps[Features]:
