@@ -22,7 +22,7 @@ from clipshot.chunked import Steps, finish
 from clipshot.features import Features
 from clipshot.fusion import ScoringConfig, fuse_maps, image_score, map_threshold
 from clipshot.geometry import TILE_OVERLAP, Geometry, GeometryError, build_geometry
-from clipshot.memory_branch import MemoryBank
+from clipshot.memory_branch import MemoryBank, memory_precision
 from clipshot.prompts import handcrafted_embeddings
 from clipshot.synthetic import AnomalySynthesizer
 from clipshot.text_branch import text_maps, text_scores
@@ -55,6 +55,11 @@ class Detector:
         if mixed_lora not in ("gather", "group", "split"):
             raise ValueError(f"mixed_lora must be 'gather', 'group' or 'split', got {mixed_lora!r}")
         self.mixed_lora = mixed_lora
+        # What memory scoring computes in (``memory_branch.memory_precision``): recorded in every adapter, since
+        # its calibration was scored that way.
+        self.memory_precision = memory_precision(getattr(backbone, "device", "cpu"),
+                                                 getattr(backbone, "precision", "fp32"))
+        self._precision_warned: set[str] = set()
 
     # -- layout checks ---------------------------------------------------------------------------
     def layout(self) -> dict:
@@ -64,6 +69,7 @@ class Detector:
             "image_size": self.backbone.image_size,
             "layers": list(self.backbone.layers),
             "dpam_layers": list(getattr(self.backbone, "dpam_layers", ())),
+            "memory_precision": self.memory_precision,
         }
 
     def check_compatible(self, adapter: Adapter) -> None:
@@ -77,6 +83,12 @@ class Detector:
                 )
         if adapter.text is not None and not self.backbone.supports_text:
             raise ValueError(f"adapter {adapter.category!r} has a text branch; {self.backbone.spec} has no text tower")
+        fitted = recorded.get("memory_precision") if recorded else None
+        if fitted and fitted != self.memory_precision and adapter.uid not in self._precision_warned:
+            self._precision_warned.add(adapter.uid)  # once per adapter: this runs for every batch
+            warnings.warn(f"adapter {adapter.category!r} was calibrated with memory scores computed in {fitted}; "
+                          f"this service computes them in {self.memory_precision}, so scores can differ from its "
+                          "calibration by ~1e-3; re-register or send feedback to recalibrate", stacklevel=2)
 
     # -- LoRA residency --------------------------------------------------------------------------
     def _require_clip(self, what: str) -> ClipBackbone:
@@ -147,7 +159,7 @@ class Detector:
         cfg = adapter.scoring
         bank = memory if memory is not None else adapter.memory
         t_map = None if adapter.text is None else text_maps(features, adapter.text, cfg.temperature)
-        m_map = None if bank is None else bank.distances(features)
+        m_map = None if bank is None else bank.distances(features, self.memory_precision)
         frame = adapter.geometry.frame_of(self.backbone.image_size)
         maps = pixel_map(fuse_maps(t_map, m_map, cfg), frame, cfg.sigma, views=features.views)
         cls = None
@@ -295,6 +307,8 @@ class Detector:
         adapter.memory = yield from self.memory_bank_steps(feats, adapter, coreset_ratio)
         adapter.calibration = yield from self._calibrate(adapter, shots, feats, calibration_views, list(defects),
                                                          policy)
+        if adapter.backbone:  # the calibration was just scored at this service's memory precision
+            adapter.backbone = {**adapter.backbone, "memory_precision": self.memory_precision}
         return adapter
 
     def memory_bank(self, feats: Features, adapter: Adapter, coreset_ratio: float | None = None) -> MemoryBank:

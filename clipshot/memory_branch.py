@@ -16,6 +16,17 @@ SIM_BUDGET = 8_000_000  # similarity entries per matmul chunk: keeps the block c
 CORESET_CHUNK = 2**24
 
 
+def memory_precision(device: torch.device | str, precision: str) -> str:
+    """``fp32`` or ``fp16``: what memory cosines are computed in for a backbone on ``device`` at ``precision``.
+
+    fp32 on CPU (half matmuls are slow there) and whenever the backbone runs fp32 (a service told fp32 must
+    not score in half); fp16 on an accelerator running a half precision, bf16 included: fp16's 10-bit mantissa
+    keeps the cosine error near 1e-3 where bf16's 7 bits would not."""
+    if torch.device(device).type == "cpu" or precision == "fp32":
+        return "fp32"
+    return "fp16"
+
+
 def greedy_coreset(bank: torch.Tensor, ratio: float, *, projection_dim: int = 128, seed: int = 0) -> torch.Tensor:
     """Indices of a k-center greedy coreset (PatchCore): keeps coverage of the normal manifold while
     shrinking the bank, which bounds nearest-neighbour cost for large shot counts."""
@@ -138,13 +149,16 @@ class MemoryBank:
         self._cache = {}
         return self
 
-    def distances(self, features: Features) -> torch.Tensor:
-        """(B, h, w): per layer (1 - max cosine)/2 to the bank, so 0 = seen before and 1 = opposite; averaged."""
+    def distances(self, features: Features, precision: str | None = None) -> torch.Tensor:
+        """(B, h, w): per layer (1 - max cosine)/2 to the bank, so 0 = seen before and 1 = opposite; averaged.
+
+        ``precision`` (``fp32`` / ``fp16``) is the compute dtype; None: ``memory_precision`` of the features'
+        device at half precision (fp32 on CPU, fp16 on an accelerator)."""
         if len(features.patches) != len(self.layers):
             raise ValueError(f"memory bank has {len(self.layers)} layers, features have {len(features.patches)}")
         h, w = features.grid
         query0 = features.patches[0]
-        compute = torch.float32 if query0.device.type == "cpu" else torch.float16
+        compute = torch.float32 if (precision or memory_precision(query0.device, "fp16")) == "fp32" else torch.float16
         banks = self._on(query0.device, compute)
         total = torch.zeros(query0.shape[0] * query0.shape[1], device=query0.device)
         terms = 0
