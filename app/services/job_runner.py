@@ -328,10 +328,9 @@ class JobRunner:
         if manifest.metrics.get("coreset_ratio") != config.coreset_ratio:
             return None
         try:
-            adapter, loaded = load_adapter(self.store, self.detector, category, manifest.version)
-        except StoreError:
+            return load_adapter(self.store, self.detector, category, manifest.version)[0]
+        except StoreError:  # deleted or corrupt meanwhile: the trainer fits its own baseline
             return None
-        return adapter if loaded.version == manifest.version else None
 
     def _device_steps(self, steps: Generator[Any, None, Any], running: _Running) -> Any:
         """Run a generator of bounded device chunks (``clipshot.chunked``) one chunk per device task, so
