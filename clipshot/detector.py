@@ -18,10 +18,11 @@ from clipshot.adapter import Adapter
 from clipshot.anomaly_map import pixel_map
 from clipshot.backbone import Backbone, ClipBackbone
 from clipshot.calibration import Calibration, DecisionPolicy, calibrate, light_views
+from clipshot.chunked import Steps, finish
 from clipshot.features import Features
 from clipshot.fusion import ScoringConfig, fuse_maps, image_score, map_threshold
 from clipshot.geometry import TILE_OVERLAP, Geometry, GeometryError, build_geometry
-from clipshot.memory_branch import MemoryBank
+from clipshot.memory_branch import MemoryBank, memory_precision
 from clipshot.prompts import handcrafted_embeddings
 from clipshot.synthetic import AnomalySynthesizer
 from clipshot.text_branch import text_maps, text_scores
@@ -54,6 +55,11 @@ class Detector:
         if mixed_lora not in ("gather", "group", "split"):
             raise ValueError(f"mixed_lora must be 'gather', 'group' or 'split', got {mixed_lora!r}")
         self.mixed_lora = mixed_lora
+        # What memory scoring computes in (``memory_branch.memory_precision``): recorded in every adapter, since
+        # its calibration was scored that way.
+        self.memory_precision = memory_precision(getattr(backbone, "device", "cpu"),
+                                                 getattr(backbone, "precision", "fp32"))
+        self._precision_warned: set[str] = set()
 
     # -- layout checks ---------------------------------------------------------------------------
     def layout(self) -> dict:
@@ -63,6 +69,7 @@ class Detector:
             "image_size": self.backbone.image_size,
             "layers": list(self.backbone.layers),
             "dpam_layers": list(getattr(self.backbone, "dpam_layers", ())),
+            "memory_precision": self.memory_precision,
         }
 
     def check_compatible(self, adapter: Adapter) -> None:
@@ -76,6 +83,12 @@ class Detector:
                 )
         if adapter.text is not None and not self.backbone.supports_text:
             raise ValueError(f"adapter {adapter.category!r} has a text branch; {self.backbone.spec} has no text tower")
+        fitted = recorded.get("memory_precision") if recorded else None
+        if fitted and fitted != self.memory_precision and adapter.uid not in self._precision_warned:
+            self._precision_warned.add(adapter.uid)  # once per adapter: this runs for every batch
+            warnings.warn(f"adapter {adapter.category!r} was calibrated with memory scores computed in {fitted}; "
+                          f"this service computes them in {self.memory_precision}, so scores can differ from its "
+                          "calibration by ~1e-3; re-register or send feedback to recalibrate", stacklevel=2)
 
     # -- LoRA residency --------------------------------------------------------------------------
     def _require_clip(self, what: str) -> ClipBackbone:
@@ -122,14 +135,20 @@ class Detector:
 
     def features_of(self, images: Sequence[Image.Image], adapter: Adapter | None, *, dpam: bool = False) -> Features:
         """Features of many images through the adapter's geometry, in bounded batches, one row per image."""
+        return finish(self.features_steps(images, adapter, dpam=dpam))
+
+    def features_steps(self, images: Sequence[Image.Image], adapter: Adapter | None, *,
+                       dpam: bool = False) -> Steps[Features]:
+        """``features_of`` yielding after each batch (``clipshot.chunked``)."""
         geometry = adapter.geometry if adapter is not None else Geometry()
         views = geometry.views_per_image
         step = max(1, FEATURE_BATCH // views)
-        return Features.cat([
-            self.features(self.backbone.preprocess(images[i : i + step], geometry), adapter, dpam=dpam)
-            .per_image(views)
-            for i in range(0, len(images), step)
-        ])
+        parts = []
+        for i in range(0, len(images), step):
+            pixels = self.backbone.preprocess(images[i : i + step], geometry)
+            parts.append(self.features(pixels, adapter, dpam=dpam).per_image(views))
+            yield
+        return Features.cat(parts)
 
     def score_features(self, features: Features, adapter: Adapter,
                        memory: MemoryBank | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,7 +190,7 @@ class Detector:
             bank = memory if memory is not None else adapter.memory
             part = features.select(rows)
             t_map = None if adapter.text is None else text_maps(part, adapter.text, cfg.temperature)
-            m_map = None if bank is None else bank.distances(part)
+            m_map = None if bank is None else bank.distances(part, self.memory_precision)
             fused_rows = fuse_maps(t_map, m_map, cfg)
             fused = fused_rows.new_empty((len(adapters), *fused_rows.shape[1:])) if fused is None else fused
             fused[rows] = fused_rows
@@ -273,19 +292,33 @@ class Detector:
         ``defects`` are operator-confirmed defect photos (validation evidence, never memory); ``policy`` the
         decision policy (default: the automatic rule); ``geometry`` None = chosen from the shots by
         ``clipshot.geometry.build_geometry``'s rule."""
+        if 0 < len(shots) < RECOMMENDED_MIN_SHOTS:
+            warnings.warn(f"{len(shots)} shot(s) given; {RECOMMENDED_MIN_SHOTS}-16 give reliable memory and "
+                          "calibration", stacklevel=2)
+        return finish(self.fit_memory_steps(shots, category=category, text=text, object_name=object_name,
+                                            coreset_ratio=coreset_ratio, scoring=scoring,
+                                            calibration_views=calibration_views, defects=defects, policy=policy,
+                                            geometry=geometry))
+
+    def fit_memory_steps(self, shots: Sequence[Image.Image], *, category: str, text: bool | None = None,
+                         object_name: str | None = None, coreset_ratio: float | None = None,
+                         scoring: ScoringConfig | None = None, calibration_views: int = 2,
+                         defects: Sequence[Image.Image] = (), policy: DecisionPolicy | None = None,
+                         geometry: Geometry | None = None) -> Steps[Adapter]:
+        """``fit_memory`` in bounded chunks of device work (``clipshot.chunked``), without the shot-count
+        warning (callers that run chunks report it their own way)."""
         if not shots:
             raise ValueError("fit_memory needs at least one normal image")
         geometry = self.resolve_geometry(geometry, [img.size for img in shots])
-        if len(shots) < RECOMMENDED_MIN_SHOTS:
-            warnings.warn(f"{len(shots)} shot(s) given; {RECOMMENDED_MIN_SHOTS}-16 give reliable memory and "
-                          "calibration", stacklevel=2)
         use_text = self.backbone.supports_text if text is None else text
         scoring = scoring or ScoringConfig()
         adapter = self.text_adapter(category=category, object_name=object_name, scoring=scoring) if use_text \
             else Adapter(category=category, scoring=scoring, object_name=object_name, backbone=self.layout())
         adapter.geometry = geometry
-        return self.refit_memory(adapter, shots, coreset_ratio=coreset_ratio, calibration_views=calibration_views,
-                                 defects=defects, policy=policy)
+        yield
+        return (yield from self.refit_memory_steps(adapter, shots, coreset_ratio=coreset_ratio,
+                                                   calibration_views=calibration_views, defects=defects,
+                                                   policy=policy))
 
     def plan_geometry(self, sizes: Sequence[tuple[int, int]], *, resize: str | None = None,
                       roi: tuple[int, int, int, int] | None = None, tile: int | None = None,
@@ -306,7 +339,6 @@ class Detector:
             geometry.views(image_size, size)  # ROI and tiles must fit every shot
         return geometry
 
-    @torch.inference_mode()
     def refit_memory(self, adapter: Adapter, shots: Sequence[Image.Image], *, coreset_ratio: float | None = None,
                      calibration_views: int = 2, defects: Sequence[Image.Image] = (),
                      policy: DecisionPolicy | None = None) -> Adapter:
@@ -314,37 +346,58 @@ class Detector:
 
         Without ``policy`` the adapter keeps the policy it had (a manual threshold stays manual), so re-fits
         after feedback or fine-tuning never silently undo an operator's choice."""
+        return finish(self.refit_memory_steps(adapter, shots, coreset_ratio=coreset_ratio,
+                                              calibration_views=calibration_views, defects=defects, policy=policy))
+
+    @torch.inference_mode()
+    def refit_memory_steps(self, adapter: Adapter, shots: Sequence[Image.Image], *,
+                           coreset_ratio: float | None = None, calibration_views: int = 2,
+                           defects: Sequence[Image.Image] = (), policy: DecisionPolicy | None = None
+                           ) -> Steps[Adapter]:
+        """``refit_memory`` in bounded chunks: one feature batch, one coreset slice, one leave-one-out fold
+        (``clipshot.chunked``). Each chunk routes its own forwards through the adapter's LoRA, so other work
+        may use the backbone between chunks."""
         if policy is None:
             policy = adapter.calibration.policy_spec() if adapter.calibration is not None else DecisionPolicy()
-        dpam = adapter.scoring.dpam
-        feats = self.features_of(list(shots), adapter, dpam=dpam)
-        adapter.memory = self.memory_bank(feats, adapter, coreset_ratio)
-        adapter.calibration = self._calibrate(adapter, list(shots), feats, calibration_views, list(defects), policy)
+        shots = list(shots)
+        feats = yield from self.features_steps(shots, adapter, dpam=adapter.scoring.dpam)
+        adapter.memory = yield from self.memory_bank_steps(feats, adapter, coreset_ratio)
+        adapter.calibration = yield from self._calibrate(adapter, shots, feats, calibration_views, list(defects),
+                                                         policy)
+        if adapter.backbone:  # the calibration was just scored at this service's memory precision
+            adapter.backbone = {**adapter.backbone, "memory_precision": self.memory_precision}
         return adapter
 
     def memory_bank(self, feats: Features, adapter: Adapter, coreset_ratio: float | None = None) -> MemoryBank:
         """A bank of ``feats`` scored the way ``adapter.scoring`` says (centre, per-stage cosines)."""
+        return finish(self.memory_bank_steps(feats, adapter, coreset_ratio))
+
+    def memory_bank_steps(self, feats: Features, adapter: Adapter,
+                          coreset_ratio: float | None = None) -> Steps[MemoryBank]:
+        """``memory_bank`` with the coreset's loop in bounded chunks."""
         stages = self.backbone.stage_dims if adapter.scoring.memory_stages else None
-        return MemoryBank.from_features(feats, coreset_ratio, center=adapter.scoring.memory_center, stages=stages)
+        return MemoryBank.from_features_steps(feats, coreset_ratio, center=adapter.scoring.memory_center,
+                                              stages=stages)
 
     def score_images(self, images: Sequence[Image.Image], adapter: Adapter) -> list[float]:
         """Image scores only (no maps): validation evidence such as confirmed defects."""
         return [p.score for p in self.predict(list(images), adapter, map_size=None)] if images else []
 
     def _calibrate(self, adapter: Adapter, shots: list[Image.Image], feats: Features, views: int,
-                   defects: list[Image.Image], policy: DecisionPolicy) -> Calibration:
+                   defects: list[Image.Image], policy: DecisionPolicy) -> Steps[Calibration]:
         """Leave-one-out evidence: each shot, light variants of it and synthetic defects made from it are scored
         against a memory of the *other* shots, i.e. as a part the memory has never seen.
 
-        The shots' own features are reused; views and synthetic defects are extracted in one pass each."""
+        The shots' own features are reused; views and synthetic defects are extracted in one pass each. A
+        generator: it yields after each feature batch and each fold (``clipshot.chunked``)."""
         n = len(shots)
         dpam = adapter.scoring.dpam
         view_feats = None
         if views:
             all_views = [view for img in shots for view in light_views(img, views)]
-            view_feats = self.features_of(all_views, adapter, dpam=dpam)
-        made, sources = self._synthetic_defects(shots, adapter)
-        synth_feats = self._unit_features(made, adapter) if len(made) else None
+            view_feats = yield from self.features_steps(all_views, adapter, dpam=dpam)
+        made, sources = yield from self._synthetic_defects(shots, adapter)
+        synth_feats = (yield from self._unit_features(made, adapter)) if len(made) else None
         normal: list[float] = []
         synthetic: list[float] = []
         for i in range(n):
@@ -357,14 +410,21 @@ class Detector:
             mine = [k for k, src in enumerate(sources) if src == i]
             if synth_feats is not None and mine:
                 synthetic.extend(self.score_features(synth_feats.select(torch.tensor(mine)), adapter, bank)[0].tolist())
+            yield
+        validation: list[float] = []
+        step = max(1, FEATURE_BATCH // adapter.geometry.views_per_image)
+        for start in range(0, len(defects), step):
+            validation.extend(self.score_images(defects[start : start + step], adapter))
+            yield
         method = "leave-one-out" if n > 1 else "single-shot-augmented"
-        return calibrate(normal, synthetic, shots=n, validation_defect_scores=self.score_images(defects, adapter),
-                         policy=policy, method=method)
+        return calibrate(normal, synthetic, shots=n, validation_defect_scores=validation, policy=policy,
+                         method=method)
 
-    def _synthetic_defects(self, shots: list[Image.Image], adapter: Adapter) -> tuple[torch.Tensor, list[int]]:
+    def _synthetic_defects(self, shots: list[Image.Image], adapter: Adapter
+                           ) -> Steps[tuple[torch.Tensor, list[int]]]:
         """(N, views, 3, H, W) unit-range synthetic defects (CutPaste, scar, Perlin) made from the shots in the
         adapter's geometry (one view of each damaged, the rest as they are), and the shot each was made from.
-        A fixed seed: the same shots calibrate the same way."""
+        A fixed seed: the same shots calibrate the same way. Yields after each shot's defects."""
         geometry = adapter.geometry
         views = geometry.views_per_image
         units = geometry.unit_pixels(shots, self.backbone.image_size)
@@ -383,16 +443,18 @@ class Detector:
                     damaged[view] = image
                     made.append(damaged)
                     sources.append(i)
+            yield
         return (torch.stack(made) if made else units[:0]), sources
 
-    def _unit_features(self, units: torch.Tensor, adapter: Adapter) -> Features:
+    def _unit_features(self, units: torch.Tensor, adapter: Adapter) -> Steps[Features]:
         """Features of (N, views, 3, H, W) images already cut into the geometry's views, in [0, 1] (no second
-        resize), one row per image."""
+        resize), one row per image; yields after each batch."""
         views = units.shape[1]
         flat = units.flatten(0, 1)
         step = max(1, FEATURE_BATCH // views) * views
-        return Features.cat([
-            self.features(self.backbone.normalise(flat[i : i + step]), adapter, dpam=adapter.scoring.dpam)
-            .per_image(views)
-            for i in range(0, len(flat), step)
-        ])
+        parts = []
+        for i in range(0, len(flat), step):
+            parts.append(self.features(self.backbone.normalise(flat[i : i + step]), adapter,
+                                       dpam=adapter.scoring.dpam).per_image(views))
+            yield
+        return Features.cat(parts)

@@ -39,7 +39,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from concurrent.futures import CancelledError, Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -52,10 +52,12 @@ from app.services.device_worker import TRAIN
 from app.services.job_store import ACTIVE_STATES, Job, JobNotFoundError, JobState, JobStore, StaleJobError
 from app.services.promotion import save_result
 from app.services.shot_ledger import Ledger, decode_refs, ledger_at, memory_coreset
+from clipshot.adapter import Adapter
 from clipshot.calibration import Calibration
 from clipshot.detector import Detector
 from clipshot.geometry import Geometry
-from model_store import AdapterStore
+from model_store import AdapterStore, StoreError
+from model_store.adapters import load_adapter
 from training.fewshot import FewShotConfig, FewShotTrainer
 from training.progress import Cancelled, CancelToken, Progress
 
@@ -292,9 +294,11 @@ class JobRunner:
         defects = decode_refs(self.store, job.category, ledger.defects, self.settings)
         config = self._config(job.params, ledger)
         geometry = self._geometry(ledger)
+        baseline = self._memory_baseline(job.category, ledger, config)
         trainer = self._device(lambda: self.trainer_factory(
             self.detector, images, category=job.category, object_name=object_name, config=config,
-            progress=running.observe, cancel=running.token, defects=defects, geometry=geometry), running)
+            progress=running.observe, cancel=running.token, defects=defects, geometry=geometry,
+            baseline=baseline), running)
         steps = None
         try:
             steps = trainer.steps()
@@ -304,7 +308,7 @@ class JobRunner:
                     self.jobs.update(job.id, **self._progress_fields(progress, config))
                     last_write = time.monotonic()
             self.jobs.update(job.id, progress=TRAIN_SHARE, message="validating against the memory adapter")
-            result = self._device(trainer.result, running)
+            result = self._device_steps(trainer.result_steps(), running)
         finally:
             self._cleanup(trainer, steps)
         running.token.raise_if_cancelled()  # a cancel that arrived during result(): write nothing
@@ -330,9 +334,41 @@ class JobRunner:
         return {"progress": round(min(1.0, max(fractions, default=0.0)) * TRAIN_SHARE, 4), "step": progress.step,
                 "total_steps": progress.total_steps, "message": f"training step {progress.step}{loss}"}
 
+    def _memory_baseline(self, category: str, ledger: Ledger, config: FewShotConfig) -> Adapter | None:
+        """The serving version when it is a memory fit of exactly the job's shots, confirmed defects, policy and
+        coreset (it is their twin), so the result need not fit that baseline on the device again; else None."""
+        manifest = ledger.manifest
+        if manifest is None or manifest.adapter.get("lora") or manifest.metrics.get("kind") != "memory":
+            return None
+        if manifest.metrics.get("coreset_ratio") != config.coreset_ratio:
+            return None
+        try:
+            return load_adapter(self.store, self.detector, category, manifest.version)[0]
+        except StoreError:  # deleted or corrupt meanwhile: the trainer fits its own baseline
+            return None
+
+    def _device_steps(self, steps: Generator[Any, None, Any], running: _Running) -> Any:
+        """Run a generator of bounded device chunks (``clipshot.chunked``) one chunk per device task, so
+        predictions overtake between chunks; a cancel or stop ends it at the next chunk boundary."""
+        def checked() -> Generator[None, None, Any]:
+            try:
+                while True:
+                    running.token.raise_if_cancelled()
+                    try:
+                        next(steps)
+                    except StopIteration as done:
+                        return done.value
+                    yield
+            finally:
+                steps.close()
+        return self._wait(self.worker.submit_steps(checked(), priority=TRAIN), running)
+
     def _device(self, fn: Callable[[], Any], running: _Running) -> Any:
         """Run ``fn`` on the device worker; a cancel/stop drops it while it still waits in the queue."""
-        future: Future = self.worker.submit(fn, priority=TRAIN)
+        return self._wait(self.worker.submit(fn, priority=TRAIN), running)
+
+    def _wait(self, future: Future, running: _Running) -> Any:
+        """The device task's result, reporting phase changes while it runs; a cancel drops it if still queued."""
         while True:
             try:
                 return future.result(timeout=0.1)

@@ -18,9 +18,7 @@ Wiring (what ``app.main`` must pass; needs the ``JobRunner`` first)::
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
-import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -43,6 +41,7 @@ from app.services.shot_ledger import (
 )
 from clipshot.adapter import Adapter
 from clipshot.calibration import Calibration
+from clipshot.chunked import Steps, timed
 from clipshot.detector import Detector
 from clipshot.geometry import Geometry
 from model_store import (
@@ -281,23 +280,22 @@ class CategoryService(CategoryEdits):
             source.uid = uuid.uuid4().hex  # its own peft slot: the serving cache may hold this version's
         object_name = object_name or (None if base is None else base.adapter.get("object_name"))
 
-        def fit() -> tuple[Adapter, float]:
-            started = time.perf_counter()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # the shot-count warning is in the response instead
-                if source is None:
-                    adapter = self.detector.fit_memory(good_images, category=name, object_name=object_name,
+        def fit() -> Steps[tuple[Adapter, float]]:
+            """The fit in bounded device chunks (predictions overtake between them), timed by its own chunks."""
+            if source is None:
+                steps = self.detector.fit_memory_steps(good_images, category=name, object_name=object_name,
                                                        coreset_ratio=ratio, defects=defect_images, policy=policy,
                                                        geometry=geometry)
-                else:
-                    try:
-                        adapter = self.detector.refit_memory(source, good_images, coreset_ratio=ratio,
-                                                             defects=defect_images, policy=policy)
-                    finally:
-                        self.detector.detach(source)
-            return adapter, time.perf_counter() - started
+            else:
+                steps = self.detector.refit_memory_steps(source, good_images, coreset_ratio=ratio,
+                                                         defects=defect_images, policy=policy)
+            try:
+                return (yield from timed(steps))
+            finally:
+                if source is not None:
+                    self.detector.detach(source)
 
-        adapter, seconds = await self.worker.run(fit, priority=TRAIN)
+        adapter, seconds = await self.worker.run_steps(fit(), priority=TRAIN)
         kind = "memory" if source is None else "finetuned"
         n_feedback = sum(r.get("source") == "feedback" for r in goods)
         metrics = {**adapter_facts(adapter, kind), "shots": len(goods), "fit_seconds": round(seconds, 3),
