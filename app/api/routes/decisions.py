@@ -12,13 +12,13 @@ from typing import Annotated
 
 from fastapi import APIRouter, Body, File, Form, Path, UploadFile
 
-from app.api.deps import AdminDep, ClientDep, SettingsDep
+from app.api.deps import AdminDep, AuthFirstRoute, ClientDep, SettingsDep
 from app.api.responses import errors
 from app.api.routes.categories import CategoriesDep, CategoryPath
 from app.schemas import FeedbackResult, ShotList, ShotRemoved, ThresholdChanged, ThresholdRequest
 from app.services.category_edits import policy_from_request
 
-router = APIRouter(prefix="/v1/categories", tags=["categories"])
+router = APIRouter(prefix="/v1/categories", tags=["categories"], route_class=AuthFirstRoute)
 
 Sha256Path = Annotated[str, Path(description="SHA-256 of the shot (64 lowercase hex digits), from GET .../shots.")]
 
