@@ -42,6 +42,21 @@ TILE_TARGET = 2.5
 TILE_OVERLAP = 0.25
 MAX_TILES = 16
 MIN_TILE_PX = 16
+# What any geometry may ask of the model, checked when it is planned (``check_usable``), before a registration
+# stores anything. Every view is one full backbone pass per prediction and per fitted image, so the views per
+# image stop where the auto rule stops (explicit tiles of 16 px at 0.89 overlap planned 254,016 per image, and
+# 25 views of 300 px made one registration take 12 minutes).
+MAX_VIEWS = MAX_TILES
+# Shortest side of a view's source region (image, ROI or tile): below it the model sees an upsampled blur
+# (a 1x1 shot is one colour) and the fit's light-view zooms and feature maps of it are empty.
+MIN_REGION_PX = MIN_TILE_PX
+# Longest over shortest side of a view's source region. The native frame keeps ~size x size pixels, so its
+# short side shrinks as sqrt(aspect): at 16:1 a 320-px model still gets an 80 x 1280 frame (5 feature rows
+# of 16 px), while a 1 x 39,000,000 PNG asked for a 1,998,400 x 32 frame (8 GB). Longer strips need an ROI.
+MAX_ASPECT = 16.0
+# Model frame area in units of the backbone's square input (size x size): the native frame's rounding to
+# feature-cell multiples stays well under this; only a degenerate aspect would pass it.
+MAX_FRAME_AREA = 2.0
 
 
 class GeometryError(ValueError):
@@ -283,6 +298,7 @@ def build_geometry(sizes: Sequence[tuple[int, int]], *, size: int, multiple: int
         notes.append(f"aspect {aspect:.2f} {'>=' if far else '<'} {ASPECT_LIMIT} (or its inverse) -> {resize}")
     frame = native_frame(aspect, size, multiple) if resize == "native" else (size, size)
     tiles = tile_size = None
+    auto_tiles = tile is None
     if tile is None:
         factor = min(height / frame[0], width / frame[1])
         if factor > TILE_ABOVE:
@@ -290,6 +306,9 @@ def build_geometry(sizes: Sequence[tuple[int, int]], *, size: int, multiple: int
             notes.append(f"downscale {factor:.1f} > {TILE_ABOVE} -> {tile} px tiles")
         else:
             notes.append(f"downscale {factor:.1f} <= {TILE_ABOVE} -> no tiles")
+    if tile and auto_tiles and _views(width, height, tile, tile_overlap) > MAX_VIEWS:
+        notes[-1] += f", but over {MAX_VIEWS} of them even at the largest size (a long strip) -> no tiles"
+        tile = None
     if tile:
         if resize == "native":
             frame = (size, size)  # tiles are square: a square frame fits them without padding
@@ -300,8 +319,41 @@ def build_geometry(sizes: Sequence[tuple[int, int]], *, size: int, multiple: int
         for w, h in zip(widths, heights, strict=True):
             if tile_size[1] * w < MIN_TILE_PX or tile_size[0] * h < MIN_TILE_PX:
                 raise GeometryError(f"the tiles would be under {MIN_TILE_PX} px on a {w:g}x{h:g} px shot region")
-    return Geometry(resize=resize, frame=frame, roi=roi, tiles=tiles, tile_size=tile_size,
-                    rule="auto: " + "; ".join(notes) if notes else "explicit")
+    geometry = Geometry(resize=resize, frame=frame, roi=roi, tiles=tiles, tile_size=tile_size,
+                        rule="auto: " + "; ".join(notes) if notes else "explicit")
+    check_usable(geometry, sizes, size)
+    return geometry
+
+
+def check_usable(geometry: Geometry, sizes: Sequence[tuple[int, int]], default_size: int) -> None:
+    """Refuse a geometry the model cannot use on shots of ``sizes`` (width, height): too many views, a frame
+    far larger than the model input, or a view region too small or too elongated (see the limits above).
+
+    Cheap: counts are checked before any view is listed, so a degenerate request costs no memory."""
+    if geometry.views_per_image > MAX_VIEWS:
+        rows, cols = geometry.tiles or (1, 1)
+        raise GeometryError(f"{rows}x{cols} = {rows * cols} tiles per image; at most {MAX_VIEWS} (each tile is a "
+                            "full model pass per prediction): use larger tiles, less overlap or an ROI")
+    what = "tile" if geometry.tiles is not None else "ROI" if geometry.roi is not None else "shot"
+    for width, height in sizes:
+        for view in geometry.views((width, height), default_size):
+            w, h = view.source[2] - view.source[0], view.source[3] - view.source[1]
+            where = "" if what == "shot" else f" of a {width}x{height} image"
+            if min(w, h) < MIN_REGION_PX:
+                raise GeometryError(f"a {w:.0f}x{h:.0f} px {what}{where} is too small: the model needs at least "
+                                    f"{MIN_REGION_PX} px on each side")
+            if max(w, h) > MAX_ASPECT * min(w, h):
+                raise GeometryError(f"a {w:.0f}x{h:.0f} px {what}{where} is too elongated: at most "
+                                    f"{MAX_ASPECT:g}:1 per view; set an ROI on the part")
+    fh, fw = geometry.frame_of(default_size)
+    if fh * fw > MAX_FRAME_AREA * default_size * default_size:
+        raise GeometryError(f"the model frame {fw}x{fh} px is over {MAX_FRAME_AREA:g}x the {default_size}x"
+                            f"{default_size} model input")
+
+
+def _views(width: float, height: float, tile: float, overlap: float) -> int:
+    (rows, cols), _ = tiling((width, height), tile, overlap)
+    return rows * cols
 
 
 def _auto_tile(width: float, height: float, size: int, overlap: float) -> int:

@@ -18,6 +18,7 @@ Wiring (what ``app.main`` must pass; needs the ``JobRunner`` first)::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 import warnings
@@ -290,13 +291,19 @@ class CategoryService(CategoryEdits):
         return version, adapter
 
     def _forget(self, name: str, files: list[str]) -> None:
-        """Remove this request's new image files after a failed fit unless some version lists them."""
+        """Remove this request's new image files after a failed fit unless some version lists them; a
+        category that never got a version loses its then-empty folders too (rmdir: never a file)."""
         if not files:
             return
         keep = self.store.referenced_shots(name)
         for file in files:
             if file not in keep:
                 self.store.shot_path(name, file).unlink(missing_ok=True)
+        if not self.store.versions(name):
+            shots = self.store.shot_path(name, files[0]).parent
+            with contextlib.suppress(OSError):  # not empty: another writer's files stay
+                shots.rmdir()
+                shots.parent.rmdir()
 
     # -- fine-tune ----------------------------------------------------------------------------------
     async def finetune(self, category: str, params: dict[str, Any]) -> Any:
