@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -178,6 +178,28 @@ class Geometry:
                 part = canvas
             out.append(np.asarray(part))
         return out
+
+    def working_factor(self, sizes: Sequence[tuple[int, int]], default_size: int) -> int:
+        """Largest integer factor images of ``sizes`` may be box-reduced by before ``render`` (1: none).
+
+        Why: a fit holds all of a category's images at once, and a 40 MP shot rendered to one 320-px view
+        needs a tenth of its pixels. ``render`` already box-reduces each view while its source is over
+        REDUCING_GAP x its frame size, so reducing first by no more than that keeps every view's source at
+        least REDUCING_GAP x (and MIN_REGION_PX) in size and its pixels within rounding of the full decode."""
+        factor = None
+        for size in sizes:
+            for view in self.views(size, default_size):
+                sw, sh = view.source[2] - view.source[0], view.source[3] - view.source[1]
+                cw, ch = view.content[2] - view.content[0], view.content[3] - view.content[1]
+                fit = min(sw / cw, sh / ch) / REDUCING_GAP
+                factor = min(fit if factor is None else factor, fit, min(sw, sh) / MIN_REGION_PX)
+        return max(1, int(factor or 1))
+
+    def scaled(self, factor: int) -> Geometry:
+        """The same views for images box-reduced by ``factor`` (the ROI in reduced pixels; tiles are fractions)."""
+        if factor == 1 or self.roi is None:
+            return self
+        return replace(self, roi=tuple(v / factor for v in self.roi))
 
     def unit_pixels(self, images: Sequence[Image.Image], default_size: int) -> torch.Tensor:
         """(N * views, 3, H, W) float32 in [0, 1], each image's views consecutive."""

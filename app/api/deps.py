@@ -31,6 +31,7 @@ from app.metrics import Metrics
 from app.services.adapter_cache import AdapterCache
 from app.services.inference import InferenceService
 from app.services.job_store import JobStore
+from app.services.pixel_budget import PixelBudget
 from app.services.readiness import ReadinessProbe
 
 Scope = Literal["admin", "client"]
@@ -75,6 +76,11 @@ def get_inference(request: Request) -> InferenceService:
 def get_adapter_cache(request: Request) -> AdapterCache:
     """The app's ``AdapterCache`` (``app.state.adapter_cache``); invalidate it after deleting a category."""
     return request.app.state.adapter_cache
+
+
+def get_pixel_budget(request: Request) -> PixelBudget:
+    """The process-wide decoded-pixel budget (predict, registration and feedback share it)."""
+    return request.app.state.inference.pixel_budget
 
 
 def get_readiness(request: Request) -> ReadinessProbe:
@@ -146,6 +152,7 @@ JobStoreDep = Annotated[JobStore, Depends(get_job_store)]
 InferenceDep = Annotated[InferenceService, Depends(get_inference)]
 AdapterCacheDep = Annotated[AdapterCache, Depends(get_adapter_cache)]
 ReadinessDep = Annotated[ReadinessProbe, Depends(get_readiness)]
+PixelBudgetDep = Annotated[PixelBudget, Depends(get_pixel_budget)]
 
 
 RouteGuard = Literal["admin", "client", "metrics"]

@@ -22,7 +22,7 @@ import contextlib
 import time
 import uuid
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from starlette.concurrency import run_in_threadpool
@@ -36,9 +36,11 @@ from app.services.images import decode_image
 from app.services.shot_ledger import (
     Ledger,
     current_ledger,
+    decode_for_fit,
     decode_refs,
     memory_coreset,
     new_refs,
+    stored_sizes,
     validation_facts,
 )
 from clipshot.adapter import Adapter
@@ -161,12 +163,12 @@ class CategoryService(CategoryEdits):
     def _plan_geometry(self, name: str, ledger: Ledger, sizes: list[tuple[int, int]],
                        request: GeometryRequest) -> Geometry:
         """The geometry for all the category's good images (listed + new), checked before anything is written."""
-        stored_images = decode_refs(self.store, name, ledger.goods, self.settings)
+        stored_sizes_ = stored_sizes(self.store, name, ledger.goods, self.settings)  # headers: nothing decoded
         try:
             stored = Geometry.from_dict(ledger.manifest.adapter.get("geometry")) if ledger.manifest else None
         except (ValueError, TypeError):
             stored = None
-        return request.plan(self.detector, [img.size for img in stored_images] + sizes, stored)
+        return request.plan(self.detector, stored_sizes_ + sizes, stored)
 
     def _check_total(self, ledger: Ledger, hashes: list[str]) -> list[str]:
         """The category-wide limit (listed + new, deduplicated); checked under the category lock."""
@@ -248,12 +250,13 @@ class CategoryService(CategoryEdits):
                    base: Manifest | None, through_lora: bool, object_name: str | None,
                    geometry: Geometry | None = None) -> tuple[int, Adapter]:
         s = self.settings
-        good_images = await run_in_threadpool(decode_refs, self.store, name, goods, s)
-        defect_images = await run_in_threadpool(decode_refs, self.store, name, defects, s)
         calibration = None if base is None else base.adapter.get("calibration")
         policy = Calibration.from_dict(calibration).policy_spec() if calibration else None
         if geometry is None and base is not None and base.adapter.get("geometry"):
             geometry = Geometry.from_dict(base.adapter["geometry"])  # re-fits keep the category's geometry
+        # images at working size, one full decode at a time; ``working`` is the geometry scaled to them
+        good_images, defect_images, working = await run_in_threadpool(
+            decode_for_fit, self.store, name, goods, defects, s, geometry, self.detector.backbone.image_size)
         ratio = memory_coreset(len(good_images), s.max_shots)
         source = None
         if through_lora and base is not None and base.adapter.get("lora"):
@@ -268,13 +271,16 @@ class CategoryService(CategoryEdits):
                 if source is None:
                     adapter = self.detector.fit_memory(good_images, category=name, object_name=object_name,
                                                        coreset_ratio=ratio, defects=defect_images, policy=policy,
-                                                       geometry=geometry)
+                                                       geometry=working)
                 else:
+                    source.geometry = working or source.geometry
                     try:
                         adapter = self.detector.refit_memory(source, good_images, coreset_ratio=ratio,
                                                              defects=defect_images, policy=policy)
                     finally:
                         self.detector.detach(source)
+            if geometry is not None:  # the ROI back in full-size pixels: predictions get full-size uploads
+                adapter.geometry = replace(adapter.geometry, roi=geometry.roi)
             return adapter, time.perf_counter() - started
 
         adapter, seconds = await self.worker.run(fit, priority=TRAIN)
