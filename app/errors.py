@@ -7,11 +7,13 @@ line can branch on ``error.code`` without parsing prose. Wire-format::
     {"error": {"code": "image_too_large", "message": "...", "request_id": "..."}}
 
 ``install_error_handlers(app)`` renders these, plain ``HTTPException`` and request-validation
-errors in that same shape.
+errors in that same shape, and any *unexpected* exception as a 500 ``internal_error`` in it too (logged with
+its traceback and request id), never Starlette's ``text/plain`` page.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 from http import HTTPStatus
@@ -22,7 +24,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.api.request_id import HEADER as REQUEST_ID_HEADER
 from app.api.request_id import current_request_id
+
+log = logging.getLogger(__name__)
 
 
 class ClipshotHTTPError(Exception):
@@ -170,8 +175,26 @@ async def _validation_handler(_: Request, exc: Exception) -> JSONResponse:
     return err.to_response()
 
 
+async def _unexpected_handler(request: Request, exc: Exception) -> JSONResponse:
+    """Any exception no other handler took: a bug or a broken dependency, never the client's fault.
+
+    Starlette runs this from its outermost middleware, after the request-id middleware has finished, so the
+    id is read from the request's state and the header set here. The message names no internals (the
+    traceback goes to the log under the same id, and Starlette re-raises for the server to log as well)."""
+    request_id = request.scope.get("state", {}).get("request_id") or current_request_id()
+    log.error("unexpected %s on %s %s (request %s)", type(exc).__name__, request.method, request.url.path,
+              request_id, exc_info=exc)
+    error = {"code": "internal_error",
+             "message": "Unexpected server error; the server log has the details under this request id."}
+    if request_id is not None:
+        error["request_id"] = request_id
+    return JSONResponse({"error": error}, status_code=500,
+                        headers=None if request_id is None else {REQUEST_ID_HEADER: request_id})
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Register handlers so every error response, ours or FastAPI's, has the same JSON shape."""
+    app.add_exception_handler(Exception, _unexpected_handler)
     app.add_exception_handler(ClipshotHTTPError, _clipshot_handler)
     app.add_exception_handler(StarletteHTTPException, _http_exception_handler)
     app.add_exception_handler(RequestValidationError, _validation_handler)

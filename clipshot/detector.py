@@ -21,7 +21,7 @@ from clipshot.calibration import Calibration, DecisionPolicy, calibrate, light_v
 from clipshot.chunked import Steps, finish
 from clipshot.features import Features
 from clipshot.fusion import ScoringConfig, fuse_maps, image_score, map_threshold
-from clipshot.geometry import TILE_OVERLAP, Geometry, GeometryError, build_geometry
+from clipshot.geometry import TILE_OVERLAP, Geometry, GeometryError, build_geometry, check_usable
 from clipshot.memory_branch import MemoryBank, memory_precision
 from clipshot.prompts import handcrafted_embeddings
 from clipshot.synthetic import AnomalySynthesizer
@@ -335,8 +335,7 @@ class Detector:
         geometry = replace(geometry, frame=geometry.frame_of(size))
         if any(side % multiple for side in geometry.frame):
             raise GeometryError(f"frame {list(geometry.frame)} must be multiples of {multiple} on {self.backbone.spec}")
-        for image_size in sizes:
-            geometry.views(image_size, size)  # ROI and tiles must fit every shot
+        check_usable(geometry, sizes, size)  # ROI and tiles must fit every shot, within the model's limits
         return geometry
 
     def refit_memory(self, adapter: Adapter, shots: Sequence[Image.Image], *, coreset_ratio: float | None = None,

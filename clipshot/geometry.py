@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -42,6 +42,21 @@ TILE_TARGET = 2.5
 TILE_OVERLAP = 0.25
 MAX_TILES = 16
 MIN_TILE_PX = 16
+# What any geometry may ask of the model, checked when it is planned (``check_usable``), before a registration
+# stores anything. Every view is one full backbone pass per prediction and per fitted image, so the views per
+# image stop where the auto rule stops (explicit tiles of 16 px at 0.89 overlap planned 254,016 per image, and
+# 25 views of 300 px made one registration take 12 minutes).
+MAX_VIEWS = MAX_TILES
+# Shortest side of a view's source region (image, ROI or tile): below it the model sees an upsampled blur
+# (a 1x1 shot is one colour) and the fit's light-view zooms and feature maps of it are empty.
+MIN_REGION_PX = MIN_TILE_PX
+# Longest over shortest side of a view's source region. The native frame keeps ~size x size pixels, so its
+# short side shrinks as sqrt(aspect): at 16:1 a 320-px model still gets an 80 x 1280 frame (5 feature rows
+# of 16 px), while a 1 x 39,000,000 PNG asked for a 1,998,400 x 32 frame (8 GB). Longer strips need an ROI.
+MAX_ASPECT = 16.0
+# Model frame area in units of the backbone's square input (size x size): the native frame's rounding to
+# feature-cell multiples stays well under this; only a degenerate aspect would pass it.
+MAX_FRAME_AREA = 2.0
 
 
 class GeometryError(ValueError):
@@ -164,6 +179,28 @@ class Geometry:
             out.append(np.asarray(part))
         return out
 
+    def working_factor(self, sizes: Sequence[tuple[int, int]], default_size: int) -> int:
+        """Largest integer factor images of ``sizes`` may be box-reduced by before ``render`` (1: none).
+
+        Why: a fit holds all of a category's images at once, and a 40 MP shot rendered to one 320-px view
+        needs a tenth of its pixels. ``render`` already box-reduces each view while its source is over
+        REDUCING_GAP x its frame size, so reducing first by no more than that keeps every view's source at
+        least REDUCING_GAP x (and MIN_REGION_PX) in size and its pixels within rounding of the full decode."""
+        factor = None
+        for size in sizes:
+            for view in self.views(size, default_size):
+                sw, sh = view.source[2] - view.source[0], view.source[3] - view.source[1]
+                cw, ch = view.content[2] - view.content[0], view.content[3] - view.content[1]
+                fit = min(sw / cw, sh / ch) / REDUCING_GAP
+                factor = min(fit if factor is None else factor, fit, min(sw, sh) / MIN_REGION_PX)
+        return max(1, int(factor or 1))
+
+    def scaled(self, factor: int) -> Geometry:
+        """The same views for images box-reduced by ``factor`` (the ROI in reduced pixels; tiles are fractions)."""
+        if factor == 1 or self.roi is None:
+            return self
+        return replace(self, roi=tuple(v / factor for v in self.roi))
+
     def unit_pixels(self, images: Sequence[Image.Image], default_size: int) -> torch.Tensor:
         """(N * views, 3, H, W) float32 in [0, 1], each image's views consecutive."""
         arrays = [view for img in images for view in self.render(img, default_size)]
@@ -283,6 +320,7 @@ def build_geometry(sizes: Sequence[tuple[int, int]], *, size: int, multiple: int
         notes.append(f"aspect {aspect:.2f} {'>=' if far else '<'} {ASPECT_LIMIT} (or its inverse) -> {resize}")
     frame = native_frame(aspect, size, multiple) if resize == "native" else (size, size)
     tiles = tile_size = None
+    auto_tiles = tile is None
     if tile is None:
         factor = min(height / frame[0], width / frame[1])
         if factor > TILE_ABOVE:
@@ -290,6 +328,9 @@ def build_geometry(sizes: Sequence[tuple[int, int]], *, size: int, multiple: int
             notes.append(f"downscale {factor:.1f} > {TILE_ABOVE} -> {tile} px tiles")
         else:
             notes.append(f"downscale {factor:.1f} <= {TILE_ABOVE} -> no tiles")
+    if tile and auto_tiles and _views(width, height, tile, tile_overlap) > MAX_VIEWS:
+        notes[-1] += f", but over {MAX_VIEWS} of them even at the largest size (a long strip) -> no tiles"
+        tile = None
     if tile:
         if resize == "native":
             frame = (size, size)  # tiles are square: a square frame fits them without padding
@@ -300,8 +341,41 @@ def build_geometry(sizes: Sequence[tuple[int, int]], *, size: int, multiple: int
         for w, h in zip(widths, heights, strict=True):
             if tile_size[1] * w < MIN_TILE_PX or tile_size[0] * h < MIN_TILE_PX:
                 raise GeometryError(f"the tiles would be under {MIN_TILE_PX} px on a {w:g}x{h:g} px shot region")
-    return Geometry(resize=resize, frame=frame, roi=roi, tiles=tiles, tile_size=tile_size,
-                    rule="auto: " + "; ".join(notes) if notes else "explicit")
+    geometry = Geometry(resize=resize, frame=frame, roi=roi, tiles=tiles, tile_size=tile_size,
+                        rule="auto: " + "; ".join(notes) if notes else "explicit")
+    check_usable(geometry, sizes, size)
+    return geometry
+
+
+def check_usable(geometry: Geometry, sizes: Sequence[tuple[int, int]], default_size: int) -> None:
+    """Refuse a geometry the model cannot use on shots of ``sizes`` (width, height): too many views, a frame
+    far larger than the model input, or a view region too small or too elongated (see the limits above).
+
+    Cheap: counts are checked before any view is listed, so a degenerate request costs no memory."""
+    if geometry.views_per_image > MAX_VIEWS:
+        rows, cols = geometry.tiles or (1, 1)
+        raise GeometryError(f"{rows}x{cols} = {rows * cols} tiles per image; at most {MAX_VIEWS} (each tile is a "
+                            "full model pass per prediction): use larger tiles, less overlap or an ROI")
+    what = "tile" if geometry.tiles is not None else "ROI" if geometry.roi is not None else "shot"
+    for width, height in sizes:
+        for view in geometry.views((width, height), default_size):
+            w, h = view.source[2] - view.source[0], view.source[3] - view.source[1]
+            where = "" if what == "shot" else f" of a {width}x{height} image"
+            if min(w, h) < MIN_REGION_PX:
+                raise GeometryError(f"a {w:.0f}x{h:.0f} px {what}{where} is too small: the model needs at least "
+                                    f"{MIN_REGION_PX} px on each side")
+            if max(w, h) > MAX_ASPECT * min(w, h):
+                raise GeometryError(f"a {w:.0f}x{h:.0f} px {what}{where} is too elongated: at most "
+                                    f"{MAX_ASPECT:g}:1 per view; set an ROI on the part")
+    fh, fw = geometry.frame_of(default_size)
+    if fh * fw > MAX_FRAME_AREA * default_size * default_size:
+        raise GeometryError(f"the model frame {fw}x{fh} px is over {MAX_FRAME_AREA:g}x the {default_size}x"
+                            f"{default_size} model input")
+
+
+def _views(width: float, height: float, tile: float, overlap: float) -> int:
+    (rows, cols), _ = tiling((width, height), tile, overlap)
+    return rows * cols
 
 
 def _auto_tile(width: float, height: float, size: int, overlap: float) -> int:

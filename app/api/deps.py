@@ -31,6 +31,7 @@ from app.metrics import Metrics
 from app.services.adapter_cache import AdapterCache
 from app.services.inference import InferenceService
 from app.services.job_store import JobStore
+from app.services.pixel_budget import PixelBudget
 from app.services.readiness import ReadinessProbe
 
 Scope = Literal["admin", "client"]
@@ -75,6 +76,11 @@ def get_inference(request: Request) -> InferenceService:
 def get_adapter_cache(request: Request) -> AdapterCache:
     """The app's ``AdapterCache`` (``app.state.adapter_cache``); invalidate it after deleting a category."""
     return request.app.state.adapter_cache
+
+
+def get_pixel_budget(request: Request) -> PixelBudget:
+    """The process-wide decoded-pixel budget (predict, registration and feedback share it)."""
+    return request.app.state.inference.pixel_budget
 
 
 def get_readiness(request: Request) -> ReadinessProbe:
@@ -146,17 +152,26 @@ JobStoreDep = Annotated[JobStore, Depends(get_job_store)]
 InferenceDep = Annotated[InferenceService, Depends(get_inference)]
 AdapterCacheDep = Annotated[AdapterCache, Depends(get_adapter_cache)]
 ReadinessDep = Annotated[ReadinessProbe, Depends(get_readiness)]
+PixelBudgetDep = Annotated[PixelBudget, Depends(get_pixel_budget)]
 
 
-def _required_scope(dependant: Dependant) -> Scope | None:
-    """The scope a route's dependency tree demands (admin wins), found once when the route is built."""
+RouteGuard = Literal["admin", "client", "metrics"]
+
+
+def _required_scope(dependant: Dependant) -> RouteGuard | None:
+    """The key a route's dependency tree demands (admin wins), found once when the route is built.
+
+    ``metrics`` is the scrape endpoint's guard: a key only when ``metrics_require_key`` is set."""
     calls = set()
     stack = [dependant]
     while stack:
         node = stack.pop()
         calls.add(node.call)
         stack.extend(node.dependencies)
-    return "admin" if require_admin in calls else "client" if require_client in calls else None
+    for call, scope in ((require_admin, "admin"), (require_client, "client"), (require_metrics_access, "metrics")):
+        if call in calls:
+            return scope
+    return None
 
 
 class AuthFirstRoute(APIRoute):
@@ -166,16 +181,22 @@ class AuthFirstRoute(APIRoute):
     upload was read to a temp file only to get its 401, and a malformed body without a key got 422.
     The route's own ``AdminDep``/``ClientDep`` still runs afterwards (cheap) and documents the scheme.
     A refusal with a body still on the wire closes the connection, so the client stops sending it.
+    ``required_scope`` is what the route demands (None: a public route); every router uses this class, and
+    tests/test_app_route_guards.py fails on any route that is neither guarded nor on its public allow-list.
     """
+
+    required_scope: RouteGuard | None = None
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
-        scope = _required_scope(self.dependant)
+        scope = self.required_scope = _required_scope(self.dependant)
         if scope is None:
             return handler
 
         async def auth_first(request: Request) -> Response:
             settings: Settings = request.app.state.settings
+            if scope == "metrics" and not settings.metrics_require_key:
+                return await handler(request)
             try:
                 principal = authenticate(settings, await _bearer(request))
                 if scope == "admin" and principal.scope != "admin":

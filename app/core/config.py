@@ -154,12 +154,14 @@ class Settings(BaseSettings, RaySettings):
         64_000_000,
         ge=1,
         description="Most decoded pixels (sum of width x height over its images, read from the headers before "
-        "anything is decoded) one predict request may carry -> 413. Must be at least `max_image_pixels`.",
+        "anything is decoded) one predict, registration or feedback request may carry -> 413 (register more "
+        "shots over several requests). Must be at least `max_image_pixels`.",
     )
     max_inflight_pixels: int = Field(
         200_000_000,
         ge=1,
-        description="Most decoded pixels held by all predict requests in flight together (about 3 bytes each "
+        description="Most decoded pixels held by all predict, registration and feedback requests in flight "
+        "together (about 3 bytes each "
         "as RGB, plus the overlay); a request that would pass it gets 503 + Retry-After before decoding. "
         "Must be at least `max_request_pixels`.",
     )

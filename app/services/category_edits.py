@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from starlette.concurrency import run_in_threadpool
 
 from app.errors import BadRequestError, ConflictError, NotFoundError
+from app.services.geometry import GeometryRequest
 from app.services.shot_ledger import Ledger, current_ledger, validation_facts
 from clipshot.calibration import Calibration, DecisionPolicy, apply_policy
 from model_store import CATEGORY_NAME, StaleVersion, StoreError, VersionNotFound
@@ -172,11 +173,13 @@ class CategoryEdits:
                        defect_type: str | None = None, note: str | None = None) -> dict[str, Any]:
         """Confirmed goods join the memory, confirmed defects the validation set; a new version either way."""
         check_feedback_fields(label, defect_type, note)
-        name, hashes, _ = await run_in_threadpool(self.validate_upload, category, files, minimum=1)
+        name, hashes, sizes = await run_in_threadpool(self.validate_upload, category, files, minimum=1)
         name = await run_in_threadpool(self._existing, name)
         async with self._lock(name):
             _, ledger = await self._ledger(name)
             manifest = self._served(name, ledger)
+            # the category's geometry must apply to every new image (400 before anything is stored)
+            await run_in_threadpool(self._plan_geometry, name, ledger, sizes, GeometryRequest())
             if not manifest.adapter.get("memory_layers"):
                 raise ConflictError(f"version {manifest.version} of {name!r} has no memory branch, so confirmed "
                                     "images cannot be learnt; register good shots first", code="no_memory_branch")
@@ -264,7 +267,10 @@ class CategoryEdits:
 
     # declared for type checkers; implemented by CategoryService
     def validate_upload(self, category: str, files: list[tuple[str, bytes]], *,
-                        minimum: int | None = None) -> tuple[str, list[str]]: ...  # pragma: no cover
+                        minimum: int | None = None) -> tuple[str, list[str], list[tuple[int, int]]]:
+        ...  # pragma: no cover
+    def _plan_geometry(self, name: str, ledger: Ledger, sizes: list[tuple[int, int]],
+                       request: GeometryRequest) -> Any: ...  # pragma: no cover
     async def _store_images(self, name: str, files: list[tuple[str, bytes]], *, source: str,
                             skip: set[str], held: Hold, **fields: Any) -> list[dict[str, Any]]: ...  # pragma: no cover
     async def _fit_and_save(self, name: str, goods: list[dict[str, Any]], defects: list[dict[str, Any]], *,

@@ -95,6 +95,23 @@ def header_pixels(data: bytes, *, max_pixels: int, max_bytes: int) -> int:
         img.close()
 
 
+def upright_size(data: bytes, *, max_pixels: int, max_bytes: int) -> tuple[int, int]:
+    """(width, height) of the image ``decode_image`` would return, from the header and EXIF alone.
+
+    Lets a category's geometry be checked against its stored shots without decoding any of them."""
+    _check_bytes(data, max_bytes)
+    img = _open(data, max_pixels)
+    try:
+        width, height = img.size
+        try:
+            turned = img.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)  # the 90-degree ones
+        except Exception:  # broken EXIF: decode_image keeps the stored orientation too
+            turned = False
+        return (height, width) if turned else (width, height)
+    finally:
+        img.close()
+
+
 def _check_bytes(data: bytes, max_bytes: int) -> None:
     if not data:
         raise ImageError(400, "empty_file", "The uploaded file is empty.")

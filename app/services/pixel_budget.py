@@ -6,19 +6,28 @@ bytes (120 MB), and a request may carry 32 images; in the audit four such PNGs r
 is decoded: over ``max_request_pixels`` it is refused with 413, and when the requests in flight already
 hold ``max_inflight_pixels`` it gets 503 + Retry-After, so memory stays bounded however clients behave.
 
+Registration and feedback uploads are admitted the same way (``fit_admitted``): one budget for the whole
+process, since their decodes share its memory with predictions. They decode one image at a time and fit on
+working-size copies (``shot_ledger.decode_for_fit``), so what they hold beyond their upload stays small.
+
 Giving memory back: glibc keeps freed blocks of worker threads' arenas mapped, so after a spike the
 process stayed at 4 GB while idle. When the last large request finishes, ``malloc_trim(0)`` returns
-those pages to the OS (a no-op where glibc is absent).
+those pages to the OS (a no-op where glibc is absent); after every fit too, which frees a whole
+category's features at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 
-from app.errors import ClipshotHTTPError, OverloadedError
+from starlette.concurrency import run_in_threadpool
+
+from app.errors import ClipshotHTTPError, ImageError, OverloadedError
+from app.services.images import header_pixels
 
 log = logging.getLogger(__name__)
 TRIM_AFTER_PIXELS = 4_000_000  # ~12 MB of RGB: below that the allocator's reuse is worth more than a trim
@@ -75,3 +84,26 @@ class PixelBudget:
             self._since_trim = 0
             return True
         return False
+
+
+def upload_pixels(files: Sequence[tuple[str, bytes]], *, max_pixels: int, max_bytes: int) -> int:
+    """Sum of width x height over uploaded ``(filename, bytes)`` from their headers (nothing decoded);
+    a file that fails the header checks raises its ``ImageError`` naming it."""
+    total = 0
+    for filename, data in files:
+        try:
+            total += header_pixels(data, max_pixels=max_pixels, max_bytes=max_bytes)
+        except ImageError as exc:
+            raise ImageError(exc.status_code, exc.code, f"{filename or 'unnamed file'}: {exc.message}") from exc
+    return total
+
+
+@contextlib.asynccontextmanager
+async def fit_admitted(budget: PixelBudget, pixels: int) -> AsyncIterator[None]:
+    """Hold ``pixels`` of the budget (413 / 503 as for predictions) while a fit runs, then give memory back."""
+    budget.acquire(pixels)
+    try:
+        yield
+    finally:
+        budget.release(pixels)
+        await run_in_threadpool(release_free_memory)

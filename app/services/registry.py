@@ -18,8 +18,9 @@ Wiring (what ``app.main`` must pass; needs the ``JobRunner`` first)::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -34,9 +35,11 @@ from app.services.images import decode_image
 from app.services.shot_ledger import (
     Ledger,
     current_ledger,
+    decode_for_fit,
     decode_refs,
     memory_coreset,
     new_refs,
+    stored_sizes,
     validation_facts,
 )
 from clipshot.adapter import Adapter
@@ -171,12 +174,12 @@ class CategoryService(CategoryEdits):
     def _plan_geometry(self, name: str, ledger: Ledger, sizes: list[tuple[int, int]],
                        request: GeometryRequest) -> Geometry:
         """The geometry for all the category's good images (listed + new), checked before anything is written."""
-        stored_images = decode_refs(self.store, name, ledger.goods, self.settings)
+        stored_sizes_ = stored_sizes(self.store, name, ledger.goods, self.settings)  # headers: nothing decoded
         try:
             stored = Geometry.from_dict(ledger.manifest.adapter.get("geometry")) if ledger.manifest else None
         except (ValueError, TypeError):
             stored = None
-        return request.plan(self.detector, [img.size for img in stored_images] + sizes, stored)
+        return request.plan(self.detector, stored_sizes_ + sizes, stored)
 
     def _check_total(self, ledger: Ledger, hashes: list[str]) -> list[str]:
         """The category-wide limit (listed + new, deduplicated); checked under the category lock."""
@@ -256,7 +259,9 @@ class CategoryService(CategoryEdits):
                                      object_name=object_name, geometry=geometry, expect=expect)
         except BaseException as exc:
             if held is not None:
-                await run_in_threadpool(self.store.forget_shots, name, [r["name"] for r in new], held)
+                files = [r["name"] for r in new]
+                await run_in_threadpool(self.store.forget_shots, name, files, held)
+                await run_in_threadpool(self._drop_if_empty, name, files)
             if isinstance(exc, StaleVersion):
                 raise stale_conflict(name, exc) from exc
             raise
@@ -267,12 +272,13 @@ class CategoryService(CategoryEdits):
                    base: Manifest | None, through_lora: bool, object_name: str | None,
                    geometry: Geometry | None = None, expect: int | None) -> tuple[int, Adapter]:
         s = self.settings
-        good_images = await run_in_threadpool(decode_refs, self.store, name, goods, s)
-        defect_images = await run_in_threadpool(decode_refs, self.store, name, defects, s)
         calibration = None if base is None else base.adapter.get("calibration")
         policy = Calibration.from_dict(calibration).policy_spec() if calibration else None
         if geometry is None and base is not None and base.adapter.get("geometry"):
             geometry = Geometry.from_dict(base.adapter["geometry"])  # re-fits keep the category's geometry
+        # images at working size, one full decode at a time; ``working`` is the geometry scaled to them
+        good_images, defect_images, working = await run_in_threadpool(
+            decode_for_fit, self.store, name, goods, defects, s, geometry, self.detector.backbone.image_size)
         ratio = memory_coreset(len(good_images), s.max_shots)
         source = None
         if through_lora and base is not None and base.adapter.get("lora"):
@@ -285,15 +291,19 @@ class CategoryService(CategoryEdits):
             if source is None:
                 steps = self.detector.fit_memory_steps(good_images, category=name, object_name=object_name,
                                                        coreset_ratio=ratio, defects=defect_images, policy=policy,
-                                                       geometry=geometry)
+                                                       geometry=working)
             else:
+                source.geometry = working or source.geometry
                 steps = self.detector.refit_memory_steps(source, good_images, coreset_ratio=ratio,
                                                          defects=defect_images, policy=policy)
             try:
-                return (yield from timed(steps))
+                adapter, seconds = yield from timed(steps)
             finally:
                 if source is not None:
                     self.detector.detach(source)
+            if geometry is not None:  # the ROI back in full-size pixels: predictions get full-size uploads
+                adapter.geometry = replace(adapter.geometry, roi=geometry.roi)
+            return adapter, seconds
 
         adapter, seconds = await self.worker.run_steps(fit(), priority=TRAIN)
         kind = "memory" if source is None else "finetuned"
@@ -307,6 +317,17 @@ class CategoryService(CategoryEdits):
         version = await run_in_threadpool(save_adapter, self.store, self.detector, adapter, activate=True,
                                           expect_active=expect, **fields)
         return version, adapter
+
+    def _drop_if_empty(self, name: str, files: list[str]) -> None:
+        """A category that never got a version loses the folders its failed first fit made (rmdir only: a
+        folder that still holds anything, such as another writer's files, stays)."""
+        if not files or self.store.versions(name):
+            return
+        shots = self.store.shot_path(name, files[0]).parent
+        with contextlib.suppress(OSError):
+            shots.rmdir()
+            shots.parent.rmdir()
+
 
     # -- fine-tune ----------------------------------------------------------------------------------
     async def finetune(self, category: str, params: dict[str, Any]) -> Any:

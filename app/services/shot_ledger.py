@@ -14,7 +14,8 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from app.core.config import Settings
-from app.services.images import decode_image
+from app.services.images import decode_image, upright_size
+from clipshot.geometry import Geometry
 from model_store import AdapterStore, StoreError
 from model_store.manifest import Manifest
 
@@ -85,20 +86,52 @@ def new_refs(stored: list[str], files: list[tuple[str, bytes]], *, source: str, 
     return refs
 
 
-def decode_refs(store: AdapterStore, category: str, refs: list[dict[str, Any]],
-                settings: Settings) -> list[Image.Image]:
-    """Decode the stored bytes of ``refs`` (same limits as uploads); a missing file is a damaged store."""
+def _read(store: AdapterStore, category: str, ref: dict[str, Any]) -> bytes:
+    try:
+        return store.shot_path(category, ref["name"]).read_bytes()
+    except FileNotFoundError as exc:
+        raise StoreError(f"category {category!r}: image {ref['name']} listed by the active version is "
+                         "missing from shots/; restore it or activate another version") from exc
+
+
+def decode_refs(store: AdapterStore, category: str, refs: list[dict[str, Any]], settings: Settings, *,
+                reduce: int = 1) -> list[Image.Image]:
+    """Decode the stored bytes of ``refs`` (same limits as uploads); a missing file is a damaged store.
+
+    ``reduce`` > 1 box-reduces each image right after its decode (``Geometry.working_factor``), so a fit
+    over many large shots holds one full-size image at a time, never all of them."""
     images = []
     for ref in refs:
-        path = store.shot_path(category, ref["name"])
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError as exc:
-            raise StoreError(f"category {category!r}: image {ref['name']} listed by the active version is "
-                             "missing from shots/; restore it or activate another version") from exc
-        images.append(decode_image(data, max_pixels=settings.max_image_pixels,
-                                   max_bytes=settings.max_upload_bytes).image)
+        image = decode_image(_read(store, category, ref), max_pixels=settings.max_image_pixels,
+                             max_bytes=settings.max_upload_bytes).image
+        if reduce > 1:
+            image = image.reduce(reduce)
+        images.append(image)
     return images
+
+
+def stored_sizes(store: AdapterStore, category: str, refs: list[dict[str, Any]],
+                 settings: Settings) -> list[tuple[int, int]]:
+    """(width, height) of every ref as decoded (EXIF orientation applied), read from headers only."""
+    return [upright_size(_read(store, category, ref), max_pixels=settings.max_image_pixels,
+                         max_bytes=settings.max_upload_bytes) for ref in refs]
+
+
+def decode_for_fit(store: AdapterStore, category: str, goods: list[dict[str, Any]],
+                   defects: list[dict[str, Any]], settings: Settings, geometry: Geometry | None,
+                   default_size: int) -> tuple[list[Image.Image], list[Image.Image], Geometry | None]:
+    """(goods, defects, geometry to fit with): the images at working size and the geometry scaled to them.
+
+    The caller fits with the returned geometry and stores ``geometry`` itself, which predictions apply to
+    full-size uploads. Without a geometry (a bundle from before geometry: the fit chooses one from the
+    image sizes) the images are decoded at full size."""
+    factor = 1
+    if geometry is not None:
+        sizes = stored_sizes(store, category, goods + defects, settings)
+        factor = geometry.working_factor(sizes, default_size)
+    good_images = decode_refs(store, category, goods, settings, reduce=factor)
+    defect_images = decode_refs(store, category, defects, settings, reduce=factor)
+    return good_images, defect_images, None if geometry is None else geometry.scaled(factor)
 
 
 def memory_coreset(n_images: int, budget: int) -> float | None:

@@ -11,8 +11,9 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Body, Depends, File, Form, Path, Request, UploadFile
+from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import AdminDep, AuthFirstRoute, ClientDep, SettingsDep
+from app.api.deps import AdminDep, AuthFirstRoute, ClientDep, PixelBudgetDep, SettingsDep
 from app.api.responses import CATEGORY_DOC, CATEGORY_SCHEMA, errors
 from app.schemas import (
     OBJECT_NAME_PATTERN,
@@ -26,6 +27,7 @@ from app.schemas import (
 )
 from app.services.geometry import GeometryRequest
 from app.services.job_store import Job
+from app.services.pixel_budget import fit_admitted, upload_pixels
 from app.services.registry import CategoryService
 
 router = APIRouter(prefix="/v1/categories", tags=["categories"], route_class=AuthFirstRoute)
@@ -54,6 +56,7 @@ async def register_shots(
     _: AdminDep,
     service: CategoriesDep,
     settings: SettingsDep,
+    budget: PixelBudgetDep,
     files: Annotated[list[UploadFile] | None, File(description="Photos of GOOD parts: CLIPSHOT_MIN_SHOTS to "
                                                                  "CLIPSHOT_MAX_SHOTS (default 1-16).")] = None,
     description: Annotated[str | None, Form(pattern=OBJECT_NAME_PATTERN, description="What the product is, for "
@@ -81,8 +84,11 @@ async def register_shots(
     # Read at most one byte past the limit: enough for decode_image to answer 413 without buffering more.
     data = [(f.filename or "", await f.read(settings.max_upload_bytes + 1)) for f in uploads]
     geometry = GeometryRequest.parse(resize=resize, roi=roi, tile=tile, tile_overlap=tile_overlap)
-    result = await service.register(category, data, description=description or None, finetune=finetune,
-                                    geometry=geometry)
+    pixels = await run_in_threadpool(upload_pixels, data, max_pixels=settings.max_image_pixels,
+                                     max_bytes=settings.max_upload_bytes)
+    async with fit_admitted(budget, pixels):  # 413 / 503 from the headers, before a pixel is decoded
+        result = await service.register(category, data, description=description or None, finetune=finetune,
+                                        geometry=geometry)
     return ShotsRegistered(category=result.category, version=result.version, job_id=result.job_id,
                            shots=result.shots, added=result.added, warnings=result.warnings,
                            decision=result.decision, geometry=result.geometry)

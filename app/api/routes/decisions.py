@@ -11,14 +11,16 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Body, File, Form, Path, UploadFile
+from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import AdminDep, ClientDep, SettingsDep
+from app.api.deps import AdminDep, AuthFirstRoute, ClientDep, PixelBudgetDep, SettingsDep
 from app.api.responses import errors
 from app.api.routes.categories import CategoriesDep, CategoryPath
 from app.schemas import FeedbackResult, ShotList, ShotRemoved, ThresholdChanged, ThresholdRequest
 from app.services.category_edits import policy_from_request
+from app.services.pixel_budget import fit_admitted, upload_pixels
 
-router = APIRouter(prefix="/v1/categories", tags=["categories"])
+router = APIRouter(prefix="/v1/categories", tags=["categories"], route_class=AuthFirstRoute)
 
 Sha256Path = Annotated[str, Path(description="SHA-256 of the shot (64 lowercase hex digits), from GET .../shots.")]
 
@@ -50,6 +52,7 @@ async def feedback(
     _: AdminDep,
     service: CategoriesDep,
     settings: SettingsDep,
+    budget: PixelBudgetDep,
     label: Annotated[str, Form(description="`good` (a false alarm) or `defect` (a confirmed or missed defect).")],
     files: Annotated[list[UploadFile] | None, File(description="1-16 images carrying that label.")] = None,
     defect_type: Annotated[str | None, Form(description="With `defect`: a slug such as `scratch`.")] = None,
@@ -61,8 +64,12 @@ async def feedback(
     reports its recall on the confirmed defects; nothing is written unless every field and image checks out."""
     uploads = files or []
     data = [(f.filename or "", await f.read(settings.max_upload_bytes + 1)) for f in uploads]
-    return FeedbackResult(**await service.feedback(category, data, label=label, defect_type=defect_type or None,
-                                                   note=note or None))
+    pixels = await run_in_threadpool(upload_pixels, data, max_pixels=settings.max_image_pixels,
+                                     max_bytes=settings.max_upload_bytes)
+    async with fit_admitted(budget, pixels):  # 413 / 503 from the headers, before a pixel is decoded
+        result = await service.feedback(category, data, label=label, defect_type=defect_type or None,
+                                        note=note or None)
+    return FeedbackResult(**result)
 
 
 @router.get("/{category}/shots", response_model=ShotList, summary="A product's good shots",
@@ -77,6 +84,7 @@ def list_shots(category: CategoryPath, _: ClientDep, service: CategoriesDep) -> 
                                 e409="It is the last shot, no version is usable, or the active version changed "
                                      "meanwhile (`version_conflict`: retry)."))
 async def remove_shot(category: CategoryPath, sha256: Sha256Path, _: AdminDep,
-                      service: CategoriesDep) -> ShotRemoved:
+                      service: CategoriesDep, budget: PixelBudgetDep) -> ShotRemoved:
     """New version fitted without the shot; the old versions keep it, so activate rolls back. Admin only."""
-    return ShotRemoved(**await service.remove_shot(category, sha256))
+    async with fit_admitted(budget, 0):  # nothing uploaded; the re-fit's memory is given back after
+        return ShotRemoved(**await service.remove_shot(category, sha256))

@@ -7,10 +7,10 @@ import time
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from app.api.deps import ReadinessDep
+from app.api.deps import AuthFirstRoute, ReadinessDep
 from app.schemas import HealthResponse, ReadyResponse
 
-router = APIRouter(tags=["health"])
+router = APIRouter(tags=["health"], route_class=AuthFirstRoute)  # public: no key, no body
 
 
 @router.get("/healthz", response_model=HealthResponse, summary="Process is alive")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
-from app.api.deps import MetricsAccessDep, MetricsDep
+from app.api.deps import AuthFirstRoute, MetricsAccessDep, MetricsDep
 from app.api.responses import errors
 
-router = APIRouter(tags=["metrics"])
+router = APIRouter(tags=["metrics"], route_class=AuthFirstRoute)
 
 
 @router.get("/metrics", response_class=Response, summary="Prometheus metrics",
