@@ -32,13 +32,13 @@ HEADERS = {"Authorization": "Bearer admin-key"}
 def test_uploads_of_registration_and_feedback_are_admitted_by_decoded_pixels(tmp_path, tiny_backbone):
     store = tmp_path / "store"
     settings = make_settings(store, max_image_pixels=20_000, max_request_pixels=30_000,
-                             max_inflight_pixels=40_000)
+                             max_register_pixels=30_000, max_inflight_pixels=40_000)
     wide = [("files", (f"{i}.png", png(good(i, size=(160, 120))), "image/png")) for i in range(2)]
     small = [("files", ("s.png", png(good(5)), "image/png"))]  # 64 x 64 = 4,096 pixels
     with TestClient(create_app(settings, backbone=tiny_backbone)) as client:
         budget = client.app.state.inference.pixel_budget
         before = snapshot(store)
-        # two 19,200-pixel shots: 38,400 over the request budget of 30,000, refused before any decode
+        # two 19,200-pixel shots: 38,400 over the registration bound of 30,000, refused before any decode
         r = client.post("/v1/categories/widget/shots", headers=HEADERS, files=wide, data={"finetune": "false"})
         assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_many_pixels", r.text[:300]
         assert snapshot(store) == before and budget.inflight == 0
@@ -57,6 +57,32 @@ def test_uploads_of_registration_and_feedback_are_admitted_by_decoded_pixels(tmp
         budget.release(19_000)
         r = client.post("/v1/categories/widget/feedback", headers=HEADERS, files=small, data={"label": "good"})
         assert r.status_code == 201, r.text[:300]
+
+
+def test_a_line_cameras_sixteen_shots_register_in_one_request(tmp_path, tiny_backbone):
+    """16 shots of a 5 MP camera (80 MP) pass registration's own bound though they are over a predict
+    request's 64 MP; beyond that bound an upload is refused from its headers, before anything is decoded."""
+    store = tmp_path / "store"
+    settings = make_settings(store)  # the defaults under test: 64 MP per predict, 16 x 12 MP per registration
+    assert settings.max_request_pixels < 16 * 2592 * 1944 <= settings.max_register_pixels
+    # distinct sizes so every shot is a new image; all-black PNGs are ~10 KB each however large they decode
+    shots = [("files", (f"{i}.png", zero_png(2592 - i, 1944), "image/png")) for i in range(16)]
+    with TestClient(create_app(settings, backbone=tiny_backbone)) as client:
+        budget = client.app.state.inference.pixel_budget
+        r = client.post("/v1/categories/camera/shots", headers=HEADERS, files=shots,
+                        data={"finetune": "false", "resize": "squash", "tile": "0"})
+        assert r.status_code == 201 and r.json()["shots"] == 16, r.text[:300]
+        assert budget.inflight == 0
+        # 16 images of 13 MP each (208 MP, over the 192 MP bound) cut off 10 bytes into their pixel data: a
+        # decode would fail, so a 413 shows the refusal came from the headers alone
+        side = 3606  # 3606 x 3606 = 13.0 MP
+        header_only = zero_png(side, side)[:33 + 8 + 10]  # signature, IHDR chunk, IDAT's length + type + 10
+        before = snapshot(store)
+        r = client.post("/v1/categories/camera/shots", headers=HEADERS, data={"finetune": "false"},
+                        files=[("files", (f"h{i}.png", header_only, "image/png")) for i in range(16)])
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_many_pixels", r.text[:300]
+        assert "CLIPSHOT_MAX_REGISTER_PIXELS" in r.json()["error"]["message"]
+        assert snapshot(store) == before and budget.inflight == 0
 
 
 def test_working_size_fit_keeps_the_roi_in_upload_pixels_and_scores_like_full_size(tmp_path, tiny_backbone):
@@ -85,7 +111,8 @@ def test_registration_and_feedback_rss_stays_bounded_and_returns(tmp_path):
     side = 6324  # 39.99 MP: just under the default max_image_pixels, 120 MB as RGB, ~120 KB as PNG
     # distinct sizes so every upload is a new image (identical bytes would be stored once)
     big = [zero_png(side - i, side) for i in range(5)]
-    env = {"CLIPSHOT_MAX_REQUEST_PIXELS": "40000000", "CLIPSHOT_MAX_INFLIGHT_PIXELS": "80000000"}
+    env = {"CLIPSHOT_MAX_REQUEST_PIXELS": "40000000", "CLIPSHOT_MAX_REGISTER_PIXELS": "40000000",
+           "CLIPSHOT_MAX_INFLIGHT_PIXELS": "80000000"}
     with live_server(tmp_path, **env) as server:
         pid, headers = server.proc.pid, {"Authorization": f"Bearer {ADMIN}"}
         url = f"{server.base}/v1/categories"
@@ -97,7 +124,7 @@ def test_registration_and_feedback_rss_stays_bounded_and_returns(tmp_path):
         Path(f"/proc/{pid}/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
         two = [("files", (f"{i}.png", big[i], "image/png")) for i in range(2)]
         r = httpx.post(f"{url}/big/shots", files=two, data={"finetune": "false"}, headers=headers, timeout=120)
-        assert r.status_code == 413, r.text[:300]  # 80 MP in one request: over the 40 MP request budget
+        assert r.status_code == 413, r.text[:300]  # 80 MP in one request: over the 40 MP registration bound
         for i in range(4):  # one 40 MP shot per request; each re-fit decodes every stored shot
             r = httpx.post(f"{url}/big/shots", files=[("files", (f"{i}.png", big[i], "image/png"))],
                            data={"finetune": "false"}, headers=headers, timeout=300)

@@ -79,6 +79,14 @@ def test_pixel_limits_must_grow_from_image_to_request_to_in_flight():
         Settings(_env_file=None, max_image_pixels=1000, max_request_pixels=999)
     with pytest.raises(ValidationError, match="pixel limits must grow"):
         Settings(_env_file=None, max_request_pixels=1000, max_inflight_pixels=999, max_image_pixels=10)
+    # registration's bound: between one image and the in-flight budget; by default 12 MP a shot, capped
+    with pytest.raises(ValidationError, match="max_register_pixels"):
+        Settings(_env_file=None, max_image_pixels=1000, max_register_pixels=999)
+    with pytest.raises(ValidationError, match="max_register_pixels"):
+        Settings(_env_file=None, max_register_pixels=300_000_000)  # over the 200 MP in-flight default
+    assert Settings(_env_file=None, max_shots=4).max_register_pixels == 48_000_000
+    assert Settings(_env_file=None).max_register_pixels == 192_000_000  # 16 shots: under 200 MP in flight
+    assert Settings(_env_file=None, max_shots=32).max_register_pixels == 200_000_000  # capped at in flight
 
 
 def test_request_pixels_are_refused_from_headers_and_overlays_are_bounded(store_root):

@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 
 ENV_PREFIX = "CLIPSHOT_"
 MiB = 1024 * 1024
+# Registration's default pixel bound per shot of ``max_shots``: a 12 MP line camera's frame.
+REGISTER_PIXELS_PER_SHOT = 12_000_000
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
@@ -154,8 +156,19 @@ class Settings(BaseSettings, RaySettings):
         64_000_000,
         ge=1,
         description="Most decoded pixels (sum of width x height over its images, read from the headers before "
-        "anything is decoded) one predict, registration or feedback request may carry -> 413 (register more "
-        "shots over several requests). Must be at least `max_image_pixels`.",
+        "anything is decoded) one predict request may carry -> 413 (registration and feedback have their own "
+        "bound, `max_register_pixels`). Must be at least `max_image_pixels`.",
+    )
+    max_register_pixels: int | None = Field(
+        None,
+        ge=1,
+        description="Most decoded pixels (sum over its images, read from the headers) one registration or "
+        "feedback request may carry -> 413; they are never decoded all at once: the upload check decodes one "
+        "image at a time and the fit holds working-size copies, except that a tiled geometry fits at full "
+        "resolution, so a fit may hold every upload decoded (about 3 bytes a pixel) and the request holds this "
+        "much of `max_inflight_pixels` while it runs. Empty: `max_shots` x 12 MP (192 MP, 16 shots of a "
+        "12 MP camera), capped at `max_inflight_pixels`. Must lie between `max_image_pixels` and "
+        "`max_inflight_pixels`.",
     )
     max_inflight_pixels: int = Field(
         200_000_000,
@@ -397,6 +410,13 @@ class Settings(BaseSettings, RaySettings):
             raise ValueError(
                 f"pixel limits must grow: max_image_pixels ({self.max_image_pixels}) <= max_request_pixels "
                 f"({self.max_request_pixels}) <= max_inflight_pixels ({self.max_inflight_pixels})"
+            )
+        if self.max_register_pixels is None:
+            self.max_register_pixels = min(self.max_shots * REGISTER_PIXELS_PER_SHOT, self.max_inflight_pixels)
+        if not self.max_image_pixels <= self.max_register_pixels <= self.max_inflight_pixels:
+            raise ValueError(
+                f"max_register_pixels ({self.max_register_pixels}) must lie between max_image_pixels "
+                f"({self.max_image_pixels}) and max_inflight_pixels ({self.max_inflight_pixels})"
             )
         if self.max_request_bytes < self.max_upload_bytes:
             raise ValueError(

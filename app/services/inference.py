@@ -66,7 +66,8 @@ class InferenceService:
         self._cpu_backbone = copy.copy(detector.backbone)
         self._cpu_backbone.device = torch.device("cpu")
         self._pending_images = 0  # admitted and not answered yet; only touched on the event loop
-        self.pixel_budget = PixelBudget(settings.max_request_pixels, settings.max_inflight_pixels)
+        self.pixel_budget = PixelBudget(settings.max_request_pixels, settings.max_inflight_pixels,
+                                        settings.max_register_pixels)
         self._trims: set[asyncio.Future[bool]] = set()
 
     # -- entry points ------------------------------------------------------------------------

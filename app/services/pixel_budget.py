@@ -6,9 +6,10 @@ bytes (120 MB), and a request may carry 32 images; in the audit four such PNGs r
 is decoded: over ``max_request_pixels`` it is refused with 413, and when the requests in flight already
 hold ``max_inflight_pixels`` it gets 503 + Retry-After, so memory stays bounded however clients behave.
 
-Registration and feedback uploads are admitted the same way (``fit_admitted``): one budget for the whole
-process, since their decodes share its memory with predictions. They decode one image at a time and fit on
-working-size copies (``shot_ledger.decode_for_fit``), so what they hold beyond their upload stays small.
+Registration and feedback uploads are admitted the same way (``fit_admitted``): one in-flight budget for the
+whole process, since their decodes share its memory with predictions, but their own per-request bound
+(``max_register_pixels``): they decode one image at a time and fit on working-size copies
+(``shot_ledger.decode_for_fit``), so a line camera's 16 shots need not fit a predict request's bound.
 
 Giving memory back: glibc keeps freed blocks of worker threads' arenas mapped, so after a spike the
 process stayed at 4 GB while idle. When the last large request finishes, ``malloc_trim(0)`` returns
@@ -57,18 +58,23 @@ def release_free_memory() -> bool:
 class PixelBudget:
     """Admission by decoded pixels, per request and across requests in flight (event-loop only, no lock)."""
 
-    def __init__(self, max_request_pixels: int, max_inflight_pixels: int) -> None:
+    def __init__(self, max_request_pixels: int, max_inflight_pixels: int,
+                 max_fit_pixels: int | None = None) -> None:
         self.max_request = max_request_pixels
         self.max_inflight = max_inflight_pixels
+        self.max_fit = max_request_pixels if max_fit_pixels is None else max_fit_pixels
         self.inflight = 0
         self._since_trim = 0  # pixels admitted since the last trim
 
-    def acquire(self, pixels: int) -> None:
-        """Reserve ``pixels`` or raise 413 (never fits) / 503 (does not fit now); call ``release`` after."""
-        if pixels > self.max_request:
+    def acquire(self, pixels: int, *, fit: bool = False) -> None:
+        """Reserve ``pixels`` or raise 413 (never fits) / 503 (does not fit now); call ``release`` after.
+        ``fit``: a registration or feedback upload, bounded by ``max_fit`` instead of ``max_request``."""
+        limit, setting = ((self.max_fit, "CLIPSHOT_MAX_REGISTER_PIXELS") if fit
+                          else (self.max_request, "CLIPSHOT_MAX_REQUEST_PIXELS"))
+        if pixels > limit:
             raise ClipshotHTTPError(
-                f"the images decode to {pixels} pixels in total; at most {self.max_request} per request "
-                "(CLIPSHOT_MAX_REQUEST_PIXELS): send fewer or smaller images",
+                f"the images decode to {pixels} pixels in total; at most {limit} per request "
+                f"({setting}): send fewer or smaller images",
                 code="request_too_many_pixels", status_code=413)
         if self.inflight + pixels > self.max_inflight:
             raise OverloadedError(
@@ -101,7 +107,7 @@ def upload_pixels(files: Sequence[tuple[str, bytes]], *, max_pixels: int, max_by
 @contextlib.asynccontextmanager
 async def fit_admitted(budget: PixelBudget, pixels: int) -> AsyncIterator[None]:
     """Hold ``pixels`` of the budget (413 / 503 as for predictions) while a fit runs, then give memory back."""
-    budget.acquire(pixels)
+    budget.acquire(pixels, fit=True)
     try:
         yield
     finally:
