@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.jobs.job_model import TERMINAL_STATES, Job
 from app.schemas import (
     CategoryDeleted,
     CategoryDetail,
@@ -32,7 +33,6 @@ from app.schemas import (
     ReadyResponse,
     ShotsRegistered,
 )
-from app.services.job_model import TERMINAL_STATES, Job
 
 ImageInput = str | os.PathLike[str] | bytes | Image.Image | np.ndarray
 DEFAULT_URL = "http://127.0.0.1:8000"

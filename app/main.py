@@ -22,17 +22,17 @@ from app.api.openapi import document_upload_limits
 from app.api.request_id import RequestIdMiddleware
 from app.api.routes import all_routers
 from app.api.ui import install_ui
+from app.categories.service import CategoryService
 from app.core.config import Settings, env_var
 from app.errors import install_error_handlers
+from app.jobs.job_runner import JobRunner
+from app.jobs.job_store import JobDatabaseError, JobStore
 from app.metrics import Metrics, RequestMetricsMiddleware
-from app.services.adapter_cache import AdapterCache
-from app.services.batcher import Batcher
-from app.services.device_worker import DeviceWorker
-from app.services.inference import InferenceService
-from app.services.job_runner import JobRunner
-from app.services.job_store import JobDatabaseError, JobStore
-from app.services.readiness import ReadinessProbe
-from app.services.registry import CategoryService
+from app.serving.adapter_cache import AdapterCache
+from app.serving.batcher import Batcher
+from app.serving.device_worker import DeviceWorker
+from app.serving.inference import InferenceService
+from app.serving.readiness import ReadinessProbe
 from clipshot.backbone import EFFICIENTNET_LITE0, Backbone, BackboneLoadError, BackboneSpecError, load_backbone
 from clipshot.detector import Detector
 from model_store import AdapterStore

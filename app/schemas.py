@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.services.job_store import Job
+from app.jobs.job_store import Job
 
 HeatmapMode = Literal["jpeg", "png", "mask", "regions", "raw", "none"]
 

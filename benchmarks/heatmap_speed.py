@@ -2,7 +2,7 @@
 
 Usage: ``python benchmarks/heatmap_speed.py [--image PATH] [--runs 15]`` (default: an MVTec bottle test
 image, 900x900). Also times Pillow's own PNG writer on the same overlay, the measurement that decides whether
-``app/services/png_encoder.py`` still earns its place.
+``app/serving/png_encoder.py`` still earns its place.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from app.services.heatmap import colour_scale, overlay_image, render  # noqa: E402
+from app.serving.heatmap import colour_scale, overlay_image, render  # noqa: E402
 
 DEFAULT_IMAGE = REPO.parent / "shared" / "data" / "mvtec_ad" / "bottle" / "test" / "broken_large" / "000.png"
 
@@ -60,7 +60,7 @@ def main() -> None:
             return buffer.getvalue()
         ms, out = median_ms(pil_png, args.runs)
         print(f"| defect overlay via Pillow PNG (compress_level={level}), encode only | | {ms:.1f} | {len(out):,} |")
-    from app.services.png_encoder import encode_png
+    from app.serving.png_encoder import encode_png
 
     ms, out = median_ms(lambda: encode_png(np.asarray(picture)), args.runs)
     print(f"| defect overlay via png_encoder, encode only | | {ms:.1f} | {len(out):,} |")

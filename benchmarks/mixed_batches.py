@@ -29,9 +29,9 @@ import torch
 from PIL import Image
 
 from app.metrics import Metrics
-from app.services.adapter_cache import AdapterCache
-from app.services.batcher import Batcher, _Item
-from app.services.device_worker import DeviceWorker
+from app.serving.adapter_cache import AdapterCache
+from app.serving.batcher import Batcher, _Item
+from app.serving.device_worker import DeviceWorker
 from clipshot import lora
 from clipshot.backbone import load_backbone
 from clipshot.detector import Detector

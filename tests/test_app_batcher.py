@@ -19,9 +19,9 @@ from app.core.config import Settings
 from app.errors import OverloadedError
 from app.main import create_app
 from app.metrics import Metrics
-from app.services.adapter_cache import AdapterCache
-from app.services.batcher import Batcher, _Item
-from app.services.device_worker import DeviceWorker
+from app.serving.adapter_cache import AdapterCache
+from app.serving.batcher import Batcher, _Item
+from app.serving.device_worker import DeviceWorker
 from clipshot.adapter import Adapter
 from model_store import AdapterStore
 

@@ -12,8 +12,8 @@ import torch
 from conftest import BOTTLE
 from PIL import Image
 
-from app.services import png_encoder
-from app.services.heatmap import (
+from app.serving import png_encoder
+from app.serving.heatmap import (
     ALPHA_MAX,
     CONTOUR_RGB,
     colour_scale,
@@ -24,7 +24,7 @@ from app.services.heatmap import (
     output_size,
     png_overlay,
 )
-from app.services.png_encoder import encode_png
+from app.serving.png_encoder import encode_png
 
 
 def decode(data: bytes) -> np.ndarray:

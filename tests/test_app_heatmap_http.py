@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from test_app_predict import CLIENT, client, defect, files, good, png, store_root  # noqa: F401 (fixtures)
 
-from app.services.heatmap import upsample
+from app.serving.heatmap import upsample
 
 URL = "/v1/categories/widget/predict"
 

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from app.errors import ImageError
-from app.services.images import decode_image
+from app.serving.images import decode_image
 
 BIG = 10**9
 

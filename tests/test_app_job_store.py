@@ -12,7 +12,7 @@ import pytest
 from pydantic import ValidationError
 
 from app.errors import ConflictError, NotFoundError
-from app.services.job_store import (
+from app.jobs.job_store import (
     DB_FILENAME,
     INTERRUPTED_ERROR,
     InvalidTransitionError,

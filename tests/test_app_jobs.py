@@ -16,8 +16,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from app.core.config import Settings
+from app.jobs.job_store import INTERRUPTED_ERROR, JobStore
 from app.main import create_app
-from app.services.job_store import INTERRUPTED_ERROR, JobStore
 from model_store.adapters import load_adapter
 from training.fewshot import FewShotResult
 from training.progress import Cancelled, Progress

@@ -29,7 +29,7 @@ from test_app_predict import good, png, snapshot
 from app.core.config import Settings
 from app.errors import ClipshotHTTPError, OverloadedError
 from app.main import create_app
-from app.services.pixel_budget import PixelBudget
+from app.serving.pixel_budget import PixelBudget
 from model_store import AdapterStore
 from model_store.adapters import save_adapter
 

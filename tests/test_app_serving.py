@@ -20,7 +20,7 @@ from test_app_predict import CLIENT, KEYS, defect, files, good, png
 from app.core.config import Settings
 from app.errors import OverloadedError
 from app.main import create_app
-from app.services.device_worker import PREDICT, TRAIN, DeviceWorker
+from app.serving.device_worker import PREDICT, TRAIN, DeviceWorker
 from clipshot import lora
 from clipshot.backbone import load_backbone
 from model_store import AdapterStore
@@ -298,7 +298,7 @@ def test_failed_residency_is_rolled_back_not_trusted_later(tmp_path):
     """If attaching an adapter fails on the device (OOM, bad tensors), nothing of it may stay resident, and the
     next request must retry (and fail again) instead of being served by a half-attached or LoRA-less model."""
     from app.metrics import Metrics
-    from app.services.adapter_cache import AdapterCache
+    from app.serving.adapter_cache import AdapterCache
     from clipshot.detector import Detector
 
     detector = Detector(load_backbone("test:tiny-clip"))  # private: the session backbone stays LoRA-free

@@ -12,8 +12,8 @@ from fastapi.testclient import TestClient
 from test_app_categories import ADMIN, CLIENT, image_bytes, make_settings, shots, snapshot
 from test_model_store import manifest_in, sample_tensors
 
+from app.jobs.job_store import INTERRUPTED_MESSAGE, JobState, JobStore
 from app.main import create_app
-from app.services.job_store import INTERRUPTED_MESSAGE, JobState, JobStore
 from model_store import AdapterStore, BundleCorrupt
 from model_store.atomic import claimed_tmp_dir
 

@@ -20,8 +20,8 @@ from app.core.config import Settings
 from app.errors import OverloadedError
 from app.main import create_app
 from app.metrics import Metrics
-from app.services.adapter_cache import AdapterCache
-from app.services.device_worker import DeviceWorker
+from app.serving.adapter_cache import AdapterCache
+from app.serving.device_worker import DeviceWorker
 from clipshot import lora
 from clipshot.backbone import load_backbone
 from clipshot.detector import Detector

@@ -16,7 +16,7 @@ from threaded_server import free_port, threaded_server
 from app.cli.main import main
 from app.client import Client
 from app.core.config import Settings
-from app.services.job_store import JobState, JobStore
+from app.jobs.job_store import JobState, JobStore
 
 ADMIN_KEY, CLIENT_KEY = "admin-key", "client-key"
 

@@ -27,12 +27,12 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app.core.config import Settings
 from app.errors import ClipshotHTTPError, ForbiddenError, UnauthorizedError
+from app.jobs.job_store import JobStore
 from app.metrics import Metrics
-from app.services.adapter_cache import AdapterCache
-from app.services.inference import InferenceService
-from app.services.job_store import JobStore
-from app.services.pixel_budget import PixelBudget
-from app.services.readiness import ReadinessProbe
+from app.serving.adapter_cache import AdapterCache
+from app.serving.inference import InferenceService
+from app.serving.pixel_budget import PixelBudget
+from app.serving.readiness import ReadinessProbe
 
 Scope = Literal["admin", "client"]
 

@@ -15,6 +15,9 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import AdminDep, AuthFirstRoute, ClientDep, PixelBudgetDep, SettingsDep
 from app.api.responses import CATEGORY_DOC, CATEGORY_SCHEMA, errors
+from app.categories.geometry import GeometryRequest
+from app.categories.service import CategoryService
+from app.jobs.job_store import Job
 from app.schemas import (
     OBJECT_NAME_PATTERN,
     CategoryDeleted,
@@ -25,10 +28,7 @@ from app.schemas import (
     ShotsRegistered,
     VersionPins,
 )
-from app.services.geometry import GeometryRequest
-from app.services.job_store import Job
-from app.services.pixel_budget import fit_admitted, upload_pixels
-from app.services.registry import CategoryService
+from app.serving.pixel_budget import fit_admitted, upload_pixels
 
 router = APIRouter(prefix="/v1/categories", tags=["categories"], route_class=AuthFirstRoute)
 

@@ -3,7 +3,7 @@
 Auth: changes need an **admin** key; listing the shots accepts a client key too (hashes and file names,
 like the category detail). Every change answers with the new version it made, so the line can trace which
 rule judged a part and roll back with ``POST .../versions/{v}/activate``. Rules live in
-``CategoryService`` (``app/services/category_edits.py``).
+``CategoryService`` (``app/categories/category_edits.py``).
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from starlette.concurrency import run_in_threadpool
 from app.api.deps import AdminDep, AuthFirstRoute, ClientDep, PixelBudgetDep, SettingsDep
 from app.api.responses import errors
 from app.api.routes.categories import CategoriesDep, CategoryPath
+from app.categories.category_edits import policy_from_request
 from app.schemas import FeedbackResult, ShotList, ShotRemoved, ThresholdChanged, ThresholdRequest
-from app.services.category_edits import policy_from_request
-from app.services.pixel_budget import fit_admitted, upload_pixels
+from app.serving.pixel_budget import fit_admitted, upload_pixels
 
 router = APIRouter(prefix="/v1/categories", tags=["categories"], route_class=AuthFirstRoute)
 

@@ -13,10 +13,10 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import AdminDep, AuthFirstRoute, JobStoreDep
 from app.api.responses import errors
+from app.categories.service import CategoryService
+from app.jobs.job_runner import JobRunner
+from app.jobs.job_store import Job, JobNotFoundError, JobState
 from app.schemas import JobList
-from app.services.job_runner import JobRunner
-from app.services.job_store import Job, JobNotFoundError, JobState
-from app.services.registry import CategoryService
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], route_class=AuthFirstRoute)
 CANCEL_WAIT_S = 5.0  # a running job stops within one training step; wait that long for the final record

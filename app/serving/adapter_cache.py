@@ -25,7 +25,7 @@ import torch
 
 from app.errors import BadRequestError, ClipshotHTTPError, ConflictError, NotFoundError
 from app.metrics import Metrics
-from app.services.device_worker import PREDICT, DeviceWorker
+from app.serving.device_worker import PREDICT, DeviceWorker
 from clipshot.adapter import Adapter
 from clipshot.detector import Detector
 from model_store import (

@@ -28,7 +28,7 @@ holds it (retention keeps it); it promotes only by a compare-and-set on the acti
 the active version is that one or differs from it in its decision policy alone (a threshold change): then
 the fine-tuned version takes the active version's *current* policy, so an operator's threshold choice made
 during training survives. A rollback, a registration or feedback during training supersedes the job
-(``app/services/promotion.py``).
+(``app/categories/promotion.py``).
 """
 
 from __future__ import annotations
@@ -45,13 +45,13 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any
 
+from app.categories.promotion import save_result
+from app.categories.shot_ledger import Ledger, decode_refs, ledger_at, memory_coreset
 from app.core.config import Settings
 from app.errors import ConflictError, OverloadedError
+from app.jobs.job_store import ACTIVE_STATES, Job, JobNotFoundError, JobState, JobStore, StaleJobError
 from app.metrics import Metrics
-from app.services.device_worker import TRAIN
-from app.services.job_store import ACTIVE_STATES, Job, JobNotFoundError, JobState, JobStore, StaleJobError
-from app.services.promotion import save_result
-from app.services.shot_ledger import Ledger, decode_refs, ledger_at, memory_coreset
+from app.serving.device_worker import TRAIN
 from clipshot.adapter import Adapter
 from clipshot.calibration import Calibration
 from clipshot.detector import Detector

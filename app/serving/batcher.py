@@ -35,8 +35,8 @@ import torch
 
 from app.errors import OverloadedError
 from app.metrics import BATCH_CATEGORY, Metrics
-from app.services.adapter_cache import AdapterCache
-from app.services.device_worker import PREDICT, DeviceWorker
+from app.serving.adapter_cache import AdapterCache
+from app.serving.device_worker import PREDICT, DeviceWorker
 from clipshot.adapter import Adapter
 from clipshot.detector import Detector
 

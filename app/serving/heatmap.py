@@ -27,7 +27,7 @@ from matplotlib import colormaps
 from PIL import Image
 from scipy import ndimage
 
-from app.services.png_encoder import encode_png
+from app.serving.png_encoder import encode_png
 from clipshot.anomaly_map import OVERLAY_COLORMAP, OVERLAY_COLORMAP_START, colour_scale
 
 DEFAULT_MAX_SIDE = 1024  # longest side of any returned picture unless heatmap_size asks for less

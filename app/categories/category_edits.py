@@ -12,7 +12,7 @@ file lock, so it holds across replicas and against the job runner): a lost race 
 versions beyond ``CLIPSHOT_KEEP_VERSIONS`` (never the active, a pinned or a held one) and shot files no
 version lists and no live writer holds are removed.
 
-``CategoryService`` (``app/services/registry.py``) mixes this in; it provides the lock, ``_existing``,
+``CategoryService`` (``app/categories/service.py``) mixes this in; it provides the lock, ``_existing``,
 ``validate_upload``, ``_store_images`` and ``_fit_and_save``.
 """
 
@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.concurrency import run_in_threadpool
 
+from app.categories.geometry import GeometryRequest
+from app.categories.shot_ledger import Ledger, current_ledger, validation_facts
 from app.errors import BadRequestError, ConflictError, NotFoundError
-from app.services.geometry import GeometryRequest
-from app.services.shot_ledger import Ledger, current_ledger, validation_facts
 from clipshot.calibration import Calibration, DecisionPolicy, apply_policy
 from model_store import CATEGORY_NAME, StaleVersion, StoreError, VersionNotFound
 from model_store.holds import Hold

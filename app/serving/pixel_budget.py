@@ -28,7 +28,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from starlette.concurrency import run_in_threadpool
 
 from app.errors import ClipshotHTTPError, ImageError, OverloadedError
-from app.services.images import header_pixels
+from app.serving.images import header_pixels
 
 log = logging.getLogger(__name__)
 TRIM_AFTER_PIXELS = 4_000_000  # ~12 MB of RGB: below that the allocator's reuse is worth more than a trim

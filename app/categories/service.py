@@ -26,22 +26,23 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.concurrency import run_in_threadpool
 
-from app.core.config import Settings
-from app.errors import BadRequestError, ClipshotHTTPError, ConflictError, NotFoundError, OverloadedError
-from app.services.category_edits import CategoryEdits, stale_conflict
-from app.services.device_worker import TRAIN
-from app.services.geometry import GeometryRequest
-from app.services.images import decode_image
-from app.services.shot_ledger import (
+from app.categories import inspection
+from app.categories.category_edits import CategoryEdits, stale_conflict
+from app.categories.geometry import GeometryRequest
+from app.categories.shot_ledger import (
     Ledger,
+    adapter_facts,
     current_ledger,
     decode_for_fit,
-    decode_refs,
     memory_coreset,
     new_refs,
     stored_sizes,
     validation_facts,
 )
+from app.core.config import Settings
+from app.errors import BadRequestError, ClipshotHTTPError, ConflictError, NotFoundError, OverloadedError
+from app.serving.device_worker import TRAIN
+from app.serving.images import decode_image
 from clipshot.adapter import Adapter
 from clipshot.calibration import Calibration
 from clipshot.chunked import Steps, timed
@@ -61,25 +62,9 @@ from model_store.holds import Hold
 from model_store.manifest import Manifest
 
 if TYPE_CHECKING:
-    from PIL import Image
-
-    from app.services.job_runner import JobRunner
+    from app.jobs.job_runner import JobRunner
 
 DELETE_WAIT_S = 30.0  # how long DELETE waits for the category's running job to let go of the device
-
-
-def adapter_facts(adapter: Adapter, kind: str) -> dict[str, Any]:
-    """What listings need about a bundle without loading its tensors (kept in the manifest's metrics)."""
-    return {"kind": kind, "branches": adapter.branches, "lora": adapter.lora is not None,
-            "threshold": adapter.threshold}
-
-
-def load_shots(store: AdapterStore, category: str, settings: Settings, *,
-               decode: bool = True) -> tuple[list[Image.Image], list[dict[str, Any]], str | None]:
-    """(images, manifest refs, object name) of the good images the category's active version lists."""
-    ledger = current_ledger(store, category)
-    images = decode_refs(store, category, ledger.goods, settings) if decode else []
-    return images, ledger.goods, _object_name(ledger)
 
 
 def _object_name(ledger: Ledger) -> str | None:
@@ -116,7 +101,7 @@ class CategoryService(CategoryEdits):
         self.settings, self.store, self.detector = settings, store, detector
         self.worker, self.cache, self.jobs = device_worker, adapter_cache, job_runner
         self._locks: dict[str, asyncio.Lock] = {}
-        self._integrity_cache: dict[tuple[str, int, int, int, int], str] = {}
+        self._integrity = inspection.IntegrityCache(store)
 
     # -- helpers ------------------------------------------------------------------------------------
     @staticmethod
@@ -351,13 +336,7 @@ class CategoryService(CategoryEdits):
 
     # -- inspection ---------------------------------------------------------------------------------
     def summary(self, category: str) -> dict[str, Any]:
-        name = self._existing(category)
-        try:
-            active = self.store.active_version(name)
-        except StoreError:
-            active = None
-        return {"category": name, "active_version": active, "versions": self.store.versions(name),
-                "shots": len(current_ledger(self.store, name).goods)}
+        return inspection.summary(self.store, self._existing(category))
 
     def list_all(self) -> list[dict[str, Any]]:
         return [self.summary(c) for c in self.store.categories() if self.store.versions(c)]
@@ -365,43 +344,8 @@ class CategoryService(CategoryEdits):
     def detail(self, category: str) -> dict[str, Any]:
         """Summary plus the active decision and each version's key facts from its manifest (no tensors read)."""
         info = self.summary(category)
-        info["versions"] = [self._version_facts(info["category"], v, info["active_version"])
-                            for v in info["versions"]]
-        info["active_job"] = self.jobs.jobs.active_for(info["category"])
-        manifest = current_ledger(self.store, info["category"]).manifest
-        calibration = None if manifest is None else manifest.adapter.get("calibration")
-        info["decision"] = Calibration.from_dict(calibration).decision() if calibration else None
-        return info
-
-    def _version_facts(self, name: str, version: int, active: int | None) -> dict[str, Any]:
-        facts: dict[str, Any] = {"version": version, "active": version == active}
-        try:
-            m = self.store.manifest(name, version)
-        except StoreError as exc:
-            return {**facts, "error": str(exc)}
-        goods = sum(r.source == "feedback" for r in m.shots)
-        return {**facts, "integrity": self._integrity(name, version), "created": m.created, "promotable": m.promotable,
-                "kind": m.metrics.get("kind", "finetuned" if m.adapter.get("lora") else "memory"),
-                "branches": m.metrics.get("branches", []), "object_name": m.adapter.get("object_name"),
-                "shots": len(m.shots), "metrics": m.metrics,
-                "training_seconds": None if m.training is None else m.training.seconds,
-                "backbone": m.backbone.spec, "geometry": m.adapter.get("geometry"),
-                "validation": validation_facts(m.adapter.get("calibration"), goods, len(m.validation))}
-
-    def _integrity(self, name: str, version: int) -> str:
-        """``ok`` or why the tensors fail their checksum; cached per file state, since bundles can be large."""
-        try:
-            st = self.store.tensors_path(name, version).stat()
-            key = (name, version, st.st_ino, st.st_size, st.st_mtime_ns)
-        except OSError as exc:
-            return f"corrupt: {exc.strerror}"
-        if key not in self._integrity_cache:
-            try:
-                self.store.verify(name, version)
-                self._integrity_cache[key] = "ok"
-            except StoreError as exc:
-                self._integrity_cache[key] = f"corrupt: {exc}"
-        return self._integrity_cache[key]
+        return {**inspection.detail(self.store, info, self._integrity),
+                "active_job": self.jobs.jobs.active_for(info["category"])}
 
     # -- mutation -----------------------------------------------------------------------------------
     async def activate(self, category: str, version: int) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """Durable records of background jobs (fine-tunes): SQLite in the store by default, PostgreSQL when shared.
 
 Why durable: clients poll a job id across restarts, and jobs cut off by a restart or a dead worker must be
-reported as failed rather than "running" forever. The rows live where ``app.services.job_db`` says (a SQLite
+reported as failed rather than "running" forever. The rows live where ``app.jobs.job_db`` says (a SQLite
 file for one process, PostgreSQL for several replicas / workers); the rules live here, in one SQL text, so
 every caller and both databases get the same contract (``tests/test_app_job_store.py`` runs on both):
 
@@ -24,8 +24,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from app.services.job_db import DB_FILENAME, JobDatabase, JobDatabaseError, open_job_database
-from app.services.job_model import (
+from app.jobs.job_db import DB_FILENAME, JobDatabase, JobDatabaseError, open_job_database
+from app.jobs.job_model import (
     ACTIVE_STATES,
     INTERRUPTED_ERROR,
     INTERRUPTED_MESSAGE,

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
-from app.services.job_model import JobState
+from app.jobs.job_model import JobState
 
 DB_FILENAME = "jobs.sqlite3"
 POSTGRES_SCHEMES = ("postgresql", "postgres")

@@ -14,13 +14,15 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from app.core.config import Settings
-from app.services.images import decode_image, upright_size
+from app.serving.images import decode_image, upright_size
 from clipshot.geometry import Geometry
 from model_store import AdapterStore, StoreError
 from model_store.manifest import Manifest
 
 if TYPE_CHECKING:
     from PIL import Image
+
+    from clipshot.adapter import Adapter
 
 
 @dataclass
@@ -132,6 +134,12 @@ def decode_for_fit(store: AdapterStore, category: str, goods: list[dict[str, Any
     good_images = decode_refs(store, category, goods, settings, reduce=factor)
     defect_images = decode_refs(store, category, defects, settings, reduce=factor)
     return good_images, defect_images, None if geometry is None else geometry.scaled(factor)
+
+
+def adapter_facts(adapter: Adapter, kind: str) -> dict[str, Any]:
+    """What listings need about a bundle without loading its tensors (kept in the manifest's metrics)."""
+    return {"kind": kind, "branches": adapter.branches, "lora": adapter.lora is not None,
+            "threshold": adapter.threshold}
 
 
 def memory_coreset(n_images: int, budget: int) -> float | None:

@@ -33,11 +33,11 @@ from app.schemas import (
     PredictResponse,
     StageTimings,
 )
-from app.services.adapter_cache import ZERO_SHOT_LABEL, AdapterCache
-from app.services.batcher import Batcher, BatchResult
-from app.services.heatmap import b64, render
-from app.services.images import DecodedImage, decode_image, header_pixels
-from app.services.pixel_budget import PixelBudget, release_free_memory
+from app.serving.adapter_cache import ZERO_SHOT_LABEL, AdapterCache
+from app.serving.batcher import Batcher, BatchResult
+from app.serving.heatmap import b64, render
+from app.serving.images import DecodedImage, decode_image, header_pixels
+from app.serving.pixel_budget import PixelBudget, release_free_memory
 from clipshot.adapter import Adapter
 from clipshot.detector import Detector
 from clipshot.geometry import Geometry, GeometryError

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from app.services.device_worker import PREDICT, DeviceWorker
+from app.serving.device_worker import PREDICT, DeviceWorker
 from clipshot.backbone import Backbone
 
 CACHE_SECONDS = 5.0

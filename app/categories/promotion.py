@@ -15,17 +15,18 @@ inactive, for an operator to activate.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from app.services.job_model import Job
-from app.services.registry import adapter_facts
-from app.services.shot_ledger import Ledger, current_ledger
+from app.categories.shot_ledger import Ledger, adapter_facts, current_ledger
 from clipshot.calibration import Calibration, apply_policy
 from clipshot.detector import Detector
 from model_store import AdapterStore, StaleVersion, StoreError
 from model_store.adapters import save_adapter
 from model_store.bundles import UNCHECKED
 from model_store.manifest import Manifest
+
+if TYPE_CHECKING:  # the job runner calls this module; categories never import jobs at run time
+    from app.jobs.job_model import Job
 
 log = logging.getLogger(__name__)
 CAS_ATTEMPTS = 5  # decisions retried when the active version moves between the check and the commit

@@ -1,0 +1,1 @@
+"""Category management: the category service, its edits, the shot ledger, job promotion, geometry requests."""

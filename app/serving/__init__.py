@@ -1,0 +1,1 @@
+"""The serving runtime: device worker, micro-batcher, adapter cache, inference, images, heatmaps, readiness."""
