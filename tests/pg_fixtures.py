@@ -15,9 +15,7 @@ from pathlib import Path
 import pg_cluster
 import pytest
 
-
-def in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+from tests.helpers.data import in_ci
 
 
 @pytest.fixture(scope="session")

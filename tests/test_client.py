@@ -100,12 +100,9 @@ def test_encode_image_rejects_what_it_cannot_send():
         encode_image({})  # type: ignore[arg-type]
 
 
-def test_decision_routes_when_the_server_has_them(server, registered):
-    """Threshold, feedback and shots (issue 9 §3-4); live once the service offers those routes."""
+def test_decision_routes(server, registered):
+    """Threshold, feedback and shots through the client."""
     with Client(server, ADMIN_KEY) as admin:
-        paths = admin._http.get("/openapi.json").json()["paths"]
-        if "/v1/categories/{category}/threshold" not in paths:
-            pytest.skip("this service has no decision routes yet")
         changed = admin.set_threshold("widget", threshold=0.75)
         assert changed.decision.threshold == pytest.approx(0.75) and changed.decision.policy == "manual"
         assert admin.category("widget").decision.threshold == pytest.approx(0.75)

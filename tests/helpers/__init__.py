@@ -1,0 +1,1 @@
+"""Helpers shared by test modules (images, settings, servers, fixtures), so no test module imports another."""
