@@ -4,8 +4,6 @@ score/threshold metrics; every bad input is a 4xx that writes nothing."""
 from __future__ import annotations
 
 import io
-import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +15,8 @@ from app.core.config import Settings
 from app.main import create_app
 from clipshot.calibration import threshold_for_rate
 from model_store.adapters import save_adapter
-from tests.test_app_categories import ADMIN, CLIENT, image_bytes, make_settings, shots, snapshot
+from tests.helpers.categories import ADMIN, CLIENT, image_bytes, make_settings, shots, snapshot
+from tests.helpers.decisions import manifest, register
 
 
 def defect_bytes(seed: int) -> bytes:
@@ -33,19 +32,9 @@ def files(named: list[tuple[str, bytes]]) -> list[tuple[str, tuple[str, bytes, s
     return [("files", (name, data, "image/png")) for name, data in named]
 
 
-def manifest(store: Path, category: str, version: int) -> dict:
-    return json.loads((store / "categories" / category / f"v{version}" / "manifest.json").read_text())
-
-
 def metric(text: str, name: str, **labels: str) -> float:
     return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
                if s.name == name and labels.items() <= s.labels.items())
-
-
-def register(client: TestClient, seeds=range(4), category: str = "widget") -> dict:
-    r = client.post(f"/v1/categories/{category}/shots", headers=ADMIN, files=shots(seeds), data={"finetune": "false"})
-    assert r.status_code == 201, r.text
-    return r.json()
 
 
 def predict(client: TestClient, seeds, category: str = "widget") -> list[dict]:
@@ -237,7 +226,7 @@ def test_metrics_count_verdicts_and_place_scores_relative_to_the_threshold(clien
 def test_finetune_keeps_policy_and_validation_and_feedback_refits_through_its_lora(client):
     from safetensors.torch import load_file
 
-    from tests.test_app_categories import wait_job
+    from tests.helpers.categories import wait_job
 
     store = client.app.state.store.root
     register(client)

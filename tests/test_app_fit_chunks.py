@@ -7,13 +7,13 @@ import time
 
 import httpx
 import pytest
-from test_app_predict import ADMIN, CLIENT, KEYS, files, good, png
 from threaded_server import threaded_server
 
 from app.core.config import Settings
 from app.errors import OverloadedError
 from app.main import create_app
 from app.serving.device_worker import PREDICT, TRAIN, DeviceWorker
+from tests.helpers.predict import ADMIN, CLIENT, KEYS, files, good, png
 
 WAIT_S = 120  # generous bound for any one wait on a shared 2-core machine; never reached when things work
 

@@ -17,13 +17,13 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 from live_server import ADMIN, live_server
-from test_app_pixel_budget import _rss, zero_png
-from test_app_predict import good, png, snapshot
 
 from app.main import create_app
 from clipshot.geometry import Geometry
-from tests.test_app_categories import make_settings
-from tests.test_app_geometry import wide_png
+from tests.helpers.budget import _rss, zero_png
+from tests.helpers.categories import make_settings
+from tests.helpers.geometry import wide_png
+from tests.helpers.predict import good, png, snapshot
 
 MiB = 1 << 20
 HEADERS = {"Authorization": "Bearer admin-key"}

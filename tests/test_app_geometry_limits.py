@@ -20,8 +20,8 @@ from PIL import Image
 from app.api.request_id import HEADER
 from app.main import create_app
 from clipshot.geometry import MAX_VIEWS, Geometry, GeometryError, build_geometry, check_usable
-from tests.test_app_categories import ADMIN, make_settings, snapshot
-from tests.test_app_geometry import wide_png
+from tests.helpers.categories import ADMIN, make_settings, snapshot
+from tests.helpers.geometry import wide_png
 
 
 def flat_png(width: int, height: int) -> bytes:

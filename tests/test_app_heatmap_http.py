@@ -8,9 +8,9 @@ import io
 import numpy as np
 import pytest
 from PIL import Image
-from test_app_predict import CLIENT, client, defect, files, good, png, store_root  # noqa: F401 (fixtures)
 
 from app.serving.heatmap import upsample
+from tests.helpers.predict import CLIENT, client, defect, files, good, png, store_root  # noqa: F401, F811 (the client and store_root fixtures)
 
 URL = "/v1/categories/widget/predict"
 

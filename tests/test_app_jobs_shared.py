@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from test_app_jobs import ADMIN, Script, make_settings, register, shots, wait_state
 
 from app.cli.main import main
 from app.jobs.job_store import JobStore
 from app.main import create_app
+from tests.helpers.jobs import ADMIN, Script, make_settings, register, shots, wait_state
 
 STALE_S = 1.0  # workers beat every 0.25 s; 1 s keeps the tests short yet far above one beat
 

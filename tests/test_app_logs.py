@@ -10,10 +10,10 @@ import subprocess
 import time
 
 import httpx
-from test_app_serve_subprocess import STARTUP_TIMEOUT_S, free_port, serve_command
 
 from app.core.env import unknown_env_warnings
 from tests.conftest import REPO
+from tests.helpers.processes import STARTUP_TIMEOUT_S, free_port, serve_command
 
 
 def test_unknown_variables_are_named_with_a_guess(tmp_path):

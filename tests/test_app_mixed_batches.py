@@ -8,8 +8,6 @@ import dataclasses
 
 import pytest
 import torch
-from test_app_predict import CLIENT, files, good, png
-from test_app_serving import fit, serving, settings_for, total
 
 from app.main import create_app
 from clipshot import lora
@@ -17,6 +15,8 @@ from clipshot.backbone import load_backbone
 from clipshot.detector import Detector
 from model_store import AdapterStore
 from model_store.adapters import save_adapter
+from tests.helpers.predict import CLIENT, files, good, png
+from tests.helpers.serving import fit, serving, settings_for, total
 
 CATEGORIES = ("plain-a", "plain-b", "lora-x", "lora-y")
 PER_CATEGORY = 2  # requests per product in the burst: a batch bigger than this mixed products

@@ -10,12 +10,10 @@ from __future__ import annotations
 import base64
 import io
 import shutil
-import struct
 import sys
 import threading
 import time
 import warnings
-import zlib
 from pathlib import Path
 
 import httpx
@@ -24,7 +22,6 @@ from fastapi.testclient import TestClient
 from live_server import ADMIN, CLIENT, live_server
 from PIL import Image
 from pydantic import ValidationError
-from test_app_predict import good, png, snapshot
 
 from app.core.config import Settings
 from app.errors import ClipshotHTTPError, OverloadedError
@@ -32,20 +29,11 @@ from app.main import create_app
 from app.serving.pixel_budget import PixelBudget
 from model_store import AdapterStore
 from model_store.adapters import save_adapter
+from tests.helpers.budget import _rss, zero_png
+from tests.helpers.predict import good, png, snapshot
 
 AUTH = {"Authorization": f"Bearer {CLIENT}"}
 MiB = 1 << 20
-
-
-def zero_png(width: int, height: int) -> bytes:
-    """An all-black RGB PNG built row by row, so the test never holds the decoded pixels itself."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    deflate, row = zlib.compressobj(9), b"\0" * (1 + 3 * width)
-    idat = b"".join(deflate.compress(row) for _ in range(height)) + deflate.flush()
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
 @pytest.fixture(scope="module")
@@ -112,13 +100,6 @@ def test_request_pixels_are_refused_from_headers_and_overlays_are_bounded(store_
         heat = r.json()["predictions"][0]["heatmap"]
         overlay = Image.open(io.BytesIO(base64.b64decode(heat["data"])))
         assert heat["shape"] == [48, 64] and overlay.size == (64, 48)  # 160x120 contained in 64x64
-
-
-def _rss(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError(f"{field} missing from /proc/{pid}/status")
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")

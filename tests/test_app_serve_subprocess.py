@@ -6,39 +6,23 @@ import io
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
-import tomllib
 import warnings
 
 import httpx
 import pytest
-from test_app_predict import good, png
 
 from app.cli.main import main
 from model_store import AdapterStore
 from model_store.adapters import save_adapter
 from tests.conftest import REPO
+from tests.helpers.predict import good, png
+from tests.helpers.processes import STARTUP_TIMEOUT_S, free_port, serve_command
 
-STARTUP_TIMEOUT_S = 90
 LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d [\d:,]+ (DEBUG|INFO|WARNING|ERROR|CRITICAL) ")
 KEY = "subprocess-client-key"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def serve_command() -> list[str]:
-    """What the ``clipshot`` console script runs, read from pyproject's entry point (the installed wrapper may
-    point at another checkout; this runs this one's, exactly as the wrapper would)."""
-    entry = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]["clipshot"]
-    module, function = entry.split(":")
-    return [sys.executable, "-c", f"import sys; from {module} import {function}; sys.exit({function}())", "serve"]
 
 
 def test_serve_answers_real_http_requests_and_stops_cleanly(tmp_path, tiny_detector):

@@ -7,17 +7,11 @@ import dataclasses
 import shutil
 import threading
 import time
-import warnings
-from contextlib import asynccontextmanager
 
-import httpx
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from prometheus_client.parser import text_string_to_metric_families
-from test_app_predict import CLIENT, KEYS, defect, files, good, png
 
-from app.core.config import Settings
 from app.errors import OverloadedError
 from app.main import create_app
 from app.serving.device_worker import PREDICT, TRAIN, DeviceWorker
@@ -25,32 +19,8 @@ from clipshot import lora
 from clipshot.backbone import load_backbone
 from model_store import AdapterStore
 from model_store.adapters import save_adapter
-
-
-def fit(detector, category: str, seeds=range(4)):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return detector.fit_memory([good(s) for s in seeds], category=category, text=False, calibration_views=0)
-
-
-def settings_for(root, **overrides) -> Settings:
-    return Settings(backbone="test:tiny-clip", device="cpu", store=root, **KEYS, **overrides)
-
-
-@asynccontextmanager
-async def serving(app):
-    """Run the lifespan by hand and talk to the app over real HTTP semantics (httpx + ASGI)."""
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://clipshot", timeout=30) as client:
-            yield client
-
-
-def total(text: str, name: str, **labels: str) -> float:
-    """Sum of the samples called ``name`` whose labels include ``labels`` (parsed with prometheus_client)."""
-    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
-               if sample.name == name and labels.items() <= sample.labels.items())
-
+from tests.helpers.predict import CLIENT, defect, files, good, png
+from tests.helpers.serving import fit, serving, settings_for, total
 
 # -- device worker --------------------------------------------------------------------------------
 

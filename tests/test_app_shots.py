@@ -14,8 +14,8 @@ import httpx
 from fastapi.testclient import TestClient
 
 from app.main import create_app
-from tests.test_app_categories import ADMIN, CLIENT, image_bytes, make_settings, shots, snapshot
-from tests.test_app_decisions import manifest, register
+from tests.helpers.categories import ADMIN, CLIENT, image_bytes, make_settings, shots, snapshot
+from tests.helpers.decisions import manifest, register
 
 
 def sha(seed: int) -> str:

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from test_app_categories import ADMIN, CLIENT, image_bytes, make_settings, shots, snapshot
-from test_model_store import manifest_in, sample_tensors
 
 from app.jobs.job_store import INTERRUPTED_MESSAGE, JobState, JobStore
 from app.main import create_app
 from model_store import AdapterStore, BundleCorrupt
 from model_store.atomic import claimed_tmp_dir
+from tests.helpers.categories import ADMIN, CLIENT, image_bytes, make_settings, shots, snapshot
+from tests.helpers.store import manifest_in, sample_tensors
 
 
 @pytest.fixture()

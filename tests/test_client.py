@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_app_predict import defect, good, png
 from threaded_server import free_port, threaded_server
 
 from app.client import Client, ClipshotError, anomaly_mask, encode_image, heatmap_grid, heatmap_image
 from app.core.config import Settings
 from app.jobs.job_store import Job, JobState
 from app.schemas import PredictResponse, ShotsRegistered
+from tests.helpers.predict import defect, good, png
 
 ADMIN_KEY, CLIENT_KEY = "admin-key", "client-key"
 

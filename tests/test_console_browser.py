@@ -10,11 +10,11 @@ import os
 import shutil
 
 import pytest
-from test_app_predict import defect, good, png
 from threaded_server import threaded_server
 
 from app.client import Client
 from app.core.config import Settings
+from tests.helpers.predict import defect, good, png
 
 ADMIN_KEY = "console-admin-key"
 WAIT_S = 60  # generous: the shared 2-core CI box also runs the model behind every click

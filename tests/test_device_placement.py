@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from test_app_predict import ADMIN, CLIENT, KEYS, defect, files, good, png
 
 from app.core.config import Settings
 from app.errors import OverloadedError
@@ -27,6 +26,7 @@ from clipshot.backbone import load_backbone
 from clipshot.detector import Detector
 from clipshot.lora import LoraSpec
 from model_store import AdapterStore
+from tests.helpers.predict import ADMIN, CLIENT, KEYS, defect, files, good, png
 from training.fewshot import FewShotConfig, train_fewshot
 
 pytestmark = pytest.mark.usefixtures("single_thread")

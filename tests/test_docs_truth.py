@@ -5,11 +5,11 @@ from __future__ import annotations
 import re
 
 from prometheus_client.parser import text_string_to_metric_families
-from test_app_predict import CLIENT, client, files, good, png, store_root  # noqa: F401 (fixtures)
 
 from app.core.config import Settings
 from app.metrics import QUEUES, STAGES
 from tests.conftest import REPO
+from tests.helpers.predict import CLIENT, client, files, good, png, store_root  # noqa: F401, F811 (the client and store_root fixtures)
 
 
 def test_finetune_default_is_one_number_everywhere():

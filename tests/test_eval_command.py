@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from app.cli.main import main
-from tests.test_eval_protocol import make_dataset
+from tests.helpers.evaluation import make_dataset
 
 
 def _outputs_ok(out):

@@ -11,7 +11,7 @@ from app.cli.main import main
 from clipshot.evaluation.dataset import Sample
 from clipshot.evaluation.feedback import split_halves, wrong_verdicts
 from clipshot.evaluation.metrics import decision_metrics, recall_by_defect
-from tests.test_eval_protocol import make_dataset
+from tests.helpers.evaluation import make_dataset
 
 
 def test_decision_metrics_count_verdicts_like_the_service():

@@ -10,13 +10,13 @@ import shutil
 import numpy as np
 import pytest
 from PIL import Image
-from test_app_predict import defect, good, png
 from threaded_server import free_port, threaded_server
 
 from app.cli.main import main
 from app.client import Client
 from app.core.config import Settings
 from app.jobs.job_store import JobState, JobStore
+from tests.helpers.predict import defect, good, png
 
 ADMIN_KEY, CLIENT_KEY = "admin-key", "client-key"
 

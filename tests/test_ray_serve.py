@@ -25,10 +25,10 @@ from live_server import ADMIN as ADMIN_KEY
 from live_server import CLIENT as CLIENT_KEY
 from live_server import live_server
 from pg_fixtures import in_ci
-from test_app_jobs import image_bytes, shots
-from test_app_serve_subprocess import free_port, serve_command
 
 from tests.conftest import REPO
+from tests.helpers.jobs import image_bytes, shots
+from tests.helpers.processes import free_port, serve_command
 
 if not in_ci():
     pytest.importorskip("ray", reason="the ray extra is not installed (pip install -e '.[ray]'); CI installs it")

@@ -12,8 +12,6 @@ import sys
 import httpx
 import pytest
 from pg_fixtures import in_ci
-from test_app_jobs import ADMIN, image_bytes, make_settings, shots
-from test_app_predict import good
 
 from app.api.routes.predict import PINNED_VERSION_SCOPE
 from app.cli.main import main
@@ -21,6 +19,8 @@ from app.core.config import Settings
 from app.core.identity import replica_name
 from app.distributed.asgi_call import HttpRequest, HttpResponse, call_asgi
 from app.main import create_app
+from tests.helpers.jobs import ADMIN, image_bytes, make_settings, shots
+from tests.helpers.predict import good
 
 if not in_ci():
     pytest.importorskip("ray", reason="the ray extra is not installed (pip install -e '.[ray]'); CI installs it")
