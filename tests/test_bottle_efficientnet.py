@@ -11,9 +11,11 @@ from tests.conftest import BOTTLE
 from tests.helpers.data import require_data
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def _bottle_data() -> None:
+    """Module-scoped so it runs before the module-scoped fit (autouse goes first within a scope)."""
     require_data(BOTTLE / "test")  # skipped without ../shared, failed under CI
+
 
 MASK_SIZE = (225, 225)  # quarter of the 900x900 masks: same ranking, 16x less memory for pixel AUROC
 
