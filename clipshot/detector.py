@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from clipshot import lora, mixed_batch
+from clipshot import scoring_selection as selection
 from clipshot.adapter import Adapter
 from clipshot.anomaly_map import pixel_map
 from clipshot.backbone import Backbone, ClipBackbone
@@ -30,6 +31,19 @@ RECOMMENDED_MIN_SHOTS = 4
 FEATURE_BATCH = 32
 ZERO_SHOT_IMAGE_SCORE = "peak"  # text-only adapters keep the map maximum: see ``Detector.text_adapter``
 SYNTHETIC_DEFECTS = 32  # calibration's synthetic defects per fit, spread evenly over the shots
+
+
+@dataclass
+class _Evidence:
+    """What calibration scores, as features: the shots, their light views (``per_shot`` each), the synthetic
+    defects with their masks and source shots."""
+
+    feats: Features
+    views: Features | None
+    per_shot: int
+    synthetic: Features | None
+    masks: torch.Tensor | None
+    sources: list[int]
 
 
 @dataclass
@@ -223,10 +237,12 @@ class Detector:
             warnings.warn(f"{len(shots)} shot(s) given; {RECOMMENDED_MIN_SHOTS}-16 give reliable memory and "
                           "calibration", stacklevel=2)
         use_text = self.backbone.supports_text if text is None else text
+        choose = scoring is None
         scoring = scoring or ScoringConfig()
         adapter = self.text_adapter(category=category, object_name=object_name, scoring=scoring) if use_text \
             else Adapter(category=category, scoring=scoring, object_name=object_name, backbone=self.layout())
         adapter.geometry = geometry
+        adapter.selection = {} if choose else None  # filled by calibration: the product's own choice
         return self.refit_memory(adapter, shots, coreset_ratio=coreset_ratio, calibration_views=calibration_views,
                                  defects=defects, policy=policy)
 
@@ -262,7 +278,8 @@ class Detector:
         dpam = adapter.scoring.dpam
         feats = self.features_of(list(shots), adapter, dpam=dpam)
         adapter.memory = self.memory_bank(feats, adapter, coreset_ratio)
-        adapter.calibration = self._calibrate(adapter, list(shots), feats, calibration_views, list(defects), policy)
+        adapter.calibration = self._calibrate(adapter, list(shots), feats, calibration_views, list(defects), policy,
+                                              coreset_ratio)
         return adapter
 
     def memory_bank(self, feats: Features, adapter: Adapter, coreset_ratio: float | None = None) -> MemoryBank:
@@ -275,58 +292,115 @@ class Detector:
         return [p.score for p in self.predict(list(images), adapter, map_size=None)] if images else []
 
     def _calibrate(self, adapter: Adapter, shots: list[Image.Image], feats: Features, views: int,
-                   defects: list[Image.Image], policy: DecisionPolicy) -> Calibration:
+                   defects: list[Image.Image], policy: DecisionPolicy,
+                   coreset_ratio: float | None = None) -> Calibration:
         """Leave-one-out evidence: each shot, light variants of it and synthetic defects made from it are scored
         against a memory of the *other* shots, i.e. as a part the memory has never seen.
 
-        The shots' own features are reused; views and synthetic defects are extracted in one pass each."""
-        n = len(shots)
+        With ``adapter.selection`` set (a product that chooses its own scoring) every candidate of
+        ``clipshot.scoring_selection`` is scored on the same features and the adapter keeps the one that best
+        separates its synthetic defects from its unseen normals; the choice and all candidates' evidence are
+        recorded in ``adapter.selection``."""
+        evidence = self._evidence(adapter, shots, feats, views)
+        if adapter.selection is not None and adapter.memory is not None:
+            normal, synthetic = self.select_scoring(adapter, evidence)
+            adapter.memory = self.memory_bank(feats, adapter, coreset_ratio)  # the served bank, the chosen way
+        else:
+            normal, synthetic, _, _ = self._leave_one_out(adapter, evidence)
+        method = "leave-one-out" if len(shots) > 1 else "single-shot-augmented"
+        return calibrate(normal, synthetic, shots=len(shots), policy=policy, method=method,
+                         validation_defect_scores=self.score_images(defects, adapter))
+
+    def select_scoring(self, adapter: Adapter, evidence: _Evidence) -> tuple[list[float], list[float]]:
+        """Score ``evidence`` under every candidate of ``clipshot.scoring_selection``, set the adapter's scoring
+        to the one that separates its synthetic defects from its unseen normals best, record the choice and all
+        candidates in ``adapter.selection``, and return the chosen one's (normal, synthetic) scores."""
+        staged = self.backbone.stage_dims is not None
+        found, runs = [], []
+        for name, cfg in selection.candidates(adapter.scoring, staged=staged):
+            normal, synthetic, normal_maps, synth_maps = self._leave_one_out(replace(adapter, scoring=cfg), evidence)
+            pixel = None if evidence.masks is None else selection.pixel_separation(synth_maps, evidence.masks,
+                                                                                   normal_maps)
+            found.append(selection.CandidateEvidence(name, cfg, selection.image_separation(normal, synthetic), pixel))
+            runs.append((normal, synthetic))
+        best = selection.choose(found)
+        adapter.scoring = found[best].scoring
+        adapter.selection = selection.selection_record(found, best)
+        return runs[best]
+
+    def _evidence(self, adapter: Adapter, shots: list[Image.Image], feats: Features, views: int) -> _Evidence:
+        """Features of everything calibration scores, extracted once (every candidate scoring re-uses them)."""
         dpam = adapter.scoring.dpam
         view_feats = None
         if views:
             all_views = [view for img in shots for view in light_views(img, views)]
             view_feats = self.features_of(all_views, adapter, dpam=dpam)
-        made, sources = self._synthetic_defects(shots, adapter)
+        made, masks, sources = self._synthetic_defects(shots, adapter)
         synth_feats = self._unit_features(made, adapter) if len(made) else None
+        return _Evidence(feats, view_feats, views, synth_feats, masks if len(made) else None, sources)
+
+    def _leave_one_out(self, adapter: Adapter, ev: _Evidence
+                       ) -> tuple[list[float], list[float], torch.Tensor, torch.Tensor]:
+        """(normal scores, synthetic-defect scores, normal maps, synthetic maps) of ``ev`` under the adapter's
+        scoring, each shot's evidence against a bank of the other shots."""
+        n = ev.feats.batch_size
         normal: list[float] = []
         synthetic: list[float] = []
+        normal_maps: list[torch.Tensor] = []
+        synth_maps: list[torch.Tensor] = []
+        order: list[int] = []
         for i in range(n):
             rest = [j for j in range(n) if j != i] or [i]
-            bank = self.memory_bank(feats.select(torch.tensor(rest)), adapter)
-            parts = [feats.select(slice(i, i + 1))] if n > 1 or view_feats is None else []
-            if view_feats is not None:
-                parts.append(view_feats.select(slice(i * views, (i + 1) * views)))
-            normal.extend(self.score_features(Features.cat(parts), adapter, bank)[0].tolist())
-            mine = [k for k, src in enumerate(sources) if src == i]
-            if synth_feats is not None and mine:
-                synthetic.extend(self.score_features(synth_feats.select(torch.tensor(mine)), adapter, bank)[0].tolist())
-        method = "leave-one-out" if n > 1 else "single-shot-augmented"
-        return calibrate(normal, synthetic, shots=n, validation_defect_scores=self.score_images(defects, adapter),
-                         policy=policy, method=method)
+            bank = self.memory_bank(ev.feats.select(torch.tensor(rest)), adapter)
+            parts = [ev.feats.select(slice(i, i + 1))] if n > 1 or ev.views is None else []
+            if ev.views is not None:
+                parts.append(ev.views.select(slice(i * ev.per_shot, (i + 1) * ev.per_shot)))
+            scores, maps = self.score_features(Features.cat(parts), adapter, bank)
+            normal.extend(scores.tolist())
+            normal_maps.append(maps)
+            mine = [k for k, src in enumerate(ev.sources) if src == i]
+            if ev.synthetic is not None and mine:
+                scores, maps = self.score_features(ev.synthetic.select(torch.tensor(mine)), adapter, bank)
+                synthetic.extend(scores.tolist())
+                synth_maps.append(maps)
+                order.extend(mine)
+        synth = torch.cat(synth_maps) if synth_maps else torch.zeros(0)
+        if order:  # back in the order of ``ev.masks``
+            synth = synth[torch.argsort(torch.tensor(order))]
+        return normal, [synthetic[k] for k in np.argsort(order)] if order else [], torch.cat(normal_maps), synth
 
-    def _synthetic_defects(self, shots: list[Image.Image], adapter: Adapter) -> tuple[torch.Tensor, list[int]]:
+    def _synthetic_defects(self, shots: list[Image.Image], adapter: Adapter
+                           ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """(N, views, 3, H, W) unit-range synthetic defects (CutPaste, scar, Perlin) made from the shots in the
-        adapter's geometry (one view of each damaged, the rest as they are), and the shot each was made from.
+        adapter's geometry (one view of each damaged, the rest as they are), their (N, views * H, W) masks laid
+        out like the maps (views stacked vertically), and the shot each was made from.
         A fixed seed: the same shots calibrate the same way."""
         geometry = adapter.geometry
         views = geometry.views_per_image
         units = geometry.unit_pixels(shots, self.backbone.image_size)
         units = units.reshape(len(shots), views, *units.shape[1:])
+        height, width = units.shape[-2:]
         per_shot = max(1, math.ceil(SYNTHETIC_DEFECTS / len(shots)))
         generator = torch.Generator().manual_seed(0)
         synthesizer = AnomalySynthesizer(p=1.0)
         made: list[torch.Tensor] = []
+        masks: list[torch.Tensor] = []
         sources: list[int] = []
         for i in range(len(shots)):
             for _ in range(per_shot):
                 view = int(torch.randint(views, (), generator=generator))
-                image, _mask, label = synthesizer(units[i, view], list(units[:, view]), generator)
+                image, mask, label = synthesizer(units[i, view], list(units[:, view]), generator)
                 if label:  # a flat shot can refuse every kind: no defect then, rather than a fake one
                     damaged = units[i].clone()
                     damaged[view] = image
+                    full = torch.zeros(views * height, width)
+                    full[view * height : (view + 1) * height] = mask[0]
                     made.append(damaged)
+                    masks.append(full)
                     sources.append(i)
-        return (torch.stack(made) if made else units[:0]), sources
+        if not made:
+            return units[:0], torch.zeros(0, views * height, width), sources
+        return torch.stack(made), torch.stack(masks), sources
 
     def _unit_features(self, units: torch.Tensor, adapter: Adapter) -> Features:
         """Features of (N, views, 3, H, W) images already cut into the geometry's views, in [0, 1] (no second

@@ -201,7 +201,7 @@ class FewShotTrainer:
                 lora=cfg.lora, lora_state=lora.state(engine.visual, engine.name) if engine.resident() else None,
                 prompt=self.prompt_spec, prompt_state=engine.prompts.state(), object_name=self.object_name,
                 backbone=detector.layout(), uid=engine.name,  # routes features through the resident training LoRA
-                geometry=self.geometry,
+                geometry=self.geometry, selection={},  # the re-fit below chooses the scoring from the shots
             )
             if self.validation is not None:
                 adapter.memory = self._bank(adapter)

@@ -356,6 +356,7 @@ class CategoryService(CategoryEdits):
                 "shots": len(m.shots), "metrics": m.metrics,
                 "training_seconds": None if m.training is None else m.training.seconds,
                 "backbone": m.backbone.spec, "geometry": m.adapter.get("geometry"),
+                "scoring": m.adapter.get("scoring"), "scoring_selection": m.adapter.get("scoring_selection"),
                 "validation": validation_facts(m.adapter.get("calibration"), goods, len(m.validation))}
 
     def _integrity(self, name: str, version: int) -> str:
