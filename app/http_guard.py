@@ -13,7 +13,12 @@ uvicorn's httptools protocol and
 * while a body arrives, drops the connection after ``body_timeout_s`` without a byte, or when the body
   averages under ``min_body_rate`` bytes/s once it has taken longer than ``body_timeout_s`` (a 1-byte-
   per-2-s client) -> 408 and close; time the server itself paused reading (flow control) never counts;
-* answers 503 + ``Retry-After`` and closes any connection beyond ``max_connections``.
+* answers 503 + ``Retry-After`` and closes any connection beyond ``max_connections`` -- except that up to
+  ``probe_connections`` more are let in for one ``/healthz`` or ``/readyz`` request each. Why: an attacker who
+  fills the cap must not make the orchestrator's probes fail and restart a healthy pod. Such a connection
+  must complete a probe request within ``PROBE_GRACE_S`` (probes send theirs at once), serves that one
+  request and closes; any other request on it gets the 503. When all are taken, a newcomer replaces the
+  oldest that has not yet sent its request, so silent connections cannot keep the probes out for long.
 """
 
 from __future__ import annotations
@@ -23,14 +28,17 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
+import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from app.core.config import Settings
 
 log = logging.getLogger(__name__)
 _CHECK_EVERY_S = 0.5  # resolution of the body-rate check
+PROBE_PATHS = frozenset({b"/healthz", b"/readyz"})
+PROBE_GRACE_S = 0.5  # an over-cap connection must have sent its probe request by then (probes send at once)
 
 
 @dataclass(frozen=True)
@@ -42,6 +50,7 @@ class ConnectionLimits:
     body_timeout_s: float
     min_body_rate: int
     max_connections: int
+    probe_connections: int = 0
 
 
 def raw_error(status: int, reason: str, code: str, message: str, extra: dict[str, str] | None = None) -> bytes:
@@ -57,6 +66,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol plus the limits above; build one per server with ``guarded_protocol``."""
 
     limits: ConnectionLimits
+    parked: ClassVar[dict[GuardedHttpToolsProtocol, bool]]  # over-cap probe connections -> request seen
     _last_cap_warning = float("-inf")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -68,24 +78,42 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._body_started = 0.0
         self._body_last = 0.0
         self._body_bytes = 0
+        self._refused = False
 
     # -- connection --------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        if len(self.connections) > self.limits.max_connections:
+        if len(self.connections) - len(self.parked) > self.limits.max_connections:
+            if self._park():
+                self._header_timer = self.loop.call_later(PROBE_GRACE_S, self._refuse_over_cap)
+                return
             now = time.monotonic()
             if now - GuardedHttpToolsProtocol._last_cap_warning >= 1.0:  # one line a second, not one per refusal
                 GuardedHttpToolsProtocol._last_cap_warning = now
                 log.warning("refusing connections: %d open (limit %d, CLIPSHOT_MAX_CONNECTIONS)",
                             len(self.connections) - 1, self.limits.max_connections)
-            self._refuse(503, "Service Unavailable", "too_many_connections",
-                         f"The server holds its limit of {self.limits.max_connections} connections; retry shortly.",
-                         {"retry-after": "1"})
+            self._refuse_over_cap()
             return
         self._arm_header_timer()
 
+    def _park(self) -> bool:
+        """Take one of the probe places (replacing the oldest silent one if all are taken); False if none."""
+        if len(self.parked) >= self.limits.probe_connections:
+            silent = next((c for c, probing in self.parked.items() if not probing), None)
+            if silent is None:
+                return False
+            silent._refuse_over_cap()
+        self.parked[self] = False
+        return True
+
+    def _refuse_over_cap(self) -> None:
+        self._refuse(503, "Service Unavailable", "too_many_connections",
+                     f"The server holds its limit of {self.limits.max_connections} connections; retry shortly.",
+                     {"retry-after": "1"})
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timers()
+        self.parked.pop(self, None)
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -118,12 +146,26 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._header_bytes = 0
         self._cancel(self._header_timer)
         self._header_timer = None
+        if self in self.parked:  # over the cap: one probe request, then the connection closes
+            if self.parser.get_method() != b"GET" or httptools.parse_url(self.url).path not in PROBE_PATHS:
+                self._refuse_over_cap()
+                return
+            self.parked[self] = True
+            super().on_headers_complete()
+            self.cycle.keep_alive = False
+            return
         super().on_headers_complete()
         self._body_started = self._body_last = time.monotonic()
         self._body_bytes = 0
         self._body_timer = self.loop.call_later(_CHECK_EVERY_S, self._check_body)
 
+    def on_body(self, body: bytes) -> None:
+        if not self._refused:
+            super().on_body(body)
+
     def on_message_complete(self) -> None:
+        if self._refused:
+            return
         self._cancel(self._body_timer)
         self._body_timer = None
         self._awaiting_headers = True
@@ -173,9 +215,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def _refuse(self, status: int, reason: str, code: str, message: str,
                 extra: dict[str, str] | None = None) -> None:
+        self._refused = True
         self._cancel_timers()
-        self.transport.write(raw_error(status, reason, code, message, extra))
-        self.transport.close()
+        self.parked.pop(self, None)
+        if not self.transport.is_closing():
+            self.transport.write(raw_error(status, reason, code, message, extra))
+            self.transport.close()
 
     def _cancel_timers(self) -> None:
         self._cancel(self._header_timer)
@@ -192,5 +237,6 @@ def guarded_protocol(settings: Settings) -> type[GuardedHttpToolsProtocol]:
     """A protocol class bound to the settings' limits, to pass as ``uvicorn.Config(http=...)``."""
     limits = ConnectionLimits(max_header_bytes=settings.max_header_bytes, header_timeout_s=settings.header_timeout_s,
                               body_timeout_s=settings.body_timeout_s, min_body_rate=settings.min_body_rate,
-                              max_connections=settings.max_connections)
-    return type("ClipshotHttpProtocol", (GuardedHttpToolsProtocol,), {"limits": limits})
+                              max_connections=settings.max_connections,
+                              probe_connections=settings.probe_connections)
+    return type("ClipshotHttpProtocol", (GuardedHttpToolsProtocol,), {"limits": limits, "parked": {}})

@@ -100,11 +100,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                                                    cpu_capacity=settings.adapter_cache_cpu)
         stack.push_async_callback(_release_adapters, worker, cache)
         state.batcher = batcher = Batcher(detector, worker, cache, metrics, max_batch_size=settings.max_batch_size,
-                                          max_wait_ms=settings.max_batch_wait_ms)
+                                          max_wait_ms=settings.max_batch_wait_ms,
+                                          timeout_s=settings.predict_timeout_s)
         await batcher.start()
         stack.push_async_callback(batcher.stop)
         state.inference = InferenceService(settings, detector, cache, batcher, metrics)
-        state.readiness = ReadinessProbe(backbone, worker)
+        state.readiness = ReadinessProbe(
+            backbone, worker, broken=lambda: None if batcher.failure is None else f"batcher stopped: {batcher.failure}")
         _start_jobs_and_registry(app, stack)
         yield
 

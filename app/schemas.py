@@ -285,6 +285,13 @@ class CategorySummary(BaseModel):
     shots: int = Field(description="Distinct good shots stored for the product.")
 
 
+class VersionPins(BaseModel):
+    """``PUT``/``DELETE .../versions/{version}/pin``: the versions retention must keep."""
+
+    category: str = Field(description="The product category.")
+    pinned: list[int] = Field(description="Pinned versions, ascending: `CLIPSHOT_KEEP_VERSIONS` never deletes them.")
+
+
 class CategoryList(BaseModel):
     """``GET /v1/categories``: every registered product."""
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -13,37 +12,23 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from clipshot import calibration_evidence as evidence
 from clipshot import lora, mixed_batch
 from clipshot import scoring_selection as selection
 from clipshot.adapter import Adapter
 from clipshot.anomaly_map import pixel_map
 from clipshot.backbone import Backbone, ClipBackbone
-from clipshot.calibration import Calibration, DecisionPolicy, calibrate, light_views
-from clipshot.features import Features
+from clipshot.calibration import Calibration, DecisionPolicy, calibrate
+from clipshot.chunked import Steps, finish
+from clipshot.features import FEATURE_BATCH, Features
 from clipshot.fusion import ScoringConfig, fuse_maps, image_score, map_threshold
 from clipshot.geometry import TILE_OVERLAP, Geometry, GeometryError, build_geometry
-from clipshot.memory_branch import MemoryBank
+from clipshot.memory_branch import MemoryBank, memory_precision
 from clipshot.prompts import handcrafted_embeddings
-from clipshot.synthetic import AnomalySynthesizer
 from clipshot.text_branch import text_maps, text_scores
 
 RECOMMENDED_MIN_SHOTS = 4
-FEATURE_BATCH = 32
 ZERO_SHOT_IMAGE_SCORE = "peak"  # text-only adapters keep the map maximum: see ``Detector.text_adapter``
-SYNTHETIC_DEFECTS = 32  # calibration's synthetic defects per fit, spread evenly over the shots
-
-
-@dataclass
-class _Evidence:
-    """What calibration scores, as features: the shots, their light views (``per_shot`` each), the synthetic
-    defects with their masks and source shots."""
-
-    feats: Features
-    views: Features | None
-    per_shot: int
-    synthetic: Features | None
-    masks: torch.Tensor | None
-    sources: list[int]
 
 
 @dataclass
@@ -68,6 +53,11 @@ class Detector:
         if mixed_lora not in ("gather", "group", "split"):
             raise ValueError(f"mixed_lora must be 'gather', 'group' or 'split', got {mixed_lora!r}")
         self.mixed_lora = mixed_lora
+        # What memory scoring computes in (``memory_branch.memory_precision``): recorded in every adapter, since
+        # its calibration was scored that way.
+        self.memory_precision = memory_precision(getattr(backbone, "device", "cpu"),
+                                                 getattr(backbone, "precision", "fp32"))
+        self._precision_warned: set[str] = set()
 
     # -- layout checks ---------------------------------------------------------------------------
     def layout(self) -> dict:
@@ -77,6 +67,7 @@ class Detector:
             "image_size": self.backbone.image_size,
             "layers": list(self.backbone.layers),
             "dpam_layers": list(getattr(self.backbone, "dpam_layers", ())),
+            "memory_precision": self.memory_precision,
         }
 
     def check_compatible(self, adapter: Adapter) -> None:
@@ -90,6 +81,12 @@ class Detector:
                 )
         if adapter.text is not None and not self.backbone.supports_text:
             raise ValueError(f"adapter {adapter.category!r} has a text branch; {self.backbone.spec} has no text tower")
+        fitted = recorded.get("memory_precision") if recorded else None
+        if fitted and fitted != self.memory_precision and adapter.uid not in self._precision_warned:
+            self._precision_warned.add(adapter.uid)  # once per adapter: this runs for every batch
+            warnings.warn(f"adapter {adapter.category!r} was calibrated with memory scores computed in {fitted}; "
+                          f"this service computes them in {self.memory_precision}, so scores can differ from its "
+                          "calibration by ~1e-3; re-register or send feedback to recalibrate", stacklevel=2)
 
     # -- LoRA residency --------------------------------------------------------------------------
     def _require_clip(self, what: str) -> ClipBackbone:
@@ -136,14 +133,20 @@ class Detector:
 
     def features_of(self, images: Sequence[Image.Image], adapter: Adapter | None, *, dpam: bool = False) -> Features:
         """Features of many images through the adapter's geometry, in bounded batches, one row per image."""
+        return finish(self.features_steps(images, adapter, dpam=dpam))
+
+    def features_steps(self, images: Sequence[Image.Image], adapter: Adapter | None, *,
+                       dpam: bool = False) -> Steps[Features]:
+        """``features_of`` yielding after each batch (``clipshot.chunked``)."""
         geometry = adapter.geometry if adapter is not None else Geometry()
         views = geometry.views_per_image
         step = max(1, FEATURE_BATCH // views)
-        return Features.cat([
-            self.features(self.backbone.preprocess(images[i : i + step], geometry), adapter, dpam=dpam)
-            .per_image(views)
-            for i in range(0, len(images), step)
-        ])
+        parts = []
+        for i in range(0, len(images), step):
+            pixels = self.backbone.preprocess(images[i : i + step], geometry)
+            parts.append(self.features(pixels, adapter, dpam=dpam).per_image(views))
+            yield
+        return Features.cat(parts)
 
     def score_features(self, features: Features, adapter: Adapter,
                        memory: MemoryBank | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,16 +154,53 @@ class Detector:
 
         With tiles (``features.views`` > 1) each map holds the image's tiles stacked vertically, so the image
         score is taken over all of them."""
-        cfg = adapter.scoring
-        bank = memory if memory is not None else adapter.memory
-        t_map = None if adapter.text is None else text_maps(features, adapter.text, cfg.temperature)
-        m_map = None if bank is None else bank.distances(features)
-        frame = adapter.geometry.frame_of(self.backbone.image_size)
-        maps = pixel_map(fuse_maps(t_map, m_map, cfg), frame, cfg.sigma, views=features.views)
-        cls = None
-        if adapter.text is not None and features.cls is not None:
-            cls = text_scores(features, adapter.text, cfg.temperature)
-        return image_score(cls, maps, cfg), maps
+        if not features.batch_size:  # nothing to score (e.g. no synthetic defect came out): empty results
+            fh, fw = adapter.geometry.frame_of(self.backbone.image_size)
+            return torch.empty(0), torch.empty(0, features.views * fh, fw)
+        return self.score_rows(features, [adapter] * features.batch_size, memory=memory)
+
+    def score_rows(self, features: Features, adapters: Sequence[Adapter],
+                   *, memory: MemoryBank | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``score_features`` with row i scored by ``adapters[i]``: the one scoring path of lone and mixed batches.
+
+        Each product's branches run over its own rows; the map smoothing (upsample + Gaussian, the costly part of
+        scoring on small models) runs once over all rows that share a sigma. All rows share one model frame and
+        one view count (a batch of one pixel shape); ``memory`` needs a single product."""
+        owners: dict[str, list[int]] = {}
+        for i, adapter in enumerate(adapters):
+            owners.setdefault(adapter.uid, []).append(i)
+        unique = {uid: adapters[rows[0]] for uid, rows in owners.items()}
+        frames = {a.geometry.frame_of(self.backbone.image_size) for a in unique.values()}
+        if len(frames) != 1 or (memory is not None and len(unique) > 1):
+            raise ValueError(f"score_rows takes one model frame (got {sorted(frames)}) and a memory override "
+                             "for one product only")
+        frame, device = frames.pop(), features.patches[0].device
+
+        def rows_of(keep: list[int]) -> slice | torch.Tensor:  # a slice keeps a lone product's tensors uncopied
+            return slice(None) if len(keep) == len(adapters) else torch.tensor(keep, device=device)
+
+        fused: torch.Tensor | None = None
+        cls: dict[str, torch.Tensor | None] = {}
+        scores = torch.empty(len(adapters), device=device)
+        maps = torch.empty(len(adapters), features.views * frame[0], frame[1], device=device)
+        for uid, adapter in unique.items():
+            rows, cfg = rows_of(owners[uid]), adapter.scoring
+            bank = memory if memory is not None else adapter.memory
+            part = features.select(rows)
+            t_map = None if adapter.text is None else text_maps(part, adapter.text, cfg.temperature)
+            m_map = None if bank is None else bank.distances(part, self.memory_precision)
+            fused_rows = fuse_maps(t_map, m_map, cfg)
+            fused = fused_rows.new_empty((len(adapters), *fused_rows.shape[1:])) if fused is None else fused
+            fused[rows] = fused_rows
+            has_cls = adapter.text is not None and part.cls is not None
+            cls[uid] = text_scores(part, adapter.text, cfg.temperature) if has_cls else None
+        for sigma in {a.scoring.sigma for a in unique.values()}:
+            rows = rows_of([i for i, a in enumerate(adapters) if a.scoring.sigma == sigma])
+            maps[rows] = pixel_map(fused[rows], frame, sigma, views=features.views)
+        for uid, adapter in unique.items():
+            rows = rows_of(owners[uid])
+            scores[rows] = image_score(cls[uid], maps[rows], adapter.scoring).to(scores.dtype)
+        return scores, maps
 
     @torch.inference_mode()
     def forward(self, pixels: torch.Tensor, adapter: Adapter) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,9 +213,29 @@ class Detector:
         feats = self.features(pixels, adapter, dpam=adapter.scoring.dpam).per_image(views)
         return self.score_features(feats, adapter)
 
+    @torch.inference_mode()
     def forward_mixed(self, pixels: torch.Tensor, adapters: Sequence[Adapter]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sample i scored by ``adapters[i]`` in as few backbone forwards as possible (``clipshot.mixed_batch``)."""
-        return mixed_batch.forward_mixed(self, pixels, adapters)
+        """Sample i scored by ``adapters[i]`` in as few backbone forwards as possible (``clipshot.mixed_batch``);
+        one product = ``forward``. Pixels as ``forward`` takes them; every adapter must cut its images into the
+        same frame and number of views, so the batch is one pixel shape and one map shape."""
+        if len(adapters) != pixels.shape[0]:
+            raise ValueError(f"{pixels.shape[0]} images but {len(adapters)} adapters")
+        unique = {a.uid: a for a in adapters}
+        for adapter in unique.values():
+            self.check_compatible(adapter)
+        if len(unique) == 1:
+            return self.forward(pixels, adapters[0])  # single product: LoRA folding applies where enabled
+        shapes = {(a.geometry.views_per_image, a.geometry.frame_of(self.backbone.image_size))
+                  for a in unique.values()}
+        if len(shapes) != 1:
+            raise ValueError("a mixed batch needs one model frame and one view count, got (views, frame) "
+                             f"{sorted(shapes)}; group the images by geometry first")
+        views, frame = shapes.pop()
+        flat = pixels.flatten(0, 1) if pixels.ndim == 5 else pixels
+        if flat.shape[0] != len(adapters) * views or tuple(flat.shape[-2:]) != frame:
+            raise ValueError(f"pixels {list(pixels.shape)} do not hold {views} view(s) of {list(frame)} per image")
+        feats = mixed_batch.mixed_features(self, flat, adapters, views)
+        return self.score_rows(feats, adapters)
 
     def predict(self, images: Sequence[Image.Image], adapter: Adapter,
                 *, map_size: tuple[int, int] | str | None = "input") -> list[Prediction]:
@@ -230,12 +290,24 @@ class Detector:
         ``defects`` are operator-confirmed defect photos (validation evidence, never memory); ``policy`` the
         decision policy (default: the automatic rule); ``geometry`` None = chosen from the shots by
         ``clipshot.geometry.build_geometry``'s rule."""
+        if 0 < len(shots) < RECOMMENDED_MIN_SHOTS:
+            warnings.warn(f"{len(shots)} shot(s) given; {RECOMMENDED_MIN_SHOTS}-16 give reliable memory and "
+                          "calibration", stacklevel=2)
+        return finish(self.fit_memory_steps(shots, category=category, text=text, object_name=object_name,
+                                            coreset_ratio=coreset_ratio, scoring=scoring,
+                                            calibration_views=calibration_views, defects=defects, policy=policy,
+                                            geometry=geometry))
+
+    def fit_memory_steps(self, shots: Sequence[Image.Image], *, category: str, text: bool | None = None,
+                         object_name: str | None = None, coreset_ratio: float | None = None,
+                         scoring: ScoringConfig | None = None, calibration_views: int = 2,
+                         defects: Sequence[Image.Image] = (), policy: DecisionPolicy | None = None,
+                         geometry: Geometry | None = None) -> Steps[Adapter]:
+        """``fit_memory`` in bounded chunks of device work (``clipshot.chunked``), without the shot-count
+        warning (callers that run chunks report it their own way)."""
         if not shots:
             raise ValueError("fit_memory needs at least one normal image")
         geometry = self.resolve_geometry(geometry, [img.size for img in shots])
-        if len(shots) < RECOMMENDED_MIN_SHOTS:
-            warnings.warn(f"{len(shots)} shot(s) given; {RECOMMENDED_MIN_SHOTS}-16 give reliable memory and "
-                          "calibration", stacklevel=2)
         use_text = self.backbone.supports_text if text is None else text
         choose = scoring is None
         scoring = scoring or ScoringConfig()
@@ -243,8 +315,10 @@ class Detector:
             else Adapter(category=category, scoring=scoring, object_name=object_name, backbone=self.layout())
         adapter.geometry = geometry
         adapter.selection = {} if choose else None  # filled by calibration: the product's own choice
-        return self.refit_memory(adapter, shots, coreset_ratio=coreset_ratio, calibration_views=calibration_views,
-                                 defects=defects, policy=policy)
+        yield
+        return (yield from self.refit_memory_steps(adapter, shots, coreset_ratio=coreset_ratio,
+                                                   calibration_views=calibration_views, defects=defects,
+                                                   policy=policy))
 
     def plan_geometry(self, sizes: Sequence[tuple[int, int]], *, resize: str | None = None,
                       roi: tuple[int, int, int, int] | None = None, tile: int | None = None,
@@ -265,7 +339,6 @@ class Detector:
             geometry.views(image_size, size)  # ROI and tiles must fit every shot
         return geometry
 
-    @torch.inference_mode()
     def refit_memory(self, adapter: Adapter, shots: Sequence[Image.Image], *, coreset_ratio: float | None = None,
                      calibration_views: int = 2, defects: Sequence[Image.Image] = (),
                      policy: DecisionPolicy | None = None) -> Adapter:
@@ -273,19 +346,38 @@ class Detector:
 
         Without ``policy`` the adapter keeps the policy it had (a manual threshold stays manual), so re-fits
         after feedback or fine-tuning never silently undo an operator's choice."""
+        return finish(self.refit_memory_steps(adapter, shots, coreset_ratio=coreset_ratio,
+                                              calibration_views=calibration_views, defects=defects, policy=policy))
+
+    @torch.inference_mode()
+    def refit_memory_steps(self, adapter: Adapter, shots: Sequence[Image.Image], *,
+                           coreset_ratio: float | None = None, calibration_views: int = 2,
+                           defects: Sequence[Image.Image] = (), policy: DecisionPolicy | None = None
+                           ) -> Steps[Adapter]:
+        """``refit_memory`` in bounded chunks: one feature batch, one coreset slice, one leave-one-out fold
+        (``clipshot.chunked``). Each chunk routes its own forwards through the adapter's LoRA, so other work
+        may use the backbone between chunks."""
         if policy is None:
             policy = adapter.calibration.policy_spec() if adapter.calibration is not None else DecisionPolicy()
-        dpam = adapter.scoring.dpam
-        feats = self.features_of(list(shots), adapter, dpam=dpam)
-        adapter.memory = self.memory_bank(feats, adapter, coreset_ratio)
-        adapter.calibration = self._calibrate(adapter, list(shots), feats, calibration_views, list(defects), policy,
-                                              coreset_ratio)
+        shots = list(shots)
+        feats = yield from self.features_steps(shots, adapter, dpam=adapter.scoring.dpam)
+        adapter.memory = yield from self.memory_bank_steps(feats, adapter, coreset_ratio)
+        adapter.calibration = yield from self._calibrate(adapter, shots, feats, calibration_views, list(defects),
+                                                         policy, coreset_ratio)
+        if adapter.backbone:  # the calibration was just scored at this service's memory precision
+            adapter.backbone = {**adapter.backbone, "memory_precision": self.memory_precision}
         return adapter
 
     def memory_bank(self, feats: Features, adapter: Adapter, coreset_ratio: float | None = None) -> MemoryBank:
         """A bank of ``feats`` scored the way ``adapter.scoring`` says (centre, per-stage cosines)."""
+        return finish(self.memory_bank_steps(feats, adapter, coreset_ratio))
+
+    def memory_bank_steps(self, feats: Features, adapter: Adapter,
+                          coreset_ratio: float | None = None) -> Steps[MemoryBank]:
+        """``memory_bank`` with the coreset's loop in bounded chunks."""
         stages = self.backbone.stage_dims if adapter.scoring.memory_stages else None
-        return MemoryBank.from_features(feats, coreset_ratio, center=adapter.scoring.memory_center, stages=stages)
+        return MemoryBank.from_features_steps(feats, coreset_ratio, center=adapter.scoring.memory_center,
+                                              stages=stages)
 
     def score_images(self, images: Sequence[Image.Image], adapter: Adapter) -> list[float]:
         """Image scores only (no maps): validation evidence such as confirmed defects."""
@@ -293,123 +385,24 @@ class Detector:
 
     def _calibrate(self, adapter: Adapter, shots: list[Image.Image], feats: Features, views: int,
                    defects: list[Image.Image], policy: DecisionPolicy,
-                   coreset_ratio: float | None = None) -> Calibration:
-        """Leave-one-out evidence: each shot, light variants of it and synthetic defects made from it are scored
-        against a memory of the *other* shots, i.e. as a part the memory has never seen.
+                   coreset_ratio: float | None = None) -> Steps[Calibration]:
+        """The threshold from leave-one-out evidence (``clipshot.calibration_evidence``): each shot, light variants
+        of it and synthetic defects made from it scored against a memory of the *other* shots.
 
-        With ``adapter.selection`` set (a product that chooses its own scoring) every candidate of
-        ``clipshot.scoring_selection`` is scored on the same features and the adapter keeps the one that best
-        separates its synthetic defects from its unseen normals; the choice and all candidates' evidence are
-        recorded in ``adapter.selection``."""
-        evidence = self._evidence(adapter, shots, feats, views)
+        With ``adapter.selection`` set (a product that chooses its own scoring), every candidate scoring is applied
+        to the same evidence and the adapter keeps the one that separates its synthetic defects from its unseen
+        normals best (``clipshot.scoring_selection``); the served bank is then rebuilt the chosen way."""
+        found = yield from evidence.gather(self, adapter, shots, feats, views)
         if adapter.selection is not None and adapter.memory is not None:
-            normal, synthetic = self.select_scoring(adapter, evidence)
-            adapter.memory = self.memory_bank(feats, adapter, coreset_ratio)  # the served bank, the chosen way
+            loo = yield from selection.select(self, adapter, found)
+            adapter.memory = yield from self.memory_bank_steps(feats, adapter, coreset_ratio)
         else:
-            normal, synthetic, _, _ = self._leave_one_out(adapter, evidence)
+            loo = yield from evidence.leave_one_out(self, adapter, found)
+        validation: list[float] = []
+        step = max(1, FEATURE_BATCH // adapter.geometry.views_per_image)
+        for start in range(0, len(defects), step):
+            validation.extend(self.score_images(defects[start : start + step], adapter))
+            yield
         method = "leave-one-out" if len(shots) > 1 else "single-shot-augmented"
-        return calibrate(normal, synthetic, shots=len(shots), policy=policy, method=method,
-                         validation_defect_scores=self.score_images(defects, adapter))
-
-    def select_scoring(self, adapter: Adapter, evidence: _Evidence) -> tuple[list[float], list[float]]:
-        """Score ``evidence`` under every candidate of ``clipshot.scoring_selection``, set the adapter's scoring
-        to the one that separates its synthetic defects from its unseen normals best, record the choice and all
-        candidates in ``adapter.selection``, and return the chosen one's (normal, synthetic) scores."""
-        staged = self.backbone.stage_dims is not None
-        found, runs = [], []
-        for name, cfg in selection.candidates(adapter.scoring, staged=staged):
-            normal, synthetic, normal_maps, synth_maps = self._leave_one_out(replace(adapter, scoring=cfg), evidence)
-            pixel = None if evidence.masks is None else selection.pixel_separation(synth_maps, evidence.masks,
-                                                                                   normal_maps)
-            found.append(selection.CandidateEvidence(name, cfg, selection.image_separation(normal, synthetic), pixel))
-            runs.append((normal, synthetic))
-        best = selection.choose(found)
-        adapter.scoring = found[best].scoring
-        adapter.selection = selection.selection_record(found, best)
-        return runs[best]
-
-    def _evidence(self, adapter: Adapter, shots: list[Image.Image], feats: Features, views: int) -> _Evidence:
-        """Features of everything calibration scores, extracted once (every candidate scoring re-uses them)."""
-        dpam = adapter.scoring.dpam
-        view_feats = None
-        if views:
-            all_views = [view for img in shots for view in light_views(img, views)]
-            view_feats = self.features_of(all_views, adapter, dpam=dpam)
-        made, masks, sources = self._synthetic_defects(shots, adapter)
-        synth_feats = self._unit_features(made, adapter) if len(made) else None
-        return _Evidence(feats, view_feats, views, synth_feats, masks if len(made) else None, sources)
-
-    def _leave_one_out(self, adapter: Adapter, ev: _Evidence
-                       ) -> tuple[list[float], list[float], torch.Tensor, torch.Tensor]:
-        """(normal scores, synthetic-defect scores, normal maps, synthetic maps) of ``ev`` under the adapter's
-        scoring, each shot's evidence against a bank of the other shots."""
-        n = ev.feats.batch_size
-        normal: list[float] = []
-        synthetic: list[float] = []
-        normal_maps: list[torch.Tensor] = []
-        synth_maps: list[torch.Tensor] = []
-        order: list[int] = []
-        for i in range(n):
-            rest = [j for j in range(n) if j != i] or [i]
-            bank = self.memory_bank(ev.feats.select(torch.tensor(rest)), adapter)
-            parts = [ev.feats.select(slice(i, i + 1))] if n > 1 or ev.views is None else []
-            if ev.views is not None:
-                parts.append(ev.views.select(slice(i * ev.per_shot, (i + 1) * ev.per_shot)))
-            scores, maps = self.score_features(Features.cat(parts), adapter, bank)
-            normal.extend(scores.tolist())
-            normal_maps.append(maps)
-            mine = [k for k, src in enumerate(ev.sources) if src == i]
-            if ev.synthetic is not None and mine:
-                scores, maps = self.score_features(ev.synthetic.select(torch.tensor(mine)), adapter, bank)
-                synthetic.extend(scores.tolist())
-                synth_maps.append(maps)
-                order.extend(mine)
-        synth = torch.cat(synth_maps) if synth_maps else torch.zeros(0)
-        if order:  # back in the order of ``ev.masks``
-            synth = synth[torch.argsort(torch.tensor(order))]
-        return normal, [synthetic[k] for k in np.argsort(order)] if order else [], torch.cat(normal_maps), synth
-
-    def _synthetic_defects(self, shots: list[Image.Image], adapter: Adapter
-                           ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        """(N, views, 3, H, W) unit-range synthetic defects (CutPaste, scar, Perlin) made from the shots in the
-        adapter's geometry (one view of each damaged, the rest as they are), their (N, views * H, W) masks laid
-        out like the maps (views stacked vertically), and the shot each was made from.
-        A fixed seed: the same shots calibrate the same way."""
-        geometry = adapter.geometry
-        views = geometry.views_per_image
-        units = geometry.unit_pixels(shots, self.backbone.image_size)
-        units = units.reshape(len(shots), views, *units.shape[1:])
-        height, width = units.shape[-2:]
-        per_shot = max(1, math.ceil(SYNTHETIC_DEFECTS / len(shots)))
-        generator = torch.Generator().manual_seed(0)
-        synthesizer = AnomalySynthesizer(p=1.0)
-        made: list[torch.Tensor] = []
-        masks: list[torch.Tensor] = []
-        sources: list[int] = []
-        for i in range(len(shots)):
-            for _ in range(per_shot):
-                view = int(torch.randint(views, (), generator=generator))
-                image, mask, label = synthesizer(units[i, view], list(units[:, view]), generator)
-                if label:  # a flat shot can refuse every kind: no defect then, rather than a fake one
-                    damaged = units[i].clone()
-                    damaged[view] = image
-                    full = torch.zeros(views * height, width)
-                    full[view * height : (view + 1) * height] = mask[0]
-                    made.append(damaged)
-                    masks.append(full)
-                    sources.append(i)
-        if not made:
-            return units[:0], torch.zeros(0, views * height, width), sources
-        return torch.stack(made), torch.stack(masks), sources
-
-    def _unit_features(self, units: torch.Tensor, adapter: Adapter) -> Features:
-        """Features of (N, views, 3, H, W) images already cut into the geometry's views, in [0, 1] (no second
-        resize), one row per image."""
-        views = units.shape[1]
-        flat = units.flatten(0, 1)
-        step = max(1, FEATURE_BATCH // views) * views
-        return Features.cat([
-            self.features(self.backbone.normalise(flat[i : i + step]), adapter, dpam=adapter.scoring.dpam)
-            .per_image(views)
-            for i in range(0, len(flat), step)
-        ])
+        return calibrate(loo.normal, loo.synthetic, shots=len(shots), validation_defect_scores=validation,
+                         policy=policy, method=method)

@@ -7,14 +7,38 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from clipshot.chunked import Steps, finish
 from clipshot.features import Features
 
 SIM_BUDGET = 8_000_000  # similarity entries per matmul chunk: keeps the block cache-friendly and bounded
+# Distance entries (bank rows x projected dims x picks) per coreset chunk: a few tenths of a second of work on
+# one CPU core, milliseconds on a GPU, so a large bank never holds the device worker for long.
+CORESET_CHUNK = 2**24
+
+
+def memory_precision(device: torch.device | str, precision: str) -> str:
+    """``fp32`` or ``fp16``: what memory cosines are computed in for a backbone on ``device`` at ``precision``.
+
+    fp32 on CPU (half matmuls are slow there) and whenever the backbone runs fp32 (a service told fp32 must
+    not score in half); fp16 on an accelerator running a half precision, bf16 included: fp16's 10-bit mantissa
+    keeps the cosine error near 1e-3 where bf16's 7 bits would not."""
+    if torch.device(device).type == "cpu" or precision == "fp32":
+        return "fp32"
+    return "fp16"
 
 
 def greedy_coreset(bank: torch.Tensor, ratio: float, *, projection_dim: int = 128, seed: int = 0) -> torch.Tensor:
     """Indices of a k-center greedy coreset (PatchCore): keeps coverage of the normal manifold while
     shrinking the bank, which bounds nearest-neighbour cost for large shot counts."""
+    return finish(greedy_coreset_steps(bank, ratio, projection_dim=projection_dim, seed=seed))
+
+
+def greedy_coreset_steps(bank: torch.Tensor, ratio: float, *, projection_dim: int = 128,
+                         seed: int = 0) -> Steps[torch.Tensor]:
+    """``greedy_coreset`` as chunks of at most ``CORESET_CHUNK`` distance entries each (see ``clipshot.chunked``).
+
+    The loop never reads a value back to the host: the chosen index stays a device tensor that indexes the
+    next row, so a GPU queues the whole chunk without waiting after every pick."""
     count = bank.shape[0]
     keep = max(1, int(round(count * ratio)))
     if keep >= count:
@@ -26,13 +50,17 @@ def greedy_coreset(bank: torch.Tensor, ratio: float, *, projection_dim: int = 12
         points = bank.float() @ proj
     else:
         points = bank.float()
-    selected = [int(torch.randint(count, (1,), generator=generator))]
-    distance = torch.cdist(points, points[selected[-1]][None]).squeeze(1)
-    for _ in range(keep - 1):
-        nxt = int(torch.argmax(distance))
-        selected.append(nxt)
-        distance = torch.minimum(distance, torch.cdist(points, points[nxt][None]).squeeze(1))
-    return torch.tensor(selected, device=bank.device)
+    selected = torch.empty(keep, dtype=torch.long, device=bank.device)
+    selected[:1] = torch.randint(count, (1,), generator=generator)
+    distance = torch.cdist(points, points.index_select(0, selected[:1])).squeeze(1)
+    per_chunk = max(1, CORESET_CHUNK // (count * points.shape[1]))
+    for i in range(1, keep):
+        nxt = torch.argmax(distance).view(1)
+        selected[i : i + 1] = nxt
+        distance = torch.minimum(distance, torch.cdist(points, points.index_select(0, nxt)).squeeze(1))
+        if i % per_chunk == 0:
+            yield
+    return selected
 
 
 class MemoryBank:
@@ -71,12 +99,21 @@ class MemoryBank:
                       center: bool = False, stages: Sequence[int] | None = None) -> MemoryBank:
         """Bank of every patch of ``features``; ``center`` stores their per-layer mean (taken before the coreset,
         so the centre is the mean of all the normal patches, not of the kept subset; per stage with ``stages``)."""
+        return finish(cls.from_features_steps(features, coreset_ratio, center=center, stages=stages))
+
+    @classmethod
+    def from_features_steps(cls, features: Features, coreset_ratio: float | None = None, *,
+                            center: bool = False, stages: Sequence[int] | None = None) -> Steps[MemoryBank]:
+        """``from_features`` with the coreset's loop in bounded chunks (see ``clipshot.chunked``)."""
         layers = [p.reshape(-1, p.shape[-1]).detach() for p in features.patches]
         centers = None
         if center:
             centers = [torch.cat([part.mean(dim=0) for part in _split(layer.float(), stages)]) for layer in layers]
         if coreset_ratio is not None and coreset_ratio < 1:
-            layers = [layer[greedy_coreset(layer, coreset_ratio)] for layer in layers]
+            kept = []
+            for layer in layers:
+                kept.append(layer[(yield from greedy_coreset_steps(layer, coreset_ratio))])
+            layers = kept
         return cls(layers, centers, stages)
 
     @property
@@ -112,13 +149,16 @@ class MemoryBank:
         self._cache = {}
         return self
 
-    def distances(self, features: Features) -> torch.Tensor:
-        """(B, h, w): per layer (1 - max cosine)/2 to the bank, so 0 = seen before and 1 = opposite; averaged."""
+    def distances(self, features: Features, precision: str | None = None) -> torch.Tensor:
+        """(B, h, w): per layer (1 - max cosine)/2 to the bank, so 0 = seen before and 1 = opposite; averaged.
+
+        ``precision`` (``fp32`` / ``fp16``) is the compute dtype; None: ``memory_precision`` of the features'
+        device at half precision (fp32 on CPU, fp16 on an accelerator)."""
         if len(features.patches) != len(self.layers):
             raise ValueError(f"memory bank has {len(self.layers)} layers, features have {len(features.patches)}")
         h, w = features.grid
         query0 = features.patches[0]
-        compute = torch.float32 if query0.device.type == "cpu" else torch.float16
+        compute = torch.float32 if (precision or memory_precision(query0.device, "fp16")) == "fp32" else torch.float16
         banks = self._on(query0.device, compute)
         total = torch.zeros(query0.shape[0] * query0.shape[1], device=query0.device)
         terms = 0

@@ -5,8 +5,8 @@ product whose normal look varies along a shared direction (a spindle in several 
 patches are all alike (a paper texture: the mean *is* the texture, and what is left after removing it is noise).
 Which one a customer's product is cannot be known in advance, but it can be measured at registration on the only
 evidence there is: the leave-one-out scores of the good shots and the synthetic defects made from them
-(``Detector._calibrate``). Each candidate scoring is applied to the *same* features (no extra backbone pass), and
-the one that best separates that product's synthetic defects from its own unseen normals wins.
+(``clipshot.calibration_evidence``). Each candidate scoring is applied to the *same* features (no extra backbone
+pass), and the one that best separates that product's synthetic defects from its own unseen normals wins.
 
 Separation is measured twice, without weights to tune:
 - ``image``: the probability that a synthetic defect image scores above a leave-one-out normal image (AUROC),
@@ -22,13 +22,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
+from clipshot import calibration_evidence as evidence
+from clipshot.adapter import Adapter
+from clipshot.chunked import Steps
 from clipshot.fusion import ScoringConfig
+
+if TYPE_CHECKING:
+    from clipshot.detector import Detector
 
 RULE = "mean of image and pixel AUROC of synthetic defects vs leave-one-out normals; ties keep the earlier candidate"
 PIXEL_POOL = 4  # maps are average-pooled 4x4 before the pixel AUROC: same ranking, 16x fewer pixels to sort
@@ -110,3 +117,18 @@ def choose(evidence: Sequence[CandidateEvidence]) -> int:
 def selection_record(evidence: Sequence[CandidateEvidence], chosen: int) -> dict:
     """What the bundle keeps (and ``GET /v1/categories/{c}`` shows): the rule, the choice, every candidate."""
     return {"rule": RULE, "chosen": evidence[chosen].name, "candidates": [e.to_dict() for e in evidence]}
+
+
+def select(detector: Detector, adapter: Adapter, ev: evidence.Evidence) -> Steps[evidence.LeaveOneOut]:
+    """Score ``ev`` under every candidate, set the adapter's scoring to the best-separating one, record the choice
+    and every candidate's evidence in ``adapter.selection``, and return the chosen one's leave-one-out scores."""
+    found, runs = [], []
+    for name, cfg in candidates(adapter.scoring, staged=detector.backbone.stage_dims is not None):
+        loo = yield from evidence.leave_one_out(detector, replace(adapter, scoring=cfg), ev)
+        pixel = None if ev.masks is None else pixel_separation(loo.synthetic_maps, ev.masks, loo.normal_maps)
+        found.append(CandidateEvidence(name, cfg, image_separation(loo.normal, loo.synthetic), pixel))
+        runs.append(loo)
+    best = choose(found)
+    adapter.scoring = found[best].scoring
+    adapter.selection = selection_record(found, best)
+    return runs[best]

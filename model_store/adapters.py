@@ -8,6 +8,7 @@ from typing import Any
 from clipshot.adapter import Adapter, adapter_uid
 from clipshot.detector import Detector
 
+from .bundles import UNCHECKED
 from .errors import BundleCorrupt
 from .manifest import Manifest
 from .store import AdapterStore
@@ -24,13 +25,16 @@ def bundle_manifest(detector: Detector, adapter: Adapter, **fields: Any) -> dict
 
 
 def save_adapter(store: AdapterStore, detector: Detector, adapter: Adapter, *, activate: bool = True,
-                 generic: bool = False, **fields: Any) -> int:
-    """Persist ``adapter`` as the next version; ``fields`` go to the manifest (shots, training, metrics, ...)."""
+                 generic: bool = False, expect_active: int | None = UNCHECKED, **fields: Any) -> int:
+    """Persist ``adapter`` as the next version; ``fields`` go to the manifest (shots, training, metrics, ...).
+
+    ``expect_active``: compare-and-set on the category's active version (``AdapterStore.save``)."""
     manifest = bundle_manifest(detector, adapter, **fields)
     if generic:
         version = store.save_generic(adapter.to_tensors(), manifest, activate=activate)
     else:
-        version = store.save(adapter.category, adapter.to_tensors(), manifest, activate=activate)
+        version = store.save(adapter.category, adapter.to_tensors(), manifest, activate=activate,
+                             expect_active=expect_active)
     adapter.version = version
     adapter.uid = adapter_uid("g", "generic", version) if generic else adapter_uid("c", adapter.category, version)
     return version

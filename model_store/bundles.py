@@ -9,15 +9,18 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import re
 import shutil
 import stat
+import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .atomic import (
+    TRASH_PREFIX,
     claimed_tmp_dir,
     fsync_dir,
     locked,
@@ -27,7 +30,7 @@ from .atomic import (
     sweep_stale,
     write_new_file,
 )
-from .errors import BackboneMismatch, BundleCorrupt, BundleNotFound, InvalidInput, VersionNotFound
+from .errors import BackboneMismatch, BundleCorrupt, BundleNotFound, InvalidInput, StaleVersion, VersionNotFound
 from .manifest import STORE_FIELDS, Kind, Manifest, build_manifest, dump_manifest, parse_manifest
 from .tensors import load_tensors, serialize_tensors
 
@@ -36,6 +39,14 @@ MANIFEST_FILE = "manifest.json"
 BUNDLE_FILES = frozenset({TENSORS_FILE, MANIFEST_FILE})
 ACTIVE_FILE = "active.json"
 _VERSION_DIR = re.compile(r"^v([1-9][0-9]*)$")
+
+
+class _Unchecked:
+    def __repr__(self) -> str:
+        return "UNCHECKED"
+
+
+UNCHECKED: Any = _Unchecked()  # ``expect_active`` default: change the version whatever is active
 
 
 def check_version(version: object) -> int:
@@ -167,18 +178,41 @@ class VersionedBundles:
 
     # ---- writing -------------------------------------------------------------------------
     def save(
-        self, tensors: dict[str, torch.Tensor], manifest: dict[str, Any], *, activate: bool = True
+        self, tensors: dict[str, torch.Tensor], manifest: dict[str, Any], *, activate: bool = True,
+        expect_active: int | None = UNCHECKED,
     ) -> int:
         """Write a new immutable version; returns its number.
 
         Everything is validated in memory first. The tensor file is written into a hidden temp dir
         without the lock (it can be large); the lock is held only to pick ``N``, write the manifest
         and rename the temp dir to ``vN``, so concurrent writers never share a number.
+        ``expect_active``: compare-and-set, see ``check_active``; on a mismatch nothing is written.
         """
         payload = serialize_tensors(tensors)
-        return self._commit(payload, manifest, activate=activate)
+        return self._commit(payload, manifest, activate=activate, expect_active=expect_active)
 
-    def derive(self, version: int, changes: dict[str, Any], *, activate: bool = True) -> int:
+    def check_active(self, expect_active: int | None) -> None:
+        """Raise ``StaleVersion`` unless the active version is ``expect_active`` (None: no active version).
+
+        Why: an edit is computed from the version that served when it started (its shots, its policy); if
+        another writer (a replica, a job, an operator) moved the pointer meanwhile, writing on would silently
+        undo that change. Call under the slot's lock. An unreadable pointer counts as no active version, so
+        a registration can still repair it."""
+        if expect_active is UNCHECKED:
+            return
+        try:
+            actual = self.active_version()
+        except BundleCorrupt:
+            actual = None
+        if actual != expect_active:
+            raise StaleVersion(
+                f"{self.label}: the active version is {'none' if actual is None else f'v{actual}'}, not "
+                f"{'none' if expect_active is None else f'v{expect_active}'} as when this change started (another "
+                "writer changed it meanwhile); nothing was written, retry against the current version",
+                expected=expect_active, actual=actual)
+
+    def derive(self, version: int, changes: dict[str, Any], *, activate: bool = True,
+               expect_active: int | None = UNCHECKED) -> int:
         """A new version holding ``version``'s tensors byte for byte and its manifest updated with ``changes``.
 
         Why: a policy change (a new threshold) alters only the manifest, so re-serialising tensors would be
@@ -194,9 +228,10 @@ class VersionedBundles:
                                 "activate another version before deriving from it")
         partial = {k: v for k, v in source.model_dump(mode="json").items() if k not in STORE_FIELDS}
         partial.update(changes)
-        return self._commit(payload, partial, activate=activate)
+        return self._commit(payload, partial, activate=activate, expect_active=expect_active)
 
-    def _commit(self, payload: bytes, manifest: dict[str, Any], *, activate: bool) -> int:
+    def _commit(self, payload: bytes, manifest: dict[str, Any], *, activate: bool,
+                expect_active: int | None = UNCHECKED) -> int:
         digest = hashlib.sha256(payload).hexdigest()
         draft = build_manifest(manifest, name=self.name, kind=self.kind, version=1, tensors_sha256=digest)
         if not isinstance(activate, bool):
@@ -208,6 +243,7 @@ class VersionedBundles:
             try:
                 write_new_file(tmp / TENSORS_FILE, payload)
                 with locked(self.path):
+                    self.check_active(expect_active)
                     version = max(self.versions(), default=0) + 1
                     final = draft.model_copy(update={"version": version})
                     write_new_file(tmp / MANIFEST_FILE, dump_manifest(final))
@@ -221,20 +257,22 @@ class VersionedBundles:
                 raise
         return version
 
-    def activate(self, version: int) -> None:
+    def activate(self, version: int, *, expect_active: int | None = UNCHECKED) -> None:
         """Point ``active.json`` at an existing version (rollback = activate an older one)."""
         check_version(version)
         if not self.path.is_dir():
             raise BundleNotFound(f"{self.label} does not exist; save a bundle first")
         with locked(self.path):
+            self.check_active(expect_active)
             self.verify(version)  # refuse to point at a missing, broken or damaged version
             self._write_pointer(version)
 
-    def rollback(self) -> int:
+    def rollback(self, *, expect_active: int | None = UNCHECKED) -> int:
         """Activate the newest version older than the active one; returns the version now active."""
         if not self.path.is_dir():
             raise BundleNotFound(f"{self.label} does not exist; save a bundle first")
         with locked(self.path):
+            self.check_active(expect_active)
             active = self.active_version()
             if active is None:
                 raise BundleNotFound(f"{self.label} has no active version to roll back from")
@@ -244,6 +282,29 @@ class VersionedBundles:
             self.verify(older[-1])
             self._write_pointer(older[-1])
             return older[-1]
+
+    def prune(self, keep: int, protected: set[int]) -> list[int]:
+        """Delete all but the newest ``keep`` versions, never the active one or ``protected``; returns those removed.
+
+        Call under the slot's lock. Each version directory is renamed to hidden trash first (readers see it
+        whole or not at all), then removed."""
+        try:
+            active = self.active_version()
+        except BundleCorrupt:
+            return []  # cannot tell which version serves: delete nothing
+        versions = self.versions()
+        spare = set(versions[-keep:]) | set(protected) | ({active} if active is not None else set())
+        removed = []
+        for version in versions:
+            if version in spare:
+                continue
+            trash = self.path / f"{TRASH_PREFIX}v{version}-{uuid.uuid4().hex}"
+            os.rename(self.path / f"v{version}", trash)
+            shutil.rmtree(trash, ignore_errors=True)
+            removed.append(version)
+        if removed:
+            fsync_dir(self.path)
+        return removed
 
     def _write_pointer(self, version: int) -> None:
         replace_file(self.path / ACTIVE_FILE, json.dumps({"version": version}).encode("utf-8") + b"\n")

@@ -42,3 +42,13 @@ class BackboneMismatch(StoreError):
 
 class ConcurrentModification(StoreError):
     """The category was deleted by another writer while this operation waited for the lock."""
+
+
+class StaleVersion(ConcurrentModification):
+    """A compare-and-set on the active version failed: another writer changed it since the caller read it.
+
+    ``expected``/``actual`` are the version numbers (None: no active version); nothing was written."""
+
+    def __init__(self, message: str, *, expected: int | None, actual: int | None) -> None:
+        super().__init__(message)
+        self.expected, self.actual = expected, actual

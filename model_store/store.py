@@ -3,32 +3,39 @@
 Layout (see docs/reference/bundle-format.md)::
 
     <root>/categories/<category>/v<N>/{adapter.safetensors,manifest.json}
-    <root>/categories/<category>/{active.json,.lock,shots/}
+    <root>/categories/<category>/{active.json,pins.json,.lock,.holds/,shots/}
     <root>/generic/v<N>/...  and  <root>/generic/active.json
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .atomic import STALE_SECONDS, TRASH_PREFIX, fsync_dir, locked, sweep_abandoned, sweep_stale
-from .bundles import TENSORS_FILE, VersionedBundles
-from .errors import BundleNotFound, InvalidName, StoreError
+from .atomic import TRASH_PREFIX, fsync_dir, locked, replace_file, sweep_abandoned, sweep_stale
+from .bundles import TENSORS_FILE, UNCHECKED, VersionedBundles, check_version
+from .errors import BundleCorrupt, BundleNotFound, InvalidName, StoreError
+from .holds import Hold, hold, live_holds
 from .manifest import Manifest
 from .shots import SHOT_NAME, SHOTS_DIR, list_shots, store_shots, validate_shots
 
 CATEGORY_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 CATEGORY_NAME = re.compile(CATEGORY_PATTERN)
 GENERIC_NAME = "generic"
+PINS_FILE = "pins.json"
+# An unlisted shot file younger than this is left alone even without a hold: writers that take no hold
+# (``clipshot train fewshot`` stores its shots and saves the version a moment later) finish well within it.
+ORPHAN_GRACE_S = 60.0
 
 
 def validate_category(category: object) -> str:
@@ -65,9 +72,13 @@ class AdapterStore:
         manifest: dict[str, Any],
         *,
         activate: bool = True,
+        expect_active: int | None = UNCHECKED,
     ) -> int:
-        """Store a new version for ``category`` (validated before anything is written); returns N."""
-        return self._bundles(category).save(tensors, manifest, activate=activate)
+        """Store a new version for ``category`` (validated before anything is written); returns N.
+
+        ``expect_active`` (compare-and-set): refuse with ``StaleVersion``, writing nothing, unless the active
+        version is still this one (None: the category has none) when the version is committed."""
+        return self._bundles(category).save(tensors, manifest, activate=activate, expect_active=expect_active)
 
     def load(
         self,
@@ -83,9 +94,10 @@ class AdapterStore:
             version, backbone_spec=backbone_spec, backbone_sha256=backbone_sha256, device=device
         )
 
-    def derive(self, category: str, version: int, changes: dict[str, Any], *, activate: bool = True) -> int:
+    def derive(self, category: str, version: int, changes: dict[str, Any], *, activate: bool = True,
+               expect_active: int | None = UNCHECKED) -> int:
         """New version reusing ``version``'s tensors (checksum verified) with manifest ``changes``; returns N."""
-        return self._bundles(category).derive(version, changes, activate=activate)
+        return self._bundles(category).derive(version, changes, activate=activate, expect_active=expect_active)
 
     def manifest(self, category: str, version: int | None = None) -> Manifest:
         """A version's manifest (default: active) without reading the tensors."""
@@ -107,13 +119,13 @@ class AdapterStore:
         """The version ``load`` uses by default, or None."""
         return self._bundles(category).active_version()
 
-    def activate(self, category: str, version: int) -> None:
-        """Make an existing version active; raises VersionNotFound otherwise."""
-        self._bundles(category).activate(version)
+    def activate(self, category: str, version: int, *, expect_active: int | None = UNCHECKED) -> None:
+        """Make an existing version active; raises VersionNotFound otherwise (``expect_active``: as ``save``)."""
+        self._bundles(category).activate(version, expect_active=expect_active)
 
-    def rollback(self, category: str) -> int:
+    def rollback(self, category: str, *, expect_active: int | None = UNCHECKED) -> int:
         """Activate the newest version older than the active one; returns it."""
-        return self._bundles(category).rollback()
+        return self._bundles(category).rollback(expect_active=expect_active)
 
     def categories(self) -> list[str]:
         """Categories holding at least one version or shot, sorted."""
@@ -158,14 +170,20 @@ class AdapterStore:
         return sum(sweep_abandoned(d) for d in dirs if d.is_dir())
 
     # ---- shots -------------------------------------------------------------------------
-    def save_shots(self, category: str, files: list[tuple[str, bytes]]) -> list[str]:
-        """Store uploaded images as ``<sha256><ext>`` (deduplicated); returns the stored name per file."""
+    def save_shots(self, category: str, files: list[tuple[str, bytes]], *, held: Hold | None = None) -> list[str]:
+        """Store uploaded images as ``<sha256><ext>`` (deduplicated); returns the stored name per file.
+
+        ``held``: a hold (from ``hold``) that records the names before the files appear, so no sweep removes
+        them before the caller's version lists them."""
         path = self._bundles(category).path
         named = validate_shots(files)
         if not named:
             return []
         path.mkdir(parents=True, exist_ok=True)
         with locked(path):
+            if held is not None:  # the name each file will have (a duplicate keeps its stored spelling)
+                existing = {p.name.split(".", 1)[0]: p.name for p in list_shots(path / SHOTS_DIR)}
+                held.add(shots=[existing.get(n.split(".", 1)[0], n) for n, _ in named])
             return store_shots(path / SHOTS_DIR, named)
 
     def shot_paths(self, category: str) -> list[Path]:
@@ -190,25 +208,104 @@ class AdapterStore:
             names.update(ref.name for ref in (*manifest.shots, *manifest.validation))
         return names
 
-    def sweep_orphan_shots(self, category: str, *, max_age: float = STALE_SECONDS) -> list[str]:
-        """Remove image files no version lists and older than ``max_age`` s (left by a crash mid-fit).
+    def sweep_orphan_shots(self, category: str, *, max_age: float = ORPHAN_GRACE_S) -> list[str]:
+        """Remove image files no version lists and no live writer holds (left by a crash mid-fit).
 
-        Why the age: another process sharing the root may be fitting a version over files it just wrote;
-        the service calls this at start-up, so an hour-old unreferenced file belongs to a dead writer.
-        """
+        Safe beside fits in other processes: a fit holds the files it stored until its version lists them
+        (``hold``), and the check runs under the category lock that storing takes. ``max_age`` spares young
+        files of writers that take no hold."""
         path = self._bundles(category).path
         if not path.is_dir():
             return []
+        with locked(path):
+            return self._sweep_orphans(category, path, max_age)
+
+    def _sweep_orphans(self, category: str, path: Path, max_age: float) -> list[str]:
         removed = []
         now = time.time()
-        with locked(path):
-            keep = self.referenced_shots(category)
-            for file in list_shots(path / SHOTS_DIR):
-                with contextlib.suppress(OSError):
-                    if file.name not in keep and now - file.stat().st_mtime >= max_age:
-                        file.unlink()
-                        removed.append(file.name)
+        keep = self.referenced_shots(category) | live_holds(path)[1]
+        for file in list_shots(path / SHOTS_DIR):
+            with contextlib.suppress(OSError):
+                if file.name not in keep and now - file.stat().st_mtime >= max_age:
+                    file.unlink()
+                    removed.append(file.name)
         return removed
+
+    def forget_shots(self, category: str, names: list[str], held: Hold) -> list[str]:
+        """Undo a failed fit's upload: drop ``names`` from ``held`` and remove those files no version lists and
+        no other writer holds (another request may have stored the same image); returns the removed names."""
+        path = self._bundles(category).path
+        if not names or not path.is_dir():
+            return []
+        with locked(path):
+            held.discard(shots=names)
+            keep = self.referenced_shots(category) | live_holds(path)[1]
+            removed = [name for name in names if name not in keep]
+            for name in removed:
+                self.shot_path(category, name).unlink(missing_ok=True)
+        return removed
+
+    # ---- holds, pins and retention ---------------------------------------------------------
+    @contextlib.contextmanager
+    def hold(self, category: str) -> Iterator[Hold]:
+        """A hold on versions/shot files of ``category`` for the block; see ``model_store.holds``."""
+        path = self._bundles(category).path
+        path.mkdir(parents=True, exist_ok=True)
+        with hold(path) as held:
+            yield held
+
+    def hold_active(self, held: Hold, category: str) -> int:
+        """Add the active version to ``held`` under the lock (so no prune can slip in between); returns it."""
+        bundles = self._bundles(category)
+        with locked(bundles.path):
+            version = bundles.active_version()
+            if version is None:
+                raise BundleNotFound(f"category {category!r} has no active version")
+            held.add(versions=[version])
+        return version
+
+    def pinned(self, category: str) -> set[int]:
+        """Versions an operator pinned (retention never deletes them)."""
+        try:
+            data = json.loads((self._bundles(category).path / PINS_FILE).read_bytes())
+            return {check_version(v) for v in data["versions"]}
+        except FileNotFoundError:
+            return set()
+        except (ValueError, KeyError, TypeError, StoreError) as exc:
+            raise BundleCorrupt(f"category {category!r}: {PINS_FILE} is unreadable ({exc}); "
+                                "pin or unpin a version to rewrite it") from exc
+
+    def pin(self, category: str, version: int, pinned: bool = True) -> set[int]:
+        """Pin (or unpin) an existing version so retention keeps it; returns the pinned set."""
+        bundles = self._bundles(category)
+        check_version(version)
+        with locked(bundles.path):
+            if pinned:
+                bundles.manifest(version)  # VersionNotFound / BundleCorrupt: nothing to pin
+            try:
+                pins = self.pinned(category)
+            except BundleCorrupt:
+                pins = set()
+            pins = pins | {version} if pinned else pins - {version}
+            replace_file(bundles.path / PINS_FILE, json.dumps({"versions": sorted(pins)}).encode() + b"\n")
+        return pins
+
+    def tidy(self, category: str, *, keep_versions: int,
+             max_age: float = ORPHAN_GRACE_S) -> tuple[list[int], list[str]]:
+        """After a version change: delete versions beyond the newest ``keep_versions`` (0: keep all) except
+        the active, pinned and held ones, then the shot files no remaining version lists; returns both."""
+        bundles = self._bundles(category)
+        if not bundles.path.is_dir():
+            return [], []
+        with locked(bundles.path):
+            pruned: list[int] = []
+            if keep_versions > 0:
+                try:
+                    protected = self.pinned(category)
+                except BundleCorrupt:
+                    protected = set(bundles.versions())  # cannot tell which are pinned: delete no version
+                pruned = bundles.prune(keep_versions, protected | live_holds(bundles.path)[0])
+            return pruned, self._sweep_orphans(category, bundles.path, max_age)
 
     # ---- generic (zero-shot, object-agnostic) bundle -----------------------------------
     def save_generic(

@@ -37,8 +37,10 @@ def shots(seeds) -> list:
 
 
 def snapshot(root: Path) -> dict[str, str]:
+    """Store content; a running writer's hold files (``.holds/``) are runtime state, not content."""
     return {str(p.relative_to(root)): "db" if p.name.startswith("jobs.sqlite3") else
-            hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+            hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.parent.name != ".holds"}
 
 
 class Script:
@@ -49,11 +51,13 @@ class Script:
         self.started = threading.Event()
         self.closed = 0
         self.configs: list = []
+        self.baselines: list = []  # the memory baseline the runner handed each trainer (None: fit it)
         self.store = None  # the app's AdapterStore, set by start()
 
     def __call__(self, detector, images, *, category, object_name=None, config, progress=None, cancel=None,
-                 defects=(), geometry=None):
+                 defects=(), geometry=None, baseline=None):
         self.configs.append(config)
+        self.baselines.append(baseline)
         return ScriptedTrainer(self, detector, images, category, cancel)
 
 
@@ -78,6 +82,10 @@ class ScriptedTrainer:
         metrics = {"auroc_memory": 0.5, "auroc_finetuned": 0.9 if self.script.promotable else 0.4,
                    "steps": self.script.steps}
         return FewShotResult(adapter, adapter, metrics, 0.01, self.script.promotable, {"steps": self.script.steps})
+
+    def result_steps(self):
+        yield
+        return self.result()
 
     def close(self) -> None:
         self.script.closed += 1
@@ -147,6 +155,28 @@ def test_finished_job_saves_a_version_and_hot_swaps_only_when_promotable(store, 
         metrics = client.get("/metrics").text
         assert 'clipshot_jobs{state="succeeded"} 1.0' in metrics
         assert 'clipshot_job_duration_seconds_count{state="succeeded"} 1.0' in metrics
+    finally:
+        client.__exit__(None, None, None)
+
+
+def test_finetune_reuses_the_serving_memory_fit_as_its_baseline(store, tiny_backbone):
+    """The memory-only baseline a fine-tune is compared with is the serving memory version (fitted on the same
+    shots, defects and policy): the runner hands it to the trainer instead of having it fitted again on the
+    device. A fine-tuned serving version is no such twin, so the next job's trainer fits its own."""
+    script = Script(steps=1)
+    client = start(store, tiny_backbone, script)
+    try:
+        register(client, "widget")
+        served = client.app.state.store.manifest("widget").adapter["calibration"]
+        for expected_version in (2, 3):
+            r = client.post("/v1/categories/widget/finetune", headers=ADMIN, json={"steps": 1})
+            assert r.status_code == 202, r.text
+            job = wait_state(client, r.json()["id"], {"succeeded", "failed", "cancelled"})
+            assert job["state"] == "succeeded" and job["result_version"] == expected_version, job
+        first, second = script.baselines
+        assert first is not None and first.lora is None
+        assert first.calibration.to_dict() == served
+        assert second is None  # version 2 (fine-tuned) serves now
     finally:
         client.__exit__(None, None, None)
 

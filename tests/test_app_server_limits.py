@@ -16,6 +16,7 @@ from live_server import ADMIN, CLIENT, live_server, read_response, status_of
 HEADER_TIMEOUT_S = 2.0
 BODY_TIMEOUT_S = 2.0
 MAX_CONNECTIONS = 24
+PROBE_CONNECTIONS = 8  # the default CLIPSHOT_PROBE_CONNECTIONS
 KEEP_ALIVE_S = 1
 # Bars: a refusal should take milliseconds; 1.5 s of slack absorbs a 2-core box shared with other jobs.
 SLACK_S = 1.5
@@ -165,6 +166,38 @@ def test_connections_beyond_the_cap_get_503_and_half_sent_ones_expire(server):
     # connection of an earlier test was still closing when they were opened).
     assert set(statuses) <= {408, 503} and statuses.count(408) >= MAX_CONNECTIONS - 1, statuses
     assert httpx.get(f"{server.base}/healthz", timeout=5).status_code == 200
+
+
+def test_probes_are_answered_while_the_cap_is_full(server):
+    """An attacker who holds every connection must not make /healthz and /readyz fail (the orchestrator would
+    restart a healthy pod); other requests over the cap still get 503, and silent connections cannot crowd the
+    probes out."""
+    time.sleep(0.5)  # let the server see the earlier tests' connections close
+    holders = []
+    for _ in range(MAX_CONNECTIONS):
+        sock = server.connect()
+        sock.sendall(b"POST /v1/categories/widget/predict HTTP/1.1\r\n")  # half-sent, then silence
+        holders.append(sock)
+    time.sleep(0.3)  # let the server accept them all
+    silent = [server.connect() for _ in range(PROBE_CONNECTIONS + 4)]  # more than the probe places, all silent
+    time.sleep(0.1)
+    try:
+        for path in (b"/healthz", b"/readyz"):
+            sock = server.connect()
+            sock.sendall(b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+            raw = read_response(sock, timeout=10)
+            sock.close()
+            # /readyz may say 503 "not ready" in its own JSON; what matters is that the app answered it.
+            assert status_of(raw) in (200, 503) and b"too_many_connections" not in raw, raw[:300]
+            assert b"connection: close" in raw.lower()  # one request per probe place
+        sock = server.connect()
+        sock.sendall(b"GET /v1/categories HTTP/1.1\r\nHost: x\r\n\r\n")
+        raw = read_response(sock, timeout=10)
+        sock.close()
+        assert status_of(raw) == 503 and b"too_many_connections" in raw, raw[:300]
+    finally:
+        for sock in holders + silent:
+            sock.close()
 
 
 @pytest.mark.parametrize(("key", "path", "expected"), [

@@ -99,7 +99,7 @@ def test_delete_waits_for_every_mutation_queued_before_it(tmp_path, tiny_backbon
     async def scenario():
         async with app.router.lifespan_context(app):
             detector = app.state.category_service.detector
-            real, calls = detector.fit_memory, []
+            real, calls = detector.fit_memory_steps, []
 
             def held(*args, **kwargs):  # runs on the device worker: the request holds the category lock here
                 index = len(calls)
@@ -109,7 +109,7 @@ def test_delete_waits_for_every_mutation_queued_before_it(tmp_path, tiny_backbon
                     assert gates[index].wait(60)
                 return real(*args, **kwargs)
 
-            detector.fit_memory = held
+            detector.fit_memory_steps = held
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://clipshot", timeout=60) as client:
                 def register(seeds):

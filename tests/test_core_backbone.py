@@ -10,6 +10,7 @@ from PIL import Image
 
 from clipshot import lora
 from clipshot.backbone import BackboneLoadError, BackboneSpecError, ClipBackbone, load_backbone, parse_spec
+from clipshot.backbone.attention import SplitAttention
 from clipshot.backbone.clip import create_clip_model
 from clipshot.prompts import PromptLearner, PromptSpec, tokenizer_for
 
@@ -189,3 +190,19 @@ def test_failed_lora_load_leaves_no_adapter_behind(reference_pair):
         lora.add_adapter(backbone.visual, "broken", lora.LoraSpec(rank=2), state)
     assert lora.resident_adapters(backbone.visual) == set()
     assert torch.equal(backbone.extract(pixels).cls, base)
+
+
+def test_split_attention_refuses_a_boolean_mask_and_adds_a_float_one():
+    """A boolean mask means "masked out" to nn.MultiheadAttention and "may attend" to SDPA: refused, not inverted."""
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(16, 2, batch_first=True).eval()
+    split = SplitAttention(mha)
+    x = torch.randn(2, 5, 16)
+    blocked = torch.triu(torch.ones(5, 5, dtype=torch.bool), diagonal=1)  # causal: True = masked for MHA
+    with pytest.raises(ValueError, match="boolean attn_mask"):
+        split(x, x, x, attn_mask=blocked)
+    additive = torch.zeros(5, 5).masked_fill(blocked, float("-inf"))
+    with torch.no_grad():
+        want, _ = mha(x, x, x, need_weights=False, attn_mask=additive)
+        got, _ = split(x, x, x, attn_mask=additive)
+    assert torch.allclose(got, want, atol=1e-5)  # 1e-5: the same bar as the whole-model equivalence test above

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from conftest import textured
@@ -108,3 +109,30 @@ def test_mixed_batch_rejects_a_length_mismatch(clip_products):
     backbone, p, pixels = clip_products
     with pytest.raises(ValueError, match="8 images but 2 adapters"):
         Detector(backbone).forward_mixed(pixels, [p["m1"], p["x"]])
+
+
+@pytest.mark.parametrize("layout", [{"resize": "native"}, {"resize": "squash", "tile": 50}])
+def test_mixed_batch_in_a_non_square_or_tiled_frame_equals_each_alone(clip_products, layout):
+    """Two products cutting 150x60 parts into the same native frame (or the same tiles) share one forward, and each
+    image scores as its product alone; products of different frames are refused, not scored in the wrong one."""
+    backbone, p, _ = clip_products
+    detector = Detector(backbone)
+    wide = [Image.fromarray(textured(s)).resize((150, 60)) for s in range(8)]
+    geometry = detector.plan_geometry([im.size for im in wide], **layout)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a = detector.fit_memory(wide[:4], category="a", geometry=geometry, calibration_views=0)
+        b = detector.fit_memory([Image.fromarray(255 - np.asarray(im)) for im in wide[:4]], category="b",
+                                geometry=geometry, calibration_views=0)
+    views = geometry.views_per_image
+    pixels = backbone.preprocess(wide[4:], geometry)
+    pixels = pixels.reshape(4, views, *pixels.shape[1:]) if views > 1 else pixels
+    assert tuple(pixels.shape[-2:]) != (backbone.image_size, backbone.image_size) or views > 1
+    order = [a, b, b, a]
+    scores, maps = detector.forward_mixed(pixels, order)
+    want_scores, want_maps = reference(detector, pixels, order)
+    assert maps.shape == want_maps.shape == (4, views * geometry.frame[0], geometry.frame[1])
+    assert torch.allclose(scores, want_scores, atol=ATOL) and torch.allclose(maps, want_maps, atol=ATOL)
+    assert (detector.forward(pixels[1:2], a)[1] - want_maps[1:2]).abs().max() > 100 * ATOL  # b's rows are b's
+    with pytest.raises(ValueError, match="one model frame and one view count"):
+        detector.forward_mixed(pixels[:2], [a, p["m1"]])

@@ -17,7 +17,8 @@ from PIL import Image
 
 from clipshot import scoring_selection as selection
 from clipshot.adapter import Adapter
-from clipshot.detector import _Evidence
+from clipshot.calibration_evidence import Evidence
+from clipshot.chunked import finish
 from clipshot.features import Features
 from clipshot.fusion import ScoringConfig
 from clipshot.memory_branch import MemoryBank
@@ -64,7 +65,7 @@ def _choose(detector, kind: str) -> Adapter:
     adapter = Adapter(category=kind, memory=MemoryBank.from_features(shots), selection={})
     frame = adapter.geometry.frame_of(detector.backbone.image_size)
     full = F.interpolate(masks[:, None], size=frame, mode="nearest")[:, 0]  # laid out like the maps
-    detector.select_scoring(adapter, _Evidence(shots, None, 0, defects, full, sources))
+    finish(selection.select(detector, adapter, Evidence(shots, None, 0, defects, full, sources)))
     return adapter
 
 

@@ -25,10 +25,11 @@ def free_port() -> int:
 
 
 @contextmanager
-def threaded_server(settings: Settings, backbone=None) -> Iterator[str]:
-    """Serve ``create_app(settings)`` on 127.0.0.1 until the block ends; yields the base URL."""
+def threaded_server(settings: Settings, backbone=None, app=None) -> Iterator[str]:
+    """Serve ``create_app(settings)`` (or ``app``, to reach its state) on 127.0.0.1 until the block ends; yields
+    the base URL."""
     port = free_port()
-    config = uvicorn.Config(create_app(settings, backbone=backbone), host="127.0.0.1", port=port,
+    config = uvicorn.Config(app or create_app(settings, backbone=backbone), host="127.0.0.1", port=port,
                             log_level="warning", lifespan="on")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="threaded-server", daemon=True)

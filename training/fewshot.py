@@ -21,6 +21,7 @@ from PIL import Image
 from clipshot import lora
 from clipshot.adapter import Adapter
 from clipshot.calibration import DecisionPolicy
+from clipshot.chunked import Steps, finish, timed
 from clipshot.detector import RECOMMENDED_MIN_SHOTS, Detector
 from clipshot.fusion import ScoringConfig
 from clipshot.geometry import Geometry
@@ -85,8 +86,12 @@ class FewShotTrainer:
     def __init__(self, detector: Detector, shots: Sequence[Image.Image], *, category: str,
                  object_name: str | None = None, config: FewShotConfig | None = None,
                  progress: ProgressCallback | None = None, cancel: CancelToken | None = None,
-                 defects: Sequence[Image.Image] = (), geometry: Geometry | None = None):
+                 defects: Sequence[Image.Image] = (), geometry: Geometry | None = None,
+                 baseline: Adapter | None = None):
         cfg = config or FewShotConfig()
+        # The memory adapter already fitted on exactly these shots, defects, policy and geometry (the service's
+        # serving memory version): the result reuses it instead of fitting its twin on the device again.
+        self.baseline = baseline
         self.defects = list(defects)  # operator-confirmed defects: validation evidence, never trained on
         shots = list(shots)
         if len(shots) < MIN_SHOTS:
@@ -189,37 +194,16 @@ class FewShotTrainer:
 
     def result(self) -> FewShotResult:
         """Validate, rebuild memory + calibration from all shots through the LoRA, and package the adapter."""
+        return finish(self.result_steps())
+
+    def result_steps(self) -> Steps[FewShotResult]:
+        """``result`` in bounded chunks of device work (``clipshot.chunked``): the service runs one per task.
+        Its seconds count only its own chunks, not the predictions that ran between them."""
         if not self.engine.finished():
             raise RuntimeError("training is not finished: iterate steps() to the end (or call run()) first")
-        engine, detector, cfg = self.engine, self.detector, self.config
-        started = time.perf_counter()
-        try:
-            engine.check_cancel()
-            engine.report("validate")
-            adapter = Adapter(
-                category=self.category, scoring=self._scoring(), text=engine.text_embeddings(),
-                lora=cfg.lora, lora_state=lora.state(engine.visual, engine.name) if engine.resident() else None,
-                prompt=self.prompt_spec, prompt_state=engine.prompts.state(), object_name=self.object_name,
-                backbone=detector.layout(), uid=engine.name,  # routes features through the resident training LoRA
-                geometry=self.geometry, selection={},  # the re-fit below chooses the scoring from the shots
-            )
-            if self.validation is not None:
-                adapter.memory = self._bank(adapter)
-                self.metrics.update(auroc_finetuned=self._auroc(adapter),
-                                    text_auroc=self._auroc(replace(adapter, memory=None)))
-            engine.check_cancel()
-            engine.report("finalize")
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # the shot-count warning was already given at construction
-                detector.refit_memory(adapter, self.shots, coreset_ratio=cfg.coreset_ratio, policy=cfg.policy,
-                                      defects=self.defects)
-                memory_adapter = detector.fit_memory(self.shots, category=self.category,
-                                                     object_name=self.object_name, coreset_ratio=cfg.coreset_ratio,
-                                                     policy=cfg.policy, defects=self.defects, geometry=self.geometry)
-        finally:
-            engine.close()
-        adapter.uid = uuid.uuid4().hex  # the training LoRA is gone; attach() must inject this one afresh
-        self.seconds += time.perf_counter() - started
+        (adapter, memory_adapter), seconds = yield from timed(self._final_adapters())
+        self.seconds += seconds
+        engine, cfg = self.engine, self.config
         ft, mem = self.metrics.get("auroc_finetuned"), self.metrics.get("auroc_memory")
         promotable = ft is not None and mem is not None and ft > mem + cfg.min_gain
         rule = (f"auroc_finetuned > auroc_memory + {cfg.min_gain}" if self.validation is not None
@@ -237,6 +221,42 @@ class FewShotTrainer:
         )
         engine.report("done", engine.losses[-1] if engine.losses else None)
         return FewShotResult(adapter, memory_adapter, dict(self.metrics), self.seconds, promotable, cfg.to_dict())
+
+    def _final_adapters(self) -> Steps[tuple[Adapter, Adapter]]:
+        """(fine-tuned adapter rebuilt from all shots through the LoRA, memory-only baseline), after validating
+        the fine-tune on the held-out shots; the temporary LoRA is dropped however it ends."""
+        engine, detector, cfg = self.engine, self.detector, self.config
+        try:
+            engine.check_cancel()
+            engine.report("validate")
+            adapter = Adapter(
+                category=self.category, scoring=self._scoring(), text=engine.text_embeddings(),
+                lora=cfg.lora, lora_state=lora.state(engine.visual, engine.name) if engine.resident() else None,
+                prompt=self.prompt_spec, prompt_state=engine.prompts.state(), object_name=self.object_name,
+                backbone=detector.layout(), uid=engine.name,  # routes features through the resident training LoRA
+                geometry=self.geometry,
+            )
+            if self.validation is not None:
+                adapter.memory = self._bank(adapter)
+                yield
+                self.metrics.update(auroc_finetuned=self._auroc(adapter))
+                yield
+                self.metrics.update(text_auroc=self._auroc(replace(adapter, memory=None)))
+                yield
+            engine.check_cancel()
+            engine.report("finalize")
+            adapter.selection = {}  # the re-fit chooses the scoring from the shots, as a registration does
+            yield from detector.refit_memory_steps(adapter, self.shots, coreset_ratio=cfg.coreset_ratio,
+                                                   policy=cfg.policy, defects=self.defects)
+            memory_adapter = self.baseline
+            if memory_adapter is None:
+                memory_adapter = yield from detector.fit_memory_steps(
+                    self.shots, category=self.category, object_name=self.object_name,
+                    coreset_ratio=cfg.coreset_ratio, policy=cfg.policy, defects=self.defects, geometry=self.geometry)
+        finally:
+            engine.close()
+        adapter.uid = uuid.uuid4().hex  # the training LoRA is gone; attach() must inject this one afresh
+        return adapter, memory_adapter
 
     def run(self) -> FewShotResult:
         for _ in self.steps():

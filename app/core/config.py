@@ -78,6 +78,12 @@ class Settings(BaseSettings, RaySettings):
         description="Directory holding adapters, reference shots and the job database (`jobs.sqlite3`). "
         "Relative paths resolve against the working directory.",
     )
+    keep_versions: int = Field(
+        20, ge=0, le=100_000,
+        description="Versions kept per product: after each new version the oldest beyond this many are deleted, "
+        "never the active one, one pinned with `PUT .../versions/{v}/pin`, or the one a running fine-tune trained "
+        "from; shot files no kept version lists go with them. 0 keeps every version.",
+    )
     adapter_cache_device: int = Field(
         8, ge=0, description="Adapters kept resident on the accelerator (hot tier); 0 disables the tier."
     )
@@ -111,6 +117,13 @@ class Settings(BaseSettings, RaySettings):
         le=1000,
         description="While a batch is on the device, how long the batcher collects more requests before sending "
         "a partial batch (ms). An idle device takes a lone request at once.",
+    )
+    predict_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        le=3600,
+        description="Most seconds an image waits for its batch (queue + device) before its predict request fails "
+        "with 503 `predict_timeout` and Retry-After, so a stuck or saturated device never leaves a request hanging.",
     )
     max_pending_images: int = Field(
         256,
@@ -278,7 +291,14 @@ class Settings(BaseSettings, RaySettings):
         1024,
         ge=1,
         le=1_000_000,
-        description="Most open HTTP connections; one more is answered 503 + Retry-After and closed at once.",
+        description="Most open HTTP connections; one more is answered 503 + Retry-After and closed, unless it is "
+        "a `/healthz` or `/readyz` probe that fits in `probe_connections`.",
+    )
+    probe_connections: int = Field(
+        8, ge=0, le=1024,
+        description="Connections allowed beyond `max_connections` for one `/healthz` or `/readyz` request each, so "
+        "a full server still answers its orchestrator's probes. Such a connection must send its request at once; "
+        "while all are taken a new one replaces the oldest that has not yet sent a probe request line.",
     )
 
     @field_validator("device", mode="before")

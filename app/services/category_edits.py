@@ -6,13 +6,23 @@ stored, ``apply_policy`` recomputes the threshold and expected rates from it; te
 byte). Feedback and shot removal re-fit memory and calibration over the new image set. Everything is checked
 before anything is written, so a refused request leaves the store unchanged.
 
+Every new version is a compare-and-set on the active version the edit was computed from (under the store's
+file lock, so it holds across replicas and against the job runner): a lost race answers 409
+``version_conflict`` with ``Retry-After`` and writes nothing. After each new version the category is tidied:
+versions beyond ``CLIPSHOT_KEEP_VERSIONS`` (never the active, a pinned or a held one) and shot files no
+version lists and no live writer holds are removed.
+
 ``CategoryService`` (``app/services/registry.py``) mixes this in; it provides the lock, ``_existing``,
 ``validate_upload``, ``_store_images`` and ``_fit_and_save``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
+from collections.abc import AsyncIterator
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from starlette.concurrency import run_in_threadpool
@@ -20,13 +30,16 @@ from starlette.concurrency import run_in_threadpool
 from app.errors import BadRequestError, ConflictError, NotFoundError
 from app.services.shot_ledger import Ledger, current_ledger, validation_facts
 from clipshot.calibration import Calibration, DecisionPolicy, apply_policy
-from model_store import CATEGORY_NAME, StoreError
+from model_store import CATEGORY_NAME, StaleVersion, StoreError, VersionNotFound
+from model_store.holds import Hold
 
 if TYPE_CHECKING:
     import asyncio
 
     from app.core.config import Settings
     from model_store import AdapterStore
+
+log = logging.getLogger(__name__)
 
 LABELS = ("good", "defect")
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -47,6 +60,15 @@ def check_feedback_fields(label: str, defect_type: str | None, note: str | None)
     if note is not None and (len(note) > 500 or not _PRINTABLE_NOTE.fullmatch(note)):
         raise BadRequestError("note must be at most 500 printable characters (no control characters)",
                               code="invalid_note")
+
+
+def stale_conflict(name: str, exc: StaleVersion) -> ConflictError:
+    """409 for a lost compare-and-set: the request was computed from a version that no longer serves."""
+    now = "no version" if exc.actual is None else f"v{exc.actual}"
+    return ConflictError(f"the active version of {name!r} changed to {now} while this request ran (another "
+                         "replica, operator or fine-tune job changed it); nothing was activated and no images were "
+                         "kept. Retry the request: it will apply to the version now serving.",
+                         code="version_conflict", headers={"Retry-After": "1"})
 
 
 def policy_from_request(target_false_alarm_rate: float | None, threshold: float | None,
@@ -81,6 +103,32 @@ class CategoryEdits:
     def _existing(self, category: str) -> str: ...  # pragma: no cover
     def _lock(self, category: str) -> asyncio.Lock: ...  # pragma: no cover
 
+    @contextlib.asynccontextmanager
+    async def _holding(self, name: str) -> AsyncIterator[Hold]:
+        """A store hold on the shot files this request writes, from before they exist until it ends."""
+        manager = self.store.hold(name)
+        held = await run_in_threadpool(manager.__enter__)
+        try:
+            yield held
+        finally:
+            await run_in_threadpool(manager.__exit__, None, None, None)
+
+    def _tidy(self, name: str) -> None:
+        """After a new version: apply version retention and sweep unlisted shot files (never fails the edit)."""
+        try:
+            pruned, swept = self.store.tidy(name, keep_versions=self.settings.keep_versions)
+        except (OSError, StoreError):
+            log.warning("could not tidy category %r (retention / orphan sweep)", name, exc_info=True)
+            return
+        if pruned or swept:
+            log.info("category %r: removed versions %s (CLIPSHOT_KEEP_VERSIONS=%d) and %d unlisted shot file(s)",
+                     name, pruned, self.settings.keep_versions, len(swept))
+
+    async def _ledger(self, category: str) -> tuple[str, Ledger]:
+        """(name, ledger of the active version), 404 for an unknown category; read off the event loop."""
+        name = await run_in_threadpool(self._existing, category)
+        return name, await run_in_threadpool(current_ledger, self.store, name)
+
     @staticmethod
     def _served(name: str, ledger: Ledger) -> Any:
         """The active manifest, or 409: every edit starts from the version that serves now."""
@@ -92,9 +140,10 @@ class CategoryEdits:
     # -- threshold ----------------------------------------------------------------------------------
     async def set_threshold(self, category: str, policy: DecisionPolicy) -> dict[str, Any]:
         """New version = the active one under ``policy``; its tensors are reused byte for byte."""
-        name = self._existing(category)
+        name = await run_in_threadpool(self._existing, category)
         async with self._lock(name):
-            manifest = self._served(name, current_ledger(self.store, self._existing(name)))
+            _, ledger = await self._ledger(name)
+            manifest = self._served(name, ledger)
             raw = manifest.adapter.get("calibration")
             if not raw:
                 raise ConflictError(f"version {manifest.version} of {name!r} has no calibration to move",
@@ -109,7 +158,12 @@ class CategoryEdits:
             metrics = {**manifest.metrics, "threshold": cal.threshold, "policy_of_version": manifest.version,
                        "validation": validation_facts(cal.to_dict(), goods, len(manifest.validation))}
             changes = {"adapter": {**manifest.adapter, "calibration": cal.to_dict()}, "metrics": metrics}
-            version = await run_in_threadpool(self.store.derive, name, manifest.version, changes)
+            try:
+                version = await run_in_threadpool(partial(self.store.derive, name, manifest.version, changes,
+                                                          expect_active=ledger.active))
+            except StaleVersion as exc:
+                raise stale_conflict(name, exc) from exc
+            await run_in_threadpool(self._tidy, name)
         self.cache.invalidate(name)
         return {"category": name, "version": version, "decision": cal.decision()}
 
@@ -119,9 +173,9 @@ class CategoryEdits:
         """Confirmed goods join the memory, confirmed defects the validation set; a new version either way."""
         check_feedback_fields(label, defect_type, note)
         name, hashes, _ = await run_in_threadpool(self.validate_upload, category, files, minimum=1)
-        name = self._existing(name)
+        name = await run_in_threadpool(self._existing, name)
         async with self._lock(name):
-            ledger = current_ledger(self.store, self._existing(name))
+            _, ledger = await self._ledger(name)
             manifest = self._served(name, ledger)
             if not manifest.adapter.get("memory_layers"):
                 raise ConflictError(f"version {manifest.version} of {name!r} has no memory branch, so confirmed "
@@ -143,12 +197,14 @@ class CategoryEdits:
             cal = manifest.adapter.get("calibration")
             if fresh:
                 extra = {"defect_type": defect_type, "note": note} if label == "defect" else {"note": note}
-                added = await self._store_images(name, files, source="feedback", label=label, skip=same,
-                                                 **{k: v for k, v in extra.items() if v is not None})
-                goods = ledger.goods + (added if label == "good" else [])
-                defects = ledger.defects + (added if label == "defect" else [])
-                version, adapter = await self._fit_and_save(name, goods, defects, base=manifest,
-                                                            through_lora=True, new=added)
+                async with self._holding(name) as held:
+                    added = await self._store_images(name, files, source="feedback", label=label, skip=same,
+                                                     held=held, **{k: v for k, v in extra.items() if v is not None})
+                    goods = ledger.goods + (added if label == "good" else [])
+                    defects = ledger.defects + (added if label == "defect" else [])
+                    version, adapter = await self._fit_and_save(name, goods, defects, base=manifest,
+                                                                through_lora=True, new=added, expect=ledger.active,
+                                                                held=held)
                 cal = adapter.config()["calibration"]
                 n_goods = sum(r.get("source") == "feedback" for r in goods)
                 n_defects = len(defects)
@@ -171,11 +227,11 @@ class CategoryEdits:
 
     async def remove_shot(self, category: str, sha256: str) -> dict[str, Any]:
         """New version fitted without one good image (409 if it is the last); its file stays for rollback."""
-        name = self._existing(category)
+        name = await run_in_threadpool(self._existing, category)
         if not SHA256.fullmatch(sha256):
             raise BadRequestError(f"invalid sha256 {sha256!r}: 64 lowercase hex digits", code="invalid_sha256")
         async with self._lock(name):
-            ledger = current_ledger(self.store, self._existing(name))
+            _, ledger = await self._ledger(name)
             manifest = self._served(name, ledger)
             if sha256 not in ledger.good_hashes:
                 raise NotFoundError(f"{name!r} has no good shot {sha256} in its active version "
@@ -186,18 +242,32 @@ class CategoryEdits:
                                     "or delete the category", code="last_shot")
             try:
                 version, adapter = await self._fit_and_save(name, goods, ledger.defects, base=manifest,
-                                                            through_lora=True)
+                                                            through_lora=True, expect=ledger.active)
             except StoreError as exc:
                 raise ConflictError(str(exc), code="shots_missing") from exc
         self.cache.invalidate(name)
         return {"category": name, "version": version, "shots": len(goods), "removed": sha256,
                 "decision": adapter.calibration.decision() if adapter.calibration else None}
 
+    # -- retention ----------------------------------------------------------------------------------
+    async def pin(self, category: str, version: int, pinned: bool) -> dict[str, Any]:
+        """Pin (keep) or unpin a version; 404 for an unknown category or (pinning) version."""
+        name = await run_in_threadpool(self._existing, category)
+        try:
+            pins = await run_in_threadpool(self.store.pin, name, version, pinned)
+        except VersionNotFound as exc:
+            raise NotFoundError(str(exc), code="version_not_found") from exc
+        except StoreError as exc:
+            raise ConflictError(f"version {version} of {name!r} cannot be pinned: {exc}",
+                                code="version_corrupt") from exc
+        return {"category": name, "pinned": sorted(pins)}
+
     # declared for type checkers; implemented by CategoryService
     def validate_upload(self, category: str, files: list[tuple[str, bytes]], *,
                         minimum: int | None = None) -> tuple[str, list[str]]: ...  # pragma: no cover
     async def _store_images(self, name: str, files: list[tuple[str, bytes]], *, source: str,
-                            skip: set[str], **fields: Any) -> list[dict[str, Any]]: ...  # pragma: no cover
+                            skip: set[str], held: Hold, **fields: Any) -> list[dict[str, Any]]: ...  # pragma: no cover
     async def _fit_and_save(self, name: str, goods: list[dict[str, Any]], defects: list[dict[str, Any]], *,
                             base: Any, through_lora: bool, object_name: str | None = None,
-                            new: list[dict[str, Any]] = ()) -> tuple[int, Any]: ...  # pragma: no cover
+                            new: list[dict[str, Any]] = (), expect: int | None,
+                            held: Hold | None = None) -> tuple[int, Any]: ...  # pragma: no cover

@@ -19,10 +19,16 @@ Wiring (what ``app.main`` must pass; construct it BEFORE ``CategoryService``, wh
     ...
     runner.stop()             # in lifespan shutdown, BEFORE device_worker stops
 
-Outcome of a job: succeeded (a new version saved; activated and hot-swapped via
-``adapter_cache.invalidate`` only when the trainer marks it promotable and the category's shots did not
-change meanwhile, otherwise saved inactive with a message saying why), cancelled (by request; nothing
-written), or failed (error text; ``"service stopping"`` when ``stop()`` interrupted it).
+Outcome of a job: succeeded (a new version saved), cancelled (by request; nothing written), or failed (error
+text; ``"service stopping"`` when ``stop()`` interrupted it). A succeeded job's ``metrics.promotion`` says
+what became of its version: ``promoted`` (activated and hot-swapped via ``adapter_cache.invalidate``),
+``not_promotable`` (the trainer did not beat the memory adapter) or ``superseded`` (saved inactive because
+the active version changed during training). The job trains from the version active when it starts, and
+holds it (retention keeps it); it promotes only by a compare-and-set on the active version, and only while
+the active version is that one or differs from it in its decision policy alone (a threshold change): then
+the fine-tuned version takes the active version's *current* policy, so an operator's threshold choice made
+during training survives. A rollback, a registration or feedback during training supersedes the job
+(``app/services/promotion.py``).
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from concurrent.futures import CancelledError, Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -44,13 +50,14 @@ from app.errors import ConflictError, OverloadedError
 from app.metrics import Metrics
 from app.services.device_worker import TRAIN
 from app.services.job_store import ACTIVE_STATES, Job, JobNotFoundError, JobState, JobStore, StaleJobError
-from app.services.registry import adapter_facts, load_shots
-from app.services.shot_ledger import Ledger, current_ledger, decode_refs, memory_coreset
+from app.services.promotion import save_result
+from app.services.shot_ledger import Ledger, decode_refs, ledger_at, memory_coreset
+from clipshot.adapter import Adapter
 from clipshot.calibration import Calibration
 from clipshot.detector import Detector
 from clipshot.geometry import Geometry
 from model_store import AdapterStore, StoreError
-from model_store.adapters import save_adapter
+from model_store.adapters import load_adapter
 from training.fewshot import FewShotConfig, FewShotTrainer
 from training.progress import Cancelled, CancelToken, Progress
 
@@ -263,24 +270,35 @@ class JobRunner:
             self.metrics.job_duration.labels(job.state.value).observe(seconds)
         self._refresh_gauge()
 
-    def _geometry(self, category: str) -> Geometry | None:
-        """The active version's geometry: training must see the pixels prediction will see."""
+    @staticmethod
+    def _geometry(ledger: Ledger) -> Geometry | None:
+        """The trained-from version's geometry: training must see the pixels prediction will see."""
         try:
-            return Geometry.from_dict(self.store.manifest(category).adapter.get("geometry"))
-        except (StoreError, ValueError, TypeError):
+            return Geometry.from_dict(ledger.manifest.adapter.get("geometry"))
+        except (AttributeError, ValueError, TypeError):
             return None
 
     def _train(self, job: Job, running: _Running) -> dict[str, Any]:
-        images, refs, object_name = load_shots(self.store, job.category, self.settings)
-        if not images:
-            raise RuntimeError(f"category {job.category!r} has no stored shots")
-        ledger = current_ledger(self.store, job.category)  # confirmed defects + policy of the serving version
+        if not self.store.versions(job.category):
+            raise RuntimeError(f"category {job.category!r} has no versions")
+        with self.store.hold(job.category) as held:  # retention keeps the trained-from version meanwhile
+            ledger = ledger_at(self.store, job.category, self.store.hold_active(held, job.category))
+            return self._train_from(job, running, ledger)
+
+    def _train_from(self, job: Job, running: _Running, ledger: Ledger) -> dict[str, Any]:
+        """Train on the shots, confirmed defects and policy of ``ledger`` (the version active at the start)."""
+        if ledger.manifest is None or not ledger.goods:
+            raise RuntimeError(f"category {job.category!r} has no readable active version with stored shots")
+        images = decode_refs(self.store, job.category, ledger.goods, self.settings)
+        object_name = ledger.manifest.adapter.get("object_name")
         defects = decode_refs(self.store, job.category, ledger.defects, self.settings)
         config = self._config(job.params, ledger)
-        geometry = self._geometry(job.category)
+        geometry = self._geometry(ledger)
+        baseline = self._memory_baseline(job.category, ledger, config)
         trainer = self._device(lambda: self.trainer_factory(
             self.detector, images, category=job.category, object_name=object_name, config=config,
-            progress=running.observe, cancel=running.token, defects=defects, geometry=geometry), running)
+            progress=running.observe, cancel=running.token, defects=defects, geometry=geometry,
+            baseline=baseline), running)
         steps = None
         try:
             steps = trainer.steps()
@@ -290,11 +308,11 @@ class JobRunner:
                     self.jobs.update(job.id, **self._progress_fields(progress, config))
                     last_write = time.monotonic()
             self.jobs.update(job.id, progress=TRAIN_SHARE, message="validating against the memory adapter")
-            result = self._device(trainer.result, running)
+            result = self._device_steps(trainer.result_steps(), running)
         finally:
             self._cleanup(trainer, steps)
         running.token.raise_if_cancelled()  # a cancel that arrived during result(): write nothing
-        return self._save(job, result, refs, ledger.defects)
+        return self._save(job, result, ledger)
 
     def _config(self, params: dict[str, Any], ledger: Ledger) -> FewShotConfig:
         """Request budget, else the settings' defaults; the seconds budget always caps a job. The result keeps
@@ -316,9 +334,41 @@ class JobRunner:
         return {"progress": round(min(1.0, max(fractions, default=0.0)) * TRAIN_SHARE, 4), "step": progress.step,
                 "total_steps": progress.total_steps, "message": f"training step {progress.step}{loss}"}
 
+    def _memory_baseline(self, category: str, ledger: Ledger, config: FewShotConfig) -> Adapter | None:
+        """The serving version when it is a memory fit of exactly the job's shots, confirmed defects, policy and
+        coreset (it is their twin), so the result need not fit that baseline on the device again; else None."""
+        manifest = ledger.manifest
+        if manifest is None or manifest.adapter.get("lora") or manifest.metrics.get("kind") != "memory":
+            return None
+        if manifest.metrics.get("coreset_ratio") != config.coreset_ratio:
+            return None
+        try:
+            return load_adapter(self.store, self.detector, category, manifest.version)[0]
+        except StoreError:  # deleted or corrupt meanwhile: the trainer fits its own baseline
+            return None
+
+    def _device_steps(self, steps: Generator[Any, None, Any], running: _Running) -> Any:
+        """Run a generator of bounded device chunks (``clipshot.chunked``) one chunk per device task, so
+        predictions overtake between chunks; a cancel or stop ends it at the next chunk boundary."""
+        def checked() -> Generator[None, None, Any]:
+            try:
+                while True:
+                    running.token.raise_if_cancelled()
+                    try:
+                        next(steps)
+                    except StopIteration as done:
+                        return done.value
+                    yield
+            finally:
+                steps.close()
+        return self._wait(self.worker.submit_steps(checked(), priority=TRAIN), running)
+
     def _device(self, fn: Callable[[], Any], running: _Running) -> Any:
         """Run ``fn`` on the device worker; a cancel/stop drops it while it still waits in the queue."""
-        future: Future = self.worker.submit(fn, priority=TRAIN)
+        return self._wait(self.worker.submit(fn, priority=TRAIN), running)
+
+    def _wait(self, future: Future, running: _Running) -> Any:
+        """The device task's result, reporting phase changes while it runs; a cancel drops it if still queued."""
         while True:
             try:
                 return future.result(timeout=0.1)
@@ -344,31 +394,13 @@ class JobRunner:
         except Exception:
             log.exception("could not release the training LoRA")
 
-    def _save(self, job: Job, result: Any, refs: list[dict[str, Any]],
-              defects: list[dict[str, Any]]) -> dict[str, Any]:
-        """Persist the fine-tuned bundle; activate (hot swap) only when promotable and still current."""
-        now = current_ledger(self.store, job.category)
-        fresh = ([r["sha256"] for r in now.goods] == [r["sha256"] for r in refs]
-                 and [r["sha256"] for r in now.defects] == [r["sha256"] for r in defects])
-        promote = bool(result.promotable) and fresh
-        metrics = {**result.metrics, **adapter_facts(result.adapter, "finetuned")}
-        version = save_adapter(self.store, self.detector, result.adapter, activate=promote, shots=refs,
-                               validation=defects,
-                               training={"config": result.config, "seconds": result.seconds, "job_id": job.id},
-                               metrics=metrics, promotable=bool(result.promotable))
-        if promote:
+    def _save(self, job: Job, result: Any, ledger: Ledger) -> dict[str, Any]:
+        """Persist the fine-tuned bundle and promote it if still current (see ``promotion.save_result``)."""
+        fields = save_result(self.store, self.detector, job, result, ledger,
+                             keep_versions=self.settings.keep_versions)
+        if fields["metrics"]["promotion"] == "promoted":
             self.cache.invalidate(job.category)
-            message = f"version {version} promoted and active"
-        elif not fresh:
-            message = (f"version {version} saved inactive: the category's shots or confirmed defects changed "
-                       "during training")
-        else:
-            rule = result.metrics.get("promotable_rule", "validation did not beat the memory adapter")
-            ft, mem = result.metrics.get("auroc_finetuned"), result.metrics.get("auroc_memory")
-            message = (f"version {version} saved inactive: not promotable ({rule}; finetuned AUROC {ft}, "
-                       f"memory AUROC {mem}); the memory adapter stays active")
-        return {"progress": 1.0, "step": result.metrics.get("steps"), "result_version": version, "message": message,
-                "metrics": metrics}
+        return fields
 
     def _refresh_gauge(self) -> None:
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -33,9 +34,11 @@ class ReadinessProbe:
     """``await check()`` -> cached ``ProbeResult``; only successes are cached, failures are retried."""
 
     def __init__(self, backbone: Backbone, worker: DeviceWorker, *, cache_seconds: float = CACHE_SECONDS,
-                 timeout_s: float = PROBE_TIMEOUT_S) -> None:
+                 timeout_s: float = PROBE_TIMEOUT_S, broken: Callable[[], str | None] | None = None) -> None:
         self.backbone = backbone
         self.worker = worker
+        # why predictions cannot run although the device answers (the batcher's collector died), or None
+        self.broken = broken or (lambda: None)
         self.cache_seconds = cache_seconds
         self.timeout_s = timeout_s
         self._last: ProbeResult | None = None
@@ -44,6 +47,9 @@ class ReadinessProbe:
     async def check(self) -> ProbeResult:
         """Serve the cached success if fresh; otherwise run one probe (concurrent callers share it)."""
         async with self._lock:
+            if (reason := self.broken()) is not None:  # a replica that refuses every predict must leave the pool
+                self._last = ProbeResult(False, time.monotonic(), reason)
+                return self._last
             last = self._last
             if last is not None and last.ok and time.monotonic() - last.checked_at < self.cache_seconds:
                 return last

@@ -18,17 +18,16 @@ Wiring (what ``app.main`` must pass; needs the ``JobRunner`` first)::
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
-import warnings
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from starlette.concurrency import run_in_threadpool
 
 from app.core.config import Settings
 from app.errors import BadRequestError, ClipshotHTTPError, ConflictError, NotFoundError, OverloadedError
-from app.services.category_edits import CategoryEdits
+from app.services.category_edits import CategoryEdits, stale_conflict
 from app.services.device_worker import TRAIN
 from app.services.geometry import GeometryRequest
 from app.services.images import decode_image
@@ -42,10 +41,20 @@ from app.services.shot_ledger import (
 )
 from clipshot.adapter import Adapter
 from clipshot.calibration import Calibration
+from clipshot.chunked import Steps, timed
 from clipshot.detector import Detector
 from clipshot.geometry import Geometry
-from model_store import AdapterStore, BundleNotFound, InvalidName, StoreError, VersionNotFound, validate_category
+from model_store import (
+    AdapterStore,
+    BundleNotFound,
+    InvalidName,
+    StaleVersion,
+    StoreError,
+    VersionNotFound,
+    validate_category,
+)
 from model_store.adapters import load_adapter, save_adapter
+from model_store.holds import Hold
 from model_store.manifest import Manifest
 
 if TYPE_CHECKING:
@@ -94,7 +103,9 @@ class CategoryService(CategoryEdits):
 
     Every mutation of a category (register, feedback, threshold, shot removal, activate, delete) runs under
     one ``asyncio.Lock`` per category that is never dropped: a DELETE that removed its lock let a request
-    still waiting on the old lock recreate the category after a later DELETE had answered (issue 13, item 5).
+    still waiting on the old lock recreate the category after a later DELETE had answered. Across processes
+    (replicas, the job runner) every version change is also a compare-and-set on the active version under the
+    store's file lock, answered 409 ``version_conflict`` when another writer got there first.
     """
 
     def __init__(self, *, settings: Settings, store: AdapterStore, detector: Detector, device_worker: Any,
@@ -192,14 +203,16 @@ class CategoryService(CategoryEdits):
         """Validate, store the shots, fit + activate the memory adapter over ALL good images, maybe fine-tune."""
         name, hashes, sizes = await run_in_threadpool(self.validate_upload, category, files)
         async with self._lock(name):
-            ledger = current_ledger(self.store, name)
+            ledger = await run_in_threadpool(current_ledger, self.store, name)
             notes = self._check_total(ledger, hashes)
             plan = await run_in_threadpool(self._plan_geometry, name, ledger, sizes, geometry or GeometryRequest())
-            added = await self._store_images(name, files, source="registration", skip=ledger.good_hashes)
-            goods = ledger.goods + added
-            version, adapter = await self._fit_and_save(name, goods, ledger.defects, base=ledger.manifest,
-                                                        through_lora=False, object_name=description, new=added,
-                                                        geometry=plan)
+            async with self._holding(name) as held:
+                added = await self._store_images(name, files, source="registration", skip=ledger.good_hashes,
+                                                 held=held)
+                goods = ledger.goods + added
+                version, adapter = await self._fit_and_save(name, goods, ledger.defects, base=ledger.manifest,
+                                                            through_lora=False, object_name=description, new=added,
+                                                            geometry=plan, expect=ledger.active, held=held)
         self.cache.invalidate(name)
         job_id = None
         if finetune and not self.detector.backbone.supports_text:
@@ -207,7 +220,7 @@ class CategoryService(CategoryEdits):
                          "the memory adapter serves this category")
         elif finetune:
             try:
-                job_id = self.jobs.enqueue(name, {}).id
+                job_id = (await run_in_threadpool(self.jobs.enqueue, name, {})).id
             except (ConflictError, OverloadedError) as exc:  # busy (a job on the old shots) or shutting down
                 notes.append(f"fine-tune not started: {exc} Then start one with POST /v1/categories/{name}/finetune "
                              "so training sees the new shots.")
@@ -218,34 +231,41 @@ class CategoryService(CategoryEdits):
                             adapter.geometry.to_dict())
 
     async def _store_images(self, name: str, files: list[tuple[str, bytes]], *, source: str,
-                            skip: set[str], **fields: Any) -> list[dict[str, Any]]:
+                            skip: set[str], held: Hold, **fields: Any) -> list[dict[str, Any]]:
         """Write the bytes (content-addressed) and return manifest refs of the images new to the list.
 
-        The files stay invisible until a version lists them; ``_fit_and_save`` removes them again if the
-        fit fails, and the start-up sweep if the process dies first."""
-        stored = await run_in_threadpool(self.store.save_shots, name, files)
+        The files stay invisible until a version lists them, and ``held`` keeps sweeps off them meanwhile;
+        ``_fit_and_save`` removes them again if the fit fails, and a later sweep if the process dies first."""
+        stored = await run_in_threadpool(partial(self.store.save_shots, name, files, held=held))
         return new_refs(stored, files, source=source, skip=skip, **fields)
 
     async def _fit_and_save(self, name: str, goods: list[dict[str, Any]], defects: list[dict[str, Any]], *,
                             base: Manifest | None, through_lora: bool, object_name: str | None = None,
-                            new: list[dict[str, Any]] = (), geometry: Geometry | None = None) -> tuple[int, Adapter]:
+                            new: list[dict[str, Any]] = (), geometry: Geometry | None = None,
+                            expect: int | None, held: Hold | None = None) -> tuple[int, Adapter]:
         """Fit memory + calibration over ``goods`` (validation on ``defects``) and save it as the active version.
 
         ``through_lora``: a fine-tuned active version keeps its LoRA and prompts and only re-fits memory and
         calibration through them; otherwise a fresh memory adapter. The decision policy of ``base`` carries
         over (a manual threshold stays manual), and so does its geometry unless ``geometry`` replaces it (a
-        registration that plans a new one). On any failure the files of ``new`` that no version lists
-        are removed, so a retry starts from the same store."""
+        registration that plans a new one). The save is a compare-and-set: it activates only if the active
+        version is still ``expect`` (409 otherwise). On any failure the files of ``new`` (held by ``held``)
+        that no version lists are removed, so a retry starts from the same store."""
         try:
-            return await self._fit(name, goods, defects, base=base, through_lora=through_lora,
-                                   object_name=object_name, geometry=geometry)
-        except BaseException:
-            await run_in_threadpool(self._forget, name, [r["name"] for r in new])
+            result = await self._fit(name, goods, defects, base=base, through_lora=through_lora,
+                                     object_name=object_name, geometry=geometry, expect=expect)
+        except BaseException as exc:
+            if held is not None:
+                await run_in_threadpool(self.store.forget_shots, name, [r["name"] for r in new], held)
+            if isinstance(exc, StaleVersion):
+                raise stale_conflict(name, exc) from exc
             raise
+        await run_in_threadpool(self._tidy, name)
+        return result
 
     async def _fit(self, name: str, goods: list[dict[str, Any]], defects: list[dict[str, Any]], *,
                    base: Manifest | None, through_lora: bool, object_name: str | None,
-                   geometry: Geometry | None = None) -> tuple[int, Adapter]:
+                   geometry: Geometry | None = None, expect: int | None) -> tuple[int, Adapter]:
         s = self.settings
         good_images = await run_in_threadpool(decode_refs, self.store, name, goods, s)
         defect_images = await run_in_threadpool(decode_refs, self.store, name, defects, s)
@@ -260,23 +280,22 @@ class CategoryService(CategoryEdits):
             source.uid = uuid.uuid4().hex  # its own peft slot: the serving cache may hold this version's
         object_name = object_name or (None if base is None else base.adapter.get("object_name"))
 
-        def fit() -> tuple[Adapter, float]:
-            started = time.perf_counter()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # the shot-count warning is in the response instead
-                if source is None:
-                    adapter = self.detector.fit_memory(good_images, category=name, object_name=object_name,
+        def fit() -> Steps[tuple[Adapter, float]]:
+            """The fit in bounded device chunks (predictions overtake between them), timed by its own chunks."""
+            if source is None:
+                steps = self.detector.fit_memory_steps(good_images, category=name, object_name=object_name,
                                                        coreset_ratio=ratio, defects=defect_images, policy=policy,
                                                        geometry=geometry)
-                else:
-                    try:
-                        adapter = self.detector.refit_memory(source, good_images, coreset_ratio=ratio,
-                                                             defects=defect_images, policy=policy)
-                    finally:
-                        self.detector.detach(source)
-            return adapter, time.perf_counter() - started
+            else:
+                steps = self.detector.refit_memory_steps(source, good_images, coreset_ratio=ratio,
+                                                         defects=defect_images, policy=policy)
+            try:
+                return (yield from timed(steps))
+            finally:
+                if source is not None:
+                    self.detector.detach(source)
 
-        adapter, seconds = await self.worker.run(fit, priority=TRAIN)
+        adapter, seconds = await self.worker.run_steps(fit(), priority=TRAIN)
         kind = "memory" if source is None else "finetuned"
         n_feedback = sum(r.get("source") == "feedback" for r in goods)
         metrics = {**adapter_facts(adapter, kind), "shots": len(goods), "fit_seconds": round(seconds, 3),
@@ -286,17 +305,8 @@ class CategoryService(CategoryEdits):
         if source is not None and base is not None and base.training is not None:
             fields["training"] = base.training.model_dump(mode="json")  # the LoRA it still carries
         version = await run_in_threadpool(save_adapter, self.store, self.detector, adapter, activate=True,
-                                          **fields)
+                                          expect_active=expect, **fields)
         return version, adapter
-
-    def _forget(self, name: str, files: list[str]) -> None:
-        """Remove this request's new image files after a failed fit unless some version lists them."""
-        if not files:
-            return
-        keep = self.store.referenced_shots(name)
-        for file in files:
-            if file not in keep:
-                self.store.shot_path(name, file).unlink(missing_ok=True)
 
     # -- fine-tune ----------------------------------------------------------------------------------
     async def finetune(self, category: str, params: dict[str, Any]) -> Any:
@@ -304,7 +314,7 @@ class CategoryService(CategoryEdits):
 
         Under the category lock, so a DELETE (which cancels the category's jobs while holding it) can never
         be followed by a job queued in between that would write a version into the deleted category."""
-        name = self._existing(category)
+        name = await run_in_threadpool(self._existing, category)
         backbone = self.detector.backbone
         if not backbone.supports_text:
             # 409 like zero-shot without CLIP: a valid request the running service's backbone cannot serve
@@ -312,8 +322,7 @@ class CategoryService(CategoryEdits):
                                 f"{backbone.spec}, which supports the memory adapter only",
                                 code="finetune_unsupported")
         async with self._lock(name):
-            self._existing(name)
-            if not current_ledger(self.store, name).goods:
+            if not (await self._ledger(name))[1].goods:
                 raise ConflictError(f"category {name!r} has no stored shots to train on; upload some first",
                                     code="no_shots")
             return await run_in_threadpool(self.jobs.enqueue, name, {k: v for k, v in params.items()
@@ -377,11 +386,11 @@ class CategoryService(CategoryEdits):
     # -- mutation -----------------------------------------------------------------------------------
     async def activate(self, category: str, version: int) -> dict[str, Any]:
         """Point the category at an existing version (rollback included) and hot-swap it in."""
-        name = self._existing(category)
+        name = await run_in_threadpool(self._existing, category)
         async with self._lock(name):
-            self._existing(name)  # a DELETE that held the lock first wins
+            before = (await self._ledger(name))[1].active  # a DELETE that held the lock first wins (404)
             try:
-                manifest = self.store.manifest(name, version)
+                manifest = await run_in_threadpool(self.store.manifest, name, version)
             except (VersionNotFound, BundleNotFound) as exc:
                 raise NotFoundError(str(exc), code="version_not_found") from exc
             except StoreError as exc:
@@ -391,14 +400,16 @@ class CategoryService(CategoryEdits):
                 raise ConflictError(f"version {version} was built for {manifest.backbone.spec}; this service runs "
                                     f"{self.detector.backbone.spec}", code="backbone_mismatch")
             try:  # the store re-reads the bundle and its tensor checksum before moving the pointer
-                await run_in_threadpool(self.store.activate, name, version)
+                await run_in_threadpool(partial(self.store.activate, name, version, expect_active=before))
+            except StaleVersion as exc:
+                raise stale_conflict(name, exc) from exc
             except (VersionNotFound, BundleNotFound) as exc:
                 raise NotFoundError(str(exc), code="version_not_found") from exc
             except StoreError as exc:
                 raise ConflictError(f"version {version} of {name!r} is unusable, not activated: {exc}",
                                     code="version_corrupt") from exc
         self.cache.invalidate(name)
-        return self.summary(name)
+        return await run_in_threadpool(self.summary, name)
 
     async def delete(self, category: str) -> str | None:
         """Under the category lock: cancel its job (and wait for it to let go), then remove everything.
@@ -407,7 +418,7 @@ class CategoryService(CategoryEdits):
         (404) or re-creates it only after the DELETE answered, never half-way through."""
         name = self.name(category)
         async with self._lock(name):  # wait for mutations queued earlier (a first registration included)
-            self._existing(name)
+            await run_in_threadpool(self._existing, name)
             job = await run_in_threadpool(self.jobs.cancel_category, name, timeout=DELETE_WAIT_S)
             if job is not None and job.active:
                 raise ConflictError(f"job {job.id} of {name!r} is still stopping; retry the delete shortly",

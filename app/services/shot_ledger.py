@@ -29,6 +29,7 @@ class Ledger:
     goods: list[dict[str, Any]] = field(default_factory=list)
     defects: list[dict[str, Any]] = field(default_factory=list)
     manifest: Manifest | None = None
+    active: int | None = None  # the active version when read: what an edit's compare-and-set expects
 
     @property
     def good_hashes(self) -> set[str]:
@@ -46,10 +47,21 @@ def _refs(refs: list[Any]) -> list[dict[str, Any]]:
 def current_ledger(store: AdapterStore, category: str) -> Ledger:
     """The active version's image lists; a category without a readable active version has none."""
     try:
-        manifest = store.manifest(category)
-    except StoreError:
+        active = store.active_version(category)
+    except StoreError:  # an unreadable pointer: the store's compare-and-set counts it as none
         return Ledger()
-    return Ledger(_refs(manifest.shots), _refs(manifest.validation), manifest)
+    return ledger_at(store, category, active)
+
+
+def ledger_at(store: AdapterStore, category: str, version: int | None) -> Ledger:
+    """The image lists of one version (``version`` is what ``active`` reports, even if unreadable)."""
+    if version is None:
+        return Ledger()
+    try:
+        manifest = store.manifest(category, version)
+    except StoreError:
+        return Ledger(active=version)
+    return Ledger(_refs(manifest.shots), _refs(manifest.validation), manifest, version)
 
 
 def new_refs(stored: list[str], files: list[tuple[str, bytes]], *, source: str, label: str = "good",

@@ -40,7 +40,14 @@ class SplitAttention(nn.Module):
         return x.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
 
     def forward(self, query, key=None, value=None, need_weights=False, attn_mask=None):  # noqa: ARG002
-        """Self-attention; the signature mirrors ``nn.MultiheadAttention`` so open_clip's block calls it unchanged."""
+        """Self-attention; the signature mirrors ``nn.MultiheadAttention`` so open_clip's block calls it unchanged.
+
+        A float ``attn_mask`` is added to the logits by both. A boolean one is refused: ``nn.MultiheadAttention``
+        reads True as "masked out" while ``scaled_dot_product_attention`` reads True as "may attend", so passing it
+        through would silently invert the mask."""
+        if attn_mask is not None and attn_mask.dtype == torch.bool:
+            raise ValueError("SplitAttention takes no boolean attn_mask (nn.MultiheadAttention and "
+                             "scaled_dot_product_attention give True opposite meanings); pass an additive float mask")
         x = query if self.batch_first else query.transpose(0, 1)
         q, k, v = (self._heads(proj(x)) for proj in (self.q_proj, self.k_proj, self.v_proj))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)

@@ -22,6 +22,7 @@ from app.schemas import (
     CategorySummary,
     FinetuneRequest,
     ShotsRegistered,
+    VersionPins,
 )
 from app.services.geometry import GeometryRequest
 from app.services.job_store import Job
@@ -42,9 +43,11 @@ CategoryPath = Annotated[str, Path(description=CATEGORY_DOC, json_schema_extra=C
 
 @router.post("/{category}/shots", status_code=201, response_model=ShotsRegistered,
              summary="Register a product, or add good shots to it",
-             responses=errors(400, 401, 403, 413, 415, 422, 503,
+             responses=errors(400, 401, 403, 409, 413, 415, 422, 503,
                               e400="Invalid name, corrupt or empty image, too few or too many shots, "
                                    "geometry that does not fit the shots (ROI outside an image, tiles too large).",
+                              e409="An image is a confirmed defect, or another writer changed the active version "
+                                   "meanwhile (`version_conflict`: retry).",
                               e422="Invalid form fields (e.g. a description outside its pattern)."))
 async def register_shots(
     category: CategoryPath,
@@ -123,8 +126,25 @@ async def delete_category(category: CategoryPath, _: AdminDep, service: Categori
 @router.post("/{category}/versions/{version}/activate", response_model=CategorySummary,
              summary="Serve another stored version (promote or roll back)",
              responses=errors(400, 401, 403, 404, 409, 422,
-                              e409="The version's bundle is corrupt or was built for another backbone."))
+                              e409="The version's bundle is corrupt or was built for another backbone, or another "
+                                   "writer changed the active version meanwhile (`version_conflict`: retry)."))
 async def activate_version(category: CategoryPath, version: VersionPath, _: AdminDep,
                            service: CategoriesDep) -> CategorySummary:
     """Serve another stored version from the next request on (promotion or rollback). Admin only."""
     return CategorySummary(**await service.activate(category, version))
+
+
+@router.put("/{category}/versions/{version}/pin", response_model=VersionPins, summary="Keep a version",
+            responses=errors(400, 401, 403, 404, 409, 422, e409="The version's manifest is unreadable."))
+async def pin_version(category: CategoryPath, version: VersionPath, _: AdminDep,
+                      service: CategoriesDep) -> VersionPins:
+    """Pin a version so version retention (`CLIPSHOT_KEEP_VERSIONS`) never deletes it. Admin only."""
+    return VersionPins(**await service.pin(category, version, True))
+
+
+@router.delete("/{category}/versions/{version}/pin", response_model=VersionPins, summary="Stop keeping a version",
+               responses=errors(400, 401, 403, 404, 422))
+async def unpin_version(category: CategoryPath, version: VersionPath, _: AdminDep,
+                        service: CategoriesDep) -> VersionPins:
+    """Unpin a version: retention may delete it once it is older than the versions kept. Admin only."""
+    return VersionPins(**await service.pin(category, version, False))

@@ -26,7 +26,8 @@ Sha256Path = Annotated[str, Path(description="SHA-256 of the shot (64 lowercase 
 @router.put("/{category}/threshold", response_model=ThresholdChanged, summary="Set the decision policy",
             responses=errors(400, 401, 403, 404, 409, 422,
                              e400="Invalid name, or not exactly one of the three fields.",
-                             e409="No usable active version, or it stores no calibration evidence.",
+                             e409="No usable active version, it stores no calibration evidence, or another writer "
+                                  "changed the active version meanwhile (`version_conflict`: retry).",
                              e422="A value out of range (rate not in (0, 0.5), negative threshold)."))
 async def set_threshold(category: CategoryPath, _: AdminDep, service: CategoriesDep,
                         body: Annotated[ThresholdRequest, Body()]) -> ThresholdChanged:
@@ -42,8 +43,8 @@ async def set_threshold(category: CategoryPath, _: AdminDep, service: Categories
              summary="Teach a product with confirmed images",
              responses=errors(400, 401, 403, 404, 409, 413, 415, 422, 503,
                               e400="Invalid name, label, defect type or note; corrupt or empty image; too many.",
-                              e409="No usable active version or memory branch, or an image already carries the "
-                                   "other label."))
+                              e409="No usable active version or memory branch, an image already carries the "
+                                   "other label, or the active version changed meanwhile (`version_conflict`)."))
 async def feedback(
     category: CategoryPath,
     _: AdminDep,
@@ -73,7 +74,8 @@ def list_shots(category: CategoryPath, _: ClientDep, service: CategoriesDep) -> 
 
 @router.delete("/{category}/shots/{sha256}", response_model=ShotRemoved, summary="Remove one shot",
                responses=errors(400, 401, 403, 404, 409, 422, e404="Unknown category or shot.",
-                                e409="It is the last shot, or no version is usable."))
+                                e409="It is the last shot, no version is usable, or the active version changed "
+                                     "meanwhile (`version_conflict`: retry)."))
 async def remove_shot(category: CategoryPath, sha256: Sha256Path, _: AdminDep,
                       service: CategoriesDep) -> ShotRemoved:
     """New version fitted without the shot; the old versions keep it, so activate rolls back. Admin only."""
