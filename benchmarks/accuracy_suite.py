@@ -109,7 +109,7 @@ def discover(root: Path) -> list[tuple[str, Path, str]]:
 
 def parse_variant(spec: str) -> dict[str, Any]:
     """``key=value[,key=value]`` overrides of ``ScoringConfig`` (booleans, numbers and names); ``default`` = none."""
-    known = {f.name: f.type for f in fields(ScoringConfig)}
+    known = {f.name: f.type for f in fields(ScoringConfig)} | {"choose": bool}  # choose=on: per-product selection
     out: dict[str, Any] = {}
     for item in ([] if spec == "default" else spec.split(",")):
         key, _, raw = item.partition("=")
@@ -133,8 +133,10 @@ def make_factory(detector: Detector, variant: dict[str, Any], facts: dict[tuple,
 
     def make_adapter(shots: list[Image.Image], k: int, seed: int, *, category: str):
         start = time.perf_counter()
-        scoring = replace(ScoringConfig(), **variant) if variant else None
-        adapter = detector.fit_memory(shots, category=category, scoring=scoring)
+        choose = bool(variant.get("choose"))
+        overrides = {k: v for k, v in variant.items() if k != "choose"}
+        scoring = replace(ScoringConfig(), **overrides) if overrides else None
+        adapter = detector.fit_memory(shots, category=category, scoring=scoring, choose_scoring=choose)
         cal = adapter.calibration
         facts[(category, seed, k)] = {
             "predicted_false_alarm_rate": None if cal is None else cal.expected_false_alarm_rate,
@@ -172,6 +174,9 @@ def run_suite(args: argparse.Namespace, detector: CachedDetector, variant: dict[
                 rec["dataset"] = name
                 rec.update(facts[(category, rec["seed"], rec["shots"])])
                 records.append(rec)
+                if args.partial is not None:  # every run as it ends: a killed suite keeps what it measured
+                    with args.partial.open("a") as out:
+                        out.write(json.dumps(rec, default=float) + "\n")
                 m = rec["metrics"]
                 print(f"{name} k={k} seed={rec['seed']}: image {100 * m['image_auroc']:.1f} pixel "
                       f"{100 * m['pixel_auroc']:.1f} F1@t {_pct(m.get('f1_at_threshold'))} false alarms "
@@ -292,6 +297,7 @@ def main() -> None:
     parser.add_argument("--shots", type=int, nargs="*", default=None, help="subset of 1 4 16")
     parser.add_argument("--seeds", type=int, nargs="*", default=None, help="subset of the plan's seeds")
     parser.add_argument("--mask-size", default="256")
+    parser.add_argument("--partial", type=Path, default=None, help="append each run's record to this JSON-lines file")
     parser.add_argument("--feature-cache", type=Path, default=None,
                         help="folder to keep extracted features in, shared by suite processes on one machine")
     args = parser.parse_args()

@@ -284,37 +284,37 @@ class Detector:
                    object_name: str | None = None, coreset_ratio: float | None = None,
                    scoring: ScoringConfig | None = None, calibration_views: int = 2,
                    defects: Sequence[Image.Image] = (), policy: DecisionPolicy | None = None,
-                   geometry: Geometry | None = None) -> Adapter:
+                   geometry: Geometry | None = None, choose_scoring: bool = False) -> Adapter:
         """Memory adapter (plus handcrafted text on CLIP when ``text``), calibrated: usable immediately.
 
         ``defects`` are operator-confirmed defect photos (validation evidence, never memory); ``policy`` the
         decision policy (default: the automatic rule); ``geometry`` None = chosen from the shots by
-        ``clipshot.geometry.build_geometry``'s rule."""
+        ``clipshot.geometry.build_geometry``'s rule; ``choose_scoring``: the product picks its memory scoring
+        from its own shots (``clipshot.scoring_selection``, starting from ``scoring``) instead of keeping it."""
         if 0 < len(shots) < RECOMMENDED_MIN_SHOTS:
             warnings.warn(f"{len(shots)} shot(s) given; {RECOMMENDED_MIN_SHOTS}-16 give reliable memory and "
                           "calibration", stacklevel=2)
         return finish(self.fit_memory_steps(shots, category=category, text=text, object_name=object_name,
                                             coreset_ratio=coreset_ratio, scoring=scoring,
                                             calibration_views=calibration_views, defects=defects, policy=policy,
-                                            geometry=geometry))
+                                            geometry=geometry, choose_scoring=choose_scoring))
 
     def fit_memory_steps(self, shots: Sequence[Image.Image], *, category: str, text: bool | None = None,
                          object_name: str | None = None, coreset_ratio: float | None = None,
                          scoring: ScoringConfig | None = None, calibration_views: int = 2,
                          defects: Sequence[Image.Image] = (), policy: DecisionPolicy | None = None,
-                         geometry: Geometry | None = None) -> Steps[Adapter]:
+                         geometry: Geometry | None = None, choose_scoring: bool = False) -> Steps[Adapter]:
         """``fit_memory`` in bounded chunks of device work (``clipshot.chunked``), without the shot-count
         warning (callers that run chunks report it their own way)."""
         if not shots:
             raise ValueError("fit_memory needs at least one normal image")
         geometry = self.resolve_geometry(geometry, [img.size for img in shots])
         use_text = self.backbone.supports_text if text is None else text
-        choose = scoring is None
         scoring = scoring or ScoringConfig()
         adapter = self.text_adapter(category=category, object_name=object_name, scoring=scoring) if use_text \
             else Adapter(category=category, scoring=scoring, object_name=object_name, backbone=self.layout())
         adapter.geometry = geometry
-        adapter.selection = {} if choose else None  # filled by calibration: the product's own choice
+        adapter.selection = {} if choose_scoring else None  # filled by calibration: the product's own choice
         yield
         return (yield from self.refit_memory_steps(adapter, shots, coreset_ratio=coreset_ratio,
                                                    calibration_views=calibration_views, defects=defects,

@@ -98,9 +98,9 @@ def test_candidates_cover_stages_only_where_the_backbone_concatenates_them():
     assert len(staged) == 8 and "centred-staged-peak_mean" in staged
 
 
-def test_registration_records_the_choice_and_bundles_keep_it(tiny_detector, tmp_path):
+def test_a_fit_that_chooses_records_the_choice_and_bundles_keep_it(tiny_detector, tmp_path):
     shots = [Image.new("RGB", (64, 64), (40 * i, 90, 160)) for i in range(4)]
-    adapter = tiny_detector.fit_memory(shots, category="plain", text=False)
+    adapter = tiny_detector.fit_memory(shots, category="plain", text=False, choose_scoring=True)
     record = adapter.selection
     assert record is not None and record["chosen"] in {c["name"] for c in record["candidates"]}
     chosen = next(c for c in record["candidates"] if c["name"] == record["chosen"])
@@ -111,9 +111,9 @@ def test_registration_records_the_choice_and_bundles_keep_it(tiny_detector, tmp_
     save_adapter(store, tiny_detector, adapter)
     loaded, _ = load_adapter(store, tiny_detector, "plain")
     assert loaded.selection == json.loads(json.dumps(record)) and loaded.scoring == adapter.scoring
-    # An explicit scoring is not second-guessed: nothing is chosen or recorded.
-    fixed = tiny_detector.fit_memory(shots, category="fixed", text=False, scoring=ScoringConfig(memory_center=False))
-    assert fixed.selection is None and not fixed.scoring.memory_center
+    # Without asking, the shipped scoring is kept: nothing is chosen or recorded.
+    fixed = tiny_detector.fit_memory(shots, category="fixed", text=False)
+    assert fixed.selection is None and fixed.scoring == ScoringConfig()
 
 
 def test_bundles_written_before_selection_load_without_one(tiny_detector):

@@ -245,7 +245,6 @@ class FewShotTrainer:
                 yield
             engine.check_cancel()
             engine.report("finalize")
-            adapter.selection = {}  # the re-fit chooses the scoring from the shots, as a registration does
             yield from detector.refit_memory_steps(adapter, self.shots, coreset_ratio=cfg.coreset_ratio,
                                                    policy=cfg.policy, defects=self.defects)
             memory_adapter = self.baseline

@@ -68,16 +68,17 @@ def add_eval_parser(subparsers) -> None:
                         help="square tile side in image pixels; 0 = no tiles (default: the registration rule)")
     parser.add_argument("--tile-overlap", type=float, default=0.25, help="overlap of neighbouring tiles")
     parser.add_argument("--memory-center", choices=("on", "off"), default=None,
-                        help="fix memory distances around the shots' mean patch (on) or around the origin (off) "
-                             "instead of letting each product choose from its shots (default, as registration "
-                             "does; memory and fused modes)")
+                        help="memory distances around the shots' mean patch (on) or around the origin (off, shipped) "
+                             "(memory and fused modes)")
     parser.add_argument("--memory-stages", choices=("on", "off"), default=None,
-                        help="fix one cosine per backbone stage, averaged (on), or one cosine over the concatenated "
-                             "stages (off) (ImageNet EfficientNet; CLIP layers are separate anyway); default: chosen "
-                             "per product")
+                        help="one cosine per backbone stage, averaged (on, shipped), or one cosine over the "
+                             "concatenated stages (off) (ImageNet EfficientNet; CLIP layers are separate anyway)")
     parser.add_argument("--image-score", choices=("peak", "peak_mean"), default=None,
-                        help="fix the map -> image score: peak_mean (geometric mean of the map's maximum and mean) or "
-                             "peak (the maximum alone); default: chosen per product")
+                        help="map -> image score: peak_mean (shipped: geometric mean of the map's maximum and mean) or "
+                             "peak (the maximum alone)")
+    parser.add_argument("--scoring", choices=("shipped", "choose"), default="shipped",
+                        help="shipped: the scoring above; choose: each product picks its memory scoring from its own "
+                             "shots (clipshot/scoring_selection.py), starting from the flags above")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
                         help="auto = bf16 on GPUs that have it, fp32 on CPU")
@@ -125,9 +126,9 @@ def _adapter_factory(detector, args: argparse.Namespace):
                 ("memory_center", None if args.memory_center is None else args.memory_center == "on"),
                 ("memory_stages", None if args.memory_stages is None else args.memory_stages == "on"),
                 ("image_score", args.image_score)) if value is not None}
-            scoring = ScoringConfig(**fixed) if fixed else None  # None: the product chooses, as at registration
+            scoring = ScoringConfig(**fixed) if fixed else None
             adapter = detector.fit_memory(shots, category=category, text=args.mode == "fused", object_name=category,
-                                          geometry=geometry, scoring=scoring)
+                                          geometry=geometry, scoring=scoring, choose_scoring=args.scoring == "choose")
             return adapter, time.perf_counter() - start, 0.0
         from training.fewshot import FewShotConfig, train_fewshot
 
