@@ -51,6 +51,7 @@ class Decision(BaseModel):
     expected_recall: float | None = None
     confident: bool | None = None
     note: str | None = None
+    verdicts: bool | None = None
 
 
 class CategoryInfo(CategoryDetail):

@@ -165,12 +165,19 @@ class Decision(BaseModel):
         "`manual`: a threshold an operator set.")
     target_false_alarm_rate: float | None = Field(description="The rate asked for (`target_rate` only).")
     expected_false_alarm_rate: float | None = Field(
-        description="Expected share of good parts flagged, from the stored leave-one-out scores of the good images.")
+        description="At most this share of good parts is flagged, with 90 % confidence, for parts that vary as the "
+                    "good images did: a Clopper-Pearson bound on how many good images (shots and confirmed goods) "
+                    "scored above the threshold against a memory without them, or the log-normal estimate where "
+                    "larger. Null with fewer than 2 good images (no evidence for a number).")
     expected_recall: float | None = Field(
         description="Expected share of defects caught: on confirmed defects when there are any, else on "
                     "synthetic defects made from the shots; null without such evidence.")
-    confident: bool = Field(description="False with fewer than 4 good images: the rates are rough guesses.")
+    confident: bool = Field(description="True when `expected_false_alarm_rate` is at most 0.2; with no good image "
+                                        "above the threshold that takes 11 good images.")
     note: str | None = Field(description="Why the rates are uncertain, if they are.")
+    verdicts: bool = Field(True, description="False when the evidence supports no verdict yet (one good image, "
+                                             "automatic or target-rate policy): predictions carry the score only and "
+                                             "`is_anomalous` is null. A manual threshold always gives verdicts.")
 
 
 class Validation(BaseModel):
@@ -260,6 +267,12 @@ class AdapterVersionInfo(BaseModel):
     validation: Validation | None = Field(None, description="What the version measures on operator-confirmed "
                                                             "images (feedback).")
     geometry: dict[str, Any] | None = Field(None, description="The version's image geometry (see registration).")
+    scoring: dict[str, Any] | None = Field(None, description="How the version turns features into scores "
+                                           "(`memory_center`, `memory_stages`, `image_score`, ...).")
+    scoring_selection: dict[str, Any] | None = Field(
+        None, description="How the product chose that scoring from its own shots: `rule`, `chosen` and every "
+                          "candidate's `image_separation` / `pixel_separation` (AUROC of its synthetic defects "
+                          "against its leave-one-out normals); null when the scoring was fixed.")
     error: str | None = Field(None, description="Set when the manifest cannot be read (the version is unusable).")
 
 

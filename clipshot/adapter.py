@@ -42,12 +42,18 @@ class Adapter:
     object_name: str | None = None
     backbone: dict = field(default_factory=dict)
     geometry: Geometry = field(default_factory=Geometry)
+    # None: the scoring was fixed by whoever built the adapter; a dict: the product chose it from its own shots
+    # at calibration (``clipshot.scoring_selection``: the rule, the choice, every candidate's evidence).
+    selection: dict | None = None
     version: int | None = None
     uid: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     @property
     def threshold(self) -> float | None:
-        return None if self.calibration is None else self.calibration.threshold
+        """The verdict's threshold; None when uncalibrated or when the evidence supports no verdict yet
+        (``Calibration.verdicts``: predictions then carry the score only)."""
+        cal = self.calibration
+        return None if cal is None or not cal.verdicts else cal.threshold
 
     @property
     def branches(self) -> list[str]:
@@ -80,6 +86,7 @@ class Adapter:
             "object_name": self.object_name,
             "backbone": self.backbone,
             "geometry": self.geometry.to_dict(),
+            "scoring_selection": self.selection,
         }
 
     @classmethod
@@ -117,6 +124,7 @@ class Adapter:
             object_name=config.get("object_name"),
             backbone=dict(config.get("backbone", {})),
             geometry=Geometry.from_dict(config.get("geometry")),
+            selection=config.get("scoring_selection"),
             version=version,
             uid=adapter_uid("c", category, version) if version is not None else uuid.uuid4().hex,
         )

@@ -16,12 +16,22 @@ from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
 from PIL import Image, ImageEnhance
+from scipy.stats import beta
 from scipy.stats import t as student_t
 
 DEFAULT_FALSE_ALARM_RATE = 0.01
 POLICIES = ("auto", "target_rate", "manual")
 WEAK_DEFECT_QUANTILE = 0.1  # "the weakest decile" of the defect evidence
-CONFIDENT_MIN_SHOTS = 4  # below this the leave-one-out memory is too small to say how normals score
+# The false-alarm rate a version reports is an upper bound that holds with this probability over the draw of the
+# good images it was calibrated on (one-sided Clopper-Pearson on how many of them score above the threshold).
+FALSE_ALARM_CONFIDENCE = 0.9
+# ``confident`` = the evidence bounds the false-alarm rate by this much or less: a line that stops one good part
+# in five for a re-check can still run; beyond it the operator must expect to confirm parts by hand. With no good
+# image above the threshold that takes 11 good images (shots and confirmed goods): 1 - 0.1 ** (1 / 11) = 0.189.
+CONFIDENT_FALSE_ALARM_BOUND = 0.2
+# Fewer good images than this give no verdict under the automatic or target-rate policy: leave-one-out needs a
+# second image, and one photo scored against itself says nothing about how much good parts differ.
+MIN_VERDICT_IMAGES = 2
 
 
 @dataclass(frozen=True)
@@ -66,6 +76,7 @@ class Calibration:
     shots: int = 0
     confident: bool = True
     note: str | None = None
+    verdicts: bool = True  # False: too little evidence for ``score > threshold`` to decide (``MIN_VERDICT_IMAGES``)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -89,7 +100,8 @@ class Calibration:
         return {"threshold": self.threshold, "policy": self.policy,
                 "target_false_alarm_rate": self.target_false_alarm_rate,
                 "expected_false_alarm_rate": self.expected_false_alarm_rate,
-                "expected_recall": self.expected_recall, "confident": self.confident, "note": self.note}
+                "expected_recall": self.expected_recall, "confident": self.confident, "note": self.note,
+                "verdicts": self.verdicts}
 
 
 def _normal_fit(scores: Sequence[float]) -> tuple[float, float]:
@@ -113,14 +125,41 @@ def _log_fit(scores: Sequence[float], shots: int) -> tuple[float, float, int]:
     return float(np.mean(logs)), sd * math.sqrt(1 + 1 / n), n - 1
 
 
-def false_alarm_rate_at(cal: Calibration, threshold: float) -> float | None:
-    """Expected share of good parts above ``threshold`` under the predictive law of the normal evidence."""
-    if not cal.normal_scores:
-        return None
+def _estimated_rate(cal: Calibration, threshold: float) -> float:
+    """Share of good parts above ``threshold`` under the predictive law of the normal evidence (a point guess)."""
     if threshold <= 0:
         return 1.0
     centre, scale, dof = _log_fit(cal.normal_scores, cal.shots or len(cal.normal_scores))
     return float(student_t.sf((math.log(threshold) - centre) / scale, dof))
+
+
+def images_above(cal: Calibration, threshold: float) -> tuple[int, int]:
+    """(good images with any leave-one-out score above ``threshold``, good images): the count a bound rests on.
+
+    ``normal_scores`` holds, per good image in order, its own score and its light views' (``Detector._calibrate``);
+    the views of one image are not independent of it, so an image counts once, as above if any of its views is."""
+    images = max(1, int(cal.shots or len(cal.normal_scores)))
+    groups = np.array_split(np.asarray(cal.normal_scores, dtype=np.float64), images)
+    return sum(bool(np.any(g > threshold)) for g in groups if g.size), images
+
+
+def false_alarm_rate_at(cal: Calibration, threshold: float) -> float | None:
+    """An upper bound on the share of good parts flagged at ``threshold``, or None where the evidence cannot
+    support one (fewer than ``MIN_VERDICT_IMAGES`` good images).
+
+    The bound is the one-sided ``FALSE_ALARM_CONFIDENCE`` Clopper-Pearson limit on how many of the n good images
+    scored above the threshold against a memory without them (exchangeable with a new good part, so the limit is
+    distribution-free), or the log-normal estimate where that is larger. With no image above the threshold it is
+    1 - 0.1 ** (1 / n): 44 % with 4 good images, 13 % with 16 — what so few photos can honestly promise. It holds
+    for parts that vary as the shots did; shots from one batch or one position understate the variation, which is
+    why it is a bound and not a point estimate, and why confirming good parts (feedback) is what tightens it."""
+    if not cal.normal_scores:
+        return None
+    above, images = images_above(cal, threshold)
+    if images < MIN_VERDICT_IMAGES:
+        return None
+    limit = 1.0 if above >= images else float(beta.ppf(FALSE_ALARM_CONFIDENCE, above + 1, images - above))
+    return max(limit, _estimated_rate(cal, threshold))
 
 
 def recall_at(cal: Calibration, threshold: float) -> float | None:
@@ -186,12 +225,27 @@ def apply_policy(cal: Calibration, policy: DecisionPolicy) -> Calibration:
         chosen = _auto_threshold(cal.normal_scores, cal.defect_scores, cal.validation_defect_scores, cal.shots)
     if not math.isfinite(chosen):
         raise ValueError("calibration produced a non-finite threshold")
-    confident = cal.shots >= CONFIDENT_MIN_SHOTS
-    note = None if confident else (f"only {cal.shots} good shot(s): the false-alarm rate is a rough guess; "
-                                   f"register {CONFIDENT_MIN_SHOTS}-16 shots or confirm good parts via feedback")
+    rate = false_alarm_rate_at(cal, chosen)
+    verdicts = policy.kind == "manual" or rate is not None
+    confident = rate is not None and rate <= CONFIDENT_FALSE_ALARM_BOUND
     return replace(cal, threshold=chosen, policy=policy.kind, target_false_alarm_rate=policy.target_false_alarm_rate,
-                   expected_false_alarm_rate=false_alarm_rate_at(cal, chosen), expected_recall=recall_at(cal, chosen),
-                   confident=confident, note=note)
+                   expected_false_alarm_rate=rate, expected_recall=recall_at(cal, chosen), confident=confident,
+                   note=_note(cal, chosen, rate, verdicts), verdicts=verdicts)
+
+
+def _note(cal: Calibration, threshold: float, rate: float | None, verdicts: bool) -> str | None:
+    """What an operator should know about the decision's evidence, in one sentence (None when it is solid)."""
+    above, images = images_above(cal, threshold) if cal.normal_scores else (0, 0)
+    if not verdicts:
+        return (f"{images} good image(s): no verdicts until at least {MIN_VERDICT_IMAGES} (one photo cannot show how "
+                "much good parts differ); predictions carry the score only. Add shots, or set a manual threshold")
+    if rate is None:
+        return None
+    if rate > CONFIDENT_FALSE_ALARM_BOUND:
+        return (f"{images} good image(s), {above} above the threshold: up to {100 * rate:.0f} % of good parts may be "
+                f"flagged ({100 * FALSE_ALARM_CONFIDENCE:.0f} % confidence); confirm good parts via feedback or add "
+                "shots to tighten this")
+    return None
 
 
 def light_views(image: Image.Image, count: int) -> list[Image.Image]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -13,24 +12,23 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from clipshot import calibration_evidence as evidence
 from clipshot import lora, mixed_batch
+from clipshot import scoring_selection as selection
 from clipshot.adapter import Adapter
 from clipshot.anomaly_map import pixel_map
 from clipshot.backbone import Backbone, ClipBackbone
-from clipshot.calibration import Calibration, DecisionPolicy, calibrate, light_views
+from clipshot.calibration import Calibration, DecisionPolicy, calibrate
 from clipshot.chunked import Steps, finish
-from clipshot.features import Features
+from clipshot.features import FEATURE_BATCH, Features
 from clipshot.fusion import ScoringConfig, fuse_maps, image_score, map_threshold
 from clipshot.geometry import TILE_OVERLAP, Geometry, GeometryError, build_geometry, check_usable
 from clipshot.memory_branch import MemoryBank, memory_precision
 from clipshot.prompts import handcrafted_embeddings
-from clipshot.synthetic import AnomalySynthesizer
 from clipshot.text_branch import text_maps, text_scores
 
 RECOMMENDED_MIN_SHOTS = 4
-FEATURE_BATCH = 32
 ZERO_SHOT_IMAGE_SCORE = "peak"  # text-only adapters keep the map maximum: see ``Detector.text_adapter``
-SYNTHETIC_DEFECTS = 32  # calibration's synthetic defects per fit, spread evenly over the shots
 
 
 @dataclass
@@ -286,25 +284,26 @@ class Detector:
                    object_name: str | None = None, coreset_ratio: float | None = None,
                    scoring: ScoringConfig | None = None, calibration_views: int = 2,
                    defects: Sequence[Image.Image] = (), policy: DecisionPolicy | None = None,
-                   geometry: Geometry | None = None) -> Adapter:
+                   geometry: Geometry | None = None, choose_scoring: bool = False) -> Adapter:
         """Memory adapter (plus handcrafted text on CLIP when ``text``), calibrated: usable immediately.
 
         ``defects`` are operator-confirmed defect photos (validation evidence, never memory); ``policy`` the
         decision policy (default: the automatic rule); ``geometry`` None = chosen from the shots by
-        ``clipshot.geometry.build_geometry``'s rule."""
+        ``clipshot.geometry.build_geometry``'s rule; ``choose_scoring``: the product picks its memory scoring
+        from its own shots (``clipshot.scoring_selection``, starting from ``scoring``) instead of keeping it."""
         if 0 < len(shots) < RECOMMENDED_MIN_SHOTS:
             warnings.warn(f"{len(shots)} shot(s) given; {RECOMMENDED_MIN_SHOTS}-16 give reliable memory and "
                           "calibration", stacklevel=2)
         return finish(self.fit_memory_steps(shots, category=category, text=text, object_name=object_name,
                                             coreset_ratio=coreset_ratio, scoring=scoring,
                                             calibration_views=calibration_views, defects=defects, policy=policy,
-                                            geometry=geometry))
+                                            geometry=geometry, choose_scoring=choose_scoring))
 
     def fit_memory_steps(self, shots: Sequence[Image.Image], *, category: str, text: bool | None = None,
                          object_name: str | None = None, coreset_ratio: float | None = None,
                          scoring: ScoringConfig | None = None, calibration_views: int = 2,
                          defects: Sequence[Image.Image] = (), policy: DecisionPolicy | None = None,
-                         geometry: Geometry | None = None) -> Steps[Adapter]:
+                         geometry: Geometry | None = None, choose_scoring: bool = False) -> Steps[Adapter]:
         """``fit_memory`` in bounded chunks of device work (``clipshot.chunked``), without the shot-count
         warning (callers that run chunks report it their own way)."""
         if not shots:
@@ -315,6 +314,7 @@ class Detector:
         adapter = self.text_adapter(category=category, object_name=object_name, scoring=scoring) if use_text \
             else Adapter(category=category, scoring=scoring, object_name=object_name, backbone=self.layout())
         adapter.geometry = geometry
+        adapter.selection = {} if choose_scoring else None  # filled by calibration: the product's own choice
         yield
         return (yield from self.refit_memory_steps(adapter, shots, coreset_ratio=coreset_ratio,
                                                    calibration_views=calibration_views, defects=defects,
@@ -362,7 +362,7 @@ class Detector:
         feats = yield from self.features_steps(shots, adapter, dpam=adapter.scoring.dpam)
         adapter.memory = yield from self.memory_bank_steps(feats, adapter, coreset_ratio)
         adapter.calibration = yield from self._calibrate(adapter, shots, feats, calibration_views, list(defects),
-                                                         policy)
+                                                         policy, coreset_ratio)
         if adapter.backbone:  # the calibration was just scored at this service's memory precision
             adapter.backbone = {**adapter.backbone, "memory_precision": self.memory_precision}
         return adapter
@@ -383,77 +383,25 @@ class Detector:
         return [p.score for p in self.predict(list(images), adapter, map_size=None)] if images else []
 
     def _calibrate(self, adapter: Adapter, shots: list[Image.Image], feats: Features, views: int,
-                   defects: list[Image.Image], policy: DecisionPolicy) -> Steps[Calibration]:
-        """Leave-one-out evidence: each shot, light variants of it and synthetic defects made from it are scored
-        against a memory of the *other* shots, i.e. as a part the memory has never seen.
+                   defects: list[Image.Image], policy: DecisionPolicy,
+                   coreset_ratio: float | None = None) -> Steps[Calibration]:
+        """The threshold from leave-one-out evidence (``clipshot.calibration_evidence``): each shot, light variants
+        of it and synthetic defects made from it scored against a memory of the *other* shots.
 
-        The shots' own features are reused; views and synthetic defects are extracted in one pass each. A
-        generator: it yields after each feature batch and each fold (``clipshot.chunked``)."""
-        n = len(shots)
-        dpam = adapter.scoring.dpam
-        view_feats = None
-        if views:
-            all_views = [view for img in shots for view in light_views(img, views)]
-            view_feats = yield from self.features_steps(all_views, adapter, dpam=dpam)
-        made, sources = yield from self._synthetic_defects(shots, adapter)
-        synth_feats = (yield from self._unit_features(made, adapter)) if len(made) else None
-        normal: list[float] = []
-        synthetic: list[float] = []
-        for i in range(n):
-            rest = [j for j in range(n) if j != i] or [i]
-            bank = self.memory_bank(feats.select(torch.tensor(rest)), adapter)
-            parts = [feats.select(slice(i, i + 1))] if n > 1 or view_feats is None else []
-            if view_feats is not None:
-                parts.append(view_feats.select(slice(i * views, (i + 1) * views)))
-            normal.extend(self.score_features(Features.cat(parts), adapter, bank)[0].tolist())
-            mine = [k for k, src in enumerate(sources) if src == i]
-            if synth_feats is not None and mine:
-                synthetic.extend(self.score_features(synth_feats.select(torch.tensor(mine)), adapter, bank)[0].tolist())
-            yield
+        With ``adapter.selection`` set (a product that chooses its own scoring), every candidate scoring is applied
+        to the same evidence and the adapter keeps the one that separates its synthetic defects from its unseen
+        normals best (``clipshot.scoring_selection``); the served bank is then rebuilt the chosen way."""
+        found = yield from evidence.gather(self, adapter, shots, feats, views)
+        if adapter.selection is not None and adapter.memory is not None:
+            loo = yield from selection.select(self, adapter, found)
+            adapter.memory = yield from self.memory_bank_steps(feats, adapter, coreset_ratio)
+        else:
+            loo = yield from evidence.leave_one_out(self, adapter, found)
         validation: list[float] = []
         step = max(1, FEATURE_BATCH // adapter.geometry.views_per_image)
         for start in range(0, len(defects), step):
             validation.extend(self.score_images(defects[start : start + step], adapter))
             yield
-        method = "leave-one-out" if n > 1 else "single-shot-augmented"
-        return calibrate(normal, synthetic, shots=n, validation_defect_scores=validation, policy=policy,
-                         method=method)
-
-    def _synthetic_defects(self, shots: list[Image.Image], adapter: Adapter
-                           ) -> Steps[tuple[torch.Tensor, list[int]]]:
-        """(N, views, 3, H, W) unit-range synthetic defects (CutPaste, scar, Perlin) made from the shots in the
-        adapter's geometry (one view of each damaged, the rest as they are), and the shot each was made from.
-        A fixed seed: the same shots calibrate the same way. Yields after each shot's defects."""
-        geometry = adapter.geometry
-        views = geometry.views_per_image
-        units = geometry.unit_pixels(shots, self.backbone.image_size)
-        units = units.reshape(len(shots), views, *units.shape[1:])
-        per_shot = max(1, math.ceil(SYNTHETIC_DEFECTS / len(shots)))
-        generator = torch.Generator().manual_seed(0)
-        synthesizer = AnomalySynthesizer(p=1.0)
-        made: list[torch.Tensor] = []
-        sources: list[int] = []
-        for i in range(len(shots)):
-            for _ in range(per_shot):
-                view = int(torch.randint(views, (), generator=generator))
-                image, _mask, label = synthesizer(units[i, view], list(units[:, view]), generator)
-                if label:  # a flat shot can refuse every kind: no defect then, rather than a fake one
-                    damaged = units[i].clone()
-                    damaged[view] = image
-                    made.append(damaged)
-                    sources.append(i)
-            yield
-        return (torch.stack(made) if made else units[:0]), sources
-
-    def _unit_features(self, units: torch.Tensor, adapter: Adapter) -> Steps[Features]:
-        """Features of (N, views, 3, H, W) images already cut into the geometry's views, in [0, 1] (no second
-        resize), one row per image; yields after each batch."""
-        views = units.shape[1]
-        flat = units.flatten(0, 1)
-        step = max(1, FEATURE_BATCH // views) * views
-        parts = []
-        for i in range(0, len(flat), step):
-            parts.append(self.features(self.backbone.normalise(flat[i : i + step]), adapter,
-                                       dpam=adapter.scoring.dpam).per_image(views))
-            yield
-        return Features.cat(parts)
+        method = "leave-one-out" if len(shots) > 1 else "single-shot-augmented"
+        return calibrate(loo.normal, loo.synthetic, shots=len(shots), validation_defect_scores=validation,
+                         policy=policy, method=method)

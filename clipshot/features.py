@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+FEATURE_BATCH = 32  # images (views, for tiles) per backbone forward when extracting many: bounded memory
+
 
 @dataclass
 class Features:

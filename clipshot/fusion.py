@@ -22,9 +22,11 @@ class ScoringConfig:
     temperature: float = 100.0
     dpam: bool = False
     sigma: float = 4.0
-    # Memory distances measured around the shots' mean patch (``MemoryBank`` docstring). Bundles written before
-    # this setting load with False and keep scoring exactly as they were calibrated.
-    memory_center: bool = True
+    # Memory distances measured around the shots' mean patch (``MemoryBank`` docstring). Off by default: it lifted
+    # the ball screw but ruined localisation on textures (on a paper texture the mean patch *is* the texture and
+    # what is left is noise; ``benchmarks/accuracy_suite.py``). A product can still choose it from its own shots
+    # (``clipshot.scoring_selection``). Bundles written before this setting load with False.
+    memory_center: bool = False
     # Map -> image score (``IMAGE_SCORES``). Bundles written before this setting load with "peak".
     image_score: str = "peak_mean"
     # Score each backbone stage concatenated in a patch vector by its own cosine (``MemoryBank`` docstring);

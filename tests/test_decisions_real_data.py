@@ -1,5 +1,8 @@
 """The shipped decision rule on real images (../shared): 4 good shots by the eval's rule (seed 0), offline
-EfficientNet-Lite0, the verdict at the adapter's own threshold. Skips cleanly when the data is absent."""
+EfficientNet-Lite0, the verdict at the adapter's own threshold. Skips cleanly when the data is absent.
+
+These pin the shipped defaults on the shared sets; the full gate for changing a default is
+``benchmarks/accuracy_suite.py`` over every dataset, every seed."""
 
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from tests.conftest import REPO
 from tests.helpers.data import require_data
 
 SHARED = REPO.parent / "shared" / "data"
-DATASETS = {"bottle": SHARED / "mvtec_ad", "ball_screw": SHARED / "bsdata"}
+DATASETS = {"bottle": SHARED / "mvtec_ad", "ball_screw": SHARED / "bsdata", "paper_brg01_rl": SHARED / "piped"}
 
 
 @pytest.fixture(scope="module")
@@ -66,9 +69,30 @@ def test_ball_screw_threshold_flags_pitting(detector):
 
 def test_ball_screw_ranking_with_the_shipped_scoring(detector):
     labels, _, scores = _verdicts(detector, "ball_screw")
-    # Issue 10's scoring: memory distances around the shots' mean patch and the peak-mean image score. Seed 0
-    # measured 0.866 before (origin, peak), 0.895 with the centre only, 0.893 with peak-mean only, 0.916 with
-    # both and 0.924 with per-stage cosines on top: 0.90 fails if centring or peak-mean is lost anywhere on the
-    # way (memory, calibration, prediction) and leaves room for CPU-to-CPU float noise. (The per-stage rule alone
-    # moves seed 0 by less than that room; tests/test_core_memory_stages.py pins it down exactly.)
-    assert roc_auc_score(labels, scores) >= 0.90
+    # The shipped scoring: origin cosine, one cosine per backbone stage, peak-mean image score. Seed 0 measures
+    # 0.887 (accuracy suite); the map maximum instead of peak-mean gave 0.866 and distances around the shots' mean
+    # 0.924 (the release that collapsed textures). 0.875 fails if peak-mean is lost anywhere on the way (memory,
+    # calibration, prediction) and leaves room for CPU-to-CPU float noise.
+    assert roc_auc_score(labels, scores) >= 0.875
+
+
+def test_paper_texture_keeps_its_localisation(detector):
+    # The paper texture is where distances around the shots' mean patch collapsed: the mean patch is the texture,
+    # and what centring leaves is noise (pixel AUROC 0.62-0.65, image AUROC 0.92-0.95 at 4 shots). With the
+    # shipped origin cosine the suite measures 0.987 image / 0.960 pixel AUROC on seed 0 (F1 at threshold 0.98).
+    # 0.90 pixel / 0.95 image fail if the collapse returns and leave room for CPU-to-CPU float noise on one seed.
+    root = DATASETS["paper_brg01_rl"]
+    labels, _, scores = _verdicts(detector, "paper_brg01_rl")
+    assert roc_auc_score(labels, scores) >= 0.95
+    shots = [Image.open(p).convert("RGB") for p in select_shots(list_train_good(root, "paper_brg01_rl"), 4,
+                                                                  category="paper_brg01_rl", seed=0)]
+    adapter = detector.fit_memory(shots, category="paper_brg01_rl")
+    pixels, truth = [], []
+    for sample in list_test_samples(root, "paper_brg01_rl"):
+        image = Image.open(sample.path).convert("RGB")
+        heat = detector.predict([image], adapter)[0].anomaly_map
+        mask = (np.zeros(heat.shape, bool) if sample.mask_path is None
+                else np.asarray(Image.open(sample.mask_path).convert("L")) > 127)
+        pixels.append(heat.ravel())
+        truth.append(mask.ravel())
+    assert roc_auc_score(np.concatenate(truth), np.concatenate(pixels)) >= 0.90

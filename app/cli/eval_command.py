@@ -67,15 +67,18 @@ def add_eval_parser(subparsers) -> None:
     parser.add_argument("--tile", type=int, default=None,
                         help="square tile side in image pixels; 0 = no tiles (default: the registration rule)")
     parser.add_argument("--tile-overlap", type=float, default=0.25, help="overlap of neighbouring tiles")
-    parser.add_argument("--memory-center", choices=("on", "off"), default="on",
-                        help="memory distances around the shots' mean patch (the shipped default) or, with off, "
-                             "around the origin as before issue 10 (memory and fused modes)")
-    parser.add_argument("--memory-stages", choices=("on", "off"), default="on",
-                        help="one cosine per backbone stage, averaged (shipped) or, with off, one cosine over the "
-                             "concatenated stages as before (ImageNet EfficientNet; CLIP layers are separate anyway)")
-    parser.add_argument("--image-score", choices=("peak", "peak_mean"), default="peak_mean",
-                        help="map -> image score: peak_mean (shipped: geometric mean of the map's maximum and mean) "
-                             "or peak (the maximum alone, as before issue 10)")
+    parser.add_argument("--memory-center", choices=("on", "off"), default=None,
+                        help="memory distances around the shots' mean patch (on) or around the origin (off, shipped) "
+                             "(memory and fused modes)")
+    parser.add_argument("--memory-stages", choices=("on", "off"), default=None,
+                        help="one cosine per backbone stage, averaged (on, shipped), or one cosine over the "
+                             "concatenated stages (off) (ImageNet EfficientNet; CLIP layers are separate anyway)")
+    parser.add_argument("--image-score", choices=("peak", "peak_mean"), default=None,
+                        help="map -> image score: peak_mean (shipped: geometric mean of the map's maximum and mean) or "
+                             "peak (the maximum alone)")
+    parser.add_argument("--scoring", choices=("shipped", "choose"), default="shipped",
+                        help="shipped: the scoring above; choose: each product picks its memory scoring from its own "
+                             "shots (clipshot/scoring_selection.py), starting from the flags above")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
                         help="auto = bf16 on GPUs that have it, fp32 on CPU")
@@ -119,10 +122,13 @@ def _adapter_factory(detector, args: argparse.Namespace):
         if args.mode in ("memory", "fused"):
             from clipshot.fusion import ScoringConfig
 
-            scoring = ScoringConfig(memory_center=args.memory_center == "on", image_score=args.image_score,
-                                    memory_stages=args.memory_stages == "on")
+            fixed = {key: value for key, value in (
+                ("memory_center", None if args.memory_center is None else args.memory_center == "on"),
+                ("memory_stages", None if args.memory_stages is None else args.memory_stages == "on"),
+                ("image_score", args.image_score)) if value is not None}
+            scoring = ScoringConfig(**fixed) if fixed else None
             adapter = detector.fit_memory(shots, category=category, text=args.mode == "fused", object_name=category,
-                                          geometry=geometry, scoring=scoring)
+                                          geometry=geometry, scoring=scoring, choose_scoring=args.scoring == "choose")
             return adapter, time.perf_counter() - start, 0.0
         from training.fewshot import FewShotConfig, train_fewshot
 
