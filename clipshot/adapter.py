@@ -42,6 +42,8 @@ class Adapter:
     object_name: str | None = None
     backbone: dict = field(default_factory=dict)
     geometry: Geometry = field(default_factory=Geometry)
+    # What the shots looked like (median size, colour): lets a server tell an upload unlike them; None = unknown
+    shot_images: dict | None = None
     version: int | None = None
     uid: str = field(default_factory=lambda: uuid.uuid4().hex)
 
@@ -80,6 +82,7 @@ class Adapter:
             "object_name": self.object_name,
             "backbone": self.backbone,
             "geometry": self.geometry.to_dict(),
+            "shot_images": self.shot_images,
         }
 
     @classmethod
@@ -117,6 +120,7 @@ class Adapter:
             object_name=config.get("object_name"),
             backbone=dict(config.get("backbone", {})),
             geometry=Geometry.from_dict(config.get("geometry")),
+            shot_images=config.get("shot_images"),
             version=version,
             uid=adapter_uid("c", category, version) if version is not None else uuid.uuid4().hex,
         )
