@@ -66,6 +66,8 @@ class ThresholdChanged(BaseModel):
     category: str
     version: int
     decision: Decision
+    dry_run: bool = False
+    warnings: list[str] = Field(default_factory=list)  # the rule stops inspecting (recall 0, half flagged)
 
 
 class FeedbackResult(BaseModel):
@@ -249,13 +251,17 @@ class Client:
         return CategoryDeleted.model_validate(self._call("DELETE", f"/v1/categories/{category}").json())
 
     def set_threshold(self, category: str, *, target_false_alarm_rate: float | None = None,
-                      threshold: float | None = None, auto: bool = False) -> ThresholdChanged:
-        """Decide by a target false-alarm rate, a fixed score, or back to the automatic rule (exactly one)."""
+                      threshold: float | None = None, auto: bool = False,
+                      dry_run: bool = False) -> ThresholdChanged:
+        """Decide by a target false-alarm rate, a fixed score, or back to the automatic rule (exactly one).
+
+        ``dry_run``: only preview the decision and its ``warnings``; nothing changes on the server."""
         chosen = [body for body in ({"target_false_alarm_rate": target_false_alarm_rate}, {"threshold": threshold})
                   if next(iter(body.values())) is not None] + ([{"policy": "auto"}] if auto else [])
         if len(chosen) != 1:
             raise ValueError("give exactly one of target_false_alarm_rate, threshold or auto=True")
-        r = self._call("PUT", f"/v1/categories/{category}/threshold", json=chosen[0])
+        r = self._call("PUT", f"/v1/categories/{category}/threshold", json=chosen[0],
+                       params={"dry_run": "true"} if dry_run else None)
         return ThresholdChanged.model_validate(r.json())
 
     def feedback(self, category: str, images: ImageInput | Sequence[ImageInput], label: Literal["good", "defect"],

@@ -185,6 +185,13 @@ class Metrics:
             ("category",),
             RATIO_BUCKETS,
         )
+        self.mismatched_images = self._counter(
+            "clipshot_mismatched_images_total",
+            "Uploads unlike the category's shots (far smaller, another colour mode or aspect ratio), per category: "
+            "scored with a `warnings` entry, or refused with 400 when CLIPSHOT_REFUSE_MISMATCHED_IMAGES is on. A "
+            "rising share usually means a camera or its settings changed.",
+            ("category",),
+        )
         self.device_memory = DeviceMemoryCollector()
         self.registry.register(self.device_memory)
         self.specs.append(MetricSpec(DEVICE_MEMORY, "gauge", ("kind",), _DEVICE_MEMORY_HELP))

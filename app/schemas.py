@@ -70,6 +70,9 @@ class ImagePrediction(BaseModel):
         description="Stored adapter version that scored this image; null for handcrafted zero-shot prompts."
     )
     score: float = Field(description="Image anomaly score; higher = more anomalous.")
+    score_normalized: float | None = Field(
+        None, description="score / threshold: 1.0 is this product's threshold, above 1 anomalous, so scores of "
+        "different products (whose raw ranges differ) read alike. Null when there is no threshold (or it is 0).")
     threshold: float | None = Field(description="Calibrated decision threshold; null when uncalibrated.")
     map_threshold: float | None = Field(
         None, description="Heatmap level that made this verdict: the image is anomalous exactly when its map's "
@@ -83,6 +86,10 @@ class ImagePrediction(BaseModel):
         None, description="For `heatmap=regions` and `mask`: areas above the threshold, strongest first (at most "
         "32); empty when none. Null for the other modes.")
     regions_total: int | None = Field(None, description="How many regions there were (the list keeps 32).")
+    warnings: list[str] = Field(default_factory=list, description=(
+        "Why this verdict may be unreliable: an image far smaller than the product's shots (enlarged more than "
+        "2x beyond them), greyscale against colour shots (or the reverse), or another aspect ratio (more than "
+        "1.2x apart). `CLIPSHOT_REFUSE_MISMATCHED_IMAGES=true` answers 400 `image_mismatch` instead."))
     batch_size: int = Field(description="Images in the device batch this image ran in.")
     timings: StageTimings = Field(description="Where this image's time went in the server.")
 
@@ -207,8 +214,15 @@ class ThresholdChanged(BaseModel):
     """``PUT /v1/categories/{category}/threshold``: the new active version and its decision."""
 
     category: str = Field(description="The product category.")
-    version: int = Field(description="New active version (same model, new decision rule).")
-    decision: Decision = Field(description="The decision rule it now serves with.")
+    version: int = Field(description="New active version (same model, new decision rule); with `dry_run` the "
+                         "version serving now, unchanged.")
+    decision: Decision = Field(description="The decision rule it now serves with (with `dry_run`: would serve "
+                               "with).")
+    dry_run: bool = Field(False, description="True when nothing was changed (`?dry_run=true`: a preview).")
+    warnings: list[str] = Field(default_factory=list, description=(
+        "Set when the rule stops inspecting: expected recall 0 (no defect evidence scores above the threshold: "
+        "detection is effectively off) or an expected false-alarm rate of 0.5 or more. The change is still "
+        "made unless `dry_run`; preview first and ask the operator."))
 
 
 class FeedbackResult(BaseModel):

@@ -45,6 +45,8 @@ class Adapter:
     # None: the scoring was fixed by whoever built the adapter; a dict: the product chose it from its own shots
     # at calibration (``clipshot.scoring_selection``: the rule, the choice, every candidate's evidence).
     selection: dict | None = None
+    # What the shots looked like (median size, colour): lets a server tell an upload unlike them; None = unknown
+    shot_images: dict | None = None
     version: int | None = None
     uid: str = field(default_factory=lambda: uuid.uuid4().hex)
 
@@ -87,6 +89,7 @@ class Adapter:
             "backbone": self.backbone,
             "geometry": self.geometry.to_dict(),
             "scoring_selection": self.selection,
+            "shot_images": self.shot_images,
         }
 
     @classmethod
@@ -125,6 +128,7 @@ class Adapter:
             backbone=dict(config.get("backbone", {})),
             geometry=Geometry.from_dict(config.get("geometry")),
             selection=config.get("scoring_selection"),
+            shot_images=config.get("shot_images"),
             version=version,
             uid=adapter_uid("c", category, version) if version is not None else uuid.uuid4().hex,
         )

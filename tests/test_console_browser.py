@@ -6,6 +6,7 @@ and every resource a page loaded must come from the service: the pages work offl
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import shutil
 
@@ -76,6 +77,16 @@ def click(driver, css: str) -> None:
         return True
 
     wait(driver, done)
+
+
+def accept_if_asked(driver, timeout: float = 5.0) -> None:
+    """Confirm the console's question if one comes (a change the server warns about) within ``timeout``."""
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    with contextlib.suppress(TimeoutException):
+        WebDriverWait(driver, timeout).until(expected_conditions.alert_is_present()).accept()
 
 
 def text_of(driver, element_id: str) -> str:
@@ -180,11 +191,37 @@ def test_threshold_form(browser, server):
     browser.find_element("css selector", "#thr-mode option[value='threshold']").click()
     browser.find_element("id", "thr-value").send_keys("0.5")
     browser.find_element("id", "thr-submit").click()
+    accept_if_asked(browser)  # 0.5 is above the tiny model's scores: the console asks before switching it off
     wait(browser, lambda d: d.find_element("css selector", "#decision dd[data-field='threshold']").text == "0.5000")
     assert browser.find_element("css selector", "#decision dd[data-field='policy']").text == "manual"
     browser.find_element("css selector", "#thr-mode option[value='policy']").click()
     browser.find_element("id", "thr-submit").click()  # back to the automatic rule
+    accept_if_asked(browser)  # a random tiny model catches no synthetic defect even at its automatic threshold
     wait(browser, lambda d: d.find_element("css selector", "#decision dd[data-field='policy']").text == "auto")
+
+
+def test_a_threshold_that_stops_inspecting_is_applied_only_after_the_operator_confirms(browser, server):
+    """The server says the rule switches detection off (dry run); the console asks, and a "no" changes nothing."""
+    from selenium.webdriver.support import expected_conditions
+
+    with Client(server, ADMIN_KEY) as client:
+        before = client.category("widget").active_version
+    browser.get(server + "/console")
+    click(browser, '#product-list tr[data-category="widget"]')
+    browser.find_element("css selector", "#thr-mode option[value='threshold']").click()
+    browser.find_element("id", "thr-value").send_keys("1000000")  # above every score: recall 0
+    browser.find_element("id", "thr-submit").click()
+    alert = wait(browser, expected_conditions.alert_is_present())
+    assert "detection is effectively off" in alert.text
+    alert.dismiss()
+    wait(browser, lambda d: "Threshold not changed" in text_of(d, "message"))
+    with Client(server, ADMIN_KEY) as client:
+        assert client.category("widget").active_version == before  # the preview wrote nothing
+    browser.find_element("id", "thr-submit").click()
+    wait(browser, expected_conditions.alert_is_present()).accept()
+    wait(browser, lambda d: f"version {before + 1}" in text_of(d, "message"))
+    with Client(server, ADMIN_KEY) as client:
+        client.set_threshold("widget", auto=True)  # leave the product as the next tests expect it
 
 
 @pytest.mark.parametrize(("page", "rendered"), [

@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import tomllib
+from pathlib import Path
 
 import pytest
 import yaml
@@ -87,7 +88,7 @@ def test_compose_sets_only_real_settings_and_prometheus_scrapes_the_service(comp
     assert set(service["environment"]) <= fields
     assert "stop_grace_period" in service
     published = {int(p.split(":")[1]) for p in service["ports"]}
-    scrape = yaml.safe_load((DOCKER / "prometheus.yml").read_text())["scrape_configs"][0]
+    scrape = yaml.safe_load((DOCKER / "prometheus" / "prometheus.yml").read_text())["scrape_configs"][0]
     (target,) = scrape["static_configs"][0]["targets"]
     host, port = target.split(":")
     assert host == "clipshot" and int(port) in published and scrape["metrics_path"] == "/metrics"
@@ -120,3 +121,71 @@ def test_kuberay_manifest_runs_the_real_builder_with_real_settings_on_one_shared
         assert {"CLIPSHOT_JOB_DB", "CLIPSHOT_ADMIN_KEYS"} <= set(env)  # several replicas need the shared database
     assert all(g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu")
                for g in cluster["workerGroupSpecs"])
+
+
+def default_of(value: str) -> str:
+    """The value compose uses when the variable is unset: ``${NAME:-default}`` -> ``default``."""
+    match = re.fullmatch(r"\$\{\w+:-(.*)\}", value)
+    return match.group(1) if match else value
+
+
+def mount(service: dict, target: str) -> Path:
+    """The host folder (resolved against docker/, as compose does) mounted at ``target``."""
+    (source,) = [v.split(":")[0] for v in service["volumes"] if v.split(":")[1] == target]
+    return (DOCKER / source).resolve()
+
+
+def test_default_compose_runs_on_cpu_with_a_backbone_that_needs_no_download(compose):
+    from clipshot.backbone.efficientnet import weights_path
+
+    service = compose["services"]["clipshot"]
+    env = service["environment"]
+    assert env["CLIPSHOT_DEVICE"] == "cpu" and "CLIPSHOT_PRECISION" not in env
+    family, variant = default_of(env["CLIPSHOT_BACKBONE"]).split(":")
+    assert family == "imagenet"
+    assert Path(weights_path(variant)).is_file()  # the weights come with a pip dependency: nothing to fetch
+    assert "deploy" not in service  # no GPU reservation: compose would refuse to start on a host without one
+    assert "whl/cpu" in service["build"]["args"]["TORCH_INDEX_URL"]
+
+
+def test_gpu_override_adds_the_gpu_and_clip_with_real_settings(compose):
+    override = yaml.safe_load((DOCKER / "compose.gpu.yaml").read_text())
+    assert set(override["services"]) == {"clipshot"}  # an override of the service only
+    service = override["services"]["clipshot"]
+    fields = {f"{ENV_PREFIX}{name.upper()}" for name in Settings.model_fields}
+    assert set(service["environment"]) <= fields
+    assert service["environment"]["CLIPSHOT_DEVICE"] == "cuda"
+    assert default_of(service["environment"]["CLIPSHOT_BACKBONE"]).startswith("open_clip:")
+    (device,) = service["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+    assert service["build"]["args"]["TORCH_INDEX_URL"] == ""  # the default wheel, a CUDA build
+    assert service["image"] != compose["services"]["clipshot"]["image"]  # the two builds never share a tag
+
+
+def test_prometheus_loads_the_alert_rules_it_is_shipped_with(compose):
+    service = compose["services"]["prometheus"]
+    folder = mount(service, "/etc/prometheus")
+    config_arg = next(a for a in service["command"] if a.startswith("--config.file="))
+    config_file = folder / Path(config_arg.split("=", 1)[1]).relative_to("/etc/prometheus")
+    config = yaml.safe_load(config_file.read_text())
+    rules = [config_file.parent / r for r in config["rule_files"]]
+    assert rules and all(r.is_file() for r in rules)
+    assert DOCKER / "prometheus" / "alerts.yml" in rules
+
+
+def test_grafana_is_provisioned_with_the_dashboard_on_the_stack_prometheus(compose):
+    service = compose["services"]["grafana"]
+    provisioning = mount(service, "/etc/grafana/provisioning")
+    (source,) = yaml.safe_load((provisioning / "datasources" / "prometheus.yaml").read_text())["datasources"]
+    host, port = source["url"].removeprefix("http://").split(":")
+    assert host in compose["services"] and port == "9090"
+    (provider,) = yaml.safe_load((provisioning / "dashboards" / "clipshot.yaml").read_text())["providers"]
+    dashboards = mount(service, provider["options"]["path"])
+    assert (dashboards / "clipshot.json").is_file()
+    home = service["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert home == provider["options"]["path"] + "/clipshot.json"
+    import json
+
+    dashboard = json.loads((dashboards / "clipshot.json").read_text())
+    uids = {target["datasource"]["uid"] for panel in dashboard["panels"] for target in panel.get("targets", [])}
+    assert uids == {source["uid"]}  # every query goes to the provisioned data source

@@ -29,6 +29,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.categories.geometry import GeometryRequest
 from app.categories.shot_ledger import Ledger, current_ledger, validation_facts
+from app.core.advice import decision_warnings
 from app.errors import BadRequestError, ConflictError, NotFoundError
 from clipshot.calibration import Calibration, DecisionPolicy, apply_policy
 from model_store import CATEGORY_NAME, StaleVersion, StoreError, VersionNotFound
@@ -139,8 +140,11 @@ class CategoryEdits:
         return ledger.manifest
 
     # -- threshold ----------------------------------------------------------------------------------
-    async def set_threshold(self, category: str, policy: DecisionPolicy) -> dict[str, Any]:
-        """New version = the active one under ``policy``; its tensors are reused byte for byte."""
+    async def set_threshold(self, category: str, policy: DecisionPolicy, *, dry_run: bool = False) -> dict[str, Any]:
+        """New version = the active one under ``policy``; its tensors are reused byte for byte.
+
+        ``dry_run`` computes the decision and its warnings and writes nothing: the console previews a change
+        and asks before applying one that switches inspection off."""
         name = await run_in_threadpool(self._existing, category)
         async with self._lock(name):
             _, ledger = await self._ledger(name)
@@ -155,6 +159,10 @@ class CategoryEdits:
                 raise ConflictError(f"version {manifest.version} of {name!r} cannot take this policy: {exc}; "
                                     "re-register its shots to store calibration evidence",
                                     code="no_calibration") from exc
+            decision = cal.decision()
+            if dry_run:
+                return {"category": name, "version": manifest.version, "decision": decision, "dry_run": True,
+                        "warnings": decision_warnings(decision)}
             goods = sum(r.source == "feedback" for r in manifest.shots)
             metrics = {**manifest.metrics, "threshold": cal.threshold, "policy_of_version": manifest.version,
                        "validation": validation_facts(cal.to_dict(), goods, len(manifest.validation))}
@@ -166,7 +174,7 @@ class CategoryEdits:
                 raise stale_conflict(name, exc) from exc
             await run_in_threadpool(self._tidy, name)
         self.cache.invalidate(name)
-        return {"category": name, "version": version, "decision": cal.decision()}
+        return {"category": name, "version": version, "decision": decision, "warnings": decision_warnings(decision)}
 
     # -- feedback -----------------------------------------------------------------------------------
     async def feedback(self, category: str, files: list[tuple[str, bytes]], *, label: str,

@@ -54,6 +54,8 @@ def save_result(store: AdapterStore, detector: Detector, job: Job, result: Any, 
     fields = {"shots": ledger.goods, "validation": ledger.defects, "promotable": bool(result.promotable),
               "training": {"config": result.config, "seconds": result.seconds, "job_id": job.id}}
     version, outcome, metrics = None, "superseded", dict(result.metrics)
+    if result.adapter.shot_images is None:  # same shots as the version trained from: same image facts
+        result.adapter.shot_images = trained.adapter.get("shot_images")
     for _ in range(CAS_ATTEMPTS):
         now = current_ledger(store, job.category)
         current = same_evidence(now.manifest, trained)

@@ -39,6 +39,7 @@ from app.categories.shot_ledger import (
     stored_sizes,
     validation_facts,
 )
+from app.core.advice import chroma, shot_image_facts
 from app.core.config import Settings
 from app.errors import BadRequestError, ClipshotHTTPError, ConflictError, NotFoundError, OverloadedError
 from app.serving.device_worker import TRAIN
@@ -291,6 +292,8 @@ class CategoryService(CategoryEdits):
             return adapter, seconds
 
         adapter, seconds = await self.worker.run_steps(fit(), priority=TRAIN)
+        adapter.shot_images = await run_in_threadpool(  # what uploads are compared with (sizes from headers)
+            lambda: shot_image_facts(stored_sizes(self.store, name, goods, s), [chroma(i) for i in good_images]))
         kind = "memory" if source is None else "finetuned"
         n_feedback = sum(r.get("source") == "feedback" for r in goods)
         metrics = {**adapter_facts(adapter, kind), "shots": len(goods), "fit_seconds": round(seconds, 3),

@@ -140,7 +140,16 @@ async function setThreshold(event) {
   const raw = $("thr-value").value.trim();
   if (field !== "policy" && raw === "") { say("Enter a value for the new decision.", true); return; }
   const body = field === "policy" ? { policy: "auto" } : { [field]: Number(raw) };
-  const r = await api("PUT", `/categories/${enc(state.selected)}/threshold`, body);
+  const route = `/categories/${enc(state.selected)}/threshold`;
+  // The server decides what is extreme: preview the rule, and ask before applying one it warns about.
+  const preview = await api("PUT", `${route}?dry_run=true`, body);
+  const warnings = preview.warnings || [];
+  if (warnings.length && !window.confirm(`Apply threshold ${num(preview.decision.threshold)}?\n\n`
+      + `${warnings.join("\n")}`)) {
+    say(`Threshold not changed: ${warnings.join("; ")}.`, true);
+    return;
+  }
+  const r = await api("PUT", route, body);
   say(`${r.category} version ${r.version}: threshold ${num(r.decision.threshold)}.`);
   await loadProducts();
 }
@@ -220,6 +229,8 @@ function resultCard(category, p, file) {
   card.querySelector(".score").textContent = num(p.score);
   card.querySelector(".threshold").textContent = num(p.threshold);
   card.querySelector(".version").textContent = p.adapter_version ?? "—";
+  if (p.score_normalized != null) card.querySelector(".normalized").textContent = `= ${num(p.score_normalized, 2)} × threshold`;
+  card.querySelector(".warnings").textContent = (p.warnings || []).join("; ");
   const out = card.querySelector(".feedback-result");
   const send = (label) => feedback(category, file, label)
     .then((r) => { out.textContent = feedbackText(r); card.dataset.feedback = label; })

@@ -187,6 +187,12 @@ class Settings(BaseSettings, RaySettings):
         "`heatmap_size` may ask for smaller.",
     )
 
+    refuse_mismatched_images: bool = Field(
+        False,
+        description="Answer 400 `image_mismatch` for an upload unlike the product's shots (far smaller, "
+        "another colour mode or aspect ratio) instead of scoring it with a `warnings` entry.",
+    )
+
     # --- few-shot limits -----------------------------------------------------------------------
     min_shots: int = Field(
         1, ge=1, description="Fewest good reference photos accepted when registering a product."

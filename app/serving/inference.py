@@ -20,6 +20,7 @@ from fastapi import UploadFile
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
+from app.core.advice import image_warnings
 from app.core.config import Settings
 from app.core.identity import replica_name
 from app.errors import BadRequestError, ClipshotHTTPError, ConflictError, ImageError, NotFoundError, OverloadedError
@@ -156,12 +157,14 @@ class InferenceService:
     async def _decoded(self, adapter: Adapter, label: str, source: str, uploads: list[Upload],
                        heatmap: HeatmapMode) -> PredictResponse:
         decoded = await asyncio.gather(*(run_in_threadpool(self._decode, u, label) for u in uploads))
+        advice = await run_in_threadpool(self._advice, adapter, uploads, [d for d, _ in decoded])
         images = [d.image for d, _ in decoded]
         pixels, preprocess_s = await run_in_threadpool(self._preprocess, images, label, adapter.geometry)
         results = await asyncio.gather(*(self.batcher.submit(adapter, pixels[i], label) for i in range(len(images))))
         predictions = await asyncio.gather(*(
-            run_in_threadpool(self._postprocess, adapter, label, upload, item, result, heatmap, decode_s, preprocess_s)
-            for upload, result, (item, decode_s) in zip(uploads, results, decoded, strict=True)
+            run_in_threadpool(self._postprocess, adapter, label, upload, item, result, heatmap, decode_s, preprocess_s,
+                              warnings)
+            for upload, result, (item, decode_s), warnings in zip(uploads, results, decoded, advice, strict=True)
         ))
         return PredictResponse(category=predictions[0].category, adapter_version=adapter.version,
                                adapter_source=source, predictions=list(predictions), replica=replica_name())
@@ -189,6 +192,18 @@ class InferenceService:
                 raise ImageError(exc.status_code, exc.code, f"{name}: {exc.message}") from exc
         return decoded, time.perf_counter() - start
 
+    def _advice(self, adapter: Adapter, uploads: list[Upload], decoded: list[DecodedImage]) -> list[list[str]]:
+        """Per image, how it differs from the shots; 400 for any such image when the settings refuse them."""
+        advice = [image_warnings(adapter.shot_images, d.image, d.original_mode) for d in decoded]
+        if mismatched := sum(map(bool, advice)):
+            self.metrics.mismatched_images.labels(adapter.category).inc(mismatched)
+        if self.settings.refuse_mismatched_images:
+            for upload, warnings in zip(uploads, advice, strict=True):
+                if warnings:
+                    raise BadRequestError(f"{upload.filename or 'upload'}: {'; '.join(warnings)} "
+                                          "(CLIPSHOT_REFUSE_MISMATCHED_IMAGES is on)", code="image_mismatch")
+        return advice
+
     def _preprocess(self, images: list[Image.Image], label: str, geometry: Geometry) -> tuple[torch.Tensor, float]:
         """(N, 3, H, W), or (N, views, 3, H, W) with tiles: one batcher item per image either way."""
         start = time.perf_counter()
@@ -205,7 +220,7 @@ class InferenceService:
 
     def _postprocess(self, adapter: Adapter, label: str, upload: Upload, decoded: DecodedImage,
                      result: BatchResult, options: HeatmapOptions, decode_s: float,
-                     preprocess_s: float) -> ImagePrediction:
+                     preprocess_s: float, warnings: list[str]) -> ImagePrediction:
         start = time.perf_counter()
         image = decoded.image
         mode, size = options
@@ -228,8 +243,10 @@ class InferenceService:
         return ImagePrediction(
             filename=upload.filename, sha256=decoded.sha256, category=adapter.category,
             adapter_version=adapter.version, score=pred.score, threshold=pred.threshold,
+            score_normalized=(pred.score / pred.threshold if pred.threshold and pred.is_anomalous is not None
+                              else None),
             map_threshold=pred.map_threshold, is_anomalous=pred.is_anomalous, heatmap=heatmap, regions=regions,
-            regions_total=out.regions_total,
+            regions_total=out.regions_total, warnings=warnings,
             batch_size=result.batch_size,
             timings=StageTimings(decode_ms=decode_s * ms, preprocess_ms=preprocess_s * ms,
                                  queue_ms=result.queue_s * ms, forward_ms=result.forward_s * ms,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Body, File, Form, Path, UploadFile
+from fastapi import APIRouter, Body, File, Form, Path, Query, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import AdminDep, AuthFirstRoute, ClientDep, PixelBudgetDep, SettingsDep
@@ -22,6 +22,8 @@ from app.serving.pixel_budget import fit_admitted, upload_pixels
 
 router = APIRouter(prefix="/v1/categories", tags=["categories"], route_class=AuthFirstRoute)
 
+_DRY_RUN_DOC = ("Preview: answer with the decision and its `warnings` without changing anything (the console "
+                "asks the operator before applying a rule that warns).")
 Sha256Path = Annotated[str, Path(description="SHA-256 of the shot (64 lowercase hex digits), from GET .../shots.")]
 
 
@@ -32,13 +34,15 @@ Sha256Path = Annotated[str, Path(description="SHA-256 of the shot (64 lowercase 
                                   "changed the active version meanwhile (`version_conflict`: retry).",
                              e422="A value out of range (rate not in (0, 0.5), negative threshold)."))
 async def set_threshold(category: CategoryPath, _: AdminDep, service: CategoriesDep,
-                        body: Annotated[ThresholdRequest, Body()]) -> ThresholdChanged:
+                        body: Annotated[ThresholdRequest, Body()],
+                        dry_run: Annotated[bool, Query(description=_DRY_RUN_DOC)] = False) -> ThresholdChanged:
     """New version = the active one under a new decision policy; answers with the expected rates. Admin only.
 
     The threshold is recomputed from the calibration evidence stored in the active version (no images are
-    processed), so this is instant; roll back by activating the previous version."""
+    processed), so this is instant; roll back by activating the previous version. A rule that stops inspecting
+    (expected recall 0, or half the good parts flagged) is still applied, with `warnings` saying so."""
     policy = policy_from_request(body.target_false_alarm_rate, body.threshold, body.policy)
-    return ThresholdChanged(**await service.set_threshold(category, policy))
+    return ThresholdChanged(**await service.set_threshold(category, policy, dry_run=dry_run))
 
 
 @router.post("/{category}/feedback", status_code=201, response_model=FeedbackResult,
