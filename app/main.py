@@ -33,6 +33,7 @@ from app.services.job_runner import JobRunner
 from app.services.job_store import JobDatabaseError, JobStore
 from app.services.readiness import ReadinessProbe
 from app.services.registry import CategoryService
+from app.services.result_publisher import PublisherConfigError, ResultPublisher, start_result_publisher
 from clipshot.backbone import EFFICIENTNET_LITE0, Backbone, BackboneLoadError, BackboneSpecError, load_backbone
 from clipshot.detector import Detector
 from model_store import AdapterStore
@@ -70,6 +71,14 @@ def open_job_store(settings: Settings) -> JobStore:
         raise StartupError(f"{exc} Fix: {fix}.") from exc
 
 
+def start_mqtt(settings: Settings, metrics: Metrics | None = None) -> ResultPublisher | None:
+    """The result publisher (None without ``mqtt_host``); a broker or TLS problem = one line naming the setting."""
+    try:
+        return start_result_publisher(settings, metrics)
+    except PublisherConfigError as exc:
+        raise StartupError(str(exc)) from exc
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Build services in dependency order; the exit stack tears down in reverse (job runner before device)."""
@@ -85,6 +94,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         metrics.device_memory.cuda_device = backbone.device
     metrics.set_build_info(backbone=backbone.spec, device=str(backbone.device))
     async with contextlib.AsyncExitStack() as stack:
+        state.result_publisher = publisher = await run_in_threadpool(start_mqtt, settings, metrics)
+        if publisher is not None:
+            stack.push_async_callback(run_in_threadpool, publisher.stop)
         merge = settings.lora_merge == "on" or (settings.lora_merge == "auto" and backbone.device.type == "cuda")
         state.detector = detector = Detector(backbone, merge_lora=merge, mixed_lora=settings.mixed_lora)
         state.store = store = AdapterStore(settings.store)
@@ -166,4 +178,4 @@ def create_app(settings: Settings | None = None, *, backbone: Backbone | None = 
     return app
 
 
-__all__ = ["StartupError", "create_app", "lifespan", "load_service_backbone", "open_job_store"]
+__all__ = ["StartupError", "create_app", "lifespan", "load_service_backbone", "open_job_store", "start_mqtt"]

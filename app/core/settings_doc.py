@@ -89,11 +89,15 @@ def _bounds(field: FieldInfo) -> str:
     return ", ".join(parts) or "—"
 
 
+def _group(name: str) -> int:
+    return 2 if name.startswith("ray_") else 1 if name.startswith("mqtt_") else 0
+
+
 def render_settings_markdown() -> str:
     """The full markdown page, one table row per ``Settings`` field, in declaration order."""
     rows = []
-    # the Ray layout's settings (inherited, so pydantic lists them first) go last: most deployments skip them
-    for name, field in sorted(Settings.model_fields.items(), key=lambda item: item[0].startswith("ray_")):
+    # MQTT's and the Ray layout's settings (inherited, so pydantic lists them first) go last, in that order
+    for name, field in sorted(Settings.model_fields.items(), key=lambda item: _group(item[0])):
         desc = (field.description or "").replace("|", "\\|").replace("\n", " ")
         rows.append(
             f"| `{env_var(name)}` | {_type_name(field.annotation)} | {_default(field)} "

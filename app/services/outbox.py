@@ -1,0 +1,83 @@
+"""A bounded, on-disk FIFO of messages waiting for the broker: results survive a broker outage and a restart.
+
+Why SQLite and not memory: a line keeps inspecting while the broker (or the network to it) is down, and the
+service may be restarted meanwhile; every verdict must still reach the MES once the broker is back, in the
+order it was made. Rows are deleted only after the broker acknowledged them (QoS 1 PUBACK), so a crash
+between send and ack re-sends the message on the next start; consumers de-duplicate on ``message_id``.
+When the outbox is full the *oldest* rows are dropped (the newest verdicts matter most to a running line),
+and the caller counts them. One connection, used by one thread (the publisher's sender).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+OUTBOX_FILENAME = "mqtt-outbox.sqlite3"
+
+
+class OutboxError(RuntimeError):
+    """The outbox file cannot be opened or written (unwritable folder, full disk, not a database)."""
+
+
+@dataclass(frozen=True)
+class OutboxMessage:
+    """One message as queued: ``seq`` orders the queue, ``message_id`` is what consumers de-duplicate on."""
+
+    seq: int
+    message_id: str
+    topic: str
+    payload: bytes
+    retain: bool
+
+
+class Outbox:
+    """Oldest-first queue in ``path``; ``put`` trims to ``max_messages`` and returns how many it dropped."""
+
+    def __init__(self, path: Path, max_messages: int) -> None:
+        if max_messages < 1:
+            raise ValueError("max_messages must be at least 1")
+        self.path = Path(path)
+        self.max_messages = max_messages
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across a process crash
+            self._conn.execute(
+                "CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, message_id TEXT NOT NULL,"
+                " topic TEXT NOT NULL, payload BLOB NOT NULL, retain INTEGER NOT NULL)")
+        except (OSError, sqlite3.Error) as exc:
+            raise OutboxError(f"cannot open the MQTT outbox {self.path}: {exc}") from exc
+
+    def put(self, messages: list[tuple[str, str, bytes, bool]]) -> int:
+        """Append ``(message_id, topic, payload, retain)`` rows in one transaction; returns the rows dropped."""
+        if not messages:
+            return 0
+        with self._conn:
+            self._conn.execute("BEGIN IMMEDIATE")
+            self._conn.executemany("INSERT INTO outbox (message_id, topic, payload, retain) VALUES (?, ?, ?, ?)",
+                                   [(m, t, p, int(r)) for m, t, p, r in messages])
+            excess = self.depth() - self.max_messages
+            if excess > 0:
+                self._conn.execute("DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox ORDER BY seq LIMIT ?)",
+                                   (excess,))
+        return max(0, excess)
+
+    def after(self, seq: int, limit: int) -> list[OutboxMessage]:
+        """Up to ``limit`` messages queued after ``seq``, oldest first."""
+        rows = self._conn.execute("SELECT seq, message_id, topic, payload, retain FROM outbox WHERE seq > ? "
+                                  "ORDER BY seq LIMIT ?", (seq, limit)).fetchall()
+        return [OutboxMessage(s, m, t, bytes(p), bool(r)) for s, m, t, p, r in rows]
+
+    def remove(self, seqs: list[int]) -> None:
+        """Forget acknowledged messages (a seq already dropped for space is ignored)."""
+        if seqs:
+            self._conn.executemany("DELETE FROM outbox WHERE seq = ?", [(s,) for s in seqs])
+
+    def depth(self) -> int:
+        return int(self._conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+
+    def close(self) -> None:
+        self._conn.close()
