@@ -147,3 +147,25 @@ def test_an_unwritable_folder_or_unknown_product_is_one_line(served, tmp_path, c
     assert main(["watch", str(other), "--category", "nope", "--url", served, "--key", CLIENT_KEY, "--once"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "nope" in err and "404" in err
+
+
+def test_watch_publishes_each_verdict_to_the_broker_itself(served, tmp_path, monkeypatch):
+    from mqtt_broker import Subscriber, running_broker
+
+    folder = tmp_path / "cam"
+    folder.mkdir()
+    (folder / "part-3.png").write_bytes(png(good(72)))
+    with running_broker(tmp_path / "broker") as broker:
+        subscriber = Subscriber(broker.port, "clipshot/#", client_id="watch")
+        monkeypatch.setenv("CLIPSHOT_MQTT_HOST", "127.0.0.1")
+        monkeypatch.setenv("CLIPSHOT_MQTT_PORT", str(broker.port))
+        thread, codes = watch_in_thread(served, folder, "--once", "--mqtt", "--line", "L2", "--camera", "top")
+        thread.join(TIMEOUT_S)
+        assert codes == [0]
+        assert wait_until(lambda: len(subscriber.messages) == 1)
+        subscriber.close()
+    sidecar = json.loads((folder / DONE_DIR / "part-3.png.json").read_text())
+    message = subscriber.messages[0]
+    assert subscriber.topics == ["clipshot/L2/widget/result"]
+    assert message["part_id"] == "part-3" and message["camera"] == "top" and message["sha256"] == sidecar["sha256"]
+    assert message["score"] == sidecar["score"] and message["verdict"] == sidecar["verdict"]
