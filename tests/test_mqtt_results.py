@@ -225,3 +225,18 @@ def test_bad_mqtt_settings_name_their_variable_and_hide_the_password():
             Settings(_env_file=None, insecure_dev=True, **fields)
         line = settings_error_line(caught.value)
         assert named in line and "s3cret-pw" not in line, line
+
+
+def test_processes_sharing_a_store_each_claim_their_own_outbox(tmp_path):
+    """Two senders on one outbox would race on its rows; a second replica on the same store gets the next file,
+    and a freed outbox (its process died) is claimed, with its rows, by the next process to start."""
+    from app.services.outbox import Outbox
+
+    first, second = Outbox.claim(tmp_path, 10), Outbox.claim(tmp_path, 10)
+    assert first.path.name == OUTBOX_FILENAME and second.path.name == "mqtt-outbox-1.sqlite3"
+    first.put([("m1", "t", b"left behind", False)])
+    first.close()
+    third = Outbox.claim(tmp_path, 10)
+    assert third.path == first.path and [m.message_id for m in third.after(0, 10)] == ["m1"]
+    second.close()
+    third.close()

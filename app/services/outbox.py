@@ -10,11 +10,14 @@ and the caller counts them. One connection, used by one thread (the publisher's 
 
 from __future__ import annotations
 
+import fcntl
+import os
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
 OUTBOX_FILENAME = "mqtt-outbox.sqlite3"
+MAX_OUTBOXES = 64  # one per process sharing a folder (replicas on one store); more is a misconfiguration
 
 
 class OutboxError(RuntimeError):
@@ -35,11 +38,12 @@ class OutboxMessage:
 class Outbox:
     """Oldest-first queue in ``path``; ``put`` trims to ``max_messages`` and returns how many it dropped."""
 
-    def __init__(self, path: Path, max_messages: int) -> None:
+    def __init__(self, path: Path, max_messages: int, lock_fd: int | None = None) -> None:
         if max_messages < 1:
             raise ValueError("max_messages must be at least 1")
         self.path = Path(path)
         self.max_messages = max_messages
+        self._lock_fd = lock_fd
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
@@ -49,6 +53,8 @@ class Outbox:
                 "CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, message_id TEXT NOT NULL,"
                 " topic TEXT NOT NULL, payload BLOB NOT NULL, retain INTEGER NOT NULL)")
         except (OSError, sqlite3.Error) as exc:
+            if lock_fd is not None:
+                os.close(lock_fd)
             raise OutboxError(f"cannot open the MQTT outbox {self.path}: {exc}") from exc
 
     def put(self, messages: list[tuple[str, str, bytes, bool]]) -> int:
@@ -81,3 +87,29 @@ class Outbox:
 
     def close(self) -> None:
         self._conn.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the claim
+            self._lock_fd = None
+
+    @classmethod
+    def claim(cls, folder: Path, max_messages: int) -> Outbox:
+        """The first outbox in ``folder`` no live process holds (``mqtt-outbox.sqlite3``, ``mqtt-outbox-1…``).
+
+        Several replicas may share one store: each sends from an outbox of its own (two senders on one file would
+        race on its rows), held by an ``flock`` that dies with the process. A restarted process claims a free one,
+        so the results a dead process left behind are sent by whichever process comes up next.
+        """
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            for n in range(MAX_OUTBOXES):
+                path = folder / (OUTBOX_FILENAME if n == 0 else OUTBOX_FILENAME.replace(".", f"-{n}.", 1))
+                fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(fd)
+                    continue
+                return cls(path, max_messages, lock_fd=fd)
+        except OSError as exc:
+            raise OutboxError(f"cannot open an MQTT outbox in {folder}: {exc}") from exc
+        raise OutboxError(f"all {MAX_OUTBOXES} MQTT outboxes in {folder} are held by other processes")

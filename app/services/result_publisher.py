@@ -30,7 +30,7 @@ from typing import Any
 from app.core.config import Settings, env_var
 from app.metrics import Metrics
 from app.schemas import PredictResponse
-from app.services.outbox import OUTBOX_FILENAME, Outbox, OutboxError
+from app.services.outbox import Outbox, OutboxError
 
 log = logging.getLogger(__name__)
 QOS = 1  # at least once: with the outbox and message ids, nothing is lost and repeats are recognisable
@@ -85,7 +85,7 @@ def result_messages(settings: Settings, answer: PredictResponse, context: LineCo
 class ResultPublisher:
     """Owns the outbox, one paho client and the sender thread; ``start`` fails fast on bad settings."""
 
-    def __init__(self, settings: Settings, metrics: Metrics | None = None, outbox_path: Path | None = None) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics | None = None, outbox_dir: Path | None = None) -> None:
         try:
             import paho.mqtt.client as mqtt
         except ImportError as exc:
@@ -93,7 +93,7 @@ class ResultPublisher:
                                        "pip install 'clipshot[line]'") from exc
         self.settings = settings
         self.metrics = metrics
-        self.outbox_path = outbox_path or settings.store / OUTBOX_FILENAME
+        self.outbox_dir = outbox_dir or settings.store
         self._incoming: queue.SimpleQueue[list[tuple[str, str, bytes, bool]]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -115,7 +115,7 @@ class ResultPublisher:
         """Open the outbox, connect (or raise ``PublisherConfigError``), then start sending."""
         s = self.settings
         try:
-            self._outbox = Outbox(self.outbox_path, s.mqtt_outbox_max)
+            self._outbox = Outbox.claim(self.outbox_dir, s.mqtt_outbox_max)
         except OutboxError as exc:
             raise PublisherConfigError(f"{exc}; make {env_var('store')} a writable directory") from exc
         try:
