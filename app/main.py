@@ -31,6 +31,7 @@ from app.services.device_worker import DeviceWorker
 from app.services.inference import InferenceService
 from app.services.job_runner import JobRunner
 from app.services.job_store import JobDatabaseError, JobStore
+from app.services.opcua_server import OpcUaConfigError, OpcUaResults, start_opcua
 from app.services.readiness import ReadinessProbe
 from app.services.registry import CategoryService
 from app.services.result_publisher import PublisherConfigError, ResultPublisher, start_result_publisher
@@ -79,6 +80,13 @@ def start_mqtt(settings: Settings, metrics: Metrics | None = None) -> ResultPubl
         raise StartupError(str(exc)) from exc
 
 
+async def _start_opcua(settings: Settings, state: object) -> OpcUaResults:
+    try:
+        return await start_opcua(settings, state)
+    except OpcUaConfigError as exc:
+        raise StartupError(str(exc)) from exc
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Build services in dependency order; the exit stack tears down in reverse (job runner before device)."""
@@ -95,6 +103,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     metrics.set_build_info(backbone=backbone.spec, device=str(backbone.device))
     async with contextlib.AsyncExitStack() as stack:
         state.result_publisher = publisher = await run_in_threadpool(start_mqtt, settings, metrics)
+        state.result_sinks = [publisher] if publisher is not None else []  # line outputs (app/api/line_results.py)
         if publisher is not None:
             stack.push_async_callback(run_in_threadpool, publisher.stop)
         merge = settings.lora_merge == "on" or (settings.lora_merge == "auto" and backbone.device.type == "cuda")
@@ -116,6 +125,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await batcher.start()
         stack.push_async_callback(batcher.stop)
         state.inference = InferenceService(settings, detector, cache, batcher, metrics)
+        if settings.opcua_endpoint:  # after inference: its InspectImage method scores images
+            state.opcua = await _start_opcua(settings, state)
+            stack.push_async_callback(state.opcua.stop)
+            state.result_sinks.append(state.opcua)
         state.readiness = ReadinessProbe(backbone, worker)
         _start_jobs_and_registry(app, stack)
         yield

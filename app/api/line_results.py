@@ -3,13 +3,12 @@
 A line names the part, line and camera of an image in form fields (``part_id``, ``line``, ``camera``) or in
 headers (``X-Clipshot-Part-Id``, ``X-Clipshot-Line``, ``X-Clipshot-Camera``; handy when the client cannot add
 form fields). They are checked *before* the prediction runs, so a bad value costs no inference, and the
-answer is handed to the result publisher afterwards without waiting for it: publishing never slows or fails
-a prediction (the publisher's outbox takes care of an absent broker).
+answer is handed to the line outputs (MQTT publisher, OPC UA server) afterwards without waiting for them:
+publishing never slows or fails a prediction (the publisher's outbox takes care of an absent broker).
 """
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Awaitable
 
@@ -18,9 +17,8 @@ from fastapi import Request
 from app.api.request_id import current_request_id
 from app.errors import ClipshotHTTPError
 from app.schemas import PredictResponse
-from app.services.result_publisher import LineContext, result_messages
+from app.services.result_publisher import LineContext, deliver
 
-log = logging.getLogger(__name__)
 FIELDS = ("part_id", "line", "camera")
 HEADER = {name: "x-clipshot-" + name.replace("_", "-") for name in FIELDS}
 _VALUE = re.compile(r"^[^\x00-\x1f\x7f]{1,128}$")  # printable, one line, bounded: it goes into topics and logs
@@ -55,10 +53,5 @@ async def published(request: Request, prediction: Awaitable[PredictResponse]) ->
             prediction.close()  # the coroutine never ran: close it instead of leaving it un-awaited
         raise
     answer = await prediction
-    publisher = getattr(request.app.state, "result_publisher", None)
-    if publisher is not None:
-        try:
-            publisher.submit(result_messages(publisher.settings, answer, context, current_request_id()))
-        except Exception:  # the answer is made: a publishing bug must not turn it into a 500
-            log.exception("could not queue the results for MQTT")
+    deliver(request.app.state, answer, context, current_request_id())
     return answer

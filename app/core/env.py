@@ -47,7 +47,7 @@ def settings_error_line(exc: ValidationError, cli_flags: Mapping[str, str] | Non
 
 def _secret(field: str) -> bool:
     """Settings whose values must not be echoed in an error line."""
-    return "key" in field or "password" in field
+    return "key" in field or "password" in field or field == "opcua_users"
 
 
 def _fields_to_env(message: str, fields: Iterable[str]) -> str:

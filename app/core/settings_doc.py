@@ -90,13 +90,13 @@ def _bounds(field: FieldInfo) -> str:
 
 
 def _group(name: str) -> int:
-    return 2 if name.startswith("ray_") else 1 if name.startswith("mqtt_") else 0
+    return 3 if name.startswith("ray_") else 2 if name.startswith("opcua_") else 1 if name.startswith("mqtt_") else 0
 
 
 def render_settings_markdown() -> str:
     """The full markdown page, one table row per ``Settings`` field, in declaration order."""
     rows = []
-    # MQTT's and the Ray layout's settings (inherited, so pydantic lists them first) go last, in that order
+    # MQTT's, OPC UA's and the Ray layout's settings (inherited, so pydantic lists them first) go last, in order
     for name, field in sorted(Settings.model_fields.items(), key=lambda item: _group(item[0])):
         desc = (field.description or "").replace("|", "\\|").replace("\n", " ")
         rows.append(

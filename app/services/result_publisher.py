@@ -57,29 +57,52 @@ def _level(value: str) -> str:
     return _TOPIC_UNSAFE.sub("_", value) or "_"
 
 
-def result_messages(settings: Settings, answer: PredictResponse, context: LineContext,
-                    request_id: str | None) -> list[tuple[str, str, bytes, bool]]:
-    """One ``(message_id, topic, payload, retain)`` per image of the answer, in upload order."""
+def result_records(settings: Settings, answer: PredictResponse, context: LineContext,
+                   request_id: str | None) -> list[dict[str, Any]]:
+    """One result per image of the answer, in upload order: what every line output (MQTT, OPC UA) carries."""
     line = context.line or settings.mqtt_line
     now = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    messages = []
+    records = []
     for index, pred in enumerate(answer.predictions):
         verdict = "unknown" if pred.is_anomalous is None else "anomalous" if pred.is_anomalous else "normal"
-        normalised = pred.score / pred.threshold if pred.threshold else None
-        body: dict[str, Any] = {
+        records.append({
             "message_id": str(uuid.uuid4()), "request_id": request_id, "index": index, "time": now,
             "category": pred.category, "part_id": context.part_id, "line": line, "camera": context.camera,
             "filename": pred.filename, "sha256": pred.sha256, "verdict": verdict, "is_anomalous": pred.is_anomalous,
-            "score": pred.score, "threshold": pred.threshold, "normalised_score": normalised,
+            "score": pred.score, "threshold": pred.threshold,
+            "normalised_score": pred.score / pred.threshold if pred.threshold else None,
             "adapter_version": pred.adapter_version, "adapter_source": answer.adapter_source,
             "regions": None if pred.regions is None else [r.model_dump() for r in pred.regions],
             "replica": answer.replica,
-        }
-        topic = settings.mqtt_topic.format(line=_level(line), category=_level(pred.category),
-                                           camera=_level(context.camera or "_"))
-        payload = json.dumps(body, separators=(",", ":")).encode()
-        messages.append((body["message_id"], topic, payload, settings.mqtt_retain))
-    return messages
+        })
+    return records
+
+
+def record_messages(settings: Settings, records: list[dict[str, Any]]) -> list[tuple[str, str, bytes, bool]]:
+    """``(message_id, topic, payload, retain)`` for each result."""
+    return [(r["message_id"],
+             settings.mqtt_topic.format(line=_level(r["line"]), category=_level(r["category"]),
+                                        camera=_level(r["camera"] or "_")),
+             json.dumps(r, separators=(",", ":")).encode(), settings.mqtt_retain) for r in records]
+
+
+def result_messages(settings: Settings, answer: PredictResponse, context: LineContext,
+                    request_id: str | None) -> list[tuple[str, str, bytes, bool]]:
+    """One ``(message_id, topic, payload, retain)`` per image of the answer, in upload order."""
+    return record_messages(settings, result_records(settings, answer, context, request_id))
+
+
+def deliver(state: Any, answer: PredictResponse, context: LineContext, request_id: str | None) -> list[dict[str, Any]]:
+    """Hand the answer's results to every line output (``state.result_sinks``: MQTT, OPC UA) without waiting;
+    returns the results as handed over (empty if building them failed)."""
+    try:
+        records = result_records(state.settings, answer, context, request_id)
+        for sink in getattr(state, "result_sinks", None) or ():
+            sink.accept(records)
+    except Exception:  # the answer is made: a publishing bug must not turn it into a 500
+        log.exception("could not hand the results to the line outputs")
+        return []
+    return records
 
 
 class ResultPublisher:
@@ -179,6 +202,10 @@ class ResultPublisher:
         if messages:
             self._incoming.put(messages)
             self._wake.set()
+
+    def accept(self, records: list[dict[str, Any]]) -> None:
+        """A line output's entry point (``app/api/line_results.py``): publish these results."""
+        self.submit(record_messages(self.settings, records))
 
     def pending(self) -> int:
         """Messages not yet acknowledged by the broker (queued in memory or in the outbox)."""
