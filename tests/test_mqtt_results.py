@@ -240,3 +240,57 @@ def test_processes_sharing_a_store_each_claim_their_own_outbox(tmp_path):
     assert third.path == first.path and [m.message_id for m in third.after(0, 10)] == ["m1"]
     second.close()
     third.close()
+
+
+def test_a_service_killed_mid_stream_loses_no_answered_result(tmp_path):
+    """`clipshot serve` SIGKILLed while predictions stream in and the broker hangs: every result a client got an
+    answer for reaches the subscriber once the broker and a new service are back (the outbox is written before
+    the answer, survives the kill, and its lock dies with the process so the new service takes it over)."""
+    import os
+    import signal
+
+    from live_server import ADMIN, live_server
+    from live_server import CLIENT as LIVE_CLIENT
+
+    broker = Broker(tmp_path / "broker")
+    broker.start()
+    subscriber = Subscriber(broker.port, "clipshot/#", client_id="service-kill")
+    env = {"CLIPSHOT_MQTT_HOST": "127.0.0.1", "CLIPSHOT_MQTT_PORT": str(broker.port)}
+    answered: list[str] = []
+    try:
+        with live_server(tmp_path, **env) as server:
+            with Client(server.base, ADMIN) as admin:
+                admin.register("widget", [good(s) for s in range(4)], finetune=False)
+
+            def stream() -> None:
+                for i in range(200):
+                    try:
+                        r = httpx.post(f"{server.base}/v1/categories/widget/predict?heatmap=none",
+                                       headers={"Authorization": f"Bearer {LIVE_CLIENT}"},
+                                       files=files((f"k{i}.png", png(good(60)))), data={"part_id": f"k{i}"},
+                                       timeout=30)
+                    except httpx.TransportError:
+                        return  # the service is gone: this one was never answered
+                    if r.status_code == 200:
+                        answered.append(f"k{i}")
+
+            poster = threading.Thread(target=stream)
+            poster.start()
+            assert _wait(lambda: len(answered) >= 5)
+            broker.freeze()  # from here nothing is acknowledged
+            assert _wait(lambda: len(answered) >= 12)
+            os.killpg(server.proc.pid, signal.SIGKILL)  # mid-stream: requests are in flight
+            server.proc.wait(timeout=30)
+            poster.join(timeout=60)
+        broker.kill()
+        broker.start()
+        with live_server(tmp_path, **env):
+            assert _wait(lambda: {m["part_id"] for m in subscriber.messages} >= set(answered)), (
+                f"lost: {sorted(set(answered) - {m['part_id'] for m in subscriber.messages})}")
+    finally:
+        subscriber.close()
+        broker.kill()
+    ids = {}
+    for message in subscriber.messages:
+        ids.setdefault(message["part_id"], set()).add(message["message_id"])
+    assert all(len(ids[part]) == 1 for part in answered), "a result was published under two ids"

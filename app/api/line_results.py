@@ -3,8 +3,9 @@
 A line names the part, line and camera of an image in form fields (``part_id``, ``line``, ``camera``) or in
 headers (``X-Clipshot-Part-Id``, ``X-Clipshot-Line``, ``X-Clipshot-Camera``; handy when the client cannot add
 form fields). They are checked *before* the prediction runs, so a bad value costs no inference, and the
-answer is handed to the line outputs (MQTT publisher, OPC UA server) afterwards without waiting for them:
-publishing never slows or fails a prediction (the publisher's outbox takes care of an absent broker).
+answer is handed to the line outputs afterwards: the MQTT results are written to the publisher's outbox (a
+local SQLite insert, so a result the client saw survives a crash) and the OPC UA update is scheduled; neither
+waits for a broker or a PLC, and a failure there is logged, never turned into an error for the prediction.
 """
 
 from __future__ import annotations
@@ -53,5 +54,5 @@ async def published(request: Request, prediction: Awaitable[PredictResponse]) ->
             prediction.close()  # the coroutine never ran: close it instead of leaving it un-awaited
         raise
     answer = await prediction
-    deliver(request.app.state, answer, context, current_request_id())
+    await deliver(request.app.state, answer, context, current_request_id())
     return answer

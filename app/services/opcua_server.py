@@ -103,8 +103,8 @@ class OpcUaResults:
             self._server = None
 
     # -- results in ------------------------------------------------------------------------------
-    def accept(self, records: list[dict[str, Any]]) -> None:
-        """Called on the event loop after a prediction: update the nodes and fire the events, in order."""
+    async def accept(self, records: list[dict[str, Any]]) -> None:
+        """Called on the event loop after a prediction: schedule the node update and the events, in order."""
         task = asyncio.get_running_loop().create_task(self._update(records))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -166,7 +166,7 @@ class OpcUaResults:
         except Exception as exc:
             log.warning("InspectImage %s: %s", target, exc)
             return ua.StatusCode(ua.StatusCodes.BadInvalidArgument)
-        records = deliver(self.state, answer, LineContext(part_id=part_id.Value or target.stem), None)
+        records = await deliver(self.state, answer, LineContext(part_id=part_id.Value or target.stem), None)
         return [ua.Variant(json.dumps(records[0]) if records else "", ua.VariantType.String)]
 
 

@@ -5,7 +5,8 @@ service may be restarted meanwhile; every verdict must still reach the MES once 
 order it was made. Rows are deleted only after the broker acknowledged them (QoS 1 PUBACK), so a crash
 between send and ack re-sends the message on the next start; consumers de-duplicate on ``message_id``.
 When the outbox is full the *oldest* rows are dropped (the newest verdicts matter most to a running line),
-and the caller counts them. One connection, used by one thread (the publisher's sender).
+and the caller counts them. One connection, shared by the request threads that add rows and the sender that
+removes them, under a lock (each operation is one short statement or transaction).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import fcntl
 import os
 import sqlite3
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +46,7 @@ class Outbox:
         self.path = Path(path)
         self.max_messages = max_messages
         self._lock_fd = lock_fd
+        self._lock = threading.Lock()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
@@ -52,6 +55,7 @@ class Outbox:
             self._conn.execute(
                 "CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, message_id TEXT NOT NULL,"
                 " topic TEXT NOT NULL, payload BLOB NOT NULL, retain INTEGER NOT NULL)")
+            self._rows = int(self._conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
         except (OSError, sqlite3.Error) as exc:
             if lock_fd is not None:
                 os.close(lock_fd)
@@ -61,32 +65,39 @@ class Outbox:
         """Append ``(message_id, topic, payload, retain)`` rows in one transaction; returns the rows dropped."""
         if not messages:
             return 0
-        with self._conn:
+        with self._lock, self._conn:
             self._conn.execute("BEGIN IMMEDIATE")
             self._conn.executemany("INSERT INTO outbox (message_id, topic, payload, retain) VALUES (?, ?, ?, ?)",
                                    [(m, t, p, int(r)) for m, t, p, r in messages])
-            excess = self.depth() - self.max_messages
+            excess = self._rows + len(messages) - self.max_messages
             if excess > 0:
                 self._conn.execute("DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox ORDER BY seq LIMIT ?)",
                                    (excess,))
+            self._rows = min(self._rows + len(messages), self.max_messages)
         return max(0, excess)
 
     def after(self, seq: int, limit: int) -> list[OutboxMessage]:
         """Up to ``limit`` messages queued after ``seq``, oldest first."""
-        rows = self._conn.execute("SELECT seq, message_id, topic, payload, retain FROM outbox WHERE seq > ? "
-                                  "ORDER BY seq LIMIT ?", (seq, limit)).fetchall()
+        with self._lock:
+            rows = self._conn.execute("SELECT seq, message_id, topic, payload, retain FROM outbox WHERE seq > ? "
+                                      "ORDER BY seq LIMIT ?", (seq, limit)).fetchall()
         return [OutboxMessage(s, m, t, bytes(p), bool(r)) for s, m, t, p, r in rows]
 
     def remove(self, seqs: list[int]) -> None:
         """Forget acknowledged messages (a seq already dropped for space is ignored)."""
         if seqs:
-            self._conn.executemany("DELETE FROM outbox WHERE seq = ?", [(s,) for s in seqs])
+            with self._lock:
+                before = self._conn.total_changes
+                self._conn.executemany("DELETE FROM outbox WHERE seq = ?", [(s,) for s in seqs])
+                self._rows -= self._conn.total_changes - before
 
     def depth(self) -> int:
-        return int(self._conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+        """Rows waiting (counted once at open, then kept up to date: no table scan per message)."""
+        return self._rows
 
     def close(self) -> None:
-        self._conn.close()
+        with self._lock:
+            self._conn.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases the claim
             self._lock_fd = None

@@ -1,21 +1,22 @@
 """Every verdict to the line's MQTT broker (QoS 1), through an on-disk outbox so a broker outage loses nothing.
 
-Why a sender thread and an outbox: a prediction must never wait for, or fail because of, the broker. The
-request path only hands the finished answer to ``submit`` (a queue put); the sender thread writes it to the
-outbox (``app.services.outbox``), publishes the oldest messages while connected, keeps at most
-``WINDOW`` unacknowledged, and deletes each one when its PUBACK arrives. paho re-sends unacknowledged QoS 1
-messages in their original order after a reconnect, and the thread feeds no new ones while disconnected,
-so the broker sees the results in the order they were made. Each message has a fresh ``message_id``
-(a UUID): a message re-sent after a lost PUBACK or a crash arrives twice with the same id, and consumers
-drop the repeat.
+Why an outbox written before the answer, and a sender thread: a prediction must never wait for, or fail because
+of, the broker, yet a result its client has seen must not be lost if the service dies right after. So the
+request path writes the results to the outbox (``app.services.outbox``; a SQLite insert in a worker thread,
+durable across a process crash) and answers; the sender thread publishes the oldest messages while connected,
+keeps at most ``WINDOW`` unacknowledged, and deletes each one when its PUBACK arrives. paho re-sends
+unacknowledged QoS 1 messages in their original order after a reconnect, and the thread feeds no new ones while
+disconnected, so the broker sees the results in the order they were made. Each message has a fresh
+``message_id`` (a UUID): a message re-sent after a lost PUBACK or a crash arrives twice with the same id, and
+consumers drop the repeat.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
-import queue
 import re
 import socket
 import ssl
@@ -92,13 +93,14 @@ def result_messages(settings: Settings, answer: PredictResponse, context: LineCo
     return record_messages(settings, result_records(settings, answer, context, request_id))
 
 
-def deliver(state: Any, answer: PredictResponse, context: LineContext, request_id: str | None) -> list[dict[str, Any]]:
-    """Hand the answer's results to every line output (``state.result_sinks``: MQTT, OPC UA) without waiting;
-    returns the results as handed over (empty if building them failed)."""
+async def deliver(state: Any, answer: PredictResponse, context: LineContext,
+                  request_id: str | None) -> list[dict[str, Any]]:
+    """Hand the answer's results to every line output (``state.result_sinks``: MQTT outbox, OPC UA); returns
+    them as handed over (empty if that failed, which is logged and never raised: the answer stands)."""
     try:
         records = result_records(state.settings, answer, context, request_id)
         for sink in getattr(state, "result_sinks", None) or ():
-            sink.accept(records)
+            await sink.accept(records)
     except Exception:  # the answer is made: a publishing bug must not turn it into a 500
         log.exception("could not hand the results to the line outputs")
         return []
@@ -117,14 +119,12 @@ class ResultPublisher:
         self.settings = settings
         self.metrics = metrics
         self.outbox_dir = outbox_dir or settings.store
-        self._incoming: queue.SimpleQueue[list[tuple[str, str, bytes, bool]]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._connected = threading.Event()
         self._connect_error: str | None = None
         self._thread: threading.Thread | None = None
         self._outbox: Outbox | None = None
-        self._depth = 0  # outbox rows, as the sender last counted them
         client_id = settings.mqtt_client_id or f"clipshot-{socket.gethostname()}-{os.getpid()}"
         self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
                                    protocol=mqtt.MQTTv311, clean_session=True)
@@ -198,18 +198,24 @@ class ResultPublisher:
 
     # -- the request side ------------------------------------------------------------------------
     def submit(self, messages: list[tuple[str, str, bytes, bool]]) -> None:
-        """Queue messages for the sender thread; never blocks, never raises into the caller's request."""
-        if messages:
-            self._incoming.put(messages)
-            self._wake.set()
+        """Store messages in the outbox (oldest dropped beyond its bound, counted) and wake the sender."""
+        if not messages:
+            return
+        assert self._outbox is not None, "start() the publisher first"
+        dropped = self._outbox.put(messages)
+        if dropped:
+            log.warning("MQTT outbox full (%d messages): dropped the %d oldest", self._outbox.max_messages, dropped)
+            if self.metrics is not None:
+                self.metrics.mqtt_outbox_dropped.inc(dropped)
+        self._wake.set()
 
-    def accept(self, records: list[dict[str, Any]]) -> None:
-        """A line output's entry point (``app/api/line_results.py``): publish these results."""
-        self.submit(record_messages(self.settings, records))
+    async def accept(self, records: list[dict[str, Any]]) -> None:
+        """A line output's entry point (``deliver``): the results are in the outbox when this returns."""
+        await asyncio.to_thread(self.submit, record_messages(self.settings, records))
 
     def pending(self) -> int:
-        """Messages not yet acknowledged by the broker (queued in memory or in the outbox)."""
-        return self._incoming.qsize() + self._depth
+        """Messages not yet acknowledged by the broker."""
+        return self._outbox.depth() if self._outbox is not None else 0
 
     # -- the sender thread -----------------------------------------------------------------------
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
@@ -234,7 +240,6 @@ class ResultPublisher:
             self._wake.wait(0.25)
             self._wake.clear()
             try:
-                self._absorb()
                 done = [seq for seq, info in inflight.items() if info.is_published()]
                 for seq in done:
                     del inflight[seq]
@@ -248,27 +253,11 @@ class ResultPublisher:
                     for msg in self._outbox.after(last_seq, WINDOW - len(inflight)):
                         inflight[msg.seq] = self._client.publish(msg.topic, msg.payload, qos=QOS, retain=msg.retain)
                         last_seq = msg.seq
-                self._depth = self._outbox.depth()
                 if self.metrics is not None:
-                    self.metrics.mqtt_outbox_depth.set(self._depth)
+                    self.metrics.mqtt_outbox_depth.set(self._outbox.depth())
             except Exception:  # the sender must outlive any one bad moment (disk full, ...): log and go on
                 log.exception("MQTT sender: unexpected error; retrying")
                 time.sleep(0.5)
-
-    def _absorb(self) -> None:
-        """Move submitted messages into the outbox, counting the oldest ones dropped for space."""
-        assert self._outbox is not None
-        batch: list[tuple[str, str, bytes, bool]] = []
-        while True:
-            try:
-                batch += self._incoming.get_nowait()
-            except queue.Empty:
-                break
-        dropped = self._outbox.put(batch)
-        if dropped:
-            log.warning("MQTT outbox full (%d messages): dropped the %d oldest", self._outbox.max_messages, dropped)
-            if self.metrics is not None:
-                self.metrics.mqtt_outbox_dropped.inc(dropped)
 
 
 def start_result_publisher(settings: Settings, metrics: Metrics | None = None) -> ResultPublisher | None:
