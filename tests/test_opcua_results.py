@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 
 import httpx
@@ -17,7 +18,12 @@ from app.core.config import Settings
 from app.main import StartupError, _start_opcua
 from app.services.opcua_server import NAMESPACE
 
-asyncua = pytest.importorskip("asyncua")
+try:
+    import asyncua  # noqa: F401
+except ImportError:  # CI installs it (dev extra) and must run these; elsewhere they are skipped
+    if os.environ.get("CI", "").strip().lower() in ("1", "true", "yes"):
+        raise
+    pytest.skip("asyncua not installed (pip install -e '.[line]')", allow_module_level=True)
 ADMIN_KEY = "admin-key"
 EVENT_TIMEOUT_S = 20  # an event on loopback arrives within the 50 ms publishing interval; this bounds a broken run
 

@@ -33,8 +33,10 @@ JSON list (`["k1","k2"]`). If both are empty the service refuses to start unless
 
 Cross-field rules: `min_shots <= recommended_min_shots <= max_shots`,
 `max_request_bytes >= max_upload_bytes`, `max_pending_images >= max_predict_images`, and
-`max_image_pixels <= max_request_pixels <= max_inflight_pixels`. The connection limits (`max_header_bytes`,
-the timeouts, `max_connections`) apply to `clipshot serve`; set matching ones at a reverse proxy (README).
+`max_image_pixels <= max_request_pixels <= max_inflight_pixels`; the MQTT TLS files need `mqtt_tls`, a client
+certificate its key, a password its user name; an OPC UA endpoint needs users or `opcua_allow_anonymous`.
+The connection limits (`max_header_bytes`, the timeouts, `max_connections`) apply to `clipshot serve`; set
+matching ones at a reverse proxy (README).
 
 | Environment variable | Type | Default | Allowed | Meaning |
 |---|---|---|---|---|
