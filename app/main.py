@@ -72,10 +72,11 @@ def open_job_store(settings: Settings) -> JobStore:
         raise StartupError(f"{exc} Fix: {fix}.") from exc
 
 
-def start_mqtt(settings: Settings, metrics: Metrics | None = None) -> ResultPublisher | None:
-    """The result publisher (None without ``mqtt_host``); a broker or TLS problem = one line naming the setting."""
+def start_mqtt(settings: Settings, metrics: Metrics | None = None, send: bool = True) -> ResultPublisher | None:
+    """The result publisher (None without ``mqtt_host``); a broker or TLS problem = one line naming the setting.
+    ``send=False`` connects and claims the outbox only: a start-up check that sends nothing."""
     try:
-        return start_result_publisher(settings, metrics)
+        return start_result_publisher(settings, metrics, send=send)
     except PublisherConfigError as exc:
         raise StartupError(str(exc)) from exc
 

@@ -294,3 +294,16 @@ def test_a_service_killed_mid_stream_loses_no_answered_result(tmp_path):
     for message in subscriber.messages:
         ids.setdefault(message["part_id"], set()).add(message["message_id"])
     assert all(len(ids[part]) == 1 for part in answered), "a result was published under two ids"
+
+
+def test_clipshot_serve_refuses_to_start_without_its_broker_in_one_line(tmp_path, monkeypatch, capsys):
+    from app.cli.main import main
+
+    for name, value in {"CLIPSHOT_MQTT_HOST": "127.0.0.1", "CLIPSHOT_MQTT_PORT": str(free_port()),
+                        "CLIPSHOT_STORE": str(tmp_path), "CLIPSHOT_ADMIN_KEYS": ADMIN_KEY,
+                        "CLIPSHOT_BACKBONE": "test:tiny-clip", "CLIPSHOT_DEVICE": "cpu"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(tmp_path)  # no stray .env
+    assert main(["serve"]) == 1
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("clipshot serve:")]
+    assert len(lines) == 1 and "CLIPSHOT_MQTT_HOST" in lines[0], lines

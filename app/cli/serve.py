@@ -70,7 +70,7 @@ def serve(ns: argparse.Namespace) -> int:
     try:
         if settings.job_db:  # a shared database must be reachable before minutes go into loading a model
             open_job_store(settings).close()
-        if settings.mqtt_host and (probe := start_mqtt(settings)):  # so is the broker (and its TLS files)
+        if settings.mqtt_host and (probe := start_mqtt(settings, send=False)):  # so must the broker and TLS files
             probe.stop()
         backbone = load_service_backbone(settings)
     except StartupError as exc:

@@ -134,8 +134,9 @@ class ResultPublisher:
         self._client.on_publish = lambda *_: self._wake.set()
 
     # -- life cycle -------------------------------------------------------------------------------
-    def start(self) -> None:
-        """Open the outbox, connect (or raise ``PublisherConfigError``), then start sending."""
+    def start(self, send: bool = True) -> None:
+        """Open the outbox, connect (or raise ``PublisherConfigError``), then start sending (``send=False``: only
+        check that the settings work, as ``clipshot serve`` does before loading the model)."""
         s = self.settings
         try:
             self._outbox = Outbox.claim(self.outbox_dir, s.mqtt_outbox_max)
@@ -165,8 +166,9 @@ class ResultPublisher:
                                                f"{env_var('mqtt_username')} and {env_var('mqtt_password')}")
                 raise PublisherConfigError(f"{where} did not answer within {s.mqtt_connect_timeout_s} s; check "
                                            f"{env_var('mqtt_host')} and {env_var('mqtt_port')}")
-        self._thread = threading.Thread(target=self._run, name="mqtt-sender", daemon=True)
-        self._thread.start()
+        if send:
+            self._thread = threading.Thread(target=self._run, name="mqtt-sender", daemon=True)
+            self._thread.start()
 
     def _configure_client(self) -> None:
         s = self.settings
@@ -260,10 +262,11 @@ class ResultPublisher:
                 time.sleep(0.5)
 
 
-def start_result_publisher(settings: Settings, metrics: Metrics | None = None) -> ResultPublisher | None:
+def start_result_publisher(settings: Settings, metrics: Metrics | None = None,
+                           send: bool = True) -> ResultPublisher | None:
     """The running publisher, or None when ``mqtt_host`` is empty (publishing off)."""
     if not settings.mqtt_host:
         return None
     publisher = ResultPublisher(settings, metrics)
-    publisher.start()
+    publisher.start(send=send)
     return publisher
