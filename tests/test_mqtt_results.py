@@ -147,8 +147,10 @@ def test_a_full_outbox_drops_the_oldest_and_counts_them(tmp_path):
         metrics = Metrics()
         publisher = ResultPublisher(settings_for(tmp_path / "store", broker.port, mqtt_outbox_max=5), metrics)
         publisher.start()
+        # persistent session, subscribed before the outage: whatever arrives after the restart is kept for it
+        subscriber = Subscriber(broker.port, "clipshot/#", client_id="bounded")
         try:
-            broker.kill()
+            broker.stop()  # SIGTERM: the broker saves the subscriber's fresh session (a crash is the tests above)
             assert _wait(lambda: not publisher._connected.is_set())
             for i in range(8):  # three more than fit
                 payload = json.dumps({"message_id": f"m{i}", "part_id": f"p{i}"}).encode()
@@ -156,12 +158,11 @@ def test_a_full_outbox_drops_the_oldest_and_counts_them(tmp_path):
             assert _wait(lambda: metrics.mqtt_outbox_dropped._value.get() == 3)
             assert metrics.mqtt_outbox_depth._value.get() == 5
             broker.start()
-            subscriber = Subscriber(broker.port, "clipshot/#", client_id="bounded")
             assert subscriber.wait_for({f"m{i}" for i in range(3, 8)}, DELIVERY_TIMEOUT_S)
             time.sleep(0.3)  # anything dropped would have come with the rest
             assert set(subscriber.counts) == {f"m{i}" for i in range(3, 8)}  # the newest five, not the oldest
-            subscriber.close()
         finally:
+            subscriber.close()
             publisher.stop()
 
 

@@ -207,8 +207,9 @@ class ResultPublisher:
         dropped = self._outbox.put(messages)
         if dropped:
             log.warning("MQTT outbox full (%d messages): dropped the %d oldest", self._outbox.max_messages, dropped)
-            if self.metrics is not None:
-                self.metrics.mqtt_outbox_dropped.inc(dropped)
+        if self.metrics is not None:
+            self.metrics.mqtt_outbox_dropped.inc(dropped)
+            self.metrics.mqtt_outbox_depth.set(self._outbox.depth())
         self._wake.set()
 
     async def accept(self, records: list[dict[str, Any]]) -> None:
