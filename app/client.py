@@ -216,10 +216,16 @@ class Client:
 
     # -- prediction ---------------------------------------------------------------------------
     def predict(self, category: str, images: ImageInput | Sequence[ImageInput], *,
-                heatmap: HeatmapMode | str | None = None) -> PredictResponse:
-        """Score images against a product's active adapter (one request; the server caps its size)."""
+                heatmap: HeatmapMode | str | None = None, part_id: str | None = None, line: str | None = None,
+                camera: str | None = None) -> PredictResponse:
+        """Score images against a product's active adapter (one request; the server caps its size).
+
+        ``part_id``, ``line`` and ``camera`` travel with the verdicts the service publishes to MQTT.
+        """
         params = {"heatmap": heatmap} if heatmap else {}  # None: the service's default encoding
-        r = self._call("POST", f"/v1/categories/{category}/predict", params=params, files=self._files(images))
+        data = {k: v for k, v in (("part_id", part_id), ("line", line), ("camera", camera)) if v is not None}
+        r = self._call("POST", f"/v1/categories/{category}/predict", params=params, files=self._files(images),
+                       data=data)
         return PredictResponse.model_validate(r.json())
 
     def predict_zero_shot(self, images: ImageInput | Sequence[ImageInput], *, object_name: str | None = None,

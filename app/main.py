@@ -32,7 +32,9 @@ from app.serving.adapter_cache import AdapterCache
 from app.serving.batcher import Batcher
 from app.serving.device_worker import DeviceWorker
 from app.serving.inference import InferenceService
+from app.serving.opcua_server import OpcUaConfigError, OpcUaResults, start_opcua
 from app.serving.readiness import ReadinessProbe
+from app.serving.result_publisher import PublisherConfigError, ResultPublisher, start_result_publisher
 from clipshot.backbone import EFFICIENTNET_LITE0, Backbone, BackboneLoadError, BackboneSpecError, load_backbone
 from clipshot.detector import Detector
 from model_store import AdapterStore
@@ -70,6 +72,22 @@ def open_job_store(settings: Settings) -> JobStore:
         raise StartupError(f"{exc} Fix: {fix}.") from exc
 
 
+def start_mqtt(settings: Settings, metrics: Metrics | None = None, send: bool = True) -> ResultPublisher | None:
+    """The result publisher (None without ``mqtt_host``); a broker or TLS problem = one line naming the setting.
+    ``send=False`` connects and claims the outbox only: a start-up check that sends nothing."""
+    try:
+        return start_result_publisher(settings, metrics, send=send)
+    except PublisherConfigError as exc:
+        raise StartupError(str(exc)) from exc
+
+
+async def _start_opcua(settings: Settings, state: object) -> OpcUaResults:
+    try:
+        return await start_opcua(settings, state)
+    except OpcUaConfigError as exc:
+        raise StartupError(str(exc)) from exc
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Build services in dependency order; the exit stack tears down in reverse (job runner before device)."""
@@ -85,6 +103,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         metrics.device_memory.cuda_device = backbone.device
     metrics.set_build_info(backbone=backbone.spec, device=str(backbone.device))
     async with contextlib.AsyncExitStack() as stack:
+        state.result_publisher = publisher = await run_in_threadpool(start_mqtt, settings, metrics)
+        state.result_sinks = [publisher] if publisher is not None else []  # line outputs (app/api/line_results.py)
+        if publisher is not None:
+            stack.push_async_callback(run_in_threadpool, publisher.stop)
         merge = settings.lora_merge == "on" or (settings.lora_merge == "auto" and backbone.device.type == "cuda")
         state.detector = detector = Detector(backbone, merge_lora=merge, mixed_lora=settings.mixed_lora)
         state.store = store = AdapterStore(settings.store)
@@ -105,6 +127,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await batcher.start()
         stack.push_async_callback(batcher.stop)
         state.inference = InferenceService(settings, detector, cache, batcher, metrics)
+        if settings.opcua_endpoint:  # after inference: its InspectImage method scores images
+            state.opcua = await _start_opcua(settings, state)
+            stack.push_async_callback(state.opcua.stop)
+            state.result_sinks.append(state.opcua)
         state.readiness = ReadinessProbe(
             backbone, worker, broken=lambda: None if batcher.failure is None else f"batcher stopped: {batcher.failure}")
         _start_jobs_and_registry(app, stack)
@@ -168,4 +194,4 @@ def create_app(settings: Settings | None = None, *, backbone: Backbone | None = 
     return app
 
 
-__all__ = ["StartupError", "create_app", "lifespan", "load_service_backbone", "open_job_store"]
+__all__ = ["StartupError", "create_app", "lifespan", "load_service_backbone", "open_job_store", "start_mqtt"]

@@ -192,6 +192,21 @@ class Metrics:
             "rising share usually means a camera or its settings changed.",
             ("category",),
         )
+        self.mqtt_published = self._counter(
+            "clipshot_mqtt_published_total",
+            "Results the MQTT broker acknowledged (QoS 1 PUBACK); only with CLIPSHOT_MQTT_HOST set.",
+            (),
+        )
+        self.mqtt_outbox_depth = self._gauge(
+            "clipshot_mqtt_outbox_depth",
+            "Results waiting in the MQTT outbox for the broker's acknowledgement (grows while the broker is away).",
+            (),
+        )
+        self.mqtt_outbox_dropped = self._counter(
+            "clipshot_mqtt_outbox_dropped_total",
+            "Results dropped unsent, oldest first, because the MQTT outbox held CLIPSHOT_MQTT_OUTBOX_MAX already.",
+            (),
+        )
         self.device_memory = DeviceMemoryCollector()
         self.registry.register(self.device_memory)
         self.specs.append(MetricSpec(DEVICE_MEMORY, "gauge", ("kind",), _DEVICE_MEMORY_HELP))

@@ -18,6 +18,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from app.core.mqtt_config import MqttSettings
+from app.core.opcua_config import OpcUaSettings
 from app.core.ray_config import RaySettings
 
 log = logging.getLogger(__name__)
@@ -37,7 +39,7 @@ class InsecureConfigurationError(RuntimeError):
     """Raised by ``Settings.validate_security`` when the service would start with no authentication."""
 
 
-class Settings(BaseSettings, RaySettings):
+class Settings(BaseSettings, MqttSettings, OpcUaSettings, RaySettings):
     """Runtime configuration of the clipshot service (env prefix ``CLIPSHOT_``)."""
 
     model_config = SettingsConfigDict(

@@ -38,11 +38,16 @@ def settings_error_line(exc: ValidationError, cli_flags: Mapping[str, str] | Non
         if loc and loc[0] in fields:
             name = env_var(loc[0]) + (f" (or {cli_flags[loc[0]]})" if loc[0] in cli_flags else "")
             value = error.get("input")
-            shown = f"={value!r}" if isinstance(value, str | int | float) and "key" not in loc[0] else ""
+            shown = f"={value!r}" if isinstance(value, str | int | float) and not _secret(loc[0]) else ""
             parts.append(f"{name}{shown}: {message}")
         else:  # cross-field rule: name every variable it mentions
             parts.append(_fields_to_env(message, fields))
     return "invalid settings: " + "; ".join(" ".join(p.split()) for p in parts)
+
+
+def _secret(field: str) -> bool:
+    """Settings whose values must not be echoed in an error line."""
+    return "key" in field or "password" in field or field == "opcua_users"
 
 
 def _fields_to_env(message: str, fields: Iterable[str]) -> str:

@@ -34,8 +34,10 @@ JSON list (`["k1","k2"]`). If both are empty the service refuses to start unless
 Cross-field rules: `min_shots <= recommended_min_shots <= max_shots`,
 `max_request_bytes >= max_upload_bytes`, `max_pending_images >= max_predict_images`, and
 `max_image_pixels <= max_request_pixels <= max_inflight_pixels`,
-`max_image_pixels <= max_register_pixels <= max_inflight_pixels`. The connection limits (`max_header_bytes`,
-the timeouts, `max_connections`) apply to `clipshot serve`; set matching ones at a reverse proxy (README).
+`max_image_pixels <= max_register_pixels <= max_inflight_pixels`; the MQTT TLS files need `mqtt_tls`, a client
+certificate its key, a password its user name; an OPC UA endpoint needs users or `opcua_allow_anonymous`.
+The connection limits (`max_header_bytes`, the timeouts, `max_connections`) apply to `clipshot serve`; set
+matching ones at a reverse proxy (README).
 
 | Environment variable | Type | Default | Allowed | Meaning |
 |---|---|---|---|---|
@@ -90,11 +92,15 @@ def _bounds(field: FieldInfo) -> str:
     return ", ".join(parts) or "—"
 
 
+def _group(name: str) -> int:
+    return 3 if name.startswith("ray_") else 2 if name.startswith("opcua_") else 1 if name.startswith("mqtt_") else 0
+
+
 def render_settings_markdown() -> str:
     """The full markdown page, one table row per ``Settings`` field, in declaration order."""
     rows = []
-    # the Ray layout's settings (inherited, so pydantic lists them first) go last: most deployments skip them
-    for name, field in sorted(Settings.model_fields.items(), key=lambda item: item[0].startswith("ray_")):
+    # MQTT's, OPC UA's and the Ray layout's settings (inherited, so pydantic lists them first) go last, in order
+    for name, field in sorted(Settings.model_fields.items(), key=lambda item: _group(item[0])):
         desc = (field.description or "").replace("|", "\\|").replace("\n", " ")
         rows.append(
             f"| `{env_var(name)}` | {_type_name(field.annotation)} | {_default(field)} "

@@ -12,6 +12,7 @@ from typing import Annotated, get_args
 from fastapi import APIRouter, File, Path, Query, Request, UploadFile
 
 from app.api.deps import AuthFirstRoute, ClientDep, InferenceDep
+from app.api.line_results import published
 from app.api.responses import CATEGORY_DOC, CATEGORY_SCHEMA, errors
 from app.errors import ClipshotHTTPError
 from app.schemas import HeatmapMode, PredictResponse
@@ -82,8 +83,8 @@ async def predict_category(
     # Set only by the Ray Serve replica (in the ASGI scope, out of reach of HTTP clients): the version its
     # router resolved and routed on; plain `clipshot serve` resolves the active version here instead.
     pinned = request.scope.get(PINNED_VERSION_SCOPE)
-    return await inference.predict_category(category, files, heatmap,  # type: ignore[arg-type]
-                                            heatmap_size=heatmap_size, version=pinned)
+    return await published(request, inference.predict_category(category, files, heatmap,  # type: ignore[arg-type]
+                                                               heatmap_size=heatmap_size, version=pinned))
 
 
 @router.post("/predict", response_model=PredictResponse, responses=ZERO_SHOT_RESPONSES,
@@ -100,5 +101,5 @@ async def predict_zero_shot(
     """Generic bundle, or handcrafted prompts for ``object`` (CLIP backbones only)."""
     heatmap = await _one(request, "heatmap", heatmap_query, DEFAULT_HEATMAP, HEATMAP_MODES)
     object_name = await _one(request, "object", object_query, None)
-    return await inference.predict_zero_shot(files, heatmap, object_name,  # type: ignore[arg-type]
-                                             heatmap_size=heatmap_size)
+    return await published(request, inference.predict_zero_shot(files, heatmap, object_name,  # type: ignore[arg-type]
+                                                                heatmap_size=heatmap_size))

@@ -1,0 +1,177 @@
+"""Results for PLCs over OPC UA (asyncua), in the spirit of OPC 40100 Machine Vision's result management.
+
+Under ``Objects/Clipshot``: one object per product (made when its first result arrives) whose variables hold the
+last result's fields (``Verdict``, ``IsAnomalous``, ``Score``, ``NormalisedScore``, ``Threshold``, ``PartId``,
+``Line``, ``Camera``, ``Sha256``, ``AdapterVersion``, ``Time``, ``MessageId``, ``ResultJson``); a
+``ResultReadyEventType`` event per result, emitted by ``Clipshot``; and two methods on ``Clipshot``:
+``GetLatestResult(category) -> json`` and ``InspectImage(category, path, part_id) -> json``, which scores an image
+the PLC's camera saved under ``opcua_image_root`` and hands the result to every line output like an HTTP
+prediction. It runs on the service's event loop, so updating nodes needs no locks; ``accept`` is called there
+by the predict routes and only schedules the update.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from app.core.config import Settings, env_var
+
+log = logging.getLogger(__name__)
+NAMESPACE = "urn:clipshot:results"
+# (browse name, record field, OPC UA type name)
+FIELDS = (("Verdict", "verdict", "String"), ("IsAnomalous", "is_anomalous", "Boolean"), ("Score", "score", "Double"),
+          ("NormalisedScore", "normalised_score", "Double"), ("Threshold", "threshold", "Double"),
+          ("PartId", "part_id", "String"), ("Line", "line", "String"), ("Camera", "camera", "String"),
+          ("Sha256", "sha256", "String"), ("AdapterVersion", "adapter_version", "Int64"),
+          ("Time", "time", "String"), ("MessageId", "message_id", "String"))
+EVENT_FIELDS = ("Category", "PartId", "Verdict", "ResultJson")
+# A variable keeps one type; a missing value (no threshold, no part id) is shown as this. `Verdict` says `unknown`
+# when there is no threshold, so IsAnomalous=false there means nothing; `ResultJson` has the nulls.
+EMPTY = {"String": "", "Boolean": False, "Double": float("nan"), "Int64": -1}
+
+
+class OpcUaConfigError(RuntimeError):
+    """The OPC UA server cannot start (port taken, extra not installed): one line naming the setting."""
+
+
+class OpcUaResults:
+    """The OPC UA server; ``start``/``stop`` on the service's loop, ``accept(records)`` per prediction."""
+
+    def __init__(self, settings: Settings, state: Any) -> None:
+        self.settings, self.state = settings, state
+        self._server: Any = None
+        self._products: dict[str, dict[str, Any]] = {}  # category -> {"node", "vars"}
+        self._latest: dict[str, dict[str, Any]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        try:
+            from asyncua import Server, ua
+            from asyncua.server.user_managers import UserManager
+        except ImportError as exc:
+            raise OpcUaConfigError(f"{env_var('opcua_endpoint')} is set but asyncua is not installed: "
+                                   "pip install 'clipshot[line]'") from exc
+        s = self.settings
+        users = dict(item.split(":", 1) for item in s.opcua_users)
+
+        class Users(UserManager):
+            def get_user(self, iserver: Any, username: str | None = None, password: str | None = None,
+                         certificate: Any = None) -> Any:
+                from asyncua.crypto.permission_rules import User, UserRole
+
+                if username is None:
+                    return User(role=UserRole.User) if s.opcua_allow_anonymous else None
+                return User(role=UserRole.User) if users.get(username) == password else None
+
+        server = Server(user_manager=Users())
+        await server.init()
+        server.set_endpoint(s.opcua_endpoint)
+        server.set_server_name("clipshot")
+        server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
+        tokens = [ua.UserNameIdentityToken] + ([ua.AnonymousIdentityToken] if s.opcua_allow_anonymous else [])
+        server.set_identity_tokens(tokens)
+        idx = await server.register_namespace(NAMESPACE)
+        self._idx, self._ua = idx, ua
+        self._root = await server.nodes.objects.add_object(idx, "Clipshot")
+        event_type = await server.create_custom_event_type(
+            idx, "ResultReadyEventType", ua.ObjectIds.BaseEventType,
+            [(name, ua.VariantType.String) for name in EVENT_FIELDS])
+        self._events = await server.get_event_generator(event_type, self._root)
+        await self._root.add_method(idx, "GetLatestResult", self._get_latest, [ua.VariantType.String],
+                                    [ua.VariantType.String])
+        await self._root.add_method(idx, "InspectImage", self._inspect_image,
+                                    [ua.VariantType.String, ua.VariantType.String, ua.VariantType.String],
+                                    [ua.VariantType.String])
+        try:
+            await server.start()
+        except OSError as exc:
+            raise OpcUaConfigError(f"cannot serve OPC UA at {s.opcua_endpoint} ({exc}); check "
+                                   f"{env_var('opcua_endpoint')}") from exc
+        self._server = server
+        log.info("OPC UA server at %s", s.opcua_endpoint)
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            await task
+        if self._server is not None:
+            await self._server.stop()
+            self._server = None
+
+    # -- results in ------------------------------------------------------------------------------
+    async def accept(self, records: list[dict[str, Any]]) -> None:
+        """Called on the event loop after a prediction: schedule the node update and the events, in order."""
+        task = asyncio.get_running_loop().create_task(self._update(records))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _update(self, records: list[dict[str, Any]]) -> None:
+        ua = self._ua
+        try:
+            for record in records:
+                product = await self._product(record["category"])
+                for name, key, kind in FIELDS:
+                    value = record.get(key)
+                    await product[name].write_value(ua.Variant(EMPTY[kind] if value is None else value,
+                                                               getattr(ua.VariantType, kind)))
+                text = json.dumps(record, separators=(",", ":"))
+                await product["ResultJson"].write_value(ua.Variant(text, ua.VariantType.String))
+                self._latest[record["category"]] = record
+                event = self._events.event
+                event.Category, event.PartId = record["category"], record["part_id"] or ""
+                event.Verdict, event.ResultJson = record["verdict"], text
+                await self._events.trigger(message=f"{record['category']}: {record['verdict']}")
+        except Exception:  # an OPC UA hiccup must not surface in the predict request
+            log.exception("could not update the OPC UA result nodes")
+
+    async def _product(self, category: str) -> dict[str, Any]:
+        if category not in self._products:
+            ua = self._ua
+            node = await self._root.add_object(self._idx, category)
+            nodes = {name: await node.add_variable(self._idx, name, ua.Variant(EMPTY[kind], getattr(ua.VariantType,
+                                                                                                   kind)))
+                     for name, _, kind in FIELDS}
+            nodes["ResultJson"] = await node.add_variable(self._idx, "ResultJson", "", ua.VariantType.String)
+            self._products[category] = nodes
+        return self._products[category]
+
+    # -- methods -------------------------------------------------------------------------------
+    async def _get_latest(self, parent: Any, category: Any) -> Any:
+        ua = self._ua
+        record = self._latest.get(category.Value)
+        if record is None:
+            return ua.StatusCode(ua.StatusCodes.BadNotFound)
+        return [ua.Variant(json.dumps(record), ua.VariantType.String)]
+
+    async def _inspect_image(self, parent: Any, category: Any, path: Any, part_id: Any) -> Any:
+        from starlette.datastructures import UploadFile
+
+        from app.serving.result_publisher import LineContext, deliver
+
+        ua = self._ua
+        root = self.settings.opcua_image_root
+        target = Path(path.Value or "")
+        if root is None or not target.resolve().is_relative_to(root.resolve()):
+            return ua.StatusCode(ua.StatusCodes.BadUserAccessDenied)
+        if not target.is_file():
+            return ua.StatusCode(ua.StatusCodes.BadNotFound)
+        data = await asyncio.to_thread(target.read_bytes)
+        upload = UploadFile(io.BytesIO(data), filename=target.name)
+        try:
+            answer = await self.state.inference.predict_category(category.Value, [upload], "regions")
+        except Exception as exc:
+            log.warning("InspectImage %s: %s", target, exc)
+            return ua.StatusCode(ua.StatusCodes.BadInvalidArgument)
+        records = await deliver(self.state, answer, LineContext(part_id=part_id.Value or target.stem), None)
+        return [ua.Variant(json.dumps(records[0]) if records else "", ua.VariantType.String)]
+
+
+async def start_opcua(settings: Settings, state: Any) -> OpcUaResults:
+    """The running OPC UA server for the app's ``state`` (its inference and line outputs)."""
+    server = OpcUaResults(settings, state)
+    await server.start()
+    return server
