@@ -4,39 +4,26 @@ doing compare-and-set on one category never lose a version or a shot. Real HTTP 
 
 from __future__ import annotations
 
-import io
 import multiprocessing
 import threading
 import time
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from PIL import Image
 from threaded_server import threaded_server
 
 from app.core.config import Settings
 from app.main import create_app
 from model_store import AdapterStore, StaleVersion
 from model_store.adapters import load_adapter
+from tests.helpers.jobs import shots
 from training.fewshot import FewShotResult
 from training.progress import Progress
 
 ADMIN = {"Authorization": "Bearer admin-key"}
 WAIT_S = 60.0  # generous bound for a job on a 2-core box shared with other test runs
-
-
-def image_bytes(seed: int) -> bytes:
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    Image.fromarray((96 + rng.integers(0, 64, (64, 64, 3))).astype(np.uint8)).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def shots(seeds) -> list:
-    return [("files", (f"s{s}.png", image_bytes(s), "image/png")) for s in seeds]
 
 
 def settings(store: Path) -> Settings:

@@ -6,6 +6,7 @@ import argparse
 import os
 from collections.abc import Callable
 from importlib import import_module
+from pathlib import Path
 
 ENV_PREFIX = "CLIPSHOT_"  # the service's settings prefix: one variable configures the service and the CLI
 DEFAULT_BACKBONE = "open_clip:ViT-B-16-plus-240:laion400m_e32"  # = clipshot.backbone.DEFAULT_BACKBONE (tested)
@@ -16,6 +17,8 @@ PRECISION_CHOICES = ("auto", "fp32", "fp16", "bf16")  # = clipshot.backbone.PREC
 class CliError(ValueError):
     """Bad command-line input; printed as one line, exit code 2."""
 
+
+KEY_ENV = "CLIPSHOT_KEY"  # listed in app.core.env.EXTRA_KNOWN: not a typo of a setting
 
 def lazy(module: str, function: str) -> Callable[[argparse.Namespace], int]:
     """A handler that imports ``module`` only when the command runs (parsers must not pay for torch)."""
@@ -75,3 +78,16 @@ def check_device(device: str) -> None:
     if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
         raise CliError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) exist "
                        f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
+
+
+def add_source_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where images are scored, shared by ``predict`` and ``watch``: a running service (``--url``, ``--key``) or a
+    local store scored in-process (``--store``, ``--backbone``, ``--device``)."""
+    remote = parser.add_argument_group("running service")
+    remote.add_argument("--url", help="service URL (default http://127.0.0.1:8000 unless --store is given)")
+    remote.add_argument("--key", default=os.environ.get(KEY_ENV),
+                        help=f"API key sent as Authorization: Bearer (default: ${KEY_ENV})")
+    local = parser.add_argument_group("local store (no server)")
+    local.add_argument("--store", type=Path, help="adapter store directory to score with in-process")
+    local.add_argument("--backbone", help="backbone spec for --store (default: CLIPSHOT_BACKBONE or the settings')")
+    local.add_argument("--device", help="torch device for --store (default: CLIPSHOT_DEVICE or auto)")

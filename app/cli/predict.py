@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import os
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -20,10 +19,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from app.cli.common import add_source_arguments
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 FIELDS = ["file", "category", "adapter_version", "score", "threshold", "is_anomalous", "verdict", "sha256", "error"]
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_ANOMALY = 0, 1, 2, 3
-KEY_ENV = "CLIPSHOT_KEY"  # listed in app.core.env.EXTRA_KNOWN: not a typo of a setting
 IMAGE_ERRORS = {400, 413, 415, 422}  # the service rejected an image (corrupt, too large, ...), not the run
 
 
@@ -38,14 +38,7 @@ def register(subparsers: Any, name: str, help_text: str) -> argparse.ArgumentPar
     parser.add_argument("inputs", nargs="+", type=Path, help="image files and/or folders (searched recursively)")
     parser.add_argument("--category", help="product to score against; omit for zero-shot (/v1/predict)")
     parser.add_argument("--object", dest="object_name", help="object name for zero-shot CLIP prompts")
-    remote = parser.add_argument_group("running service")
-    remote.add_argument("--url", help="service URL (default http://127.0.0.1:8000 unless --store is given)")
-    remote.add_argument("--key", default=os.environ.get(KEY_ENV),
-                        help=f"API key sent as Authorization: Bearer (default: ${KEY_ENV})")
-    local = parser.add_argument_group("local store (no server)")
-    local.add_argument("--store", type=Path, help="adapter store directory to score with in-process")
-    local.add_argument("--backbone", help="backbone spec for --store (default: CLIPSHOT_BACKBONE or the settings')")
-    local.add_argument("--device", help="torch device for --store (default: CLIPSHOT_DEVICE or auto)")
+    add_source_arguments(parser)
     out = parser.add_argument_group("output")
     out.add_argument("--out", default="-", help="result file, .csv or .json (default: CSV on stdout)")
     out.add_argument("--format", choices=["csv", "json"], help="output format (default: from --out's suffix)")

@@ -10,14 +10,12 @@ the ``CLIPSHOT_MQTT_*`` variables (outbox in ``DIR/.clipshot``). Against a servi
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from app.cli.common import CliError
-from app.cli.predict import KEY_ENV
+from app.cli.common import CliError, add_source_arguments
 
 POLL_S = 0.05  # how often the folder's candidates are looked at; inotify events arrive in between
 OUTAGE_STATUSES = {0, 429, 500, 502, 503, 504}  # not the image's fault: keep it and try again
@@ -35,14 +33,7 @@ def register(subparsers: Any, name: str, help_text: str) -> argparse.ArgumentPar
     )
     parser.add_argument("folder", type=Path, help="folder the cameras write into (not searched recursively)")
     parser.add_argument("--category", required=True, help="product to score against")
-    remote = parser.add_argument_group("running service")
-    remote.add_argument("--url", help="service URL (default http://127.0.0.1:8000 unless --store is given)")
-    remote.add_argument("--key", default=os.environ.get(KEY_ENV),
-                        help=f"API key sent as Authorization: Bearer (default: ${KEY_ENV})")
-    local = parser.add_argument_group("local store (no server)")
-    local.add_argument("--store", type=Path, help="adapter store directory to score with in-process")
-    local.add_argument("--backbone", help="backbone spec for --store (default: CLIPSHOT_BACKBONE or the settings')")
-    local.add_argument("--device", help="torch device for --store (default: CLIPSHOT_DEVICE or auto)")
+    add_source_arguments(parser)
     line = parser.add_argument_group("line")
     line.add_argument("--line", help="line name sent with every verdict (default: the service's CLIPSHOT_MQTT_LINE)")
     line.add_argument("--camera", help="camera name sent with every verdict")
