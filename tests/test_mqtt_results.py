@@ -22,6 +22,7 @@ from app.client import Client
 from app.core.config import Settings
 from app.main import StartupError, start_mqtt
 from app.serving.outbox import OUTBOX_FILENAME
+from tests.helpers.waiting import wait_until
 
 ADMIN_KEY = "admin-key"
 DELIVERY_TIMEOUT_S = 30  # loopback delivery takes milliseconds; this only bounds a broken run
@@ -78,12 +79,7 @@ def test_each_verdict_is_published_with_the_answer_and_the_line_fields(store, tm
 
 
 def _wait(condition, timeout: float = DELIVERY_TIMEOUT_S) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return False
+    return wait_until(condition, timeout)
 
 
 def test_broker_crash_and_service_restart_lose_and_duplicate_nothing(store, tmp_path, tiny_backbone):

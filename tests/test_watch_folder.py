@@ -16,6 +16,7 @@ from app.cli.main import main
 from app.cli.watch import service_inspector
 from app.client import Client
 from app.core.config import Settings
+from tests.helpers import waiting
 
 ADMIN_KEY, CLIENT_KEY = "admin-key", "client-key"
 SETTLE_S = 0.3  # quiet period after the writer closed the file; short so the test is quick
@@ -50,12 +51,7 @@ def watch_in_thread(url: str, folder, *extra: str) -> tuple[threading.Thread, li
 
 
 def wait_until(condition, timeout: float = TIMEOUT_S) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return False
+    return waiting.wait_until(condition, timeout)
 
 
 @pytest.mark.parametrize("watch_first", [True, False], ids=["camera-starts-later", "camera-already-writing"])
