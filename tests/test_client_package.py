@@ -12,13 +12,13 @@ import tomllib
 
 import httpx
 import pytest
-from test_app_predict import good, png
 from threaded_server import threaded_server
 
 from app.api.client_models import render_client_models
 from app.client import Client as ServiceClient
 from app.core.config import Settings
 from tests.conftest import REPO
+from tests.helpers.predict import good, png
 
 CLIENT_DIR = REPO / "clients" / "python"
 sys.path.insert(0, str(CLIENT_DIR))

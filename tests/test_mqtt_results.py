@@ -15,13 +15,13 @@ import time
 import httpx
 import pytest
 from mqtt_broker import Broker, Subscriber, free_port, running_broker
-from test_app_predict import CLIENT, defect, files, good, png
 from threaded_server import threaded_server
 
 from app.client import Client
 from app.core.config import Settings
 from app.main import StartupError, start_mqtt
 from app.serving.outbox import OUTBOX_FILENAME
+from tests.helpers.predict import CLIENT, defect, files, good, png
 from tests.helpers.waiting import wait_until
 
 ADMIN_KEY = "admin-key"

@@ -10,13 +10,13 @@ import socket
 
 import httpx
 import pytest
-from test_app_predict import CLIENT, files, good, png
 from threaded_server import free_port, threaded_server
 
 from app.client import Client as ServiceClient
 from app.core.config import Settings
 from app.main import StartupError, _start_opcua
 from app.serving.opcua_server import NAMESPACE
+from tests.helpers.predict import CLIENT, files, good, png
 
 try:
     import asyncua  # noqa: F401

@@ -10,13 +10,13 @@ import shutil
 import numpy as np
 import pytest
 from PIL import Image
-from threaded_server import free_port, threaded_server
+from threaded_server import free_port
 
 from app.cli.main import main
 from app.client import Client
-from app.core.config import Settings
 from app.jobs.job_store import JobState, JobStore
 from tests.helpers.predict import defect, good, png
+from tests.helpers.serving import served_widget
 
 ADMIN_KEY, CLIENT_KEY = "admin-key", "client-key"
 
@@ -25,11 +25,7 @@ ADMIN_KEY, CLIENT_KEY = "admin-key", "client-key"
 def served(tmp_path_factory, tiny_backbone):
     """A server whose store holds `widget`, registered from four good shots (memory adapter only)."""
     store = tmp_path_factory.mktemp("store")
-    settings = Settings(_env_file=None, backbone="test:tiny-clip", device="cpu", store=store,
-                        admin_keys=[ADMIN_KEY], client_keys=[CLIENT_KEY])
-    with threaded_server(settings, tiny_backbone) as url:
-        with Client(url, ADMIN_KEY) as admin:
-            admin.register("widget", [good(s) for s in range(4)], finetune=False)
+    with served_widget(store, tiny_backbone, ADMIN_KEY, CLIENT_KEY) as url:
         yield url, store
 
 

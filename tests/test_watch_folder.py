@@ -8,15 +8,14 @@ import time
 
 import httpx
 import pytest
-from test_app_predict import good, png
-from threaded_server import threaded_server
 
 from app.cli.hot_folder import DONE_DIR, FAILED_DIR, HotFolder
 from app.cli.main import main
 from app.cli.watch import service_inspector
 from app.client import Client
-from app.core.config import Settings
 from tests.helpers import waiting
+from tests.helpers.predict import good, png
+from tests.helpers.serving import served_widget
 
 ADMIN_KEY, CLIENT_KEY = "admin-key", "client-key"
 SETTLE_S = 0.3  # quiet period after the writer closed the file; short so the test is quick
@@ -25,12 +24,7 @@ TIMEOUT_S = 60  # a tiny-CLIP prediction takes well under a second; this only bo
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, tiny_backbone):
-    store = tmp_path_factory.mktemp("watch-store")
-    settings = Settings(_env_file=None, backbone="test:tiny-clip", device="cpu", store=store,
-                        admin_keys=[ADMIN_KEY], client_keys=[CLIENT_KEY])
-    with threaded_server(settings, tiny_backbone) as url:
-        with Client(url, ADMIN_KEY) as admin:
-            admin.register("widget", [good(s) for s in range(4)], finetune=False)
+    with served_widget(tmp_path_factory.mktemp("watch-store"), tiny_backbone, ADMIN_KEY, CLIENT_KEY) as url:
         yield url
 
 
