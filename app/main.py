@@ -28,6 +28,7 @@ from app.errors import install_error_handlers
 from app.jobs.job_runner import JobRunner
 from app.jobs.job_store import JobDatabaseError, JobStore
 from app.metrics import Metrics, RequestMetricsMiddleware
+from app.records.service import RecordService
 from app.serving.adapter_cache import AdapterCache
 from app.serving.batcher import Batcher
 from app.serving.device_worker import DeviceWorker
@@ -66,6 +67,16 @@ def open_job_store(settings: Settings) -> JobStore:
     """The job records' database (SQLite in the store, or ``job_db``); failure = one line saying what to fix."""
     try:
         return JobStore(settings.store, url=settings.job_db)
+    except JobDatabaseError as exc:
+        fix = (f"start PostgreSQL there or correct {env_var('job_db')} (empty = SQLite in the store)"
+               if settings.job_db else f"make {env_var('store')} a writable directory")
+        raise StartupError(f"{exc} Fix: {fix}.") from exc
+
+
+def open_records(settings: Settings, metrics: Metrics) -> RecordService:
+    """The inspection record and audit log (same database server as the jobs); failure = one line to fix."""
+    try:
+        return RecordService(settings, metrics)
     except JobDatabaseError as exc:
         fix = (f"start PostgreSQL there or correct {env_var('job_db')} (empty = SQLite in the store)"
                if settings.job_db else f"make {env_var('store')} a writable directory")
@@ -114,6 +125,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             log.info("removed %d leftover temp/trash entries of interrupted store writes", swept)
         state.job_store = job_store = open_job_store(settings)
         stack.callback(job_store.close)
+        state.records = records = await run_in_threadpool(open_records, settings, metrics)
+        stack.push_async_callback(run_in_threadpool, records.close)  # after the batcher: the last answers too
         state.device_worker = worker = DeviceWorker(metrics)
         worker.start()
         stack.push_async_callback(run_in_threadpool, worker.stop)

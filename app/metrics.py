@@ -38,6 +38,7 @@ FORWARD = "forward"
 TIERS = ("device", "cpu")
 VERDICTS = ("normal", "anomalous", "unknown")  # unknown: no calibrated threshold yet
 QUEUES = ("predict", "train", "admitted")  # every value the services use (tested against a live scrape)
+RECORD_DROP_REASONS = ("queue_full", "write_failed")  # why an inspection never reached the record
 # score / threshold: fine around 1 (the decision boundary), coarse far from it.
 RATIO_BUCKETS = (0.25, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0, 1.05, 1.1, 1.25, 1.5, 2.0, 4.0)
 BATCH_CATEGORY = "*"  # category label for per-batch work shared by several categories
@@ -207,6 +208,15 @@ class Metrics:
             "Results dropped unsent, oldest first, because the MQTT outbox held CLIPSHOT_MQTT_OUTBOX_MAX already.",
             (),
         )
+        self.records_dropped = self._counter(
+            "clipshot_records_dropped_total",
+            "Inspections left out of the record (CLIPSHOT_RECORD_MODE): `queue_full` when "
+            "CLIPSHOT_RECORD_QUEUE_SIZE were already waiting for the writer, `write_failed` when the database or "
+            "the image folder refused them. The predictions themselves were answered.",
+            ("reason",),
+        )
+        for reason in RECORD_DROP_REASONS:  # exported at 0 from the start, so rate() and alerts see the series
+            self.records_dropped.labels(reason=reason)
         self.device_memory = DeviceMemoryCollector()
         self.registry.register(self.device_memory)
         self.specs.append(MetricSpec(DEVICE_MEMORY, "gauge", ("kind",), _DEVICE_MEMORY_HELP))

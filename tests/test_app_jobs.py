@@ -18,7 +18,7 @@ from tests.helpers.jobs import ADMIN, Script, make_settings, register, shots, wa
 
 def snapshot(root: Path) -> dict[str, str]:
     """Store content; a running writer's hold files (``.holds/``) are runtime state, not content."""
-    return {str(p.relative_to(root)): "db" if p.name.startswith("jobs.sqlite3") else
+    return {str(p.relative_to(root)): "db" if p.name.startswith(("jobs.sqlite3", "records.sqlite3")) else
             hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
             if p.is_file() and p.parent.name != ".holds"}
 

@@ -46,11 +46,12 @@ _bearer = HTTPBearer(
 
 @dataclass(frozen=True)
 class Principal:
-    """Who is calling: the granted scope and a non-secret key fingerprint for logs and audit."""
+    """Who is calling: the granted scope, a non-secret key fingerprint for logs, and the key's name for audit."""
 
     scope: Scope
     key_id: str  # first 12 hex chars of sha256(key); "insecure-dev" when auth is disabled
     authenticated: bool = True
+    name: str = "insecure-dev"  # the key's configured name (or one derived from its fingerprint)
 
 
 def get_settings(request: Request) -> Settings:
@@ -119,7 +120,8 @@ def authenticate(settings: Settings, credentials: HTTPAuthorizationCredentials |
     is_client = _matches_any(token, settings.client_keys)  # always evaluated: no early exit
     if not (is_admin or is_client):
         raise UnauthorizedError("Invalid API key.", code="invalid_key", bearer_error="invalid_token")
-    return Principal(scope="admin" if is_admin else "client", key_id=token.hex()[:12])
+    scope: Scope = "admin" if is_admin else "client"
+    return Principal(scope=scope, key_id=token.hex()[:12], name=settings.key_name(scope, token.hex()))
 
 
 def require_client(settings: SettingsDep, credentials: CredentialsDep) -> Principal:

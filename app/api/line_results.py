@@ -6,20 +6,24 @@ form fields). They are checked *before* the prediction runs, so a bad value cost
 answer is handed to the line outputs afterwards: the MQTT results are written to the publisher's outbox (a
 local SQLite insert, so a result the client saw survives a crash) and the OPC UA update is scheduled; neither
 waits for a broker or a PLC, and a failure there is logged, never turned into an error for the prediction.
+The inspection record (``app.records``) gets the same answer and origin through its non-blocking queue.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Awaitable
 
 from fastapi import Request
+from starlette.datastructures import UploadFile
 
 from app.api.request_id import current_request_id
 from app.errors import ClipshotHTTPError
 from app.schemas import PredictResponse
 from app.serving.result_publisher import LineContext, deliver
 
+log = logging.getLogger(__name__)
 FIELDS = ("part_id", "line", "camera")
 HEADER = {name: "x-clipshot-" + name.replace("_", "-") for name in FIELDS}
 _VALUE = re.compile(r"^[^\x00-\x1f\x7f]{1,128}$")  # printable, one line, bounded: it goes into topics and logs
@@ -55,4 +59,23 @@ async def published(request: Request, prediction: Awaitable[PredictResponse]) ->
         raise
     answer = await prediction
     await deliver(request.app.state, answer, context, current_request_id())
+    await _record(request, answer, context)
     return answer
+
+
+async def _record(request: Request, answer: PredictResponse, context: LineContext) -> None:
+    """Queue the answer for the inspection record, with the uploaded bytes when images are kept."""
+    records = getattr(request.app.state, "records", None)
+    if records is None or records.mode == "off":
+        return
+    try:
+        uploads = None
+        if records.keeps_images:
+            uploads = []
+            for upload in (await request.form()).getlist("files"):
+                if isinstance(upload, UploadFile):  # the request is still open: its spooled files are readable
+                    await upload.seek(0)
+                    uploads.append(await upload.read())
+        records.record(answer, context, current_request_id(), uploads)
+    except Exception:  # the answer is made: a recording bug must not turn it into a 500
+        log.exception("could not queue the answer for the inspection record")

@@ -126,9 +126,10 @@ def _client(args: argparse.Namespace) -> Iterator[Any]:
     with tempfile.TemporaryDirectory(prefix="clipshot-predict-") as view:
         store_view(args.store, Path(view))
         try:  # local and keyless: this process is the only caller
-            # never publishes to MQTT itself: its outbox would live in the temporary view and vanish
+            # never publishes to MQTT or records inspections itself: its outbox and record would live in the
+            # temporary view and vanish
             settings = Settings(store=view, insecure_dev=True, admin_keys=[], client_keys=[], mqtt_host=None,
-                                **overrides)
+                                record_mode="off", **overrides)
             backbone = load_service_backbone(settings)
         except (ValidationError, StartupError) as exc:
             raise ClipshotError(0, "startup", str(exc).splitlines()[0]) from exc

@@ -18,9 +18,11 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from app.core.key_names import derived_name, split_named_keys
 from app.core.mqtt_config import MqttSettings
 from app.core.opcua_config import OpcUaSettings
 from app.core.ray_config import RaySettings
+from app.core.record_config import RecordSettings
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +41,7 @@ class InsecureConfigurationError(RuntimeError):
     """Raised by ``Settings.validate_security`` when the service would start with no authentication."""
 
 
-class Settings(BaseSettings, MqttSettings, OpcUaSettings, RaySettings):
+class Settings(BaseSettings, MqttSettings, OpcUaSettings, RaySettings, RecordSettings):
     """Runtime configuration of the clipshot service (env prefix ``CLIPSHOT_``)."""
 
     model_config = SettingsConfigDict(
@@ -217,7 +219,8 @@ class Settings(BaseSettings, MqttSettings, OpcUaSettings, RaySettings):
         default_factory=list,
         repr=False,
         description="Bearer keys allowed to manage products and jobs (and to predict). "
-        'Comma-separated (`k1,k2`) or a JSON list (`["k1","k2"]`).',
+        'Comma-separated (`k1,k2`), a JSON list (`["k1","k2"]`) or a JSON object naming them for the audit log '
+        '(`{"alice":"k1","line-3":"k2"}`); an unnamed key is called `admin-<first 8 hex of its SHA-256>`.',
     )
     client_keys: KeyList = Field(
         default_factory=list,
@@ -280,6 +283,7 @@ class Settings(BaseSettings, MqttSettings, OpcUaSettings, RaySettings):
     )
 
     _insecure_warned: bool = PrivateAttr(False)  # the no-auth warning is said once per Settings, not per check
+    _key_names: dict[str, str] = PrivateAttr(default_factory=dict)  # key fingerprint -> name (audit log)
     max_header_bytes: int = Field(
         32 * 1024,
         ge=1024,
@@ -361,6 +365,26 @@ class Settings(BaseSettings, MqttSettings, OpcUaSettings, RaySettings):
             raise ValueError("job_db must be empty (SQLite in the store) or a "
                              "postgresql://user:password@host:port/database URL")
         return v.strip()
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _named_keys(cls, data: Any, handler: Any) -> Settings:
+        """Take names out of the object form of the key lists (the fields themselves stay lists of keys)."""
+        names: dict[str, str] = {}
+        if isinstance(data, dict):
+            data = dict(data)
+            for field in ("admin_keys", "client_keys"):
+                if field in data:
+                    data[field], found = split_named_keys(data[field])
+                    names.update(found)
+        settings = handler(data)
+        if isinstance(data, dict):  # a fresh build; re-validation on assignment keeps the names it had
+            settings._key_names = names
+        return settings
+
+    def key_name(self, scope: str, fingerprint: str) -> str:
+        """The configured name of the key with this SHA-256 hex digest, or one derived from it."""
+        return self._key_names.get(fingerprint) or derived_name(scope, fingerprint)
 
     @field_validator("admin_keys", "client_keys", mode="before")
     @classmethod

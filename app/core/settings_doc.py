@@ -27,9 +27,11 @@ variable named `CLIPSHOT_<NAME>` (case-insensitive) or from a `.env` file in the
 real environment variables win over `.env`. Invalid values stop the service at startup with a message
 naming the setting.
 
-Key lists (`CLIPSHOT_ADMIN_KEYS`, `CLIPSHOT_CLIENT_KEYS`) accept a comma-separated string (`k1,k2`) or a
-JSON list (`["k1","k2"]`). If both are empty the service refuses to start unless
-`CLIPSHOT_INSECURE_DEV=true`, which disables authentication entirely. Admin keys may also predict.
+Key lists (`CLIPSHOT_ADMIN_KEYS`, `CLIPSHOT_CLIENT_KEYS`) accept a comma-separated string (`k1,k2`), a
+JSON list (`["k1","k2"]`), or a JSON object that names each key for the audit log (`{"alice":"k1"}`; an unnamed
+key is called `admin-`/`client-` + the first 8 hex digits of its SHA-256). If both are empty the service
+refuses to start unless `CLIPSHOT_INSECURE_DEV=true`, which disables authentication entirely. Admin keys may
+also predict.
 
 Cross-field rules: `min_shots <= recommended_min_shots <= max_shots`,
 `max_request_bytes >= max_upload_bytes`, `max_pending_images >= max_predict_images`, and

@@ -4,13 +4,15 @@ Why two: one process needs no database server, so SQLite stays the default; seve
 workers need one shared, concurrent database, and PostgreSQL gives row locks (``FOR UPDATE SKIP LOCKED``) so a
 queued job is claimed by exactly one worker. ``JobStore`` writes one SQL text for both (``?`` placeholders);
 each class here supplies the connection, the transaction and the few words in which the dialects differ.
+The inspection record (``app.records.record_db``) opens its own tables through the same two classes, with its
+own ``schema`` callback, so there is one connection layer for every table the service keeps.
 """
 
 from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
@@ -74,8 +76,30 @@ class JobDatabase(Protocol):
     integrity_errors: tuple[type[BaseException], ...]
     location: str  # where the rows live, for logs (never contains a password)
 
+    dialect: str  # "sqlite" or "postgresql": for the few DDL words that differ
+
     def tx(self) -> Any: ...
     def close(self) -> None: ...
+
+
+# Creates or upgrades a set of tables inside one transaction, called once when a database is opened.
+Schema = Callable[[JobDatabase, Tx], None]
+
+
+def _jobs_schema(db: JobDatabase, tx: Tx) -> None:
+    """The ``jobs`` table and its indexes; old SQLite job files get the columns added since."""
+    if db.dialect == "postgresql":
+        tx.run("SELECT pg_advisory_xact_lock(?)", (_SCHEMA_LOCK_ID,))
+        columns = _COLUMNS.format(real="DOUBLE PRECISION")
+        tx.run(f"CREATE TABLE IF NOT EXISTS jobs (seq BIGINT GENERATED ALWAYS AS IDENTITY UNIQUE, {columns})")
+    else:
+        tx.run(f"CREATE TABLE IF NOT EXISTS jobs ({_COLUMNS.format(real='REAL')})")
+        have = {r["name"] for r in tx.all("PRAGMA table_info(jobs)")}
+        for name, decl in _ADDED_COLUMNS.items():
+            if name not in have:
+                tx.run(f"ALTER TABLE jobs ADD COLUMN {name} {decl}")
+    for sql in _INDEXES:
+        tx.run(sql)
 
 
 def redact(url: str) -> str:
@@ -92,11 +116,13 @@ def is_postgres_url(url: str) -> bool:
     return urlsplit(url).scheme in POSTGRES_SCHEMES
 
 
-def open_job_database(store_dir: Path, url: str | None = None) -> JobDatabase:
-    """PostgreSQL when ``url`` is given, else ``<store_dir>/jobs.sqlite3``; raises ``JobDatabaseError``."""
+def open_job_database(store_dir: Path, url: str | None = None, *, filename: str = DB_FILENAME,
+                      schema: Schema = _jobs_schema, name: str = "clipshot-jobs") -> JobDatabase:
+    """PostgreSQL when ``url`` is given, else ``<store_dir>/<filename>``, with ``schema``'s tables (the jobs
+    table by default); raises ``JobDatabaseError``."""
     if url:
-        return PostgresJobDatabase(url)
-    return SqliteJobDatabase(Path(store_dir) / DB_FILENAME)
+        return PostgresJobDatabase(url, schema=schema, name=name)
+    return SqliteJobDatabase(Path(store_dir) / filename, schema=schema)
 
 
 class _SqliteTx:
@@ -122,12 +148,13 @@ class SqliteJobDatabase:
     """
 
     shared = False
+    dialect = "sqlite"
     order_key = "rowid"
     lock_rows = ""
     skip_locked = ""
     integrity_errors = (sqlite3.IntegrityError,)
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, schema: Schema = _jobs_schema) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.location = str(path)
@@ -139,13 +166,8 @@ class SqliteJobDatabase:
             with self._lock:
                 self._conn.execute("PRAGMA journal_mode=WAL")
                 self._conn.execute("PRAGMA synchronous=NORMAL")
-                self._conn.execute(f"CREATE TABLE IF NOT EXISTS jobs ({_COLUMNS.format(real='REAL')})")
-                have = {r["name"] for r in self._conn.execute("PRAGMA table_info(jobs)")}
-                for name, decl in _ADDED_COLUMNS.items():
-                    if name not in have:
-                        self._conn.execute(f"ALTER TABLE jobs ADD COLUMN {name} {decl}")
-                for sql in _INDEXES:
-                    self._conn.execute(sql)
+            with self.tx() as tx:
+                schema(self, tx)
         except sqlite3.Error as exc:
             raise JobDatabaseError(f"cannot open the job database {path}: {exc}") from exc
 
@@ -192,11 +214,13 @@ class PostgresJobDatabase:
     """
 
     shared = True
+    dialect = "postgresql"
     order_key = "seq"
     lock_rows = " FOR UPDATE"
     skip_locked = " FOR UPDATE SKIP LOCKED"
 
-    def __init__(self, url: str, *, pool_size: int = 4) -> None:
+    def __init__(self, url: str, *, pool_size: int = 4, schema: Schema = _jobs_schema,
+                 name: str = "clipshot-jobs") -> None:
         self.location = redact(url)
         if not is_postgres_url(url):
             raise JobDatabaseError(f"job database URL {self.location!r} is not postgresql://user:pass@host:port/db")
@@ -212,15 +236,11 @@ class PostgresJobDatabase:
         except psycopg.Error as exc:
             reason = " ".join(str(exc).split()) or type(exc).__name__
             raise JobDatabaseError(f"cannot connect to the job database {self.location}: {reason}") from exc
-        self._pool = ConnectionPool(url, min_size=1, max_size=pool_size, open=True, name="clipshot-jobs",
+        self._pool = ConnectionPool(url, min_size=1, max_size=pool_size, open=True, name=name,
                                     kwargs={"row_factory": dict_row, "connect_timeout": CONNECT_TIMEOUT_S},
                                     check=ConnectionPool.check_connection)
         with self.tx() as tx:
-            tx.run("SELECT pg_advisory_xact_lock(?)", (_SCHEMA_LOCK_ID,))
-            columns = _COLUMNS.format(real="DOUBLE PRECISION")
-            tx.run(f"CREATE TABLE IF NOT EXISTS jobs (seq BIGINT GENERATED ALWAYS AS IDENTITY UNIQUE, {columns})")
-            for sql in _INDEXES:
-                tx.run(sql)
+            schema(self, tx)
 
     @contextmanager
     def tx(self) -> Iterator[_PgTx]:

@@ -36,8 +36,8 @@ def shots(seeds: range | list[int], fmt: str = "PNG") -> list[tuple[str, tuple[s
 
 
 def snapshot(root: Path) -> dict[str, str]:
-    """Every file under the store with its content hash (the job database only by name: reads touch it)."""
-    return {str(p.relative_to(root)): "db" if p.name.startswith("jobs.sqlite3") else
+    """Every file under the store with its content hash (the job and record databases only by name)."""
+    return {str(p.relative_to(root)): "db" if p.name.startswith(("jobs.sqlite3", "records.sqlite3")) else
             hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
 
 

@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Body, Depends, File, Form, Path, Request, UploadFile
 from starlette.concurrency import run_in_threadpool
 
+from app.api.audit import AUDITED
 from app.api.deps import AdminDep, AuthFirstRoute, ClientDep, PixelBudgetDep, SettingsDep
 from app.api.responses import CATEGORY_DOC, CATEGORY_SCHEMA, errors
 from app.categories.geometry import GeometryRequest
@@ -43,7 +44,7 @@ VersionPath = Annotated[int, Path(ge=1, description="Version number (1, 2, ...).
 CategoryPath = Annotated[str, Path(description=CATEGORY_DOC, json_schema_extra=CATEGORY_SCHEMA)]
 
 
-@router.post("/{category}/shots", status_code=201, response_model=ShotsRegistered,
+@router.post("/{category}/shots", dependencies=AUDITED, status_code=201, response_model=ShotsRegistered,
              summary="Register a product, or add good shots to it",
              responses=errors(400, 401, 403, 409, 413, 415, 422, 503,
                               e400="Invalid name, corrupt or empty image, too few or too many shots, "
@@ -94,7 +95,8 @@ async def register_shots(
                            decision=result.decision, geometry=result.geometry)
 
 
-@router.post("/{category}/finetune", status_code=202, response_model=Job, summary="Start a background fine-tune",
+@router.post("/{category}/finetune", dependencies=AUDITED,
+             status_code=202, response_model=Job, summary="Start a background fine-tune",
              responses=errors(400, 401, 403, 404, 409, 422,
                               e400="Invalid category name.",
                               e409="The backbone cannot be fine-tuned (no CLIP text tower), a fine-tune is already "
@@ -121,7 +123,7 @@ def get_category(category: CategoryPath, _: ClientDep, service: CategoriesDep) -
     return CategoryDetail.model_validate(service.detail(category))
 
 
-@router.delete("/{category}", response_model=CategoryDeleted, summary="Delete a product",
+@router.delete("/{category}", dependencies=AUDITED, response_model=CategoryDeleted, summary="Delete a product",
                responses=errors(400, 401, 403, 404, 409, 422, e409="Its fine-tune job is still stopping; retry."))
 async def delete_category(category: CategoryPath, _: AdminDep, service: CategoriesDep) -> CategoryDeleted:
     """Remove a product with all versions and shots; its active job is cancelled first. Admin only."""
@@ -129,7 +131,7 @@ async def delete_category(category: CategoryPath, _: AdminDep, service: Categori
     return CategoryDeleted(category=category, cancelled_job_id=job_id)
 
 
-@router.post("/{category}/versions/{version}/activate", response_model=CategorySummary,
+@router.post("/{category}/versions/{version}/activate", dependencies=AUDITED, response_model=CategorySummary,
              summary="Serve another stored version (promote or roll back)",
              responses=errors(400, 401, 403, 404, 409, 422,
                               e409="The version's bundle is corrupt or was built for another backbone, or another "
@@ -140,7 +142,8 @@ async def activate_version(category: CategoryPath, version: VersionPath, _: Admi
     return CategorySummary(**await service.activate(category, version))
 
 
-@router.put("/{category}/versions/{version}/pin", response_model=VersionPins, summary="Keep a version",
+@router.put("/{category}/versions/{version}/pin", dependencies=AUDITED,
+            response_model=VersionPins, summary="Keep a version",
             responses=errors(400, 401, 403, 404, 409, 422, e409="The version's manifest is unreadable."))
 async def pin_version(category: CategoryPath, version: VersionPath, _: AdminDep,
                       service: CategoriesDep) -> VersionPins:
@@ -148,7 +151,8 @@ async def pin_version(category: CategoryPath, version: VersionPath, _: AdminDep,
     return VersionPins(**await service.pin(category, version, True))
 
 
-@router.delete("/{category}/versions/{version}/pin", response_model=VersionPins, summary="Stop keeping a version",
+@router.delete("/{category}/versions/{version}/pin", dependencies=AUDITED,
+               response_model=VersionPins, summary="Stop keeping a version",
                responses=errors(400, 401, 403, 404, 422))
 async def unpin_version(category: CategoryPath, version: VersionPath, _: AdminDep,
                         service: CategoriesDep) -> VersionPins:

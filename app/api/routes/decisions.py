@@ -13,6 +13,7 @@ from typing import Annotated
 from fastapi import APIRouter, Body, File, Form, Path, Query, UploadFile
 from starlette.concurrency import run_in_threadpool
 
+from app.api.audit import AUDITED
 from app.api.deps import AdminDep, AuthFirstRoute, ClientDep, PixelBudgetDep, SettingsDep
 from app.api.responses import errors
 from app.api.routes.categories import CategoriesDep, CategoryPath
@@ -27,7 +28,8 @@ _DRY_RUN_DOC = ("Preview: answer with the decision and its `warnings` without ch
 Sha256Path = Annotated[str, Path(description="SHA-256 of the shot (64 lowercase hex digits), from GET .../shots.")]
 
 
-@router.put("/{category}/threshold", response_model=ThresholdChanged, summary="Set the decision policy",
+@router.put("/{category}/threshold", dependencies=AUDITED,
+            response_model=ThresholdChanged, summary="Set the decision policy",
             responses=errors(400, 401, 403, 404, 409, 422,
                              e400="Invalid name, or not exactly one of the three fields.",
                              e409="No usable active version, it stores no calibration evidence, or another writer "
@@ -45,7 +47,7 @@ async def set_threshold(category: CategoryPath, _: AdminDep, service: Categories
     return ThresholdChanged(**await service.set_threshold(category, policy, dry_run=dry_run))
 
 
-@router.post("/{category}/feedback", status_code=201, response_model=FeedbackResult,
+@router.post("/{category}/feedback", dependencies=AUDITED, status_code=201, response_model=FeedbackResult,
              summary="Teach a product with confirmed images",
              responses=errors(400, 401, 403, 404, 409, 413, 415, 422, 503,
                               e400="Invalid name, label, defect type or note; corrupt or empty image; too many.",
@@ -83,7 +85,8 @@ def list_shots(category: CategoryPath, _: ClientDep, service: CategoriesDep) -> 
     return ShotList(**service.list_shots(category))
 
 
-@router.delete("/{category}/shots/{sha256}", response_model=ShotRemoved, summary="Remove one shot",
+@router.delete("/{category}/shots/{sha256}", dependencies=AUDITED,
+               response_model=ShotRemoved, summary="Remove one shot",
                responses=errors(400, 401, 403, 404, 409, 422, e404="Unknown category or shot.",
                                 e409="It is the last shot, no version is usable, or the active version changed "
                                      "meanwhile (`version_conflict`: retry)."))

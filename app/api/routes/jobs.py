@@ -11,6 +11,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
+from app.api.audit import AUDITED
 from app.api.deps import AdminDep, AuthFirstRoute, JobStoreDep
 from app.api.responses import errors
 from app.categories.service import CategoryService
@@ -54,7 +55,7 @@ def get_job(job_id: str, _: AdminDep, jobs: JobStoreDep) -> Job:
     return job
 
 
-@router.delete("/{job_id}", response_model=Job, summary="Cancel a job",
+@router.delete("/{job_id}", dependencies=AUDITED, response_model=Job, summary="Cancel a job",
                responses={202: {"model": Job, "description": "A running job is still finishing its current step."},
                           **errors(401, 403, 404, 409, 422, e409="The job has already finished.")})
 async def cancel_job(job_id: str, _: AdminDep, runner: RunnerDep, response: Response) -> Job:

@@ -47,6 +47,28 @@ class AnomalyRegion(_Model):
     peak_score: float
 
 
+class AuditEvent(_Model):
+    """One admin change."""
+
+    id: int
+    time: str
+    key_name: str
+    scope: str
+    action: str
+    category: str | None
+    before_version: int | None
+    after_version: int | None
+    detail: dict[str, Any] | None
+    request_id: str | None
+
+
+class AuditPage(_Model):
+    """Audit events newest first."""
+
+    events: list[AuditEvent]
+    next_cursor: str | None
+
+
 class CategoryDeleted(_Model):
     """``DELETE /v1/categories/{category}``: the product, its versions and shots are gone."""
 
@@ -162,6 +184,45 @@ class ImagePrediction(_Model):
     warnings: list[str] | None = None
     batch_size: int
     timings: StageTimings
+
+
+class Inspection(_Model):
+    """One recorded prediction of one image."""
+
+    id: int
+    time: str
+    category: str
+    version: int | None
+    score: float
+    score_normalized: float | None
+    verdict: Literal['normal', 'anomalous', 'unknown']
+    threshold: float | None
+    map_threshold: float | None
+    request_id: str | None
+    part_id: str | None
+    line: str | None
+    camera: str | None
+    filename: str | None
+    sha256: str
+    image_path: str | None
+    overlay_path: str | None
+    image_bytes: int
+    replica: str | None
+
+
+class InspectionPage(_Model):
+    """Inspections newest first."""
+
+    inspections: list[Inspection]
+    next_cursor: str | None
+
+
+class InspectionsDeleted(_Model):
+    """``DELETE .../inspections``: how many inspections (and their images) were removed."""
+
+    category: str
+    before: str
+    deleted: int
 
 
 class Job(_Model):

@@ -1,0 +1,71 @@
+"""Response bodies of the record routes (inspections and audit log), as the API documents them."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+_CURSOR_DOC = "Pass as `cursor` to get the next (older) page; null on the last page."
+
+
+class Inspection(BaseModel):
+    """One recorded prediction of one image."""
+
+    id: int = Field(description="Row id (increases with insertion; with `time` it orders the record).")
+    time: str = Field(description="When the answer was made (UTC, ISO 8601 with microseconds).")
+    category: str = Field(description="Product.")
+    version: int | None = Field(description="Adapter version that scored the image.")
+    score: float = Field(description="Image anomaly score.")
+    score_normalized: float | None = Field(description="score / threshold (1.0 = the product's threshold).")
+    verdict: Literal["normal", "anomalous", "unknown"] = Field(description="`unknown`: no threshold yet.")
+    threshold: float | None = Field(description="Decision threshold in force.")
+    map_threshold: float | None = Field(description="Heatmap level of the verdict (see the predict answer).")
+    request_id: str | None = Field(description="The predict request's id (`X-Request-ID`), for its logs.")
+    part_id: str | None = Field(description="Part id the client sent (form field `part_id` or header).")
+    line: str | None = Field(description="Line the client sent (form field `line` or header).")
+    camera: str | None = Field(description="Camera the client sent (form field `camera` or header).")
+    filename: str | None = Field(description="Uploaded file name.")
+    sha256: str = Field(description="SHA-256 of the uploaded bytes.")
+    image_path: str | None = Field(description="Kept image (thumbnail or upload), relative to the record folder.")
+    overlay_path: str | None = Field(description="Kept overlay, relative to the record folder.")
+    image_bytes: int = Field(description="Bytes of the kept image and overlay.")
+    replica: str | None = Field(description="The process that answered.")
+
+
+class InspectionPage(BaseModel):
+    """Inspections newest first."""
+
+    inspections: list[Inspection]
+    next_cursor: str | None = Field(description=_CURSOR_DOC)
+
+
+class InspectionsDeleted(BaseModel):
+    """``DELETE .../inspections``: how many inspections (and their images) were removed."""
+
+    category: str
+    before: str = Field(description="Inspections older than this (UTC) were deleted.")
+    deleted: int
+
+
+class AuditEvent(BaseModel):
+    """One admin change."""
+
+    id: int
+    time: str = Field(description="When the change was made (UTC, ISO 8601).")
+    key_name: str = Field(description="Name of the key that made it (never the key).")
+    scope: str = Field(description="`admin` (only admin keys change things).")
+    action: str = Field(description="register, shots_add, shot_remove, threshold, feedback, activate, rollback, "
+                        "pin, unpin, delete, finetune_start, finetune_cancel, inspections_delete.")
+    category: str | None = Field(description="Product changed (null for job cancels).")
+    before_version: int | None = Field(description="Active version before the change.")
+    after_version: int | None = Field(description="Active version after it.")
+    detail: dict[str, Any] | None = Field(description="What else identifies the change (version, shot, job id).")
+    request_id: str | None = Field(description="The request's id, for its logs.")
+
+
+class AuditPage(BaseModel):
+    """Audit events newest first."""
+
+    events: list[AuditEvent]
+    next_cursor: str | None = Field(description=_CURSOR_DOC)
