@@ -32,7 +32,8 @@ from app.serving.adapter_cache import AdapterCache
 from app.serving.batcher import Batcher
 from app.serving.device_worker import DeviceWorker
 from app.serving.inference import InferenceService
-from app.serving.opcua_server import OpcUaConfigError, OpcUaResults, start_opcua
+from app.serving.opcua_security import OpcUaConfigError, load_security
+from app.serving.opcua_server import OpcUaResults, start_opcua
 from app.serving.readiness import ReadinessProbe
 from app.serving.result_publisher import PublisherConfigError, ResultPublisher, start_result_publisher
 from clipshot.backbone import EFFICIENTNET_LITE0, Backbone, BackboneLoadError, BackboneSpecError, load_backbone
@@ -78,6 +79,14 @@ def start_mqtt(settings: Settings, metrics: Metrics | None = None, send: bool = 
     try:
         return start_result_publisher(settings, metrics, send=send)
     except PublisherConfigError as exc:
+        raise StartupError(str(exc)) from exc
+
+
+def check_opcua(settings: Settings) -> None:
+    """Read the OPC UA certificate, key, trust folder and users now: a bad file = one line naming the setting."""
+    try:
+        load_security(settings)
+    except OpcUaConfigError as exc:
         raise StartupError(str(exc)) from exc
 
 
@@ -194,4 +203,5 @@ def create_app(settings: Settings | None = None, *, backbone: Backbone | None = 
     return app
 
 
-__all__ = ["StartupError", "create_app", "lifespan", "load_service_backbone", "open_job_store", "start_mqtt"]
+__all__ = ["StartupError", "check_opcua", "create_app", "lifespan", "load_service_backbone", "open_job_store",
+           "start_mqtt"]
