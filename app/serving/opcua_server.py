@@ -13,7 +13,6 @@ by the predict routes and only schedules the update.
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import logging
 from pathlib import Path
@@ -34,6 +33,7 @@ EVENT_FIELDS = ("Category", "PartId", "Verdict", "ResultJson")
 # A variable keeps one type; a missing value (no threshold, no part id) is shown as this. `Verdict` says `unknown`
 # when there is no threshold, so IsAnomalous=false there means nothing; `ResultJson` has the nulls.
 EMPTY = {"String": "", "Boolean": False, "Double": float("nan"), "Int64": -1}
+STATUS = {"path_not_allowed": "BadUserAccessDenied", "image_not_found": "BadNotFound"}  # else BadInvalidArgument
 POLICY_TYPES = {  # setting value -> asyncua's policy type (given the imported ``ua`` module)
     "None": lambda ua: ua.SecurityPolicyType.NoSecurity,
     "Basic256Sha256_Sign": lambda ua: ua.SecurityPolicyType.Basic256Sha256_Sign,
@@ -140,25 +140,18 @@ class OpcUaResults:
         return [ua.Variant(json.dumps(record), ua.VariantType.String)]
 
     async def _inspect_image(self, parent: Any, category: Any, path: Any, part_id: Any) -> Any:
-        from starlette.datastructures import UploadFile
-
-        from app.serving.result_publisher import LineContext, deliver
+        from app.serving.line_inspect import InspectError, inspect_image, read_confined
+        from app.serving.result_publisher import LineContext
 
         ua = self._ua
-        root = self.settings.opcua_image_root
-        target = Path(path.Value or "")
-        if root is None or not target.resolve().is_relative_to(root.resolve()):
-            return ua.StatusCode(ua.StatusCodes.BadUserAccessDenied)
-        if not target.is_file():
-            return ua.StatusCode(ua.StatusCodes.BadNotFound)
-        data = await asyncio.to_thread(target.read_bytes)
-        upload = UploadFile(io.BytesIO(data), filename=target.name)
         try:
-            answer = await self.state.inference.predict_category(category.Value, [upload], "regions")
-        except Exception as exc:
-            log.warning("InspectImage %s: %s", target, exc)
-            return ua.StatusCode(ua.StatusCodes.BadInvalidArgument)
-        records = await deliver(self.state, answer, LineContext(part_id=part_id.Value or target.stem), None)
+            data, name = await read_confined(self.settings.opcua_image_root, path.Value or "",
+                                             env_var("opcua_image_root"), self.settings.max_upload_bytes)
+            records = await inspect_image(self.state, category.Value, data, name,
+                                          LineContext(part_id=part_id.Value or Path(name).stem), None)
+        except InspectError as exc:
+            log.warning("InspectImage %s: %s", path.Value, exc.message)
+            return ua.StatusCode(getattr(ua.StatusCodes, STATUS.get(exc.code, "BadInvalidArgument")))
         return [ua.Variant(json.dumps(records[0]) if records else "", ua.VariantType.String)]
 
 

@@ -23,6 +23,7 @@ import ssl
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -132,6 +133,11 @@ class ResultPublisher:
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_publish = lambda *_: self._wake.set()
+        self._client.on_subscribe = self._on_subscribe
+        self._client.on_message = self._on_message
+        self._subscriptions: list[tuple[str, Callable[[str, bytes], None]]] = []
+        self._subacks: dict[int, list[Any]] = {}
+        self._suback = threading.Condition()
 
     # -- life cycle -------------------------------------------------------------------------------
     def start(self, send: bool = True) -> None:
@@ -220,11 +226,51 @@ class ResultPublisher:
         """Messages not yet acknowledged by the broker."""
         return self._outbox.depth() if self._outbox is not None else 0
 
+    # -- inbound (trigger topic) -----------------------------------------------------------------
+    def subscribe(self, topic_filter: str, callback: Callable[[str, bytes], None], timeout_s: float) -> None:
+        """Subscribe (QoS 1) on the publisher's connection, now and after every reconnect (clean sessions);
+        ``callback(topic, payload)`` runs on paho's network thread. Raises ``PublisherConfigError`` when the
+        broker refuses the subscription (its ACL) or does not answer within ``timeout_s``."""
+        self._subscriptions.append((topic_filter, callback))
+        _, mid = self._client.subscribe(topic_filter, qos=QOS)
+        with self._suback:
+            self._suback.wait_for(lambda: mid in self._subacks, timeout_s)
+            codes = self._subacks.pop(mid, None)
+        if codes is None or any(code.is_failure for code in codes):
+            answer = "did not answer" if codes is None else f"refused it ({', '.join(map(str, codes))})"
+            raise PublisherConfigError(f"subscribing to {topic_filter}: the MQTT broker {answer}; check "
+                                       f"{env_var('mqtt_trigger_topic')} and the broker's ACL for "
+                                       f"{env_var('mqtt_username')}")
+
+    def unsubscribe(self) -> None:
+        """Stop taking messages (before ``stop``: nothing new arrives while the service drains)."""
+        for topic_filter, _ in self._subscriptions:
+            self._client.unsubscribe(topic_filter)
+        self._subscriptions = []
+
+    def _on_subscribe(self, client: Any, userdata: Any, mid: int, codes: list[Any], properties: Any) -> None:
+        with self._suback:
+            self._subacks[mid] = codes
+            self._suback.notify_all()
+
+    def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
+        import paho.mqtt.client as mqtt
+
+        for topic_filter, callback in self._subscriptions:
+            plain = topic_filter.split("/", 2)[2] if topic_filter.startswith("$share/") else topic_filter
+            if mqtt.topic_matches_sub(plain, message.topic):
+                try:
+                    callback(message.topic, message.payload)
+                except Exception:  # paho's network thread must survive a handler's bug
+                    log.exception("MQTT message handler failed on %s", message.topic)
+
     # -- the sender thread -----------------------------------------------------------------------
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         if reason_code.is_failure:
             self._connect_error = str(reason_code)
             return
+        for topic_filter, _ in self._subscriptions:  # a clean session forgets them on every reconnect
+            client.subscribe(topic_filter, qos=QOS)
         if not self._connected.is_set():
             log.info("connected to the MQTT broker %s:%d", self.settings.mqtt_host, self.settings.mqtt_port)
         self._connected.set()
