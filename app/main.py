@@ -33,7 +33,9 @@ from app.serving.adapter_cache import AdapterCache
 from app.serving.batcher import Batcher
 from app.serving.device_worker import DeviceWorker
 from app.serving.inference import InferenceService
-from app.serving.opcua_server import OpcUaConfigError, OpcUaResults, start_opcua
+from app.serving.mqtt_trigger import TriggerListener, start_trigger
+from app.serving.opcua_security import OpcUaConfigError, load_security
+from app.serving.opcua_server import OpcUaResults, start_opcua
 from app.serving.readiness import ReadinessProbe
 from app.serving.result_publisher import PublisherConfigError, ResultPublisher, start_result_publisher
 from clipshot.backbone import EFFICIENTNET_LITE0, Backbone, BackboneLoadError, BackboneSpecError, load_backbone
@@ -92,6 +94,31 @@ def start_mqtt(settings: Settings, metrics: Metrics | None = None, send: bool = 
         raise StartupError(str(exc)) from exc
 
 
+def _start_trigger(state: object, publisher: ResultPublisher, loop: asyncio.AbstractEventLoop) -> TriggerListener:
+    try:
+        return start_trigger(state, publisher, loop)
+    except PublisherConfigError as exc:
+        raise StartupError(str(exc)) from exc
+
+
+def check_line_inputs(settings: Settings) -> None:
+    """The folders line messages may read images from, and the OPC UA security files: one line if one is bad."""
+    for name in ("opcua_image_root", "mqtt_trigger_image_root"):
+        root = getattr(settings, name)
+        if root is not None and not root.is_dir():
+            raise StartupError(f"{root} is not a folder; check {env_var(name)}")
+    if settings.opcua_endpoint:
+        check_opcua(settings)
+
+
+def check_opcua(settings: Settings) -> None:
+    """Read the OPC UA certificate, key, trust folder and users now: a bad file = one line naming the setting."""
+    try:
+        load_security(settings)
+    except OpcUaConfigError as exc:
+        raise StartupError(str(exc)) from exc
+
+
 async def _start_opcua(settings: Settings, state: object) -> OpcUaResults:
     try:
         return await start_opcua(settings, state)
@@ -144,6 +171,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             state.opcua = await _start_opcua(settings, state)
             stack.push_async_callback(state.opcua.stop)
             state.result_sinks.append(state.opcua)
+        if publisher is not None and settings.mqtt_trigger_topic:  # after inference: triggers run inspections
+            state.mqtt_trigger = await run_in_threadpool(_start_trigger, state, publisher, asyncio.get_running_loop())
+            stack.push_async_callback(state.mqtt_trigger.stop)  # runs before the publisher and batcher stop
         state.readiness = ReadinessProbe(
             backbone, worker, broken=lambda: None if batcher.failure is None else f"batcher stopped: {batcher.failure}")
         _start_jobs_and_registry(app, stack)
@@ -207,4 +237,5 @@ def create_app(settings: Settings | None = None, *, backbone: Backbone | None = 
     return app
 
 
-__all__ = ["StartupError", "create_app", "lifespan", "load_service_backbone", "open_job_store", "start_mqtt"]
+__all__ = ["StartupError", "check_line_inputs", "check_opcua", "create_app", "lifespan", "load_service_backbone",
+           "open_job_store", "start_mqtt"]

@@ -162,12 +162,31 @@ def test_a_full_outbox_drops_the_oldest_and_counts_them(tmp_path):
             publisher.stop()
 
 
-@pytest.mark.parametrize("case", ["unreachable", "missing_ca", "tls_to_plain", "unwritable_store", "bad_password"])
+TLS_FILE_CASES = {  # case -> (settings, the variable the error must name); certificates made by the test
+    "missing_ca": (lambda f: {"mqtt_ca_file": f / "nope.pem"}, "CLIPSHOT_MQTT_CA_FILE"),
+    "garbage_ca": (lambda f: {"mqtt_ca_file": f / "garbage.pem"}, "CLIPSHOT_MQTT_CA_FILE"),
+    "missing_cert": (lambda f: {"mqtt_cert_file": f / "nope.pem", "mqtt_key_file": f / "a-key.pem"},
+                     "CLIPSHOT_MQTT_CERT_FILE"),
+    "garbage_cert": (lambda f: {"mqtt_cert_file": f / "garbage.pem", "mqtt_key_file": f / "a-key.pem"},
+                     "CLIPSHOT_MQTT_CERT_FILE"),
+    "key_of_another_cert": (lambda f: {"mqtt_cert_file": f / "a.pem", "mqtt_key_file": f / "b-key.pem"},
+                            "CLIPSHOT_MQTT_KEY_FILE"),
+}
+
+
+@pytest.mark.parametrize("case", ["unreachable", "tls_to_plain", "unwritable_store", "bad_password",
+                                  *TLS_FILE_CASES])
 def test_bad_broker_configuration_is_one_line_naming_the_setting(case, tmp_path):
     port, named, extra, store = free_port(), "CLIPSHOT_MQTT_HOST", {}, tmp_path / "store"
     broker = None
-    if case == "missing_ca":
-        extra, named = {"mqtt_tls": True, "mqtt_ca_file": tmp_path / "nope.pem"}, "CLIPSHOT_MQTT_CA_FILE"
+    if case in TLS_FILE_CASES:
+        from tests.helpers.certs import write_pair
+
+        write_pair(tmp_path, "a", "a", "urn:a", server=False)
+        write_pair(tmp_path, "b", "b", "urn:b", server=False)
+        (tmp_path / "garbage.pem").write_text("-----BEGIN CERTIFICATE-----\nxx\n-----END CERTIFICATE-----\n")
+        files, named = TLS_FILE_CASES[case]
+        extra = {"mqtt_tls": True, **files(tmp_path)}
     elif case == "unwritable_store":
         store.write_text("a file where the store folder should be")
         named = "CLIPSHOT_STORE"
@@ -190,6 +209,9 @@ def test_bad_broker_configuration_is_one_line_naming_the_setting(case, tmp_path)
             broker.kill()
     message = str(caught.value)
     assert "\n" not in message and named in message, message
+    if case in TLS_FILE_CASES:  # the one file that is wrong, not a list of suspects
+        others = {"CLIPSHOT_MQTT_CA_FILE", "CLIPSHOT_MQTT_CERT_FILE", "CLIPSHOT_MQTT_KEY_FILE"} - {named}
+        assert not any(other in message for other in others), message
 
 
 def test_line_fields_are_checked_before_the_prediction(store, tiny_backbone):
@@ -304,3 +326,24 @@ def test_clipshot_serve_refuses_to_start_without_its_broker_in_one_line(tmp_path
     assert main(["serve"]) == 1
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("clipshot serve:")]
     assert len(lines) == 1 and "CLIPSHOT_MQTT_HOST" in lines[0], lines
+
+
+def test_replicas_sharing_a_store_and_a_client_id_do_not_take_each_others_session(tmp_path):
+    """Ray replicas on one store run one publisher each, with the same settings: with a fixed `mqtt_client_id`
+    the broker would close the older connection on each (re)connect of the other, back and forth forever."""
+    from app.serving.result_publisher import ResultPublisher
+
+    with running_broker(tmp_path / "broker") as broker:
+        settings = settings_for(tmp_path / "store", broker.port, mqtt_client_id="line-7")
+        first, second = ResultPublisher(settings), ResultPublisher(settings)
+        first.start()
+        second.start()
+        try:
+            time.sleep(1.5)  # paho's first reconnect comes after 0.1 s (RECONNECT_DELAY_S): flapping shows by now
+            assert first._connected.is_set() and second._connected.is_set()
+        finally:
+            first.stop()
+            second.stop()
+        log = (tmp_path / "broker" / "broker.log").read_text()
+    assert "already connected" not in log, log  # Mosquitto's words when it takes a session over
+    assert "as line-7 " in log and "as line-7-1 " in log, log

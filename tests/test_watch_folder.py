@@ -159,3 +159,20 @@ def test_watch_publishes_each_verdict_to_the_broker_itself(served, tmp_path, mon
     assert subscriber.topics == ["clipshot/L2/widget/result"]
     assert message["part_id"] == "part-3" and message["camera"] == "top" and message["sha256"] == sidecar["sha256"]
     assert message["score"] == sidecar["score"] and message["verdict"] == sidecar["verdict"]
+
+
+def test_an_outbox_that_cannot_be_opened_names_the_folder_not_the_store(served, tmp_path, monkeypatch, capsys):
+    from mqtt_broker import running_broker
+
+    from app.cli.hot_folder import STATE_DIR
+
+    folder = tmp_path / "cam"
+    (folder / STATE_DIR / "mqtt-outbox.sqlite3").mkdir(parents=True)  # a folder where the database should be
+    with running_broker(tmp_path / "broker") as broker:
+        monkeypatch.setenv("CLIPSHOT_MQTT_HOST", "127.0.0.1")
+        monkeypatch.setenv("CLIPSHOT_MQTT_PORT", str(broker.port))
+        code = main(["watch", str(folder), "--category", "widget", "--url", served, "--key", CLIENT_KEY,
+                     "--once", "--mqtt"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "FOLDER" in err[0] and "CLIPSHOT_STORE" not in err[0], err

@@ -65,13 +65,21 @@ def serve(ns: argparse.Namespace) -> int:
     import uvicorn  # heavy imports only once the configuration is known to be sane
 
     from app.http_guard import guarded_protocol
-    from app.main import StartupError, create_app, load_service_backbone, open_job_store, start_mqtt
+    from app.main import (
+        StartupError,
+        check_line_inputs,
+        create_app,
+        load_service_backbone,
+        open_job_store,
+        start_mqtt,
+    )
 
     try:
         if settings.job_db:  # a shared database must be reachable before minutes go into loading a model
             open_job_store(settings).close()
         if settings.mqtt_host and (probe := start_mqtt(settings, send=False)):  # so must the broker and TLS files
             probe.stop()
+        check_line_inputs(settings)  # and the OPC UA certificate, key, trusted clients, users, image folders
         backbone = load_service_backbone(settings)
     except StartupError as exc:
         return fail(str(exc), EXIT_STARTUP)

@@ -98,7 +98,8 @@ def _publisher(args: argparse.Namespace) -> tuple[Any, Any]:
         raise CliError(settings_error_line(exc)) from None
     if not settings.mqtt_host:
         raise CliError("--mqtt needs the broker: set CLIPSHOT_MQTT_HOST (and the other CLIPSHOT_MQTT_* settings)")
-    publisher = ResultPublisher(settings, outbox_dir=args.folder / STATE_DIR)
+    publisher = ResultPublisher(settings, outbox_dir=args.folder / STATE_DIR,
+                                outbox_fix=f"FOLDER {args.folder} must be writable (the outbox goes in {STATE_DIR}/)")
     try:
         publisher.start()
     except PublisherConfigError as exc:

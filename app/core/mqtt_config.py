@@ -12,6 +12,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
+TRIGGER_PLACEHOLDERS = ("{line}", "{category}", "{camera}")
+
 
 class MqttSettings(BaseModel):
     """Where and how verdicts are published (``app.serving.result_publisher``)."""
@@ -53,12 +55,30 @@ class MqttSettings(BaseModel):
     )
     mqtt_cert_file: Path | None = Field(None, description="Client certificate (PEM) for brokers that require one.")
     mqtt_key_file: Path | None = Field(None, description="Private key (PEM) of `mqtt_cert_file`.")
+    mqtt_trigger_topic: str | None = Field(
+        None,
+        description="Topic template to take inspection triggers from, e.g. `clipshot/{line}/{category}/trigger` "
+        "(each of `{line}`, `{category}`, `{camera}` a whole level, matched as `+`). Empty: no triggers. A "
+        "message is JSON with `request_id` and `path` (under `mqtt_trigger_image_root`) or `image` (base64); "
+        "its result (or error) is published like any other. See docs/integration.md.",
+    )
+    mqtt_trigger_image_root: Path | None = Field(
+        None, description="Folder trigger messages may name images in (relative paths are taken from it; paths "
+        "outside it are refused); empty: only `image` (base64) triggers."
+    )
+    mqtt_trigger_share_group: str | None = Field(
+        "clipshot", max_length=64, pattern=r"^[^/+#]*$",
+        description="Subscribe as `$share/<group>/<topic>`, so that several replicas (or services) on one "
+        "broker split the triggers instead of each inspecting every one; empty: a plain subscription (brokers "
+        "without shared subscriptions).",
+    )
     mqtt_connect_timeout_s: float = Field(
         5.0, gt=0, le=300, description="How long start-up waits for the broker's answer before giving up (s)."
     )
 
     @field_validator("mqtt_host", "mqtt_client_id", "mqtt_username", "mqtt_password", "mqtt_ca_file",
-                     "mqtt_cert_file", "mqtt_key_file", mode="before")
+                     "mqtt_cert_file", "mqtt_key_file", "mqtt_trigger_topic", "mqtt_trigger_image_root",
+                     "mqtt_trigger_share_group", mode="before")
     @classmethod
     def _empty_is_unset(cls, v: Any) -> Any:
         return None if isinstance(v, str) and not v.strip() else v
@@ -74,8 +94,23 @@ class MqttSettings(BaseModel):
             raise ValueError(f"only {{line}}, {{category}} and {{camera}} may be used in the topic ({exc})") from None
         return v
 
+    @field_validator("mqtt_trigger_topic", mode="after")
+    @classmethod
+    def _check_trigger_topic(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if "+" in v or "#" in v or "\x00" in v or v.startswith("$"):
+            raise ValueError("a trigger topic must not contain + or # (placeholders become +) nor start with $")
+        for level in v.split("/"):
+            if "{" in level and level not in TRIGGER_PLACEHOLDERS:
+                raise ValueError(f"{{line}}, {{category}} and {{camera}} must each be a whole topic level "
+                                 f"(got {level!r})")
+        return v
+
     @model_validator(mode="after")
     def _check_mqtt(self) -> MqttSettings:
+        if self.mqtt_trigger_topic and not self.mqtt_host:
+            raise ValueError("mqtt_trigger_topic needs mqtt_host")
         if (self.mqtt_ca_file or self.mqtt_cert_file or self.mqtt_key_file) and not self.mqtt_tls:
             raise ValueError("mqtt_ca_file, mqtt_cert_file and mqtt_key_file need mqtt_tls=true")
         if bool(self.mqtt_cert_file) != bool(self.mqtt_key_file):

@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import NoDecode
 
 UserList = Annotated[list[str], NoDecode]
+POLICIES = ("Basic256Sha256_SignAndEncrypt", "Basic256Sha256_Sign", "None")
 
 
 class OpcUaSettings(BaseModel):
@@ -24,12 +25,35 @@ class OpcUaSettings(BaseModel):
         "Set: an object per product under `Objects/Clipshot` with the last result, a `ResultReady` event per "
         "result, and the methods `GetLatestResult` and `InspectImage` (needs the `line` extra: asyncua).",
     )
+    opcua_security_policies: UserList = Field(
+        default_factory=lambda: ["Basic256Sha256_SignAndEncrypt"],
+        description="Security policies the endpoint offers, comma-separated, from `Basic256Sha256_SignAndEncrypt` "
+        "(default), `Basic256Sha256_Sign` and `None`. Basic256Sha256 needs `opcua_certificate`, "
+        "`opcua_private_key` and `opcua_trusted_clients`; `None` (no signing, no encryption, passwords readable "
+        "on the wire) only on a closed machine network.",
+    )
+    opcua_certificate: Path | None = Field(
+        None, description="The server's application instance certificate (PEM or DER, RSA 2048-4096 bits); its "
+        "subjectAltName URI becomes the server's ApplicationUri."
+    )
+    opcua_private_key: Path | None = Field(
+        None, description="Unencrypted private key (PEM or DER) of `opcua_certificate`; readable by the service "
+        "only."
+    )
+    opcua_trusted_clients: Path | None = Field(
+        None, description="Folder of trusted client certificates (and CA certificates that signed them), `.der`, "
+        "`.pem`, `.crt` or `.cer`; a client whose certificate is not trusted there is refused. Read at start-up."
+    )
     opcua_users: UserList = Field(
         default_factory=list,
         repr=False,
-        description="`user:password` pairs allowed to connect, comma-separated. Needed unless "
-        "`opcua_allow_anonymous`. The endpoint has no transport encryption (security policy None): keep it on "
-        "the machine network.",
+        description="`user:password` pairs allowed to connect, comma-separated; the password may be a "
+        "`mosquitto_passwd` hash (`$7$…`) instead of plain text. Prefer `opcua_users_file`.",
+    )
+    opcua_users_file: Path | None = Field(
+        None, description="Users file in Mosquitto's password-file format (`user:$7$…` lines, made with "
+        "`mosquitto_passwd -c FILE USER` or `python -m app.serving.opcua_security USER`). One of "
+        "`opcua_users`, `opcua_users_file` or `opcua_allow_anonymous` is needed with `opcua_endpoint`."
     )
     opcua_allow_anonymous: bool = Field(False, description="Let OPC UA clients connect without a user (off by "
                                         "default).")
@@ -38,7 +62,8 @@ class OpcUaSettings(BaseModel):
         "method refuses every path."
     )
 
-    @field_validator("opcua_endpoint", "opcua_image_root", mode="before")
+    @field_validator("opcua_endpoint", "opcua_image_root", "opcua_certificate", "opcua_private_key",
+                     "opcua_trusted_clients", "opcua_users_file", mode="before")
     @classmethod
     def _empty_opcua(cls, v: Any) -> Any:
         return None if isinstance(v, str) and not v.strip() else v
@@ -60,8 +85,29 @@ class OpcUaSettings(BaseModel):
                 raise ValueError("each OPC UA user must be `name:password`")
         return v or []
 
+    @field_validator("opcua_security_policies", mode="before")
+    @classmethod
+    def _parse_policies(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [item.strip() for item in v.split(",") if item.strip()]
+        unknown = [item for item in v or [] if item not in POLICIES]
+        if unknown or not v:
+            raise ValueError(f"security policies must be some of {', '.join(POLICIES)} (got {unknown or 'none'})")
+        return list(dict.fromkeys(v))
+
+    @property
+    def opcua_secure(self) -> bool:
+        """Whether the endpoint offers a Basic256Sha256 policy (and so needs the certificate files)."""
+        return any(policy != "None" for policy in self.opcua_security_policies)
+
     @model_validator(mode="after")
     def _check_opcua(self) -> OpcUaSettings:
-        if self.opcua_endpoint and not self.opcua_users and not self.opcua_allow_anonymous:
-            raise ValueError("opcua_endpoint needs opcua_users (or opcua_allow_anonymous=true)")
+        if not self.opcua_endpoint:
+            return self
+        if not (self.opcua_users or self.opcua_users_file or self.opcua_allow_anonymous):
+            raise ValueError("opcua_endpoint needs opcua_users or opcua_users_file (or opcua_allow_anonymous=true)")
+        if self.opcua_secure and not (self.opcua_certificate and self.opcua_private_key and
+                                      self.opcua_trusted_clients):
+            raise ValueError("opcua_security_policies with Basic256Sha256 need opcua_certificate, opcua_private_key "
+                             "and opcua_trusted_clients (or opcua_security_policies=None on a closed network)")
         return self

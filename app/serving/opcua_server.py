@@ -13,13 +13,13 @@ by the predict routes and only schedules the update.
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import logging
 from pathlib import Path
 from typing import Any
 
 from app.core.config import Settings, env_var
+from app.serving.opcua_security import OpcUaConfigError, OpcUaSecurity, load_security
 
 log = logging.getLogger(__name__)
 NAMESPACE = "urn:clipshot:results"
@@ -33,10 +33,12 @@ EVENT_FIELDS = ("Category", "PartId", "Verdict", "ResultJson")
 # A variable keeps one type; a missing value (no threshold, no part id) is shown as this. `Verdict` says `unknown`
 # when there is no threshold, so IsAnomalous=false there means nothing; `ResultJson` has the nulls.
 EMPTY = {"String": "", "Boolean": False, "Double": float("nan"), "Int64": -1}
-
-
-class OpcUaConfigError(RuntimeError):
-    """The OPC UA server cannot start (port taken, extra not installed): one line naming the setting."""
+STATUS = {"path_not_allowed": "BadUserAccessDenied", "image_not_found": "BadNotFound"}  # else BadInvalidArgument
+POLICY_TYPES = {  # setting value -> asyncua's policy type (given the imported ``ua`` module)
+    "None": lambda ua: ua.SecurityPolicyType.NoSecurity,
+    "Basic256Sha256_Sign": lambda ua: ua.SecurityPolicyType.Basic256Sha256_Sign,
+    "Basic256Sha256_SignAndEncrypt": lambda ua: ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt,
+}
 
 
 class OpcUaResults:
@@ -52,27 +54,17 @@ class OpcUaResults:
     async def start(self) -> None:
         try:
             from asyncua import Server, ua
-            from asyncua.server.user_managers import UserManager
         except ImportError as exc:
             raise OpcUaConfigError(f"{env_var('opcua_endpoint')} is set but asyncua is not installed: "
                                    "pip install 'clipshot[line]'") from exc
         s = self.settings
-        users = dict(item.split(":", 1) for item in s.opcua_users)
-
-        class Users(UserManager):
-            def get_user(self, iserver: Any, username: str | None = None, password: str | None = None,
-                         certificate: Any = None) -> Any:
-                from asyncua.crypto.permission_rules import User, UserRole
-
-                if username is None:
-                    return User(role=UserRole.User) if s.opcua_allow_anonymous else None
-                return User(role=UserRole.User) if users.get(username) == password else None
-
-        server = Server(user_manager=Users())
+        security = await asyncio.to_thread(load_security, s)
+        server = Server(user_manager=_users(security, s.opcua_allow_anonymous,
+                                            secure_only="None" not in s.opcua_security_policies))
         await server.init()
         server.set_endpoint(s.opcua_endpoint)
         server.set_server_name("clipshot")
-        server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
+        await _secure(server, security, s.opcua_security_policies)
         tokens = [ua.UserNameIdentityToken] + ([ua.AnonymousIdentityToken] if s.opcua_allow_anonymous else [])
         server.set_identity_tokens(tokens)
         idx = await server.register_namespace(NAMESPACE)
@@ -93,7 +85,7 @@ class OpcUaResults:
             raise OpcUaConfigError(f"cannot serve OPC UA at {s.opcua_endpoint} ({exc}); check "
                                    f"{env_var('opcua_endpoint')}") from exc
         self._server = server
-        log.info("OPC UA server at %s", s.opcua_endpoint)
+        log.info("OPC UA server at %s (security: %s)", s.opcua_endpoint, ", ".join(s.opcua_security_policies))
 
     async def stop(self) -> None:
         for task in list(self._tasks):
@@ -148,26 +140,62 @@ class OpcUaResults:
         return [ua.Variant(json.dumps(record), ua.VariantType.String)]
 
     async def _inspect_image(self, parent: Any, category: Any, path: Any, part_id: Any) -> Any:
-        from starlette.datastructures import UploadFile
-
-        from app.serving.result_publisher import LineContext, deliver
+        from app.serving.line_inspect import InspectError, inspect_image, read_confined
+        from app.serving.result_publisher import LineContext
 
         ua = self._ua
-        root = self.settings.opcua_image_root
-        target = Path(path.Value or "")
-        if root is None or not target.resolve().is_relative_to(root.resolve()):
-            return ua.StatusCode(ua.StatusCodes.BadUserAccessDenied)
-        if not target.is_file():
-            return ua.StatusCode(ua.StatusCodes.BadNotFound)
-        data = await asyncio.to_thread(target.read_bytes)
-        upload = UploadFile(io.BytesIO(data), filename=target.name)
         try:
-            answer = await self.state.inference.predict_category(category.Value, [upload], "regions")
-        except Exception as exc:
-            log.warning("InspectImage %s: %s", target, exc)
-            return ua.StatusCode(ua.StatusCodes.BadInvalidArgument)
-        records = await deliver(self.state, answer, LineContext(part_id=part_id.Value or target.stem), None)
+            data, name = await read_confined(self.settings.opcua_image_root, path.Value or "",
+                                             env_var("opcua_image_root"), self.settings.max_upload_bytes)
+            records = await inspect_image(self.state, category.Value, data, name,
+                                          LineContext(part_id=part_id.Value or Path(name).stem), None)
+        except InspectError as exc:
+            log.warning("InspectImage %s: %s", path.Value, exc.message)
+            return ua.StatusCode(getattr(ua.StatusCodes, STATUS.get(exc.code, "BadInvalidArgument")))
         return [ua.Variant(json.dumps(records[0]) if records else "", ua.VariantType.String)]
+
+
+def _users(security: OpcUaSecurity, allow_anonymous: bool, secure_only: bool) -> Any:
+    """asyncua's user manager over the loaded users: a session needs a known user and its password.
+
+    ``secure_only``: a session must come over a signed channel. asyncua keeps a None channel open for endpoint
+    discovery even when no None endpoint is offered, and would activate a session on it; such a channel has
+    no peer certificate, and that is what refuses it here.
+    """
+    from asyncua.crypto.permission_rules import User, UserRole
+    from asyncua.server.user_managers import UserManager
+
+    class Users(UserManager):
+        def get_user(self, iserver: Any, username: str | None = None, password: str | None = None,
+                     certificate: Any = None) -> Any:
+            if secure_only and not certificate:  # None, or b"" (a None channel has no peer certificate)
+                return None
+            if username is None:
+                return User(role=UserRole.User) if allow_anonymous else None
+            return User(role=UserRole.User) if security.check_password(username, password) else None
+
+    return Users()
+
+
+async def _secure(server: Any, security: OpcUaSecurity, policies: list[str]) -> None:
+    """Offer exactly ``policies``; with Basic256Sha256, the server's certificate and a trust list for clients."""
+    from asyncua import ua
+    from asyncua.crypto.truststore import TrustStore
+    from asyncua.crypto.validator import CertificateValidator, CertificateValidatorOptions
+
+    server.set_security_policy([POLICY_TYPES[policy](ua) for policy in policies])
+    if security.certificate_der is None:
+        return
+    await server.load_certificate(security.certificate_der)
+    await server.load_private_key(security.private_key_der)
+    if security.application_uri:  # clients check that the certificate names the server they talk to
+        await server.set_application_uri(security.application_uri)
+    store = TrustStore([security.trusted_clients], [])
+    await store.load()
+    # The trust list decides; key-usage bits vary between client tools, so they are not second-guessed here.
+    options = (CertificateValidatorOptions.TIME_RANGE | CertificateValidatorOptions.URI
+               | CertificateValidatorOptions.TRUSTED | CertificateValidatorOptions.PEER_CLIENT)
+    server.set_certificate_validator(CertificateValidator(options, store))
 
 
 async def start_opcua(settings: Settings, state: Any) -> OpcUaResults:

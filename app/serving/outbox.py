@@ -40,11 +40,12 @@ class OutboxMessage:
 class Outbox:
     """Oldest-first queue in ``path``; ``put`` trims to ``max_messages`` and returns how many it dropped."""
 
-    def __init__(self, path: Path, max_messages: int, lock_fd: int | None = None) -> None:
+    def __init__(self, path: Path, max_messages: int, lock_fd: int | None = None, slot: int = 0) -> None:
         if max_messages < 1:
             raise ValueError("max_messages must be at least 1")
         self.path = Path(path)
         self.max_messages = max_messages
+        self.slot = slot  # which of a folder's outboxes (0: mqtt-outbox.sqlite3, n: mqtt-outbox-n.sqlite3)
         self._lock_fd = lock_fd
         self._lock = threading.Lock()
         try:
@@ -120,7 +121,7 @@ class Outbox:
                 except BlockingIOError:
                     os.close(fd)
                     continue
-                return cls(path, max_messages, lock_fd=fd)
+                return cls(path, max_messages, lock_fd=fd, slot=n)
         except OSError as exc:
             raise OutboxError(f"cannot open an MQTT outbox in {folder}: {exc}") from exc
         raise OutboxError(f"all {MAX_OUTBOXES} MQTT outboxes in {folder} are held by other processes")

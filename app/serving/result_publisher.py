@@ -23,6 +23,7 @@ import ssl
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -107,31 +108,67 @@ async def deliver(state: Any, answer: PredictResponse, context: LineContext,
     return records
 
 
+def _check_tls_files(s: Settings) -> None:
+    """Load each TLS file the way paho will, one at a time, so the error names the one that is wrong."""
+    context = ssl.create_default_context()
+    for name, path in (("mqtt_ca_file", s.mqtt_ca_file), ("mqtt_cert_file", s.mqtt_cert_file),
+                       ("mqtt_key_file", s.mqtt_key_file)):
+        if path is not None and not os.access(path, os.R_OK):
+            raise PublisherConfigError(f"cannot read {path}; check {env_var(name)}")
+    try:
+        if s.mqtt_ca_file is not None:
+            context.load_verify_locations(cafile=str(s.mqtt_ca_file))
+    except (ssl.SSLError, ValueError) as exc:
+        raise PublisherConfigError(f"{s.mqtt_ca_file} holds no usable CA certificate ({exc}); check "
+                                   f"{env_var('mqtt_ca_file')}") from exc
+    if s.mqtt_cert_file is None or s.mqtt_key_file is None:
+        return
+    if not _is_pem_certificate(s.mqtt_cert_file):
+        raise PublisherConfigError(f"{s.mqtt_cert_file} is not a PEM certificate; check {env_var('mqtt_cert_file')}")
+    try:
+        context.load_cert_chain(str(s.mqtt_cert_file), str(s.mqtt_key_file))
+    except ssl.SSLError as exc:  # the certificate loaded above, so it is the key: unreadable, or another's
+        raise PublisherConfigError(f"{s.mqtt_key_file} is not the private key of {s.mqtt_cert_file} ({exc}); "
+                                   f"check {env_var('mqtt_key_file')}") from exc
+
+
+def _is_pem_certificate(path: Path) -> bool:
+    try:
+        from cryptography import x509
+    except ImportError:  # without it (no `line` extra), the pair check below names the key for both
+        return True
+    try:
+        x509.load_pem_x509_certificate(path.read_bytes())
+    except ValueError:
+        return False
+    return True
+
+
 class ResultPublisher:
     """Owns the outbox, one paho client and the sender thread; ``start`` fails fast on bad settings."""
 
-    def __init__(self, settings: Settings, metrics: Metrics | None = None, outbox_dir: Path | None = None) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics | None = None, outbox_dir: Path | None = None,
+                 outbox_fix: str | None = None) -> None:
+        """``outbox_dir`` defaults to the store; ``outbox_fix`` says what to change when it is not writable."""
         try:
-            import paho.mqtt.client as mqtt
+            import paho.mqtt.client  # noqa: F401 (checked here: the extra may be missing)
         except ImportError as exc:
             raise PublisherConfigError(f"{env_var('mqtt_host')} is set but paho-mqtt is not installed: "
                                        "pip install 'clipshot[line]'") from exc
         self.settings = settings
         self.metrics = metrics
         self.outbox_dir = outbox_dir or settings.store
+        self.outbox_fix = outbox_fix or f"make {env_var('store')} a writable directory"
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._connected = threading.Event()
         self._connect_error: str | None = None
         self._thread: threading.Thread | None = None
         self._outbox: Outbox | None = None
-        client_id = settings.mqtt_client_id or f"clipshot-{socket.gethostname()}-{os.getpid()}"
-        self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
-                                   protocol=mqtt.MQTTv311, clean_session=True)
-        self._client.reconnect_delay_set(*RECONNECT_DELAY_S)
-        self._client.on_connect = self._on_connect
-        self._client.on_disconnect = self._on_disconnect
-        self._client.on_publish = lambda *_: self._wake.set()
+        self._client: Any = None  # made by ``start``, once the outbox (and so the client id) is known
+        self._subscriptions: list[tuple[str, Callable[[str, bytes], None]]] = []
+        self._subacks: dict[int, list[Any]] = {}
+        self._suback = threading.Condition()
 
     # -- life cycle -------------------------------------------------------------------------------
     def start(self, send: bool = True) -> None:
@@ -141,7 +178,8 @@ class ResultPublisher:
         try:
             self._outbox = Outbox.claim(self.outbox_dir, s.mqtt_outbox_max)
         except OutboxError as exc:
-            raise PublisherConfigError(f"{exc}; make {env_var('store')} a writable directory") from exc
+            raise PublisherConfigError(f"{exc}; {self.outbox_fix}") from exc
+        self._client = self._new_client(self._outbox.slot)
         try:
             self._configure_client()
             self._client.connect(s.mqtt_host or "", s.mqtt_port, keepalive=30)
@@ -170,11 +208,33 @@ class ResultPublisher:
             self._thread = threading.Thread(target=self._run, name="mqtt-sender", daemon=True)
             self._thread.start()
 
+    def client_id(self, slot: int) -> str:
+        """``mqtt_client_id`` (``-<slot>`` added past the first outbox: replicas sharing a store and that setting
+        would otherwise take each other's session over, endlessly), else ``clipshot-<host name>-<pid>``."""
+        configured = self.settings.mqtt_client_id
+        if configured:
+            return configured if slot == 0 else f"{configured}-{slot}"
+        return f"clipshot-{socket.gethostname()}-{os.getpid()}"
+
+    def _new_client(self, slot: int) -> Any:
+        import paho.mqtt.client as mqtt
+
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id(slot),
+                             protocol=mqtt.MQTTv311, clean_session=True)
+        client.reconnect_delay_set(*RECONNECT_DELAY_S)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = lambda *_: self._wake.set()
+        client.on_subscribe = self._on_subscribe
+        client.on_message = self._on_message
+        return client
+
     def _configure_client(self) -> None:
         s = self.settings
         if s.mqtt_username:
             self._client.username_pw_set(s.mqtt_username, s.mqtt_password)
         if s.mqtt_tls:
+            _check_tls_files(s)
             try:
                 self._client.tls_set(ca_certs=str(s.mqtt_ca_file) if s.mqtt_ca_file else None,
                                      certfile=str(s.mqtt_cert_file) if s.mqtt_cert_file else None,
@@ -192,8 +252,9 @@ class ResultPublisher:
             self._stop.set()
             self._wake.set()
             self._thread.join(timeout=10)
-        self._client.disconnect()
-        self._client.loop_stop()
+        if self._client is not None:
+            self._client.disconnect()
+            self._client.loop_stop()
         if self._outbox is not None:
             self._outbox.close()
             self._outbox = None
@@ -220,11 +281,51 @@ class ResultPublisher:
         """Messages not yet acknowledged by the broker."""
         return self._outbox.depth() if self._outbox is not None else 0
 
+    # -- inbound (trigger topic) -----------------------------------------------------------------
+    def subscribe(self, topic_filter: str, callback: Callable[[str, bytes], None], timeout_s: float) -> None:
+        """Subscribe (QoS 1) on the publisher's connection, now and after every reconnect (clean sessions);
+        ``callback(topic, payload)`` runs on paho's network thread. Raises ``PublisherConfigError`` when the
+        broker refuses the subscription (its ACL) or does not answer within ``timeout_s``."""
+        self._subscriptions.append((topic_filter, callback))
+        _, mid = self._client.subscribe(topic_filter, qos=QOS)
+        with self._suback:
+            self._suback.wait_for(lambda: mid in self._subacks, timeout_s)
+            codes = self._subacks.pop(mid, None)
+        if codes is None or any(code.is_failure for code in codes):
+            answer = "did not answer" if codes is None else f"refused it ({', '.join(map(str, codes))})"
+            raise PublisherConfigError(f"subscribing to {topic_filter}: the MQTT broker {answer}; check "
+                                       f"{env_var('mqtt_trigger_topic')} and the broker's ACL for "
+                                       f"{env_var('mqtt_username')}")
+
+    def unsubscribe(self) -> None:
+        """Stop taking messages (before ``stop``: nothing new arrives while the service drains)."""
+        for topic_filter, _ in self._subscriptions:
+            self._client.unsubscribe(topic_filter)
+        self._subscriptions = []
+
+    def _on_subscribe(self, client: Any, userdata: Any, mid: int, codes: list[Any], properties: Any) -> None:
+        with self._suback:
+            self._subacks[mid] = codes
+            self._suback.notify_all()
+
+    def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
+        import paho.mqtt.client as mqtt
+
+        for topic_filter, callback in self._subscriptions:
+            plain = topic_filter.split("/", 2)[2] if topic_filter.startswith("$share/") else topic_filter
+            if mqtt.topic_matches_sub(plain, message.topic):
+                try:
+                    callback(message.topic, message.payload)
+                except Exception:  # paho's network thread must survive a handler's bug
+                    log.exception("MQTT message handler failed on %s", message.topic)
+
     # -- the sender thread -----------------------------------------------------------------------
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         if reason_code.is_failure:
             self._connect_error = str(reason_code)
             return
+        for topic_filter, _ in self._subscriptions:  # a clean session forgets them on every reconnect
+            client.subscribe(topic_filter, qos=QOS)
         if not self._connected.is_set():
             log.info("connected to the MQTT broker %s:%d", self.settings.mqtt_host, self.settings.mqtt_port)
         self._connected.set()
