@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("app.cli.eval", "run the MVTec AD few-/zero-shot protocol on an MVTec-layout dataset"),
     "info": ("app.cli.info", "load a backbone and print what it supports (checks an offline CLIP checkpoint path)"),
     "predict": ("app.cli.predict", "score images or folders against a running service (--url) or a local store"),
+    "export": ("app.cli.export", "export a category's feature extractor to ONNX or OpenVINO (extra: runtimes)"),
     "watch": ("app.cli.watch", "hot folder: inspect images as cameras write them, move them to done/ or failed/"),
 }
 DESCRIPTION = "Few-shot / zero-shot industrial anomaly detection on a frozen CLIP with per-product adapters."
