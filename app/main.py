@@ -40,6 +40,7 @@ from app.serving.readiness import ReadinessProbe
 from app.serving.result_publisher import PublisherConfigError, ResultPublisher, start_result_publisher
 from clipshot.backbone import EFFICIENTNET_LITE0, Backbone, BackboneLoadError, BackboneSpecError, load_backbone
 from clipshot.detector import Detector
+from clipshot.runtimes import FeatureRuntime, RuntimeUnavailable
 from model_store import AdapterStore
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,18 @@ def load_service_backbone(settings: Settings) -> Backbone:
             f"local CLIP checkpoint file, or {env_var('backbone')}={EFFICIENTNET_LITE0} (bundled, works "
             "offline, memory branch only: few-shot categories, no zero-shot or fine-tuning)."
         ) from exc
+
+
+def feature_runtime(settings: Settings, backbone: Backbone) -> FeatureRuntime | None:
+    """The configured feature runtime (None = PyTorch), refused at start-up if it cannot serve this backbone."""
+    if settings.runtime == "torch":
+        return None
+    runtime = FeatureRuntime(settings.runtime, settings.runtime_cache_dir)
+    try:
+        runtime.check_backbone(backbone)
+    except (RuntimeUnavailable, ValueError) as exc:
+        raise StartupError(f"{env_var('runtime')}={settings.runtime}: {exc}") from exc
+    return runtime
 
 
 def open_job_store(settings: Settings) -> JobStore:
@@ -135,8 +148,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings.validate_security()
     backbone = state.preloaded_backbone or await run_in_threadpool(load_service_backbone, settings)
     state.preloaded_backbone = None  # the app owns it now; a second lifespan run reloads
-    log.info("backbone %s on %s at %s (image size %d)", backbone.spec, backbone.device, backbone.precision,
-             backbone.image_size)
+    log.info("backbone %s on %s at %s (image size %d), features through %s", backbone.spec, backbone.device,
+             backbone.precision, backbone.image_size, settings.runtime)
     if backbone.device.type == "cuda":
         metrics.device_memory.cuda_device = backbone.device
     metrics.set_build_info(backbone=backbone.spec, device=str(backbone.device))
@@ -146,7 +159,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if publisher is not None:
             stack.push_async_callback(run_in_threadpool, publisher.stop)
         merge = settings.lora_merge == "on" or (settings.lora_merge == "auto" and backbone.device.type == "cuda")
-        state.detector = detector = Detector(backbone, merge_lora=merge, mixed_lora=settings.mixed_lora)
+        state.detector = detector = Detector(backbone, merge_lora=merge, mixed_lora=settings.mixed_lora,
+                                             runtime=feature_runtime(settings, backbone))
         state.store = store = AdapterStore(settings.store)
         if swept := await run_in_threadpool(store.sweep_abandoned):
             log.info("removed %d leftover temp/trash entries of interrupted store writes", swept)
@@ -237,5 +251,5 @@ def create_app(settings: Settings | None = None, *, backbone: Backbone | None = 
     return app
 
 
-__all__ = ["StartupError", "check_line_inputs", "check_opcua", "create_app", "lifespan", "load_service_backbone",
-           "open_job_store", "start_mqtt"]
+__all__ = ["StartupError", "check_line_inputs", "check_opcua", "create_app", "feature_runtime", "lifespan",
+           "load_service_backbone", "open_job_store", "start_mqtt"]

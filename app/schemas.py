@@ -278,6 +278,8 @@ class AdapterVersionInfo(BaseModel):
     metrics: dict[str, Any] = Field(default_factory=dict, description="Fit/validation metrics (AUROCs etc.).")
     training_seconds: float | None = Field(None, description="Time spent fine-tuning; null for memory adapters.")
     backbone: str | None = Field(None, description="Backbone spec the version was fitted on.")
+    runtime: str | None = Field(None, description="Runtime whose features the version was fitted and calibrated "
+                                "on: `torch`, `onnxruntime` or `openvino` (CLIPSHOT_RUNTIME).")
     validation: Validation | None = Field(None, description="What the version measures on operator-confirmed "
                                                             "images (feedback).")
     geometry: dict[str, Any] | None = Field(None, description="The version's image geometry (see registration).")

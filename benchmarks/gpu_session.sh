@@ -2,7 +2,9 @@
 # Everything a GPU machine has to check, in one go (about 10 minutes on one H100), from the repository root
 # with the project installed:
 #   1. the CUDA smoke test (device placement, half precision, a real out-of-memory error -> 503);
-#   2. the three benchmarks on ViT-B/16+ with random weights at the precision `auto` picks (bf16 on H100).
+#   2. the three benchmarks on ViT-B/16+ with random weights at the precision `auto` picks (bf16 on H100);
+#   3. the feature forward through ONNX Runtime's CUDA execution provider (needs onnxruntime-gpu; skipped, not
+#      failed, where that provider is missing).
 # Each step's output is also written to ${OUT:-gpu-results}/ so it can be copied into the README.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -16,4 +18,12 @@ python benchmarks/core_speed.py --repeats 50 2>&1 | tee "$out/core-speed.md" || 
 python benchmarks/train_speed.py 2>&1 | tee "$out/train-speed.md" || status=1
 python benchmarks/http_latency.py --backbone open_clip:ViT-B-16-plus-240:random --device cuda \
     --requests 256 --concurrency 1 8 64 2>&1 | tee "$out/http-latency.md" || status=1
+if python -c "import onnxruntime, sys; sys.exit('CUDAExecutionProvider' not in onnxruntime.get_available_providers())" \
+        2>/dev/null; then
+    python benchmarks/runtime_speed.py --backbone open_clip:ViT-B-16-plus-240:random --runtimes torch onnxruntime \
+        --providers CUDAExecutionProvider CPUExecutionProvider --repeats 20 2>&1 | tee "$out/runtime-speed.md" \
+        || status=1
+else
+    echo "ONNX Runtime CUDA execution provider not available: runtime step skipped" | tee "$out/runtime-speed.md"
+fi
 exit "$status"

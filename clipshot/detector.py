@@ -25,6 +25,7 @@ from clipshot.fusion import ScoringConfig, fuse_maps, image_score, map_threshold
 from clipshot.geometry import TILE_OVERLAP, Geometry, GeometryError, build_geometry, check_usable
 from clipshot.memory_branch import MemoryBank, memory_precision
 from clipshot.prompts import handcrafted_embeddings
+from clipshot.runtimes import FeatureRuntime
 from clipshot.text_branch import text_maps, text_scores
 
 RECOMMENDED_MIN_SHOTS = 4
@@ -44,8 +45,14 @@ class Detector:
     """Scores images against a product's adapter on one shared frozen backbone."""
 
     def __init__(self, backbone: Backbone, *, merge_lora: bool = False,
-                 mixed_lora: mixed_batch.MixedLora = "gather"):
+                 mixed_lora: mixed_batch.MixedLora = "gather", runtime: FeatureRuntime | None = None):
         self.backbone = backbone
+        # Feature forwards through ONNX Runtime / OpenVINO instead of PyTorch (``clipshot.runtimes``); scoring stays
+        # here. A runtime graph has one LoRA folded in, so batches mixing LoRA products run one forward per product.
+        self.runtime = runtime
+        if runtime is not None:
+            runtime.check_backbone(backbone)
+            mixed_lora = "split"
         # Fold the active product's LoRA into the weights (see clipshot.lora): fewer kernels per forward, at
         # the price of a weight copy whenever the product changes. Pays off where launches dominate (GPUs).
         self.merge_lora = merge_lora
@@ -68,6 +75,7 @@ class Detector:
             "layers": list(self.backbone.layers),
             "dpam_layers": list(getattr(self.backbone, "dpam_layers", ())),
             "memory_precision": self.memory_precision,
+            "runtime": self.runtime.name if self.runtime is not None else "torch",
         }
 
     def check_compatible(self, adapter: Adapter) -> None:
@@ -128,6 +136,8 @@ class Detector:
 
     # -- features and scoring --------------------------------------------------------------------
     def features(self, pixels: torch.Tensor, adapter: Adapter | None, *, dpam: bool = False) -> Features:
+        if self.runtime is not None:
+            return self.runtime.adapter_features(self, pixels, adapter, dpam=dpam)
         with self.using(adapter):
             return self.backbone.extract(pixels, dpam=dpam)
 

@@ -18,7 +18,8 @@ def bundle_manifest(detector: Detector, adapter: Adapter, **fields: Any) -> dict
     """Partial manifest for ``adapter`` fitted on ``detector``'s backbone (store fills the rest)."""
     backbone = detector.backbone
     return {
-        "backbone": {"spec": backbone.spec, "sha256": backbone.weights_sha256, "precision": backbone.precision},
+        "backbone": {"spec": backbone.spec, "sha256": backbone.weights_sha256, "precision": backbone.precision,
+                     "runtime": detector.layout()["runtime"]},
         "adapter": adapter.config(),
         **fields,
     }

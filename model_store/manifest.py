@@ -36,6 +36,9 @@ class BackboneRef(_Frozen):
     # Compute precision the memory bank and threshold were made at (absent in bundles before it was recorded);
     # loading at another precision works but draws a warning, since scores shift slightly.
     precision: Literal["fp32", "fp16", "bf16"] | None = None
+    # Which runtime computed the features the memory bank and threshold were made from (absent: torch, before it
+    # was recorded); features agree across runtimes within clipshot.runtimes.EXPORT_TOLERANCE, so any may serve it.
+    runtime: Literal["torch", "onnxruntime", "openvino"] | None = None
 
 
 class ShotRef(_Frozen):

@@ -48,7 +48,8 @@ def version_facts(store: AdapterStore, name: str, version: int, active: int | No
             "branches": m.metrics.get("branches", []), "object_name": m.adapter.get("object_name"),
             "shots": len(m.shots), "metrics": m.metrics,
             "training_seconds": None if m.training is None else m.training.seconds,
-            "backbone": m.backbone.spec, "geometry": m.adapter.get("geometry"),
+            "backbone": m.backbone.spec, "runtime": m.backbone.runtime or "torch",
+            "geometry": m.adapter.get("geometry"),
             "scoring": m.adapter.get("scoring"), "scoring_selection": m.adapter.get("scoring_selection"),
             "validation": validation_facts(m.adapter.get("calibration"), goods, len(m.validation))}
 

@@ -23,8 +23,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("app.cli.eval", "run the MVTec AD few-/zero-shot protocol on an MVTec-layout dataset"),
     "info": ("app.cli.info", "load a backbone and print what it supports (checks an offline CLIP checkpoint path)"),
     "predict": ("app.cli.predict", "score images or folders against a running service (--url) or a local store"),
+    "export": ("app.cli.export", "export a category's feature extractor to ONNX or OpenVINO (extra: runtimes)"),
     "watch": ("app.cli.watch", "hot folder: inspect images as cameras write them, move them to done/ or failed/"),
-    "samples": ("app.cli.samples", "write photos of a made-up product (good parts, defects, masks) to try the service on"),
+    "samples": ("app.cli.samples", "write photos of a made-up product (goods, defects, masks) to try the service on"),
 }
 DESCRIPTION = "Few-shot / zero-shot industrial anomaly detection on a frozen CLIP with per-product adapters."
 EXIT_USAGE = 2  # bad input, bad configuration, missing weights: what the user must change

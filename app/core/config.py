@@ -109,6 +109,18 @@ class Settings(BaseSettings, MqttSettings, OpcUaSettings, RaySettings, RecordSet
         "product, gathered and scattered back) or `split` (one backbone forward per LoRA product). Products "
         "without LoRA always share one forward; a batch of one product folds/branches as `lora_merge` says.",
     )
+    runtime: Literal["torch", "onnxruntime", "openvino"] = Field(
+        "torch",
+        description="What runs the backbone's feature forward on CPU: `torch`, `onnxruntime` or `openvino` (extra "
+        "`runtimes`). The runtime graph is exported per backbone, geometry frame and folded LoRA on first use (or "
+        "ahead of time by `clipshot export`) and checked against PyTorch before use; memory scoring, maps and "
+        "calibration stay PyTorch, and features agree within 1e-4. Needs `device` cpu and `precision` fp32/auto.",
+    )
+    runtime_cache: Path | None = Field(
+        None,
+        description="Folder of exported runtime graphs, one sub-folder per backbone + frame + LoRA digest; "
+        "empty = `<store>/runtime-cache`.",
+    )
 
     # --- batching ------------------------------------------------------------------------------
     max_batch_size: int = Field(
@@ -356,6 +368,11 @@ class Settings(BaseSettings, MqttSettings, OpcUaSettings, RaySettings, RecordSet
     def _expand_store(cls, v: Path) -> Path:
         return v.expanduser()
 
+    @field_validator("runtime_cache", mode="before")
+    @classmethod
+    def _empty_runtime_cache(cls, v: Any) -> Any:
+        return None if isinstance(v, str) and not v.strip() else v
+
     @field_validator("job_db", mode="before")
     @classmethod
     def _check_job_db(cls, v: Any) -> Any:
@@ -456,6 +473,11 @@ class Settings(BaseSettings, MqttSettings, OpcUaSettings, RaySettings, RecordSet
                 f"max_upload_bytes ({self.max_upload_bytes})"
             )
         return self
+
+    @property
+    def runtime_cache_dir(self) -> Path:
+        """Where exported runtime graphs live: ``runtime_cache``, else beside the bundles in the store."""
+        return (self.runtime_cache or self.store / "runtime-cache").expanduser()
 
     @property
     def auth_enabled(self) -> bool:

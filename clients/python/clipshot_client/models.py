@@ -32,6 +32,7 @@ class AdapterVersionInfo(_Model):
     metrics: dict[str, Any] | None = None
     training_seconds: float | None = None
     backbone: str | None = None
+    runtime: str | None = None
     validation: Validation | None = None
     geometry: dict[str, Any] | None = None
     scoring: dict[str, Any] | None = None

@@ -1,0 +1,72 @@
+"""``clipshot export``: a category's feature extractor as an ONNX or OpenVINO graph, checked against PyTorch.
+
+The graph is what a service with ``CLIPSHOT_RUNTIME=onnxruntime|openvino`` would export on the category's first
+request: the bundle's backbone at its geometry's frame, DPAM as its scoring says, its LoRA folded in, dynamic
+batch. It lands in the same cache (``CLIPSHOT_RUNTIME_CACHE``, else ``<store>/runtime-cache``), so a service
+started afterwards finds it instead of exporting while a line waits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from app.cli.common import CliError, env_option
+
+FORMATS = ("onnx", "openvino")  # = clipshot.runtimes.FORMATS (no torch import to build the parser)
+RUNTIME_OF = {"onnx": "onnxruntime", "openvino": "openvino"}
+
+
+def register(subparsers: Any, name: str, help_text: str) -> argparse.ArgumentParser:
+    """Register ``export`` on the console script's subparsers."""
+    parser = subparsers.add_parser(
+        name, help=help_text,
+        description="Export a category's feature extractor (its bundle's backbone at its geometry's frame, DPAM "
+        "as its scoring says, its LoRA folded in, dynamic batch) for ONNX Runtime or OpenVINO, check it against "
+        "PyTorch on a fixed input, and store it in the runtime cache a service with CLIPSHOT_RUNTIME uses.",
+    )
+    parser.add_argument("--category", required=True, help="product whose active (or --version) bundle to export")
+    parser.add_argument("--format", required=True, choices=FORMATS, help="onnx (ONNX Runtime) or openvino (IR)")
+    parser.add_argument("--version", type=int, default=None, help="bundle version (default: the active one)")
+    env_option(parser, "--store", "store", "adapter store directory")
+    env_option(parser, "--runtime-cache", "<store>/runtime-cache", "folder of exported graphs")
+    parser.set_defaults(func=run_export)
+    return parser
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """Load the bundle and its backbone (fp32, CPU), export, print where the graph is and how close it came."""
+    from clipshot.backbone import load_backbone
+    from clipshot.detector import Detector
+    from clipshot.runtimes import ExportError, FeatureRuntime, RuntimeUnavailable
+    from clipshot.runtimes.export import META_FILE
+    from model_store import AdapterStore
+    from model_store.adapters import load_adapter
+    from model_store.errors import StoreError
+
+    store_dir = Path(args.store).expanduser()
+    if not store_dir.is_dir():
+        raise CliError(f"--store {store_dir} is not a directory")
+    cache = store_dir / "runtime-cache" if args.runtime_cache == "<store>/runtime-cache" else Path(args.runtime_cache)
+    store = AdapterStore(store_dir)
+    try:
+        manifest = store.manifest(args.category, args.version)
+        recorded = manifest.adapter.get("backbone") or {}
+        backbone = load_backbone(manifest.backbone.spec, device="cpu", precision="fp32",
+                                 image_size=recorded.get("image_size"))
+        runtime = FeatureRuntime(RUNTIME_OF[args.format], cache.expanduser())
+        detector = Detector(backbone, runtime=runtime)
+        adapter, manifest = load_adapter(store, detector, args.category, args.version)
+        folder = runtime.prepare_adapter(detector, adapter)
+    except (StoreError, RuntimeUnavailable, ExportError) as exc:
+        raise CliError(str(exc)) from exc
+    meta = json.loads((folder / META_FILE).read_text())
+    frame = meta["key"]["frame"]
+    print(f"category:      {args.category} v{manifest.version}")
+    print(f"backbone:      {backbone.spec} at {frame[0]}x{frame[1]}"
+          + (f", LoRA {meta['key']['lora']} folded" if meta["key"]["lora"] else ""))
+    print(f"graph:         {folder / ('model.onnx' if args.format == 'onnx' else 'model.xml')}")
+    print(f"vs PyTorch:    max |diff| {meta['max_abs_diff']:.2g} (allowed {meta['tolerance']:g})")
+    return 0
