@@ -117,7 +117,7 @@ class Detector:
         if isinstance(self.backbone, ClipBackbone):
             if adapter is not None and adapter.lora is not None:
                 self.attach(adapter)
-                lora.activate(self.backbone.visual, adapter.uid, merge=self.merge_lora)
+                lora.activate(self.backbone.visual, adapter.uid, merge=self.merge_lora, master=adapter.lora_state)
             else:
                 lora.activate(self.backbone.visual, None)
         try:
