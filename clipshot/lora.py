@@ -61,6 +61,19 @@ class _Folded:
 
 
 _FOLDED_ATTR = "_clipshot_folded"
+_CACHE_ATTR = "_clipshot_lora_cache"
+
+
+def layer_cache(layer: nn.Module) -> dict:
+    """Per-layer scratch for tensors derived from its resident adapters (the mixed-batch stacks): a plain
+    attribute (never in ``state_dict``), emptied whenever an adapter is added, removed or reloaded, so nothing
+    derived from an evicted or replaced adapter outlives it."""
+    return layer.__dict__.setdefault(_CACHE_ATTR, {})
+
+
+def _bump(module: nn.Module) -> None:
+    for layer in _tuner_layers(module):
+        layer_cache(layer).clear()
 
 
 def _folded(module: nn.Module) -> _Folded:
@@ -157,6 +170,7 @@ def add_adapter(module: nn.Module, name: str, spec: LoraSpec, state: dict[str, t
     with warnings.catch_warnings():  # several adapters in one model is the point here, not a mistake
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
         inject_adapter_in_model(spec.peft_config(), module, adapter_name=name)
+    _bump(module)
     try:
         params = adapter_parameters(module, name)
         if state is not None:
@@ -186,6 +200,7 @@ def state(module: nn.Module, name: str) -> dict[str, torch.Tensor]:
 def load_state(module: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> None:
     if folded_adapter(module) == name:
         _unfold(module)  # the folded copy would go stale
+    _bump(module)
     params = adapter_parameters(module, name)
     if set(params) != set(tensors):
         missing, extra = sorted(set(params) - set(tensors))[:3], sorted(set(tensors) - set(params))[:3]
@@ -234,4 +249,5 @@ def remove_adapter(module: nn.Module, name: str) -> None:
     for layer in _tuner_layers(module):
         if name in layer.lora_A:
             layer.delete_adapter(name)
+    _bump(module)
     activate(module, None)
