@@ -64,7 +64,8 @@ def greedy_coreset_steps(bank: torch.Tensor, ratio: float, *, projection_dim: in
 
 
 class MemoryBank:
-    """Normal patch embeddings per layer, stored fp16 (half the bytes, cosine error ~1e-3).
+    """Normal patch embeddings per layer, stored fp16 (half the bytes, cosine error ~1e-3), and only so: the form
+    cosines are taken in (centred, per stage, fp32 on CPU) is derived per call, never stored beside it.
 
     With ``centers`` (one (D,) mean of the normal patches per layer) distances are cosines *around the normal
     mean* instead of around the backbone's origin (mean-shifted features, Reiss & Hoshen, AAAI 2023). Pretrained
@@ -92,7 +93,6 @@ class MemoryBank:
         self.layers = [layer.to(torch.float16).contiguous() for layer in layers]
         self.centers = None if centers is None else [c.float().contiguous() for c in centers]
         self.stages = None if stages is None else [int(w) for w in stages]
-        self._cache: dict[tuple, list[list[torch.Tensor]]] = {}
 
     @classmethod
     def from_features(cls, features: Features, coreset_ratio: float | None = None, *,
@@ -135,18 +135,16 @@ class MemoryBank:
     def size(self) -> int:
         return self.layers[0].shape[0]
 
-    def _on(self, device: torch.device, dtype: torch.dtype) -> list[list[torch.Tensor]]:
-        key = (str(device), dtype)
-        if key not in self._cache:
-            self._cache = {key: [self._shift(layer.to(device), i, dtype) for i, layer in enumerate(self.layers)]}
-        return self._cache[key]
+    @property
+    def nbytes(self) -> int:
+        """Bytes the bank holds (its fp16 layers and fp32 centres): what it costs in a cache tier."""
+        return sum(t.numel() * t.element_size() for t in [*self.layers, *(self.centers or [])])
 
     def to(self, device: torch.device | str) -> MemoryBank:
         """Move the stored bank (used by the adapter cache's device/CPU tiers)."""
         self.layers = [layer.to(device) for layer in self.layers]
         if self.centers is not None:
             self.centers = [c.to(device) for c in self.centers]
-        self._cache = {}
         return self
 
     def distances(self, features: Features, precision: str | None = None) -> torch.Tensor:
@@ -159,13 +157,16 @@ class MemoryBank:
         h, w = features.grid
         query0 = features.patches[0]
         compute = torch.float32 if (precision or memory_precision(query0.device, "fp16")) == "fp32" else torch.float16
-        banks = self._on(query0.device, compute)
         total = torch.zeros(query0.shape[0] * query0.shape[1], device=query0.device)
         terms = 0
-        for layer, (query, parts) in enumerate(zip(features.patches, banks, strict=True)):
+        for layer, query in enumerate(features.patches):
             if query.shape[-1] != self.layers[layer].shape[-1]:
                 raise ValueError(f"feature dim {query.shape[-1]} does not match memory dim "
                                  f"{self.layers[layer].shape[-1]}")
+            # The compute form (centred, per stage, in the compute dtype) is derived here, one layer at a time, and
+            # never kept: it costs one pass over the bank against the chunks' pass per query patch, and keeping
+            # it would hold a second copy of every bank in the cache tiers.
+            parts = self._shift(self.layers[layer].to(query.device), layer, compute)
             flats = self._shift(query.reshape(-1, query.shape[-1]), layer, compute)
             for flat, bank in zip(flats, parts, strict=True):
                 chunk = max(128, SIM_BUDGET // max(1, bank.shape[0]))
