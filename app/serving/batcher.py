@@ -230,8 +230,9 @@ class Batcher:
         """Runs on the device thread: nothing else touches the backbone or residency meanwhile."""
         started = time.perf_counter()
         with self.metrics.time_stage("forward", label):
-            for adapter in {a.uid: a for a in adapters}.values():
-                self.cache.ensure_resident(adapter)
+            distinct = {a.uid: a for a in adapters}
+            for adapter in distinct.values():
+                self.cache.ensure_resident(adapter, keep=frozenset(distinct))
             device = self.detector.backbone.device
             scores, maps = self.detector.forward_mixed(pixels.to(device, non_blocking=True), adapters)
             scores, maps = scores.float().cpu(), maps.float().cpu()
