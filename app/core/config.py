@@ -445,6 +445,11 @@ class Settings(BaseSettings, MqttSettings, OpcUaSettings, RaySettings):
                 f"max_request_bytes ({self.max_request_bytes}) must be >= "
                 f"max_upload_bytes ({self.max_upload_bytes})"
             )
+        if self.ray_router_body_bytes < self.max_request_bytes:
+            raise ValueError(
+                f"ray_router_body_bytes ({self.ray_router_body_bytes}) must be >= max_request_bytes "
+                f"({self.max_request_bytes}): a largest request could never be forwarded"
+            )
         return self
 
     @property
