@@ -363,20 +363,23 @@ class Detector:
         adapter.memory = yield from self.memory_bank_steps(feats, adapter, coreset_ratio)
         adapter.calibration = yield from self._calibrate(adapter, shots, feats, calibration_views, list(defects),
                                                          policy, coreset_ratio)
+        adapter.memory.kept = None  # calibration is done with the coreset's rows; the bank needs only itself
         if adapter.backbone:  # the calibration was just scored at this service's memory precision
             adapter.backbone = {**adapter.backbone, "memory_precision": self.memory_precision}
         return adapter
 
-    def memory_bank(self, feats: Features, adapter: Adapter, coreset_ratio: float | None = None) -> MemoryBank:
-        """A bank of ``feats`` scored the way ``adapter.scoring`` says (centre, per-stage cosines)."""
-        return finish(self.memory_bank_steps(feats, adapter, coreset_ratio))
+    def memory_bank(self, feats: Features, adapter: Adapter, coreset_ratio: float | None = None, *,
+                    keep: Sequence[torch.Tensor] | None = None) -> MemoryBank:
+        """A bank of ``feats`` scored the way ``adapter.scoring`` says (centre, per-stage cosines); ``keep``:
+        per-layer rows to keep instead of a coreset (``MemoryBank.from_features_steps``)."""
+        return finish(self.memory_bank_steps(feats, adapter, coreset_ratio, keep=keep))
 
-    def memory_bank_steps(self, feats: Features, adapter: Adapter,
-                          coreset_ratio: float | None = None) -> Steps[MemoryBank]:
+    def memory_bank_steps(self, feats: Features, adapter: Adapter, coreset_ratio: float | None = None, *,
+                          keep: Sequence[torch.Tensor] | None = None) -> Steps[MemoryBank]:
         """``memory_bank`` with the coreset's loop in bounded chunks."""
         stages = self.backbone.stage_dims if adapter.scoring.memory_stages else None
         return MemoryBank.from_features_steps(feats, coreset_ratio, center=adapter.scoring.memory_center,
-                                              stages=stages)
+                                              stages=stages, keep=keep)
 
     def score_images(self, images: Sequence[Image.Image], adapter: Adapter) -> list[float]:
         """Image scores only (no maps): validation evidence such as confirmed defects."""
@@ -396,7 +399,7 @@ class Detector:
             loo = yield from selection.select(self, adapter, found)
             adapter.memory = yield from self.memory_bank_steps(feats, adapter, coreset_ratio)
         else:
-            loo = yield from evidence.leave_one_out(self, adapter, found)
+            loo = yield from evidence.leave_one_out(self, adapter, found, served=adapter.memory)
         validation: list[float] = []
         step = max(1, FEATURE_BATCH // adapter.geometry.views_per_image)
         for start in range(0, len(defects), step):

@@ -93,6 +93,10 @@ class MemoryBank:
         self.layers = [layer.to(torch.float16).contiguous() for layer in layers]
         self.centers = None if centers is None else [c.float().contiguous() for c in centers]
         self.stages = None if stages is None else [int(w) for w in stages]
+        # Rows a coreset kept, per layer, as indices into the flattened (images x patches) rows it was built from:
+        # calibration's leave-one-out banks are this same coreset without the held-out image. Set by
+        # ``from_features`` when a coreset ran; not part of the bundle.
+        self.kept: list[torch.Tensor] | None = None
 
     @classmethod
     def from_features(cls, features: Features, coreset_ratio: float | None = None, *,
@@ -103,18 +107,31 @@ class MemoryBank:
 
     @classmethod
     def from_features_steps(cls, features: Features, coreset_ratio: float | None = None, *,
-                            center: bool = False, stages: Sequence[int] | None = None) -> Steps[MemoryBank]:
-        """``from_features`` with the coreset's loop in bounded chunks (see ``clipshot.chunked``)."""
+                            center: bool = False, stages: Sequence[int] | None = None,
+                            keep: Sequence[torch.Tensor] | None = None) -> Steps[MemoryBank]:
+        """``from_features`` with the coreset's loop in bounded chunks (see ``clipshot.chunked``).
+
+        The coreset is chosen in the space the bank scores in (each stage re-normalised, centred when ``center``),
+        so the patches it keeps cover what the distances measure, not the raw vectors. ``keep``: per-layer row
+        indices to keep instead of running a coreset (a leave-one-out bank taken from a served coreset)."""
         layers = [p.reshape(-1, p.shape[-1]).detach() for p in features.patches]
         centers = None
         if center:
             centers = [torch.cat([part.mean(dim=0) for part in _split(layer.float(), stages)]) for layer in layers]
-        if coreset_ratio is not None and coreset_ratio < 1:
+        kept = None
+        if keep is not None:
+            kept = [k.to(layers[0].device) for k in keep]
+        elif coreset_ratio is not None and coreset_ratio < 1:
             kept = []
-            for layer in layers:
-                kept.append(layer[(yield from greedy_coreset_steps(layer, coreset_ratio))])
-            layers = kept
-        return cls(layers, centers, stages)
+            for i, layer in enumerate(layers):
+                points = layer if centers is None and stages is None else torch.cat(
+                    _scored_parts(layer, None if centers is None else centers[i], stages), dim=-1)
+                kept.append((yield from greedy_coreset_steps(points, coreset_ratio)))
+        if kept is not None:
+            layers = [layer[k] for layer, k in zip(layers, kept, strict=True)]
+        bank = cls(layers, centers, stages)
+        bank.kept = kept
+        return bank
 
     @property
     def centered(self) -> bool:
@@ -125,11 +142,8 @@ class MemoryBank:
         re-normalised around its centre (unchanged for an uncentred single-stage bank)."""
         if self.centers is None and self.stages is None:
             return [x.to(dtype)]
-        parts = _split(x.float(), self.stages)
-        if self.centers is not None:
-            centers = self.centers[layer].to(x.device).split(self.stages or [x.shape[-1]])
-            parts = [F.normalize(part - c, dim=-1) for part, c in zip(parts, centers, strict=True)]
-        return [part.to(dtype) for part in parts]
+        center = None if self.centers is None else self.centers[layer].to(x.device)
+        return [part.to(dtype) for part in _scored_parts(x, center, self.stages)]
 
     @property
     def size(self) -> int:
@@ -182,3 +196,12 @@ def _split(x: torch.Tensor, stages: Sequence[int] | None) -> list[torch.Tensor]:
     if stages is None:
         return [x]
     return [F.normalize(part, dim=-1) for part in x.split(stages, dim=-1)]
+
+
+def _scored_parts(x: torch.Tensor, center: torch.Tensor | None, stages: Sequence[int] | None) -> list[torch.Tensor]:
+    """(N, D) -> the fp32 unit vectors cosines are taken between: one per stage, centred on ``center``'s slice."""
+    parts = _split(x.float(), stages)
+    if center is None:
+        return parts
+    centers = center.split(stages or [x.shape[-1]])
+    return [F.normalize(part - c, dim=-1) for part, c in zip(parts, centers, strict=True)]
