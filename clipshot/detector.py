@@ -303,7 +303,8 @@ class Detector:
                          object_name: str | None = None, coreset_ratio: float | None = None,
                          scoring: ScoringConfig | None = None, calibration_views: int = 2,
                          defects: Sequence[Image.Image] = (), policy: DecisionPolicy | None = None,
-                         geometry: Geometry | None = None, choose_scoring: bool = False) -> Steps[Adapter]:
+                         geometry: Geometry | None = None, choose_scoring: bool = False,
+                         confirmed: Sequence[int] = ()) -> Steps[Adapter]:
         """``fit_memory`` in bounded chunks of device work (``clipshot.chunked``), without the shot-count
         warning (callers that run chunks report it their own way)."""
         if not shots:
@@ -318,7 +319,7 @@ class Detector:
         yield
         return (yield from self.refit_memory_steps(adapter, shots, coreset_ratio=coreset_ratio,
                                                    calibration_views=calibration_views, defects=defects,
-                                                   policy=policy))
+                                                   policy=policy, confirmed=confirmed))
 
     def plan_geometry(self, sizes: Sequence[tuple[int, int]], *, resize: str | None = None,
                       roi: tuple[int, int, int, int] | None = None, tile: int | None = None,
@@ -340,19 +341,21 @@ class Detector:
 
     def refit_memory(self, adapter: Adapter, shots: Sequence[Image.Image], *, coreset_ratio: float | None = None,
                      calibration_views: int = 2, defects: Sequence[Image.Image] = (),
-                     policy: DecisionPolicy | None = None) -> Adapter:
+                     policy: DecisionPolicy | None = None, confirmed: Sequence[int] = ()) -> Adapter:
         """(Re)build the memory bank through the adapter's own LoRA, then calibrate the full scorer.
 
         Without ``policy`` the adapter keeps the policy it had (a manual threshold stays manual), so re-fits
-        after feedback or fine-tuning never silently undo an operator's choice."""
+        after feedback or fine-tuning never silently undo an operator's choice. ``confirmed``: indices of the
+        shots that are operator-confirmed goods (``clipshot.calibration.floor``)."""
         return finish(self.refit_memory_steps(adapter, shots, coreset_ratio=coreset_ratio,
-                                              calibration_views=calibration_views, defects=defects, policy=policy))
+                                              calibration_views=calibration_views, defects=defects, policy=policy,
+                                              confirmed=confirmed))
 
     @torch.inference_mode()
     def refit_memory_steps(self, adapter: Adapter, shots: Sequence[Image.Image], *,
                            coreset_ratio: float | None = None, calibration_views: int = 2,
-                           defects: Sequence[Image.Image] = (), policy: DecisionPolicy | None = None
-                           ) -> Steps[Adapter]:
+                           defects: Sequence[Image.Image] = (), policy: DecisionPolicy | None = None,
+                           confirmed: Sequence[int] = ()) -> Steps[Adapter]:
         """``refit_memory`` in bounded chunks: one feature batch, one coreset slice, one leave-one-out fold
         (``clipshot.chunked``). Each chunk routes its own forwards through the adapter's LoRA, so other work
         may use the backbone between chunks."""
@@ -362,7 +365,7 @@ class Detector:
         feats = yield from self.features_steps(shots, adapter, dpam=adapter.scoring.dpam)
         adapter.memory = yield from self.memory_bank_steps(feats, adapter, coreset_ratio)
         adapter.calibration = yield from self._calibrate(adapter, shots, feats, calibration_views, list(defects),
-                                                         policy, coreset_ratio)
+                                                         policy, coreset_ratio, confirmed)
         adapter.memory.kept = None  # calibration is done with the coreset's rows; the bank needs only itself
         if adapter.backbone:  # the calibration was just scored at this service's memory precision
             adapter.backbone = {**adapter.backbone, "memory_precision": self.memory_precision}
@@ -387,7 +390,7 @@ class Detector:
 
     def _calibrate(self, adapter: Adapter, shots: list[Image.Image], feats: Features, views: int,
                    defects: list[Image.Image], policy: DecisionPolicy,
-                   coreset_ratio: float | None = None) -> Steps[Calibration]:
+                   coreset_ratio: float | None = None, confirmed: Sequence[int] = ()) -> Steps[Calibration]:
         """The threshold from leave-one-out evidence (``clipshot.calibration_evidence``): each shot, light variants
         of it and synthetic defects made from it scored against a memory of the *other* shots.
 
@@ -407,4 +410,4 @@ class Detector:
             yield
         method = "leave-one-out" if len(shots) > 1 else "single-shot-augmented"
         return calibrate(loo.normal, loo.synthetic, shots=len(shots), validation_defect_scores=validation,
-                         policy=policy, method=method)
+                         policy=policy, method=method, confirmed=confirmed)
