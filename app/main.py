@@ -173,7 +173,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         stack.push_async_callback(run_in_threadpool, worker.stop)
         state.adapter_cache = cache = AdapterCache(store, detector, metrics, worker,
                                                    device_capacity=settings.adapter_cache_device,
-                                                   cpu_capacity=settings.adapter_cache_cpu)
+                                                   cpu_capacity=settings.adapter_cache_cpu,
+                                                   device_bytes=settings.adapter_cache_device_bytes,
+                                                   cpu_bytes=settings.adapter_cache_cpu_bytes)
         stack.push_async_callback(_release_adapters, worker, cache)
         state.batcher = batcher = Batcher(detector, worker, cache, metrics, max_batch_size=settings.max_batch_size,
                                           max_wait_ms=settings.max_batch_wait_ms,

@@ -159,6 +159,11 @@ class Metrics:
         self.adapters_resident = self._gauge(
             "clipshot_adapters_resident", "Adapters currently held in each cache tier.", ("tier",)
         )
+        self.adapter_cache_bytes = self._gauge(
+            "clipshot_adapter_cache_bytes",
+            "Bytes of the adapters held in each cache tier (their memory banks, text embeddings and LoRA tensors).",
+            ("tier",),
+        )
         self.jobs = self._gauge("clipshot_jobs", "Jobs in the job store, by state.", ("state",))
         self.job_duration = self._histogram(
             "clipshot_job_duration_seconds",

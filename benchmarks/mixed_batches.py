@@ -10,6 +10,7 @@ so every window holds all products. Dispatch variants:
   ``group`` (per adapter gather/scatter), ``gather`` (per-sample bmm) or ``split`` (one forward per LoRA product).
 
     python benchmarks/mixed_batches.py [--backbones test:tiny-clip imagenet:efficientnet-lite0] [--requests 16]
+        [--device cuda --precision bf16]
 """
 
 from __future__ import annotations
@@ -121,15 +122,16 @@ def main() -> None:
     parser.add_argument("--backbones", nargs="+", default=["test:tiny-clip", "imagenet:efficientnet-lite0"])
     parser.add_argument("--requests", type=int, default=16, help="requests per client (x16 clients)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="fp32", help="backbone precision (bf16 on a GPU: what serving runs)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadier on a shared box)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-          f"torch {torch.__version__}, device {args.device}, concurrency {CONCURRENCY}\n")
+          f"torch {torch.__version__}, device {args.device}, precision {args.precision}, concurrency {CONCURRENCY}\n")
     print("| backbone | products | adapters | dispatch | mean batch | images/s | p50 ms | p99 ms |")
     print("|---|---:|---|---|---:|---:|---:|---:|")
     for spec in args.backbones:
-        backbone = load_backbone(spec, device=args.device)
+        backbone = load_backbone(spec, device=args.device, precision=args.precision)
         pixels = backbone.preprocess([texture(9000 + i) for i in range(8)]).cpu()
         loras = [False, True] if backbone.supports_text else [False]
         for with_lora in loras:

@@ -61,6 +61,14 @@ class Adapter:
     def branches(self) -> list[str]:
         return [name for name, part in (("text", self.text), ("memory", self.memory)) if part is not None]
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the adapter's tensors (memory bank, text embeddings, LoRA and prompt state): what holding
+        it costs a cache tier."""
+        loose = [self.text, *(self.lora_state or {}).values(), *(self.prompt_state or {}).values()]
+        return (0 if self.memory is None else self.memory.nbytes) + sum(
+            t.numel() * t.element_size() for t in loose if t is not None)
+
     def to_tensors(self) -> dict[str, torch.Tensor]:
         tensors: dict[str, torch.Tensor] = {}
         if self.text is not None:

@@ -77,6 +77,7 @@ class Calibration:
     confident: bool = True
     note: str | None = None
     verdicts: bool = True  # False: too little evidence for ``score > threshold`` to decide (``MIN_VERDICT_IMAGES``)
+    confirmed: list[int] = field(default_factory=list)  # good images (in ``normal_scores`` order) an operator confirmed
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -179,10 +180,35 @@ def threshold_for_rate(normal_scores: Sequence[float], rate: float, shots: int |
     return float(math.exp(centre + float(student_t.ppf(1 - rate, dof)) * scale))
 
 
+def floor(cal: Calibration) -> float:
+    """The score the automatic threshold never goes below: the largest leave-one-out score of a good image, except
+    that the single highest-scoring image does not set it alone when it is an operator-confirmed good.
+
+    Why: a photo labelled good by mistake through feedback (a real defect, or another product) scores far above
+    the others; were it the floor, the threshold would sit above that defect for every later version, since
+    re-fits keep the confirmed goods. A registration shot still sets the floor alone (the shots define normal),
+    and two confirmed goods at that level do (real variation the shots missed). The image still counts in the
+    false-alarm bound, and the note names it, so the operator sees it and can remove it
+    (``DELETE .../shots/{sha256}``) or confirm more goods like it."""
+    maxima = _image_maxima(cal)
+    ranked = sorted(range(len(maxima)), key=lambda i: maxima[i], reverse=True)
+    if len(ranked) > 1 and ranked[0] in set(cal.confirmed):
+        return maxima[ranked[1]]
+    return max(cal.normal_scores)
+
+
+def _image_maxima(cal: Calibration) -> list[float]:
+    """Each good image's largest score (its own and its light views', ``images_above``'s grouping)."""
+    images = max(1, int(cal.shots or len(cal.normal_scores)))
+    groups = np.array_split(np.asarray(cal.normal_scores, dtype=np.float64), images)
+    return [float(g.max()) for g in groups if g.size]
+
+
 def _auto_threshold(normal: Sequence[float], defects: Sequence[float], validation: Sequence[float],
-                    shots: int) -> float:
+                    shots: int, lowest: float | None = None) -> float:
     """The automatic rule: the 1 % false-alarm bound of the normals, lowered to the boundary between normal
-    and defect evidence when defects are expected closer than that, never below the largest normal score.
+    and defect evidence when defects are expected closer than that, never below the largest normal score
+    (``lowest``: a floor chosen otherwise, ``floor``).
 
     The boundary is the geometric midpoint (log scores: halfway) between a typical normal score and the
     weakest decile of the defect evidence: synthetic defects made from the shots, plus any the operator
@@ -194,13 +220,14 @@ def _auto_threshold(normal: Sequence[float], defects: Sequence[float], validatio
     weakest = [float(np.quantile(e, WEAK_DEFECT_QUANTILE)) for e in (defects, validation) if len(e)]
     if weakest:
         bound = min(bound, math.sqrt(max(float(np.mean(normal)), 1e-12) * max(min(weakest), 1e-12)))
-    return max(bound, max(normal))
+    return max(bound, max(normal) if lowest is None else lowest)
 
 
 def calibrate(normal_scores: Sequence[float], defect_scores: Sequence[float] = (), *, shots: int | None = None,
               validation_defect_scores: Sequence[float] = (), policy: DecisionPolicy | None = None,
-              method: str = "leave-one-out") -> Calibration:
-    """Choose a threshold from the evidence under ``policy`` (default: the automatic rule)."""
+              method: str = "leave-one-out", confirmed: Sequence[int] = ()) -> Calibration:
+    """Choose a threshold from the evidence under ``policy`` (default: the automatic rule); ``confirmed``: the
+    good images (indices, in shot order) an operator confirmed through feedback (see ``floor``)."""
     normal = [float(s) for s in normal_scores]
     if not normal:
         raise ValueError("calibration needs at least one normal score")
@@ -211,7 +238,8 @@ def calibrate(normal_scores: Sequence[float], defect_scores: Sequence[float] = (
                       count=len(normal), method=method, normal_scores=normal,
                       defect_scores=[float(s) for s in defect_scores],
                       validation_defect_scores=[float(s) for s in validation_defect_scores],
-                      shots=int(shots if shots is not None else len(normal)))
+                      shots=int(shots if shots is not None else len(normal)),
+                      confirmed=sorted({int(i) for i in confirmed}))
     return apply_policy(cal, policy or DecisionPolicy())
 
 
@@ -222,7 +250,8 @@ def apply_policy(cal: Calibration, policy: DecisionPolicy) -> Calibration:
     elif policy.kind == "target_rate":
         chosen = threshold_for_rate(cal.normal_scores, policy.target_false_alarm_rate, cal.shots)
     else:
-        chosen = _auto_threshold(cal.normal_scores, cal.defect_scores, cal.validation_defect_scores, cal.shots)
+        chosen = _auto_threshold(cal.normal_scores, cal.defect_scores, cal.validation_defect_scores, cal.shots,
+                                 floor(cal))
     if not math.isfinite(chosen):
         raise ValueError("calibration produced a non-finite threshold")
     rate = false_alarm_rate_at(cal, chosen)
@@ -239,6 +268,11 @@ def _note(cal: Calibration, threshold: float, rate: float | None, verdicts: bool
     if not verdicts:
         return (f"{images} good image(s): no verdicts until at least {MIN_VERDICT_IMAGES} (one photo cannot show how "
                 "much good parts differ); predictions carry the score only. Add shots, or set a manual threshold")
+    maxima = _image_maxima(cal) if cal.normal_scores else []
+    outliers = [i for i in cal.confirmed if i < len(maxima) and maxima[i] > threshold]
+    if outliers:
+        return (f"confirmed good image(s) {outliers} (in shot order, see GET .../shots) score above the threshold: "
+                "if mislabelled, remove them (DELETE .../shots/{sha256}); if good, confirm more parts like them")
     if rate is None:
         return None
     if rate > CONFIDENT_FALSE_ALARM_BOUND:

@@ -22,6 +22,7 @@ from clipshot.adapter import Adapter
 from clipshot.calibration import light_views
 from clipshot.chunked import Steps
 from clipshot.features import FEATURE_BATCH, Features
+from clipshot.memory_branch import MemoryBank
 from clipshot.synthetic import AnomalySynthesizer
 
 if TYPE_CHECKING:
@@ -66,11 +67,17 @@ def gather(detector: Detector, adapter: Adapter, shots: list[Image.Image], feats
     return Evidence(feats, view_feats, views, synth_feats, masks if len(made) else None, sources)
 
 
-def leave_one_out(detector: Detector, adapter: Adapter, ev: Evidence) -> Steps[LeaveOneOut]:
+def leave_one_out(detector: Detector, adapter: Adapter, ev: Evidence,
+                  served: MemoryBank | None = None) -> Steps[LeaveOneOut]:
     """Each shot's evidence (itself, its light views, the synthetic defects made from it) scored under the
     adapter's scoring against a bank of the *other* shots, as a part the memory has never seen; one fold per
-    chunk. A single shot is its own bank (only its light views count as normal evidence then)."""
+    chunk. A single shot is its own bank (only its light views count as normal evidence then).
+
+    ``served``: the bank the adapter serves with. When a coreset thinned it, each fold's bank is that same coreset
+    without the held-out shot's rows (not all of the other shots' patches), so the evidence is scored against the
+    memory serving scores against, at no second coreset's cost."""
     n = ev.feats.batch_size
+    kept = served.kept if served is not None else None
     normal: list[float] = []
     synthetic: list[float] = []
     normal_maps: list[torch.Tensor] = []
@@ -78,7 +85,8 @@ def leave_one_out(detector: Detector, adapter: Adapter, ev: Evidence) -> Steps[L
     order: list[int] = []
     for i in range(n):
         rest = [j for j in range(n) if j != i] or [i]
-        bank = detector.memory_bank(ev.feats.select(torch.tensor(rest)), adapter)
+        keep = None if kept is None or n == 1 else _without(kept, i, ev.feats.patches[0].shape[1])
+        bank = detector.memory_bank(ev.feats.select(torch.tensor(rest)), adapter, keep=keep)
         parts = [ev.feats.select(slice(i, i + 1))] if n > 1 or ev.views is None else []
         if ev.views is not None:
             parts.append(ev.views.select(slice(i * ev.per_shot, (i + 1) * ev.per_shot)))
@@ -95,6 +103,17 @@ def leave_one_out(detector: Detector, adapter: Adapter, ev: Evidence) -> Steps[L
     back = np.argsort(order)  # fold order -> the order of ``ev.masks``
     synth = torch.cat(synth_maps)[torch.from_numpy(back)] if synth_maps else torch.zeros(0)
     return LeaveOneOut(normal, [synthetic[k] for k in back], torch.cat(normal_maps), synth)
+
+
+def _without(kept: list[torch.Tensor], image: int, patches: int) -> list[torch.Tensor]:
+    """A coreset's rows (indices into images x ``patches`` rows) without ``image``'s, renumbered for the rows of
+    the other images."""
+    out = []
+    for rows in kept:
+        owner = rows // patches
+        rest = rows[owner != image]
+        out.append(rest - patches * (rest // patches > image).long())
+    return out
 
 
 def synthetic_defects(detector: Detector, shots: list[Image.Image], adapter: Adapter

@@ -125,7 +125,7 @@ class Detector:
         if isinstance(self.backbone, ClipBackbone):
             if adapter is not None and adapter.lora is not None:
                 self.attach(adapter)
-                lora.activate(self.backbone.visual, adapter.uid, merge=self.merge_lora)
+                lora.activate(self.backbone.visual, adapter.uid, merge=self.merge_lora, master=adapter.lora_state)
             else:
                 lora.activate(self.backbone.visual, None)
         try:
@@ -313,7 +313,8 @@ class Detector:
                          object_name: str | None = None, coreset_ratio: float | None = None,
                          scoring: ScoringConfig | None = None, calibration_views: int = 2,
                          defects: Sequence[Image.Image] = (), policy: DecisionPolicy | None = None,
-                         geometry: Geometry | None = None, choose_scoring: bool = False) -> Steps[Adapter]:
+                         geometry: Geometry | None = None, choose_scoring: bool = False,
+                         confirmed: Sequence[int] = ()) -> Steps[Adapter]:
         """``fit_memory`` in bounded chunks of device work (``clipshot.chunked``), without the shot-count
         warning (callers that run chunks report it their own way)."""
         if not shots:
@@ -328,7 +329,7 @@ class Detector:
         yield
         return (yield from self.refit_memory_steps(adapter, shots, coreset_ratio=coreset_ratio,
                                                    calibration_views=calibration_views, defects=defects,
-                                                   policy=policy))
+                                                   policy=policy, confirmed=confirmed))
 
     def plan_geometry(self, sizes: Sequence[tuple[int, int]], *, resize: str | None = None,
                       roi: tuple[int, int, int, int] | None = None, tile: int | None = None,
@@ -350,19 +351,21 @@ class Detector:
 
     def refit_memory(self, adapter: Adapter, shots: Sequence[Image.Image], *, coreset_ratio: float | None = None,
                      calibration_views: int = 2, defects: Sequence[Image.Image] = (),
-                     policy: DecisionPolicy | None = None) -> Adapter:
+                     policy: DecisionPolicy | None = None, confirmed: Sequence[int] = ()) -> Adapter:
         """(Re)build the memory bank through the adapter's own LoRA, then calibrate the full scorer.
 
         Without ``policy`` the adapter keeps the policy it had (a manual threshold stays manual), so re-fits
-        after feedback or fine-tuning never silently undo an operator's choice."""
+        after feedback or fine-tuning never silently undo an operator's choice. ``confirmed``: indices of the
+        shots that are operator-confirmed goods (``clipshot.calibration.floor``)."""
         return finish(self.refit_memory_steps(adapter, shots, coreset_ratio=coreset_ratio,
-                                              calibration_views=calibration_views, defects=defects, policy=policy))
+                                              calibration_views=calibration_views, defects=defects, policy=policy,
+                                              confirmed=confirmed))
 
     @torch.inference_mode()
     def refit_memory_steps(self, adapter: Adapter, shots: Sequence[Image.Image], *,
                            coreset_ratio: float | None = None, calibration_views: int = 2,
-                           defects: Sequence[Image.Image] = (), policy: DecisionPolicy | None = None
-                           ) -> Steps[Adapter]:
+                           defects: Sequence[Image.Image] = (), policy: DecisionPolicy | None = None,
+                           confirmed: Sequence[int] = ()) -> Steps[Adapter]:
         """``refit_memory`` in bounded chunks: one feature batch, one coreset slice, one leave-one-out fold
         (``clipshot.chunked``). Each chunk routes its own forwards through the adapter's LoRA, so other work
         may use the backbone between chunks."""
@@ -372,21 +375,24 @@ class Detector:
         feats = yield from self.features_steps(shots, adapter, dpam=adapter.scoring.dpam)
         adapter.memory = yield from self.memory_bank_steps(feats, adapter, coreset_ratio)
         adapter.calibration = yield from self._calibrate(adapter, shots, feats, calibration_views, list(defects),
-                                                         policy, coreset_ratio)
+                                                         policy, coreset_ratio, confirmed)
+        adapter.memory.kept = None  # calibration is done with the coreset's rows; the bank needs only itself
         if adapter.backbone:  # the calibration was just scored at this service's memory precision
             adapter.backbone = {**adapter.backbone, "memory_precision": self.memory_precision}
         return adapter
 
-    def memory_bank(self, feats: Features, adapter: Adapter, coreset_ratio: float | None = None) -> MemoryBank:
-        """A bank of ``feats`` scored the way ``adapter.scoring`` says (centre, per-stage cosines)."""
-        return finish(self.memory_bank_steps(feats, adapter, coreset_ratio))
+    def memory_bank(self, feats: Features, adapter: Adapter, coreset_ratio: float | None = None, *,
+                    keep: Sequence[torch.Tensor] | None = None) -> MemoryBank:
+        """A bank of ``feats`` scored the way ``adapter.scoring`` says (centre, per-stage cosines); ``keep``:
+        per-layer rows to keep instead of a coreset (``MemoryBank.from_features_steps``)."""
+        return finish(self.memory_bank_steps(feats, adapter, coreset_ratio, keep=keep))
 
-    def memory_bank_steps(self, feats: Features, adapter: Adapter,
-                          coreset_ratio: float | None = None) -> Steps[MemoryBank]:
+    def memory_bank_steps(self, feats: Features, adapter: Adapter, coreset_ratio: float | None = None, *,
+                          keep: Sequence[torch.Tensor] | None = None) -> Steps[MemoryBank]:
         """``memory_bank`` with the coreset's loop in bounded chunks."""
         stages = self.backbone.stage_dims if adapter.scoring.memory_stages else None
         return MemoryBank.from_features_steps(feats, coreset_ratio, center=adapter.scoring.memory_center,
-                                              stages=stages)
+                                              stages=stages, keep=keep)
 
     def score_images(self, images: Sequence[Image.Image], adapter: Adapter) -> list[float]:
         """Image scores only (no maps): validation evidence such as confirmed defects."""
@@ -394,7 +400,7 @@ class Detector:
 
     def _calibrate(self, adapter: Adapter, shots: list[Image.Image], feats: Features, views: int,
                    defects: list[Image.Image], policy: DecisionPolicy,
-                   coreset_ratio: float | None = None) -> Steps[Calibration]:
+                   coreset_ratio: float | None = None, confirmed: Sequence[int] = ()) -> Steps[Calibration]:
         """The threshold from leave-one-out evidence (``clipshot.calibration_evidence``): each shot, light variants
         of it and synthetic defects made from it scored against a memory of the *other* shots.
 
@@ -406,7 +412,7 @@ class Detector:
             loo = yield from selection.select(self, adapter, found)
             adapter.memory = yield from self.memory_bank_steps(feats, adapter, coreset_ratio)
         else:
-            loo = yield from evidence.leave_one_out(self, adapter, found)
+            loo = yield from evidence.leave_one_out(self, adapter, found, served=adapter.memory)
         validation: list[float] = []
         step = max(1, FEATURE_BATCH // adapter.geometry.views_per_image)
         for start in range(0, len(defects), step):
@@ -414,4 +420,4 @@ class Detector:
             yield
         method = "leave-one-out" if len(shots) > 1 else "single-shot-augmented"
         return calibrate(loo.normal, loo.synthetic, shots=len(shots), validation_defect_scores=validation,
-                         policy=policy, method=method)
+                         policy=policy, method=method, confirmed=confirmed)

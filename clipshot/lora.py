@@ -61,6 +61,19 @@ class _Folded:
 
 
 _FOLDED_ATTR = "_clipshot_folded"
+_CACHE_ATTR = "_clipshot_lora_cache"
+
+
+def layer_cache(layer: nn.Module) -> dict:
+    """Per-layer scratch for tensors derived from its resident adapters (the mixed-batch stacks): a plain
+    attribute (never in ``state_dict``), emptied whenever an adapter is added, removed or reloaded, so nothing
+    derived from an evicted or replaced adapter outlives it."""
+    return layer.__dict__.setdefault(_CACHE_ATTR, {})
+
+
+def _bump(module: nn.Module) -> None:
+    for layer in _tuner_layers(module):
+        layer_cache(layer).clear()
 
 
 def _folded(module: nn.Module) -> _Folded:
@@ -86,21 +99,46 @@ def _unfold(module: nn.Module) -> None:
     state.name = None
 
 
-def _fold(module: nn.Module, name: str) -> None:
+def _fold(module: nn.Module, name: str, master: dict[str, torch.Tensor] | None = None) -> None:
+    """Fold adapter ``name`` into the base weights: ``W + scale * B @ A`` computed in fp32, cast to the weight's
+    dtype once.
+
+    Why fp32: in bf16 the delta would be rounded three times (``B @ A``, the scaling, the sum), and a delta near
+    half a bf16 step of ``W`` (what a fine-tune mostly learns) would round away or double. ``master`` (the
+    adapter's own fp32 tensors, keyed as ``adapter_parameters``) is used instead of the resident copies, which a
+    half backbone holds in its own dtype."""
     state = _folded(module)
     if state.name == name:
         return
     _unfold(module)
     with torch.no_grad():
-        for layer in _tuner_layers(module):
+        for prefix, layer in _named_tuner_layers(module):
             if name not in layer.lora_A:
                 continue
             weight = layer.get_base_layer().weight
             if id(weight) not in state.pristine:
                 with torch.inference_mode(False):  # a normal tensor, so restoring works in any mode
                     state.pristine[id(weight)] = (weight, weight.detach().clone())
-            weight.add_(layer.get_delta_weight(name).to(weight.dtype))
+            a, b = (_fp32(layer, part, name, f"{prefix}.{part}.weight", master, weight.device)
+                    for part in ("lora_A", "lora_B"))
+            delta = (b @ a) * float(layer.scaling[name])
+            if getattr(layer, "fan_in_fan_out", False):
+                delta = delta.T
+            weight.copy_((weight.float() + delta).to(weight.dtype))
     state.name = name
+
+
+def _fp32(layer: BaseTunerLayer, part: str, name: str, key: str, master: dict[str, torch.Tensor] | None,
+          device: torch.device) -> torch.Tensor:
+    """The fp32 ``lora_A``/``lora_B`` weight of ``layer``: from ``master`` when it has it, else the resident one."""
+    tensor = master.get(key) if master is not None else None
+    if tensor is None:
+        tensor = getattr(layer, part)[name].weight
+    return tensor.to(device, torch.float32)
+
+
+def _named_tuner_layers(module: nn.Module) -> list[tuple[str, BaseTunerLayer]]:
+    return [(n, m) for n, m in module.named_modules() if isinstance(m, BaseTunerLayer)]
 
 
 def _tuner_layers(module: nn.Module) -> list[BaseTunerLayer]:
@@ -132,6 +170,7 @@ def add_adapter(module: nn.Module, name: str, spec: LoraSpec, state: dict[str, t
     with warnings.catch_warnings():  # several adapters in one model is the point here, not a mistake
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
         inject_adapter_in_model(spec.peft_config(), module, adapter_name=name)
+    _bump(module)
     try:
         params = adapter_parameters(module, name)
         if state is not None:
@@ -161,6 +200,7 @@ def state(module: nn.Module, name: str) -> dict[str, torch.Tensor]:
 def load_state(module: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> None:
     if folded_adapter(module) == name:
         _unfold(module)  # the folded copy would go stale
+    _bump(module)
     params = adapter_parameters(module, name)
     if set(params) != set(tensors):
         missing, extra = sorted(set(params) - set(tensors))[:3], sorted(set(tensors) - set(params))[:3]
@@ -173,14 +213,16 @@ def load_state(module: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -
             param.copy_(tensors[key])
 
 
-def activate(module: nn.Module, name: str | None, *, merge: bool = False) -> None:
+def activate(module: nn.Module, name: str | None, *, merge: bool = False,
+             master: dict[str, torch.Tensor] | None = None) -> None:
     """Route every LoRA layer through adapter ``name``; ``None`` runs the plain frozen backbone.
 
     ``merge``: fold ``name`` into the base weights (kept folded until another activation) instead of running
-    its LoRA branch; without it any folded adapter is unfolded first.
+    its LoRA branch; without it any folded adapter is unfolded first. ``master``: the adapter's fp32 tensors
+    (``state``'s keys), folded from instead of the resident copies (which a half backbone rounds to its dtype).
     """
     if merge and name is not None:
-        _fold(module, name)
+        _fold(module, name, master)
         name = None  # the base weights now carry the adapter
     else:
         _unfold(module)
@@ -207,4 +249,5 @@ def remove_adapter(module: nn.Module, name: str) -> None:
     for layer in _tuner_layers(module):
         if name in layer.lora_A:
             layer.delete_adapter(name)
+    _bump(module)
     activate(module, None)

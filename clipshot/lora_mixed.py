@@ -7,8 +7,9 @@ for LLMs). Two ways to compute the deltas, picked by measurement (``benchmarks/m
 
 * ``group``: per adapter present, gather its samples (``index_select``), two small matmuls, ``index_add`` back;
   cost grows with the number of distinct adapters in the batch.
-* ``gather``: stack every adapter's A/B once per batch (rank zero-padded), gather one A/B per sample and run two
-  batched matmuls (``bmm``) for all samples at once; cost grows with the batch, not with the adapters.
+* ``gather``: every resident adapter's A/B stacked per layer (rank zero-padded, kept on the device until the
+  resident adapters change), one slot index per sample copied to the device once per batch; each layer gathers
+  one A/B per sample and runs two batched matmuls (``bmm``); cost grows with the batch, not with the adapters.
 
 Samples whose name is ``None`` get no delta (memory / prompt adapters share the plain base forward).
 """
@@ -23,7 +24,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from clipshot.lora import activate
+from clipshot.lora import activate, layer_cache
 
 MixedMode = Literal["group", "gather"]
 MIXED_MODES: tuple[str, ...] = ("group", "gather")
@@ -48,18 +49,32 @@ def mixed_batch(module: nn.Module, names: Sequence[str | None], *, mode: MixedMo
     missing = set(groups) - {n for layer in layers for n in layer.lora_A}
     if missing:
         raise ValueError(f"LoRA adapters {sorted(missing)} are not resident")
-    index = {name: torch.tensor(rows, device=device) for name, rows in groups.items()}
-    handles = []
-    for layer in layers:
-        present = [name for name in groups if name in layer.lora_A]
-        if present:
-            hook = _group_hook(present, index) if mode == "group" else _gather_hook(layer, present, names, device)
-            handles.append(layer.register_forward_hook(hook))
+    if mode == "gather":
+        # Every resident adapter has a slot, so the stacks outlive this batch; an adapter being trained (its
+        # tensors change every step) only when this batch uses it. One slot index for all layers: one copy to
+        # the device per batch.
+        order = sorted(n for n in {n for layer in layers for n in layer.lora_A}
+                       if n in groups or not _training(layers, n))
+        slot = {name: k for k, name in enumerate(order, start=1)}
+        sample = torch.tensor([slot[n] if n is not None else 0 for n in names], device=device)
+        hooks = [(layer, _gather_hook(layer, order, sample, device)) for layer in layers
+                 if any(name in layer.lora_A for name in groups)]
+    else:
+        index = {name: torch.tensor(rows, device=device) for name, rows in groups.items()}
+        hooks = [(layer, _group_hook(present, index)) for layer in layers
+                 if (present := [name for name in groups if name in layer.lora_A])]
+    handles = [layer.register_forward_hook(hook) for layer, hook in hooks]
     try:
         yield
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _training(layers: list[BaseTunerLayer], name: str) -> bool:
+    """Whether adapter ``name``'s tensors are trainable (a fine-tune in progress)."""
+    layer = next(layer for layer in layers if name in layer.lora_A)
+    return layer.lora_A[name].weight.requires_grad
 
 
 def _group_hook(present: list[str], index: dict[str, torch.Tensor]) -> Callable:
@@ -77,22 +92,40 @@ def _group_hook(present: list[str], index: dict[str, torch.Tensor]) -> Callable:
     return hook
 
 
-def _gather_hook(layer: BaseTunerLayer, present: list[str], names: Sequence[str | None],
-                 device: torch.device) -> Callable:
+def _stacks(layer: BaseTunerLayer, order: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B * scale) of every adapter in ``order`` stacked for ``layer``, row 0 (and any adapter without this
+    layer) all zeros; built once and kept on the layer until the resident adapters or their tensors change."""
+    key = (tuple(order), str(device),
+           *(_version(layer.lora_A[n].weight) + _version(layer.lora_B[n].weight) for n in order if n in layer.lora_A))
+    cached = layer_cache(layer).get("gather")
+    if cached is not None and cached[0] == key:
+        return cached[1], cached[2]
+    present = [n for n in order if n in layer.lora_A]
     rank = max(layer.lora_A[n].weight.shape[0] for n in present)
     a0, b0 = layer.lora_A[present[0]].weight, layer.lora_B[present[0]].weight
-    # Row 0 of each stack is all zeros: samples without an adapter (or without one in this layer) gather it.
-    a = torch.zeros(len(present) + 1, rank, a0.shape[1], device=device, dtype=a0.dtype)
-    b = torch.zeros(len(present) + 1, b0.shape[0], rank, device=device, dtype=b0.dtype)
-    scale = torch.zeros(len(present) + 1, device=device, dtype=a0.dtype)
-    for k, name in enumerate(present, start=1):
-        r = layer.lora_A[name].weight.shape[0]
-        a[k, :r] = layer.lora_A[name].weight
-        b[k, :, :r] = layer.lora_B[name].weight
-        scale[k] = layer.scaling[name]
-    slot = {name: k for k, name in enumerate(present, start=1)}
-    sample = torch.tensor([slot.get(n, 0) if n is not None else 0 for n in names], device=device)
-    a_s, b_s = a[sample].transpose(1, 2), (b[sample] * scale[sample, None, None]).transpose(1, 2)
+    a = torch.zeros(len(order) + 1, rank, a0.shape[1], device=device, dtype=a0.dtype)
+    b = torch.zeros(len(order) + 1, b0.shape[0], rank, device=device, dtype=b0.dtype)
+    for k, name in enumerate(order, start=1):
+        if name in layer.lora_A:
+            r = layer.lora_A[name].weight.shape[0]
+            a[k, :r] = layer.lora_A[name].weight
+            b[k, :, :r] = layer.lora_B[name].weight * layer.scaling[name]
+    layer_cache(layer)["gather"] = (key, a, b)
+    return a, b
+
+
+def _version(tensor: torch.Tensor) -> tuple[int, int]:
+    """Identity and in-place version of a LoRA tensor (inference tensors keep no version; their only writer,
+    ``lora.load_state``, empties the cache)."""
+    try:
+        return id(tensor), tensor._version
+    except RuntimeError:
+        return id(tensor), -1
+
+
+def _gather_hook(layer: BaseTunerLayer, order: list[str], sample: torch.Tensor, device: torch.device) -> Callable:
+    a, b = _stacks(layer, order, device)
+    a_s, b_s = a[sample].transpose(1, 2), b[sample].transpose(1, 2)
 
     def hook(_: BaseTunerLayer, args: tuple, out: torch.Tensor) -> torch.Tensor:
         x = args[0].to(a_s.dtype)

@@ -64,7 +64,8 @@ def greedy_coreset_steps(bank: torch.Tensor, ratio: float, *, projection_dim: in
 
 
 class MemoryBank:
-    """Normal patch embeddings per layer, stored fp16 (half the bytes, cosine error ~1e-3).
+    """Normal patch embeddings per layer, stored fp16 (half the bytes, cosine error ~1e-3), and only so: the form
+    cosines are taken in (centred, per stage, fp32 on CPU) is derived per call, never stored beside it.
 
     With ``centers`` (one (D,) mean of the normal patches per layer) distances are cosines *around the normal
     mean* instead of around the backbone's origin (mean-shifted features, Reiss & Hoshen, AAAI 2023). Pretrained
@@ -92,7 +93,10 @@ class MemoryBank:
         self.layers = [layer.to(torch.float16).contiguous() for layer in layers]
         self.centers = None if centers is None else [c.float().contiguous() for c in centers]
         self.stages = None if stages is None else [int(w) for w in stages]
-        self._cache: dict[tuple, list[list[torch.Tensor]]] = {}
+        # Rows a coreset kept, per layer, as indices into the flattened (images x patches) rows it was built from:
+        # calibration's leave-one-out banks are this same coreset without the held-out image. Set by
+        # ``from_features`` when a coreset ran; not part of the bundle.
+        self.kept: list[torch.Tensor] | None = None
 
     @classmethod
     def from_features(cls, features: Features, coreset_ratio: float | None = None, *,
@@ -103,18 +107,31 @@ class MemoryBank:
 
     @classmethod
     def from_features_steps(cls, features: Features, coreset_ratio: float | None = None, *,
-                            center: bool = False, stages: Sequence[int] | None = None) -> Steps[MemoryBank]:
-        """``from_features`` with the coreset's loop in bounded chunks (see ``clipshot.chunked``)."""
+                            center: bool = False, stages: Sequence[int] | None = None,
+                            keep: Sequence[torch.Tensor] | None = None) -> Steps[MemoryBank]:
+        """``from_features`` with the coreset's loop in bounded chunks (see ``clipshot.chunked``).
+
+        The coreset is chosen in the space the bank scores in (each stage re-normalised, centred when ``center``),
+        so the patches it keeps cover what the distances measure, not the raw vectors. ``keep``: per-layer row
+        indices to keep instead of running a coreset (a leave-one-out bank taken from a served coreset)."""
         layers = [p.reshape(-1, p.shape[-1]).detach() for p in features.patches]
         centers = None
         if center:
             centers = [torch.cat([part.mean(dim=0) for part in _split(layer.float(), stages)]) for layer in layers]
-        if coreset_ratio is not None and coreset_ratio < 1:
+        kept = None
+        if keep is not None:
+            kept = [k.to(layers[0].device) for k in keep]
+        elif coreset_ratio is not None and coreset_ratio < 1:
             kept = []
-            for layer in layers:
-                kept.append(layer[(yield from greedy_coreset_steps(layer, coreset_ratio))])
-            layers = kept
-        return cls(layers, centers, stages)
+            for i, layer in enumerate(layers):
+                points = layer if centers is None and stages is None else torch.cat(
+                    _scored_parts(layer, None if centers is None else centers[i], stages), dim=-1)
+                kept.append((yield from greedy_coreset_steps(points, coreset_ratio)))
+        if kept is not None:
+            layers = [layer[k] for layer, k in zip(layers, kept, strict=True)]
+        bank = cls(layers, centers, stages)
+        bank.kept = kept
+        return bank
 
     @property
     def centered(self) -> bool:
@@ -125,28 +142,23 @@ class MemoryBank:
         re-normalised around its centre (unchanged for an uncentred single-stage bank)."""
         if self.centers is None and self.stages is None:
             return [x.to(dtype)]
-        parts = _split(x.float(), self.stages)
-        if self.centers is not None:
-            centers = self.centers[layer].to(x.device).split(self.stages or [x.shape[-1]])
-            parts = [F.normalize(part - c, dim=-1) for part, c in zip(parts, centers, strict=True)]
-        return [part.to(dtype) for part in parts]
+        center = None if self.centers is None else self.centers[layer].to(x.device)
+        return [part.to(dtype) for part in _scored_parts(x, center, self.stages)]
 
     @property
     def size(self) -> int:
         return self.layers[0].shape[0]
 
-    def _on(self, device: torch.device, dtype: torch.dtype) -> list[list[torch.Tensor]]:
-        key = (str(device), dtype)
-        if key not in self._cache:
-            self._cache = {key: [self._shift(layer.to(device), i, dtype) for i, layer in enumerate(self.layers)]}
-        return self._cache[key]
+    @property
+    def nbytes(self) -> int:
+        """Bytes the bank holds (its fp16 layers and fp32 centres): what it costs in a cache tier."""
+        return sum(t.numel() * t.element_size() for t in [*self.layers, *(self.centers or [])])
 
     def to(self, device: torch.device | str) -> MemoryBank:
         """Move the stored bank (used by the adapter cache's device/CPU tiers)."""
         self.layers = [layer.to(device) for layer in self.layers]
         if self.centers is not None:
             self.centers = [c.to(device) for c in self.centers]
-        self._cache = {}
         return self
 
     def distances(self, features: Features, precision: str | None = None) -> torch.Tensor:
@@ -159,13 +171,16 @@ class MemoryBank:
         h, w = features.grid
         query0 = features.patches[0]
         compute = torch.float32 if (precision or memory_precision(query0.device, "fp16")) == "fp32" else torch.float16
-        banks = self._on(query0.device, compute)
         total = torch.zeros(query0.shape[0] * query0.shape[1], device=query0.device)
         terms = 0
-        for layer, (query, parts) in enumerate(zip(features.patches, banks, strict=True)):
+        for layer, query in enumerate(features.patches):
             if query.shape[-1] != self.layers[layer].shape[-1]:
                 raise ValueError(f"feature dim {query.shape[-1]} does not match memory dim "
                                  f"{self.layers[layer].shape[-1]}")
+            # The compute form (centred, per stage, in the compute dtype) is derived here, one layer at a time, and
+            # never kept: it costs one pass over the bank against the chunks' pass per query patch, and keeping
+            # it would hold a second copy of every bank in the cache tiers.
+            parts = self._shift(self.layers[layer].to(query.device), layer, compute)
             flats = self._shift(query.reshape(-1, query.shape[-1]), layer, compute)
             for flat, bank in zip(flats, parts, strict=True):
                 chunk = max(128, SIM_BUDGET // max(1, bank.shape[0]))
@@ -181,3 +196,12 @@ def _split(x: torch.Tensor, stages: Sequence[int] | None) -> list[torch.Tensor]:
     if stages is None:
         return [x]
     return [F.normalize(part, dim=-1) for part in x.split(stages, dim=-1)]
+
+
+def _scored_parts(x: torch.Tensor, center: torch.Tensor | None, stages: Sequence[int] | None) -> list[torch.Tensor]:
+    """(N, D) -> the fp32 unit vectors cosines are taken between: one per stage, centred on ``center``'s slice."""
+    parts = _split(x.float(), stages)
+    if center is None:
+        return parts
+    centers = center.split(stages or [x.shape[-1]])
+    return [F.normalize(part - c, dim=-1) for part, c in zip(parts, centers, strict=True)]

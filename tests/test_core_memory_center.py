@@ -99,3 +99,30 @@ def test_fit_memory_follows_the_scoring_setting(tiny_detector, good_images, cent
     assert adapter.memory.centered is center
     # A shot scored against its own (centred or not) memory is a perfect match either way.
     assert tiny_detector.predict([good_images[1]], adapter)[0].score < 2e-3
+
+
+def _held_bytes(value: object, seen: set[int] | None = None) -> int:
+    """Bytes of every tensor an object holds in its attributes (lists, dicts and tuples followed)."""
+    seen = set() if seen is None else seen
+    if id(value) in seen:
+        return 0
+    seen.add(id(value))
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_held_bytes(v, seen) for v in value.values())
+    if isinstance(value, list | tuple):
+        return sum(_held_bytes(v, seen) for v in value)
+    return sum(_held_bytes(v, seen) for v in getattr(value, "__dict__", {}).values())
+
+
+def test_a_centred_staged_bank_is_held_once_after_scoring():
+    """The bank keeps its fp16 layers and fp32 centres only: scoring derives the centred, per-stage fp32 form
+    and lets it go (before: that form stayed cached beside the fp16 layers, three times their bytes on CPU)."""
+    shots, query = _features(8, dim=12, seed=3), _features(2, dim=12, seed=4)
+    bank = MemoryBank.from_features(shots, center=True, stages=[4, 8])
+    stored = 48 * 12 * 2 + 12 * 4  # 8 images x 6 patches x 12 dims fp16, plus one fp32 centre of 12 dims
+    assert bank.nbytes == stored == _held_bytes(bank)
+    first = bank.distances(query, "fp32")
+    assert _held_bytes(bank) == stored  # nothing kept from scoring
+    assert torch.equal(bank.distances(query, "fp32"), first)  # derived again, the same distances

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import textured
+from peft.tuners.tuners_utils import BaseTunerLayer
 from PIL import Image
+from torch.profiler import ProfilerActivity, profile
 
 from clipshot import lora
 from clipshot.backbone import load_backbone
@@ -136,3 +138,41 @@ def test_mixed_batch_in_a_non_square_or_tiled_frame_equals_each_alone(clip_produ
     assert (detector.forward(pixels[1:2], a)[1] - want_maps[1:2]).abs().max() > 100 * ATOL  # b's rows are b's
     with pytest.raises(ValueError, match="one model frame and one view count"):
         detector.forward_mixed(pixels[:2], [a, p["m1"]])
+
+
+def _zeros_allocated(detector: Detector, pixels: torch.Tensor, order) -> int:
+    """``aten::zeros`` calls in one mixed batch: the gather stacks are zero-padded tensors, so each rebuild shows."""
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        detector.forward_mixed(pixels, order)
+    return sum(1 for e in prof.events() if e.name == "aten::zeros")
+
+
+def test_gather_stacks_are_built_once_and_rebuilt_only_when_an_adapter_changes(clip_products):
+    """The per-sample A/B stacks stay on the device across batches: a second batch with the same resident
+    adapters allocates no stack at all (before: two zero-padded stacks and a scale vector per LoRA layer per
+    batch, each filled from the adapters); reloading an adapter's tensors rebuilds them, and the result follows."""
+    backbone, p, pixels = clip_products
+    detector = Detector(backbone, mixed_lora="gather")
+    order = [p["m1"], p["x"], p["m2"], p["y"]] * 2
+    layers = sum(1 for m in backbone.visual.modules() if isinstance(m, BaseTunerLayer))
+    detector.forward_mixed(pixels, order)  # x and y resident (earlier tests may have built stacks already)
+    with torch.inference_mode():  # reloading x's own tensors: every cached stack is dropped
+        lora.load_state(backbone.visual, "x", p["x"].lora_state)
+    first = _zeros_allocated(detector, pixels, order)
+    again = _zeros_allocated(detector, pixels, order)  # the scoring's own allocations, no stack
+    assert first - again == 2 * layers  # only the first batch builds the A and B stacks of every LoRA layer
+    assert _zeros_allocated(detector, pixels, order[4:] + order[:4]) == again  # other order, same adapters
+    gen = torch.Generator().manual_seed(1)
+    retrained = {k: 0.05 * torch.randn(v.shape, generator=gen) for k, v in p["x"].lora_state.items()}
+    try:
+        with torch.inference_mode():  # the adapter was attached under inference mode, as the service does
+            lora.load_state(backbone.visual, "x", retrained)
+        fresh = dataclasses.replace(p["x"], lora_state=retrained)
+        reloaded = [fresh if a is p["x"] else a for a in order]
+        assert _zeros_allocated(detector, pixels, reloaded) - again == 2 * layers  # stale stacks were dropped
+        want_scores, want_maps = reference(Detector(backbone), pixels, reloaded)
+        scores, maps = detector.forward_mixed(pixels, reloaded)
+        assert torch.allclose(scores, want_scores, atol=ATOL) and torch.allclose(maps, want_maps, atol=ATOL)
+    finally:
+        with torch.inference_mode():
+            lora.load_state(backbone.visual, "x", p["x"].lora_state)

@@ -52,6 +52,7 @@ class FewShotConfig(TrainConfig):
     text_weight: float = 0.5  # ScoringConfig.text_weight of the fine-tuned adapter
     coreset_ratio: float | None = None
     policy: DecisionPolicy | None = None  # decision policy of the result (None: the automatic rule)
+    confirmed: tuple[int, ...] = ()  # shots (indices) that are operator-confirmed goods: calibration.floor
     max_shots: int = MAX_SHOTS
 
     def __post_init__(self) -> None:
@@ -246,12 +247,13 @@ class FewShotTrainer:
             engine.check_cancel()
             engine.report("finalize")
             yield from detector.refit_memory_steps(adapter, self.shots, coreset_ratio=cfg.coreset_ratio,
-                                                   policy=cfg.policy, defects=self.defects)
+                                                   policy=cfg.policy, defects=self.defects, confirmed=cfg.confirmed)
             memory_adapter = self.baseline
             if memory_adapter is None:
                 memory_adapter = yield from detector.fit_memory_steps(
                     self.shots, category=self.category, object_name=self.object_name,
-                    coreset_ratio=cfg.coreset_ratio, policy=cfg.policy, defects=self.defects, geometry=self.geometry)
+                    coreset_ratio=cfg.coreset_ratio, policy=cfg.policy, defects=self.defects, geometry=self.geometry,
+                    confirmed=cfg.confirmed)
         finally:
             engine.close()
         adapter.uid = uuid.uuid4().hex  # the training LoRA is gone; attach() must inject this one afresh

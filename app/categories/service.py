@@ -266,6 +266,7 @@ class CategoryService(CategoryEdits):
         good_images, defect_images, working = await run_in_threadpool(
             decode_for_fit, self.store, name, goods, defects, s, geometry, self.detector.backbone.image_size)
         ratio = memory_coreset(len(good_images), s.max_shots)
+        confirmed = [i for i, r in enumerate(goods) if r.get("source") == "feedback"]  # good_images' order
         source = None
         if through_lora and base is not None and base.adapter.get("lora"):
             source, _ = await run_in_threadpool(load_adapter, self.store, self.detector, name, base.version)
@@ -277,11 +278,11 @@ class CategoryService(CategoryEdits):
             if source is None:
                 steps = self.detector.fit_memory_steps(good_images, category=name, object_name=object_name,
                                                        coreset_ratio=ratio, defects=defect_images, policy=policy,
-                                                       geometry=working)
+                                                       geometry=working, confirmed=confirmed)
             else:
                 source.geometry = working or source.geometry
                 steps = self.detector.refit_memory_steps(source, good_images, coreset_ratio=ratio,
-                                                         defects=defect_images, policy=policy)
+                                                         defects=defect_images, policy=policy, confirmed=confirmed)
             try:
                 adapter, seconds = yield from timed(steps)
             finally:

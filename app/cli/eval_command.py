@@ -150,7 +150,8 @@ def _refiner(detector):
 
         images = shots + goods
         ratio = None if len(images) <= 16 else 16 / len(images)
-        return detector.refit_memory(copy.copy(adapter), images, coreset_ratio=ratio, defects=defects)
+        return detector.refit_memory(copy.copy(adapter), images, coreset_ratio=ratio, defects=defects,
+                                     confirmed=range(len(shots), len(images)))
 
     return refine
 

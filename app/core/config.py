@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 ENV_PREFIX = "CLIPSHOT_"
 MiB = 1024 * 1024
+GiB = 1024 * MiB
 # Registration's default pixel bound per shot of ``max_shots``: a 12 MP line camera's frame.
 REGISTER_PIXELS_PER_SHOT = 12_000_000
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
@@ -95,6 +96,19 @@ class Settings(BaseSettings, MqttSettings, OpcUaSettings, RaySettings, RecordSet
     )
     adapter_cache_cpu: int = Field(
         64, ge=0, description="Adapters kept in host memory (warm tier) after eviction from the device tier."
+    )
+    adapter_cache_device_bytes: int = Field(
+        2 * GiB, ge=0,
+        description="Bytes of adapters (memory banks, text embeddings, LoRA tensors) kept resident on the "
+        "accelerator; the least recently used are evicted past it or past `adapter_cache_device`, whichever "
+        "binds first. The adapters of the batch being served always stay, so one product larger than this still "
+        "runs. 0 = no byte bound.",
+    )
+    adapter_cache_cpu_bytes: int = Field(
+        8 * GiB, ge=0,
+        description="Bytes of adapters kept in host memory (warm tier), bounded like `adapter_cache_device_bytes`; "
+        "an adapter larger than this alone is served but not kept (the next request loads it again). "
+        "0 = no byte bound.",
     )
     lora_merge: Literal["auto", "on", "off"] = Field(
         "auto",
@@ -471,6 +485,11 @@ class Settings(BaseSettings, MqttSettings, OpcUaSettings, RaySettings, RecordSet
             raise ValueError(
                 f"max_request_bytes ({self.max_request_bytes}) must be >= "
                 f"max_upload_bytes ({self.max_upload_bytes})"
+            )
+        if self.ray_router_body_bytes < self.max_request_bytes:
+            raise ValueError(
+                f"ray_router_body_bytes ({self.ray_router_body_bytes}) must be >= max_request_bytes "
+                f"({self.max_request_bytes}): a largest request could never be forwarded"
             )
         return self
 

@@ -47,6 +47,12 @@ class RaySettings(BaseModel):
         description="Replicas of the CPU router (ingress) that resolves `category@version` and forwards; 2+ so "
         "losing a node does not stop routing.",
     )
+    ray_router_body_bytes: int = Field(
+        1024 * 1024 * 1024, ge=1, le=1 << 40,
+        description="Bytes of request bodies one router replica holds at once (each is kept until its replica "
+        "answers); a request that would pass it gets 503 `router_full` with Retry-After before the rest of its "
+        "body is read. At least `max_request_bytes`.",
+    )
     ray_finetune_workers: int = Field(
         0, ge=0, le=256,
         description="Dedicated fine-tune replicas (same resources as a detector replica) that claim queued "

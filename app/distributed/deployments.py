@@ -35,6 +35,7 @@ from app.api.routes.predict import PINNED_VERSION_SCOPE
 from app.core.config import Settings
 from app.core.identity import replica_name, set_replica_name
 from app.distributed.asgi_call import HttpRequest, HttpResponse, call_asgi
+from app.distributed.body_budget import BodyBudget
 from app.distributed.metrics_merge import merge_expositions
 from app.errors import ClipshotHTTPError, OverloadedError
 from model_store import CATEGORY_NAME, AdapterStore
@@ -128,7 +129,8 @@ class DetectorReplica:
 
 
 class Router:
-    """HTTP ingress: bounded body read, ``category@version`` resolution, forwarding, retryable failures."""
+    """HTTP ingress: body reads bounded per request and in total (``BodyBudget``), ``category@version``
+    resolution, forwarding, retryable failures."""
 
     def __init__(self, detector: DeploymentHandle, settings: dict[str, Any],
                  finetune: DeploymentHandle | None = None) -> None:
@@ -136,14 +138,17 @@ class Router:
         self.store = AdapterStore(self.settings.store)
         self.detector = detector
         self.finetune = finetune  # not routed to; part of the application, and of /metrics
+        self.bodies = BodyBudget(self.settings.ray_router_body_bytes, self.settings.max_request_bytes)
 
     async def __call__(self, request: Request) -> Response:
         refused = self._unknown_key(request)
-        body = b"" if refused else await self._body(request)
-        if body is None:
-            limit = self.settings.max_request_bytes
-            return _error(request, ClipshotHTTPError(f"request body over {limit} bytes", code="request_too_large",
-                                                     status_code=413))
+        try:
+            async with self.bodies.hold(request, read=not refused) as body:  # held until the replica answers
+                return await self._forward(request, body, refused)
+        except ClipshotHTTPError as exc:  # over the body budget or the request limit, before the body is read
+            return _error(request, exc)
+
+    async def _forward(self, request: Request, body: bytes, refused: bool) -> Response:
         adapter_id = await run_in_threadpool(self._model_id, request.url.path) if request.method == "POST" else None
         handle = self.detector.options(multiplexed_model_id=adapter_id) if adapter_id else self.detector
         forwarded = HttpRequest(method=request.method, path=request.url.path,
@@ -189,16 +194,6 @@ class Router:
         except ClipshotHTTPError:
             return True
         return False
-
-    async def _body(self, request: Request) -> bytes | None:
-        """The whole body, or None once it passes ``max_request_bytes`` (read no further)."""
-        limit, chunks, size = self.settings.max_request_bytes, [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                return None
-            chunks.append(chunk)
-        return b"".join(chunks)
 
     def _model_id(self, path: str) -> str | None:
         """``category@active_version`` for a category prediction; None routes like any other request."""

@@ -323,7 +323,8 @@ class JobRunner:
                              seconds=params.get("seconds") or self.settings.finetune_seconds,
                              seed=params.get("seed") or 0, max_shots=self.settings.max_category_images,
                              policy=Calibration.from_dict(raw).policy_spec() if raw else None,
-                             coreset_ratio=memory_coreset(n, self.settings.max_shots))
+                             coreset_ratio=memory_coreset(n, self.settings.max_shots),
+                             confirmed=tuple(i for i, r in enumerate(ledger.goods) if r.get("source") == "feedback"))
 
     @staticmethod
     def _progress_fields(progress: Progress, config: FewShotConfig) -> dict[str, Any]:

@@ -7,6 +7,10 @@ read), so activating a new version is picked up by the next request while reques
 hold the old ``Adapter`` object finish on it: the object stays valid even after eviction (it is
 simply made resident again inside its own device task).
 
+Both tiers are bounded by count and by bytes (an adapter's bytes: its memory bank, text embeddings and LoRA
+tensors, ``Adapter.nbytes``): a count alone lets a few products with large banks (many shots, tiles, big
+frames) fill the device or the host.
+
 Threading: ``get*`` run on request threads (threadpool); ``ensure_resident``/``trim_device`` run only
 inside device-worker tasks, so residency never changes under a running batch.
 """
@@ -69,13 +73,16 @@ class AdapterCache:
     """``get(category)`` -> the active version's ``Adapter``, cached; device residency managed in worker tasks."""
 
     def __init__(self, store: AdapterStore, detector: Detector, metrics: Metrics, worker: DeviceWorker,
-                 *, device_capacity: int, cpu_capacity: int) -> None:
+                 *, device_capacity: int, cpu_capacity: int, device_bytes: int = 0, cpu_bytes: int = 0) -> None:
+        """``*_capacity``: adapters per tier; ``*_bytes``: bytes per tier (0: no byte bound)."""
         self.store = store
         self.detector = detector
         self.metrics = metrics
         self.worker = worker
         self.device_capacity = device_capacity
         self.cpu_capacity = cpu_capacity
+        self.device_bytes = device_bytes
+        self.cpu_bytes = cpu_bytes
         self._lock = threading.Lock()
         self._entries: OrderedDict[Key, Adapter] = OrderedDict()  # everything loaded, LRU order
         self._resident: OrderedDict[str, Adapter] = OrderedDict()  # uid -> adapter on the device
@@ -174,8 +181,9 @@ class AdapterCache:
         return f"a{next(self._slot)}_" + re.sub(r"[^A-Za-z0-9_]", "_", "_".join(key))
 
     def _trim_cpu(self) -> None:
-        """Drop least-recently-used host entries beyond capacity (never ones resident on the device)."""
-        while self._cpu_count() > self.cpu_capacity:
+        """Drop least-recently-used host entries beyond the tier's count or bytes (never ones resident on the
+        device; the newest goes last, and alone over the byte bound it goes too: served, not kept)."""
+        while self._cpu_count() > self.cpu_capacity or _over(self._cpu_bytes(), self.cpu_bytes):
             victim = next((k for k, a in self._entries.items() if a.uid not in self._resident), None)
             if victim is None:
                 return
@@ -185,16 +193,24 @@ class AdapterCache:
     def _cpu_count(self) -> int:
         return sum(1 for a in self._entries.values() if a.uid not in self._resident)
 
+    def _cpu_bytes(self) -> int:
+        return sum(a.nbytes for a in self._entries.values() if a.uid not in self._resident)
+
+    def _device_bytes(self) -> int:
+        return sum(a.nbytes for a in self._resident.values())
+
     # -- residency (device worker only) --------------------------------------------------------
-    def ensure_resident(self, adapter: Adapter) -> None:
-        """Attach the LoRA and move memory/text tensors to the device; evicts the LRU resident adapter."""
+    def ensure_resident(self, adapter: Adapter, keep: frozenset[str] = frozenset()) -> None:
+        """Attach the LoRA and move memory/text tensors to the device, first evicting least-recently-used
+        resident adapters until it fits the tier's count and bytes; ``keep``: uids never evicted for it (the
+        rest of the batch being served)."""
         with self._lock:
             if adapter.uid in self._resident:
                 self._resident.move_to_end(adapter.uid)
                 self.metrics.adapter_cache_hits.labels("device").inc()
                 return
             self.metrics.adapter_cache_misses.labels("device").inc()
-        self.trim_device(max(0, self.device_capacity - 1))
+        self.trim_device(max(0, self.device_capacity - 1), room=adapter.nbytes, keep=keep)
         try:
             self.detector.attach(adapter)
             _move(adapter, self.detector.backbone.device)
@@ -205,14 +221,20 @@ class AdapterCache:
             self._resident[adapter.uid] = adapter
         self._gauges()
 
-    def trim_device(self, capacity: int | None = None) -> None:
-        """Evict least-recently-used resident adapters until at most ``capacity`` remain."""
+    def trim_device(self, capacity: int | None = None, *, room: int = 0, keep: frozenset[str] = frozenset()) -> None:
+        """Evict least-recently-used resident adapters until at most ``capacity`` remain and ``room`` more bytes
+        fit the byte bound; never one in ``keep``, and never the most recently used one for bytes alone (the
+        batch just served needs it, however large)."""
         limit = self.device_capacity if capacity is None else capacity
         while True:
             with self._lock:
-                if len(self._resident) <= limit:
+                over_count = len(self._resident) > limit
+                over_bytes = _over(self._device_bytes() + room, self.device_bytes) and \
+                    len(self._resident) > (0 if room else 1)
+                victim = next((a for uid, a in self._resident.items() if uid not in keep), None)
+                if not (over_count or over_bytes) or victim is None:
                     break
-                _, victim = self._resident.popitem(last=False)
+                del self._resident[victim.uid]
                 self.metrics.adapter_cache_evictions.labels("device").inc()
             self._evict(victim)
         with self._lock:
@@ -239,12 +261,25 @@ class AdapterCache:
 
     # -- introspection -------------------------------------------------------------------------
     def stats(self) -> dict[str, int]:
+        """Adapters per tier."""
         with self._lock:
             return {"device": len(self._resident), "cpu": self._cpu_count()}
+
+    def bytes_held(self) -> dict[str, int]:
+        """Bytes of the adapters per tier."""
+        with self._lock:
+            return {"device": self._device_bytes(), "cpu": self._cpu_bytes()}
 
     def _gauges(self) -> None:
         for tier, count in self.stats().items():
             self.metrics.adapters_resident.labels(tier).set(count)
+        for tier, size in self.bytes_held().items():
+            self.metrics.adapter_cache_bytes.labels(tier).set(size)
+
+
+def _over(size: int, budget: int) -> bool:
+    """Past a byte bound (0: none)."""
+    return budget > 0 and size > budget
 
 
 def _move(adapter: Adapter, device: torch.device) -> None:

@@ -35,7 +35,7 @@ from app.schemas import (
     StageTimings,
 )
 from app.serving.adapter_cache import ZERO_SHOT_LABEL, AdapterCache
-from app.serving.batcher import Batcher, BatchResult
+from app.serving.batcher import Batcher, BatchResult, ships_bytes
 from app.serving.heatmap import b64, render
 from app.serving.images import DecodedImage, decode_image, header_pixels
 from app.serving.pixel_budget import PixelBudget, release_free_memory
@@ -205,11 +205,15 @@ class InferenceService:
         return advice
 
     def _preprocess(self, images: list[Image.Image], label: str, geometry: Geometry) -> tuple[torch.Tensor, float]:
-        """(N, 3, H, W), or (N, views, 3, H, W) with tiles: one batcher item per image either way."""
+        """(N, 3, H, W), or (N, views, 3, H, W) with tiles: one batcher item per image either way; uint8 for a
+        CUDA backbone (``ships_bytes``), normalised float32 on CPU."""
         start = time.perf_counter()
         with self.metrics.time_stage("preprocess", label, images=len(images)):
             try:
-                pixels = self._cpu_backbone.preprocess(images, geometry)
+                if ships_bytes(self.detector.backbone.device):
+                    pixels = geometry.unit_bytes(images, self._cpu_backbone.image_size)  # normalised on the device
+                else:
+                    pixels = self._cpu_backbone.preprocess(images, geometry)
             except GeometryError as exc:  # e.g. an image smaller than the category's ROI
                 raise BadRequestError(f"image does not fit the category's geometry: {exc}",
                                       code="invalid_geometry") from exc
