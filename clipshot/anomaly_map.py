@@ -41,7 +41,7 @@ def pixel_map(patch_maps: torch.Tensor, size: int | tuple[int, int], sigma: floa
 
     ``size`` is the model frame (H, W); with ``views`` > 1 each map holds that many tiles stacked vertically,
     upsampled and smoothed one by one (no smoothing across a tile seam)."""
-    frame = (size, size) if isinstance(size, int) else tuple(size)
+    frame = (size, size) if isinstance(size, int) else (size[0], size[1])
     if views == 1:
         return gaussian_blur(upsample(patch_maps, frame), sigma)
     n, rows, cols = patch_maps.shape

@@ -245,9 +245,9 @@ def calibrate(normal_scores: Sequence[float], defect_scores: Sequence[float] = (
 
 def apply_policy(cal: Calibration, policy: DecisionPolicy) -> Calibration:
     """A copy of ``cal`` under another decision policy, with the expected rates recomputed from its evidence."""
-    if policy.kind == "manual":
+    if policy.kind == "manual" and policy.threshold is not None:  # frozen, and set for these kinds (post_init)
         chosen = float(policy.threshold)
-    elif policy.kind == "target_rate":
+    elif policy.kind == "target_rate" and policy.target_false_alarm_rate is not None:
         chosen = threshold_for_rate(cal.normal_scores, policy.target_false_alarm_rate, cal.shots)
     else:
         chosen = _auto_threshold(cal.normal_scores, cal.defect_scores, cal.validation_defect_scores, cal.shots,

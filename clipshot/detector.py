@@ -117,7 +117,7 @@ class Detector:
     def detach(self, adapter: Adapter | str) -> None:
         uid = adapter if isinstance(adapter, str) else adapter.uid
         if uid in self.resident():
-            lora.remove_adapter(self.backbone.visual, uid)
+            lora.remove_adapter(self._require_clip("LoRA").visual, uid)  # resident only on a CLIP backbone
 
     @contextmanager
     def using(self, adapter: Adapter | None) -> Iterator[None]:
@@ -202,8 +202,10 @@ class Detector:
             fused_rows = fuse_maps(t_map, m_map, cfg)
             fused = fused_rows.new_empty((len(adapters), *fused_rows.shape[1:])) if fused is None else fused
             fused[rows] = fused_rows
-            has_cls = adapter.text is not None and part.cls is not None
-            cls[uid] = text_scores(part, adapter.text, cfg.temperature) if has_cls else None
+            text = adapter.text if part.cls is not None else None
+            cls[uid] = None if text is None else text_scores(part, text, cfg.temperature)
+        if fused is None:  # unreachable: one frame above means at least one product
+            raise ValueError("score_rows needs at least one row")
         for sigma in {a.scoring.sigma for a in unique.values()}:
             rows = rows_of([i for i, a in enumerate(adapters) if a.scoring.sigma == sigma])
             maps[rows] = pixel_map(fused[rows], frame, sigma, views=features.views)
@@ -267,7 +269,7 @@ class Detector:
         threshold = adapter.threshold
         heatmap = None
         if map_size is not None:
-            size = (image_size[1], image_size[0]) if map_size == "input" else tuple(map_size)
+            size = (image_size[1], image_size[0]) if isinstance(map_size, str) else (map_size[0], map_size[1])
             if adapter.geometry.is_plain:
                 heatmap = F.interpolate(heat[None, None].float().cpu(), size=size, mode="bilinear",
                                         align_corners=False)[0, 0].numpy()
@@ -343,9 +345,10 @@ class Detector:
         size, multiple = self.backbone.image_size, self.backbone.frame_multiple
         if geometry is None:
             return build_geometry(sizes, size=size, multiple=multiple)
-        geometry = replace(geometry, frame=geometry.frame_of(size))
-        if any(side % multiple for side in geometry.frame):
-            raise GeometryError(f"frame {list(geometry.frame)} must be multiples of {multiple} on {self.backbone.spec}")
+        frame = geometry.frame_of(size)
+        geometry = replace(geometry, frame=frame)
+        if any(side % multiple for side in frame):
+            raise GeometryError(f"frame {list(frame)} must be multiples of {multiple} on {self.backbone.spec}")
         check_usable(geometry, sizes, size)  # ROI and tiles must fit every shot, within the model's limits
         return geometry
 

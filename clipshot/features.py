@@ -31,8 +31,9 @@ class Features:
     @classmethod
     def cat(cls, parts: list[Features]) -> Features:
         """Concatenate batches (same layers and grid) back into one."""
+        clses = [p.cls for p in parts if p.cls is not None]  # one backbone: every part has a CLS, or none
         return cls(
-            cls=None if parts[0].cls is None else torch.cat([p.cls for p in parts]),
+            cls=torch.cat(clses) if len(clses) == len(parts) else None,
             patches=[torch.cat([p.patches[i] for p in parts]) for i in range(len(parts[0].patches))],
             grid=parts[0].grid,
             views=parts[0].views,

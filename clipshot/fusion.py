@@ -46,12 +46,12 @@ class ScoringConfig:
 
 
 def fuse_maps(text_map: torch.Tensor | None, memory_map: torch.Tensor | None, config: ScoringConfig) -> torch.Tensor:
-    if text_map is None and memory_map is None:
-        raise ValueError("an adapter needs a text branch, a memory branch, or both")
+    if memory_map is None:
+        if text_map is None:
+            raise ValueError("an adapter needs a text branch, a memory branch, or both")
+        return text_map
     if text_map is None:
         return memory_map
-    if memory_map is None:
-        return text_map
     return config.text_weight * text_map + (1 - config.text_weight) * memory_map
 
 

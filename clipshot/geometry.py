@@ -80,7 +80,7 @@ class Geometry:
 
     resize: str = "squash"
     frame: tuple[int, int] | None = None  # (height, width) of the model input
-    roi: tuple[int, int, int, int] | None = None  # (left, top, right, bottom) in original pixels
+    roi: tuple[float, float, float, float] | None = None  # (left, top, right, bottom) in original pixels
     tiles: tuple[int, int] | None = None  # (rows, cols)
     tile_size: tuple[float, float] | None = None  # tile (height, width) as fractions of the ROI
     rule: str = field(default="", compare=False)  # how it was chosen, for people reading the manifest
@@ -97,7 +97,8 @@ class Geometry:
                                     "0 <= top < bottom (right/bottom exclusive)")
         if (self.tiles is None) != (self.tile_size is None):
             raise GeometryError("tiles and tile_size go together")
-        if self.tiles is not None and (min(self.tiles) < 1 or not all(0 < f <= 1 for f in self.tile_size)):
+        if self.tiles is not None and self.tile_size is not None and (
+                min(self.tiles) < 1 or not all(0 < f <= 1 for f in self.tile_size)):
             raise GeometryError(f"tiles must be >= 1 and tile fractions in (0, 1], got {self.tiles} {self.tile_size}")
 
     # -- (de)serialisation for the bundle manifest ----------------------------------------------
@@ -139,7 +140,7 @@ class Geometry:
     def views(self, image_size: tuple[int, int], default_size: int) -> list[View]:
         """Every view of an image, in the order their pixels and maps are stacked."""
         x0, y0, x1, y1 = self.region(image_size)
-        if self.tiles is None:
+        if self.tiles is None or self.tile_size is None:  # set together (checked on construction)
             boxes = [(x0, y0, x1, y1)]
         else:
             rows, cols = self.tiles
@@ -199,7 +200,8 @@ class Geometry:
         """The same views for images box-reduced by ``factor`` (the ROI in reduced pixels; tiles are fractions)."""
         if factor == 1 or self.roi is None:
             return self
-        return replace(self, roi=tuple(v / factor for v in self.roi))
+        left, top, right, bottom = self.roi
+        return replace(self, roi=(left / factor, top / factor, right / factor, bottom / factor))
 
     def unit_pixels(self, images: Sequence[Image.Image], default_size: int) -> torch.Tensor:
         """(N * views, 3, H, W) float32 in [0, 1], each image's views consecutive."""

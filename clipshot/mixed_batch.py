@@ -15,7 +15,7 @@ Every image of a mixed batch must have the same pixel shape: the same model fram
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol, cast
 
 import torch
 
@@ -23,6 +23,9 @@ from clipshot.adapter import Adapter
 from clipshot.backbone import Backbone
 from clipshot.features import Features
 from clipshot.lora_mixed import mixed_batch
+
+if TYPE_CHECKING:
+    from clipshot.backbone.clip import ClipBackbone
 
 MixedLora = Literal["gather", "group", "split"]
 
@@ -69,7 +72,7 @@ def _in_order(parts: list[tuple[list[int], Features]]) -> Features:
 
 def _features(source: FeatureSource, pixels: torch.Tensor, adapters: list[Adapter], dpam: bool) -> Features:
     """Features of a batch whose samples use different adapters, in one forward unless ``split``."""
-    loras = {a.uid: a for a in adapters if a.lora is not None}
+    loras: dict[str | None, Adapter] = {a.uid: a for a in adapters if a.lora is not None}
     if not loras:
         return source.features(pixels, None, dpam=dpam)
     if len(loras) == 1 and all(a.lora is not None for a in adapters):
@@ -86,5 +89,6 @@ def _features(source: FeatureSource, pixels: torch.Tensor, adapters: list[Adapte
                 parts.append((rows, source.features(pixels[rows], loras.get(key), dpam=dpam)))
         return _in_order(parts)
     names = [a.uid if a.lora is not None else None for a in adapters]
-    with mixed_batch(source.backbone.visual, names, mode=source.mixed_lora):  # leaves no LoRA active
+    backbone = cast("ClipBackbone", source.backbone)  # the LoRAs are resident now: only CLIP backbones take them
+    with mixed_batch(backbone.visual, names, mode=source.mixed_lora):  # leaves no LoRA active
         return source.backbone.extract(pixels, dpam=dpam)

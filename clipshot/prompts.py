@@ -27,19 +27,19 @@ TEMPLATES = (
 GENERIC_OBJECT = "object"
 
 
-def _text_model(model: nn.Module) -> nn.Module:
+def _text_model(model: nn.Module) -> open_clip.CLIP:
     if not hasattr(model, "token_embedding") or not hasattr(model, "ln_final"):
         raise ValueError("learnable prompts need an open_clip CLIP model with the built-in text tower")
     return model
 
 
-def tokenizer_for(model: nn.Module):
+def tokenizer_for(model: open_clip.CLIP) -> open_clip.tokenizer.SimpleTokenizer:
     """open_clip's BPE tokenizer; it ships its vocabulary, so it works offline."""
     return open_clip.get_tokenizer("ViT-B-16", context_length=model.context_length)
 
 
 @torch.no_grad()
-def handcrafted_embeddings(model: nn.Module, object_name: str | None = None) -> torch.Tensor:
+def handcrafted_embeddings(model: open_clip.CLIP, object_name: str | None = None) -> torch.Tensor:
     """WinCLIP-style compositional ensemble: states x templates, averaged per state -> (2, D)."""
     name = (object_name or GENERIC_OBJECT).strip() or GENERIC_OBJECT
     tokenizer = tokenizer_for(model)
@@ -75,7 +75,10 @@ class PromptSpec:
 class PromptLearner(nn.Module):
     """CoOp context vectors (one set per state) plus optional deep prompts, encoded by the frozen text tower."""
 
-    def __init__(self, model: nn.Module, spec: PromptSpec):
+    tokens: torch.Tensor  # buffers, registered in __init__
+    base_embeddings: torch.Tensor
+
+    def __init__(self, model: open_clip.CLIP, spec: PromptSpec):
         super().__init__()
         self.clip = [_text_model(model)]  # a list keeps the frozen model out of this module's parameters
         self.spec = spec

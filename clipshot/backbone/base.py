@@ -90,8 +90,11 @@ class Backbone(ABC):
     std: tuple[float, float, float]
     layers: tuple[int, ...]
     frame_multiple: int = 16  # input sides must be multiples of this (the deepest feature stride used)
-    # Channel widths of the stages concatenated in each patch vector, or None when every layer is one stage.
-    stage_dims: tuple[int, ...] | None = None
+
+    @property
+    def stage_dims(self) -> tuple[int, ...] | None:
+        """Channel widths of the stages concatenated in each patch vector, or None when every layer is one stage."""
+        return None
 
     def preprocess(self, images: Sequence[Image.Image], geometry: Geometry | None = None) -> torch.Tensor:
         """Views of the images as the category's geometry cuts them (default: squash-resize to the square

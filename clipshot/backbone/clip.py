@@ -8,6 +8,7 @@ import hashlib
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import open_clip
 import torch
@@ -19,6 +20,9 @@ from clipshot.backbone.base import PRECISIONS, Backbone, resolve_device, resolve
 from clipshot.backbone.hub import hub_endpoint, hub_offline, hub_reachable, offline_requested
 from clipshot.backbone.spec import EFFICIENTNET_LITE0, WEIGHT_SUFFIXES, BackboneSpec
 from clipshot.features import Features
+
+if TYPE_CHECKING:  # open_clip ships no type information: its classes read as Any, named here for the reader
+    from open_clip.transformer import VisionTransformer
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
 TINY_ARCH = "clipshot-tiny-clip"
@@ -62,7 +66,7 @@ def create_clip_model(spec: BackboneSpec, image_size: int | None, quick_gelu: bo
         raise BackboneLoadError(f"unknown open_clip architecture {spec.arch!r}; {hint} "
                                 "(all: python -c 'import open_clip; print(open_clip.list_models())')")
     kwargs: dict = {"force_image_size": image_size} if image_size else {}
-    if quick_gelu is None and spec.weights_is_path and "openai" in Path(spec.weights).name.lower():
+    if quick_gelu is None and spec.weights_is_path and "openai" in Path(spec.weights or "").name.lower():
         warnings.warn(
             "OpenAI CLIP weights were trained with QuickGELU; using the -quickgelu activation for "
             f"{spec.weights}. Pass the '-quickgelu' architecture explicitly to silence this.",
@@ -135,7 +139,7 @@ class ClipBackbone(Backbone):
         dpam_layers: Sequence[int] | None = None,
         weights_sha256: str | None = None,
     ):
-        visual = model.visual
+        visual: VisionTransformer = model.visual
         if getattr(visual, "attn_pool", None) is not None or getattr(visual, "pool_type", "tok") != "tok":
             raise BackboneLoadError("only open_clip ViTs with CLS-token pooling are supported")
         if not getattr(visual.transformer, "batch_first", True):
@@ -171,7 +175,7 @@ class ClipBackbone(Backbone):
         self._positions: dict[tuple, torch.Tensor] = {}
 
     @property
-    def visual(self) -> nn.Module:
+    def visual(self) -> VisionTransformer:
         return self.model.visual
 
     def _to_joint_space(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -221,7 +225,7 @@ class ClipBackbone(Backbone):
                     vv = vv + block.ls_1(block.attn.value_value(block.ln_1(x)))
                 x = block(x)
                 if index in self.layers:
-                    source = vv if index in dpam_set else x
+                    source = vv if vv is not None and index in dpam_set else x  # vv is set on every DPAM layer
                     taken.append(self._to_joint_space(source[:, 1:]))
             cls = self._to_joint_space(x[:, 0])
         return Features(cls=cls, patches=taken, grid=grid)

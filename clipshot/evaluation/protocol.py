@@ -157,8 +157,6 @@ def _run_category(result: ProtocolResult, root: str | Path, cat: str, runs: list
         threshold = getattr(adapter, "threshold", None)
         metrics = compute_metrics(labels, scores, masks, maps, aupro_bins=aupro_bins, threshold=threshold,
                                   defects=[s.defect for s in samples])
-        for defect, value in metrics.pop("recall_by_defect", {}).items():
-            metrics[f"recall:{defect}"] = value
         result.scores += [{"category": cat, "shots": k, "seed": seed, "file": s.name,
                            "label": s.label, "defect": s.defect, "score": score, "threshold": threshold,
                            "verdict": None if threshold is None else ("anomalous" if score > threshold else "normal")}

@@ -73,11 +73,11 @@ def aggregate(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         for (_cat, mode, k), by_seed in groups.items():
             for seed, metrics in by_seed.items():
                 per_seed[(mode, k)][seed].append(metrics)
-        for (mode, k), by_seed in per_seed.items():
+        for (mode, k), seed_lists in per_seed.items():
             groups[(MEAN_CATEGORY, mode, k)] = {
                 seed: {m: float(np.mean([x[m] for x in lst])) for m in _metric_names(lst[0])
                        if all(m in x for x in lst)}
-                for seed, lst in by_seed.items()}
+                for seed, lst in seed_lists.items()}
     rows = []
     for (cat, mode, k), by_seed in groups.items():
         seeds = sorted(by_seed)

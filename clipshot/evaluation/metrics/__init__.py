@@ -20,7 +20,7 @@ def compute_metrics(labels: Sequence[int] | np.ndarray, scores: Sequence[float] 
                     aupro_bins: int | None = DEFAULT_BINS, threshold: float | None = None,
                     defects: Sequence[str] | None = None, pixel: bool = True) -> dict[str, float]:
     """The five quality metrics of the protocol (``QUALITY_METRICS``) and, when the adapter has a threshold,
-    the decision metrics at it (``DECISION_METRICS``, the gap to F1-max, recall per defect type).
+    the decision metrics at it (``DECISION_METRICS``, the gap to F1-max, recall per defect type as ``recall:<defect>``).
     ``pixel=False`` skips the three pixel metrics (the expensive part) where only decisions matter."""
     found = {"image_auroc": image_auroc(labels, scores), "image_f1max": image_f1max(labels, scores)}
     if pixel:
@@ -32,7 +32,8 @@ def compute_metrics(labels: Sequence[int] | np.ndarray, scores: Sequence[float] 
         out["f1_gap"] = out["image_f1max"] - out["f1_at_threshold"]
         out["threshold"] = float(threshold)
         if defects is not None:
-            out["recall_by_defect"] = recall_by_defect(labels, scores, defects, threshold)
+            out.update({f"recall:{defect}": value
+                        for defect, value in recall_by_defect(labels, scores, defects, threshold).items()})
     return out
 
 
