@@ -272,8 +272,10 @@ class FewShotTrainer:
 def _recall(adapter: Adapter) -> float:
     """Share of the confirmed defects above the adapter's own threshold (its calibration scored them)."""
     cal = adapter.calibration
-    scores = [] if cal is None else cal.validation_defect_scores
-    return sum(s > cal.threshold for s in scores) / len(scores) if scores else 0.0
+    if cal is None or not cal.validation_defect_scores:
+        return 0.0
+    scores = cal.validation_defect_scores
+    return sum(s > cal.threshold for s in scores) / len(scores)
 
 
 def _mean(values: Sequence[float]) -> float | None:

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
+from peft.tuners.lora import LoraLayer
 from sklearn.metrics import roc_auc_score
 
 from clipshot import lora
@@ -202,7 +203,7 @@ class StepEngine:
     def _training_mode(self) -> Iterator[list[torch.nn.Parameter]]:
         """Our LoRA active and trainable, its dropout in train mode, everything else untouched; undone after."""
         dropouts = [m.lora_dropout[self.name] for m in self.visual.modules()
-                    if hasattr(m, "lora_dropout") and self.name in m.lora_dropout]
+                    if isinstance(m, LoraLayer) and self.name in m.lora_dropout]
         params = lora.set_trainable(self.visual, self.name) if self.lora_params else []
         for module in dropouts:
             module.train()
@@ -230,6 +231,8 @@ class StepEngine:
         """
         backbone, cfg = self.backbone, self.config
         feats = backbone.extract(backbone.normalise(pixels01), dpam=self.dpam)
+        if feats.cls is None:  # a CLIP backbone always returns its CLS embedding
+            raise ValueError(f"{backbone.spec} returned no CLS embedding")
         text = self.prompts().float()
         direction = cfg.temperature * (text[1] - text[0])
         labels = labels.to(backbone.device).float()
