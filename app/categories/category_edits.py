@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -102,8 +102,8 @@ class CategoryEdits:
     cache: Any
 
     # provided by CategoryService
-    def _existing(self, category: str) -> str: ...  # pragma: no cover
-    def _lock(self, category: str) -> asyncio.Lock: ...  # pragma: no cover
+    def _existing(self, category: str) -> str: raise NotImplementedError  # pragma: no cover
+    def _lock(self, category: str) -> asyncio.Lock: raise NotImplementedError  # pragma: no cover
 
     @contextlib.asynccontextmanager
     async def _holding(self, name: str) -> AsyncIterator[Hold]:
@@ -199,9 +199,9 @@ class CategoryEdits:
                                     f"{'defects' if label == 'good' else 'good shots'}; remove them first "
                                     "(DELETE .../shots/{sha256} for a good shot)", code="label_conflict")
             fresh = set(hashes) - same
-            held = len(same | fresh)
-            if held > self.settings.max_category_images:
-                raise BadRequestError(f"the product would hold {held} {label} images, at most "
+            total = len(same | fresh)
+            if total > self.settings.max_category_images:
+                raise BadRequestError(f"the product would hold {total} {label} images, at most "
                                       f"{self.settings.max_category_images}", code="too_many_images")
             duplicates = len(hashes) - len(fresh)
             version = manifest.version
@@ -276,12 +276,13 @@ class CategoryEdits:
     # declared for type checkers; implemented by CategoryService
     def validate_upload(self, category: str, files: list[tuple[str, bytes]], *,
                         minimum: int | None = None) -> tuple[str, list[str], list[tuple[int, int]]]:
-        ...  # pragma: no cover
+        raise NotImplementedError  # pragma: no cover
     def _plan_geometry(self, name: str, ledger: Ledger, sizes: list[tuple[int, int]],
-                       request: GeometryRequest) -> Any: ...  # pragma: no cover
+                       request: GeometryRequest) -> Any: raise NotImplementedError  # pragma: no cover
     async def _store_images(self, name: str, files: list[tuple[str, bytes]], *, source: str,
-                            skip: set[str], held: Hold, **fields: Any) -> list[dict[str, Any]]: ...  # pragma: no cover
+                            skip: set[str], held: Hold, **fields: Any) -> list[dict[str, Any]]:
+        raise NotImplementedError  # pragma: no cover
     async def _fit_and_save(self, name: str, goods: list[dict[str, Any]], defects: list[dict[str, Any]], *,
                             base: Any, through_lora: bool, object_name: str | None = None,
-                            new: list[dict[str, Any]] = (), expect: int | None,
-                            held: Hold | None = None) -> tuple[int, Any]: ...  # pragma: no cover
+                            new: Sequence[dict[str, Any]] = (), expect: int | None,
+                            held: Hold | None = None) -> tuple[int, Any]: raise NotImplementedError  # pragma: no cover

@@ -51,8 +51,11 @@ def save_result(store: AdapterStore, detector: Detector, job: Job, result: Any, 
     ``metrics.promotion`` is ``promoted``, ``superseded`` or ``not_promotable``. Afterwards the category is
     tidied (retention, orphan sweep)."""
     trained = ledger.manifest
-    fields = {"shots": ledger.goods, "validation": ledger.defects, "promotable": bool(result.promotable),
-              "training": {"config": result.config, "seconds": result.seconds, "job_id": job.id}}
+    if trained is None:  # the job runner trains only from a readable version
+        raise ValueError(f"{job.category!r}: the fine-tune has no trained-from version to save against")
+    fields: dict[str, Any] = {"shots": ledger.goods, "validation": ledger.defects,
+                              "promotable": bool(result.promotable),
+                              "training": {"config": result.config, "seconds": result.seconds, "job_id": job.id}}
     version, outcome, metrics = None, "superseded", dict(result.metrics)
     if result.adapter.shot_images is None:  # same shots as the version trained from: same image facts
         result.adapter.shot_images = trained.adapter.get("shot_images")
@@ -60,7 +63,7 @@ def save_result(store: AdapterStore, detector: Detector, job: Job, result: Any, 
         now = current_ledger(store, job.category)
         current = same_evidence(now.manifest, trained)
         outcome = "not_promotable" if not result.promotable else ("promoted" if current else "superseded")
-        raw = now.manifest.adapter.get("calibration") if outcome == "promoted" else None
+        raw = now.manifest.adapter.get("calibration") if outcome == "promoted" and now.manifest else None
         if raw and result.adapter.calibration is not None:  # the policy serving now, not the one at the start
             result.adapter.calibration = apply_policy(result.adapter.calibration,
                                                       Calibration.from_dict(raw).policy_spec())

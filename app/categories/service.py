@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -230,7 +231,7 @@ class CategoryService(CategoryEdits):
 
     async def _fit_and_save(self, name: str, goods: list[dict[str, Any]], defects: list[dict[str, Any]], *,
                             base: Manifest | None, through_lora: bool, object_name: str | None = None,
-                            new: list[dict[str, Any]] = (), geometry: Geometry | None = None,
+                            new: Sequence[dict[str, Any]] = (), geometry: Geometry | None = None,
                             expect: int | None, held: Hold | None = None) -> tuple[int, Adapter]:
         """Fit memory + calibration over ``goods`` (validation on ``defects``) and save it as the active version.
 

@@ -69,7 +69,7 @@ def ledger_at(store: AdapterStore, category: str, version: int | None) -> Ledger
 
 def new_refs(stored: list[str], files: list[tuple[str, bytes]], *, source: str, label: str = "good",
              defect_type: str | None = None, note: str | None = None,
-             skip: set[str] = frozenset()) -> list[dict[str, Any]]:
+             skip: set[str] | frozenset[str] = frozenset()) -> list[dict[str, Any]]:
     """Manifest entries for freshly stored files, one per distinct image not in ``skip`` (upload order)."""
     now = datetime.now(UTC).isoformat()
     refs, seen = [], set(skip)

@@ -77,7 +77,8 @@ def check_store_token(store: Path, token: str) -> None:
 class DetectorReplica:
     """One clipshot service (its FastAPI app and lifespan) inside a Ray Serve replica."""
 
-    async def __init__(self, settings: dict[str, Any], store_token: str) -> None:
+    # Ray Serve awaits an async constructor; Python's data model (and mypy) only knows a sync __init__
+    async def __init__(self, settings: dict[str, Any], store_token: str) -> None:  # type: ignore[misc]
         from app.main import create_app  # torch and the model code load in the replica, not in the router
 
         config = Settings(**settings)
@@ -155,7 +156,7 @@ class Router:
                                 query_string=request.scope.get("query_string", b""),
                                 headers=[(k, v) for k, v in request.scope.get("headers", [])
                                          if not (refused and k.lower() in _BODY_HEADERS)], body=body,
-                                client=tuple(request.client) if request.client else None)
+                                client=(request.client.host, request.client.port) if request.client else None)
         try:
             answer: HttpResponse = await handle.handle.remote(forwarded)
         except RETRYABLE as exc:

@@ -194,7 +194,7 @@ def startup_reason(exc: BaseException, detail: str = "") -> str:
     return " ".join(found[-1].split()) if found else (text.strip().splitlines() or [type(exc).__name__])[0][:300]
 
 
-def app_builder(args: dict[str, str] | None = None) -> Any:
+def app_builder(args: dict[str, Any] | None = None) -> Any:
     """``import_path: app.distributed.launch:app_builder`` for ``serve run`` and KubeRay's RayService.
 
     Settings come from the pods' ``CLIPSHOT_*`` variables; ``args`` (the serve config's ``args``) may

@@ -38,7 +38,7 @@ def merge_expositions(texts: Mapping[str, str]) -> bytes:
             merged.samples.extend(sample._replace(labels={**sample.labels, REPLICA_LABEL: replica})
                                   for sample in family.samples)
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Families(families.values()))  # type: ignore[arg-type]
+    registry.register(_Families(families.values()))
     return generate_latest(registry)
 
 

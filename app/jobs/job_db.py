@@ -152,7 +152,7 @@ class SqliteJobDatabase:
     order_key = "rowid"
     lock_rows = ""
     skip_locked = ""
-    integrity_errors = (sqlite3.IntegrityError,)
+    integrity_errors: tuple[type[BaseException], ...] = (sqlite3.IntegrityError,)
 
     def __init__(self, path: Path, *, schema: Schema = _jobs_schema) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -230,7 +230,7 @@ class PostgresJobDatabase:
             from psycopg_pool import ConnectionPool
         except ImportError as exc:  # pragma: no cover - both are main dependencies
             raise JobDatabaseError(f"PostgreSQL job database needs psycopg 3: pip install clipshot ({exc})") from exc
-        self.integrity_errors = (psycopg.errors.IntegrityError,)
+        self.integrity_errors: tuple[type[BaseException], ...] = (psycopg.errors.IntegrityError,)
         try:  # one direct attempt first: the pool would retry in the background and hide the reason
             psycopg.connect(url, connect_timeout=CONNECT_TIMEOUT_S).close()
         except psycopg.Error as exc:

@@ -273,6 +273,8 @@ class JobRunner:
     @staticmethod
     def _geometry(ledger: Ledger) -> Geometry | None:
         """The trained-from version's geometry: training must see the pixels prediction will see."""
+        if ledger.manifest is None:
+            return None
         try:
             return Geometry.from_dict(ledger.manifest.adapter.get("geometry"))
         except (AttributeError, ValueError, TypeError):

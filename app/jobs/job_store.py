@@ -18,6 +18,7 @@ every caller and both databases get the same contract (``tests/test_app_job_stor
 
 from __future__ import annotations
 
+import builtins
 import json
 import uuid
 from datetime import timedelta
@@ -218,7 +219,7 @@ class JobStore:
             raise StaleJobError(f"Job {job_id} is {job.state}, not running.")
         return job
 
-    def reap_stale(self, stale_after_s: float) -> list[str]:
+    def reap_stale(self, stale_after_s: float) -> builtins.list[str]:  # `list` here is the method above
         """Fail running jobs whose worker sent no heartbeat for ``stale_after_s``; returns their ids."""
         cutoff = ts(now() - timedelta(seconds=stale_after_s))
         with self.db.tx() as tx:
@@ -231,7 +232,7 @@ class JobStore:
                        (error, stamp, row["id"]))
         return [r["id"] for r in rows]
 
-    def mark_interrupted(self) -> list[str]:
+    def mark_interrupted(self) -> builtins.list[str]:
         """At startup of the only process using this database, fail every job a previous one left active."""
         with self.db.tx() as tx:
             ids = [r["id"] for r in tx.all(f"SELECT id FROM jobs WHERE state IN ('queued', 'running')"

@@ -56,7 +56,7 @@ def _sub_filtered(rgb: np.ndarray) -> memoryview:
     out[:, 0] = SUB_FILTER
     out[:, 1:4] = rows[:, :3]
     np.subtract(rows[:, 3:], rows[:, :-3], out=out[:, 4:])  # uint8 arithmetic wraps, as PNG wants
-    return memoryview(out.reshape(-1))
+    return out.reshape(-1).data
 
 
 def _deflate(raw: memoryview, level: int, threads: int) -> bytes:
