@@ -58,7 +58,8 @@ class CategoryInfo(CategoryDetail):
     """``GET /v1/categories/{c}``; ``decision`` is null on servers without the decision routes."""
 
     model_config = ConfigDict(extra="allow")
-    decision: Decision | None = None
+    # the client's own Decision, looser than the server's schema, so it reads older and newer servers alike
+    decision: Decision | None = None  # type: ignore[assignment]
 
 
 class ThresholdChanged(BaseModel):
@@ -138,7 +139,7 @@ def heatmap_image(prediction: ImagePrediction) -> Image.Image:
     heat = prediction.heatmap
     if heat is None or heat.encoding == "raw" or not heat.data:
         raise ValueError("this prediction carries no heatmap picture: predict with heatmap='jpeg' or 'png'")
-    image = Image.open(io.BytesIO(base64.b64decode(prediction.heatmap.data)))
+    image = Image.open(io.BytesIO(base64.b64decode(heat.data)))
     image.load()
     return image
 
@@ -200,9 +201,11 @@ class Client:
 
     @staticmethod
     def _files(images: ImageInput | Sequence[ImageInput]) -> list[tuple[str, tuple[str, bytes]]]:
-        many = isinstance(images, list | tuple) or (isinstance(images, Iterable) and not isinstance(
-            images, str | bytes | bytearray | np.ndarray | Image.Image | os.PathLike))
-        items = list(images) if many else [images]  # type: ignore[arg-type]
+        if isinstance(images, str | bytes | bytearray | np.ndarray | Image.Image | os.PathLike) or not isinstance(
+                images, Iterable):
+            items = [images]
+        else:  # a list, tuple or any other iterable of images
+            items = list(images)
         return [("files", encode_image(item, i)) for i, item in enumerate(items)]
 
     # -- service ------------------------------------------------------------------------------

@@ -81,6 +81,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._refused = False
 
     # -- connection --------------------------------------------------------------------------------
+    # uvicorn's parent narrows asyncio's BaseTransport to Transport; this override keeps its signature
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         if len(self.connections) - len(self.parked) > self.limits.max_connections:

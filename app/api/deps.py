@@ -170,7 +170,9 @@ def _required_scope(dependant: Dependant) -> RouteGuard | None:
         node = stack.pop()
         calls.add(node.call)
         stack.extend(node.dependencies)
-    for call, scope in ((require_admin, "admin"), (require_client, "client"), (require_metrics_access, "metrics")):
+    guards: tuple[tuple[Callable[..., Any], RouteGuard], ...] = (
+        (require_admin, "admin"), (require_client, "client"), (require_metrics_access, "metrics"))
+    for call, scope in guards:
         if call in calls:
             return scope
     return None

@@ -19,11 +19,13 @@ def document_upload_limits(app: FastAPI, settings: Settings) -> None:
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            add_file_limits(generate(), settings)
-        return app.openapi_schema  # type: ignore[return-value]
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = generate()  # FastAPI keeps it as app.openapi_schema: the limits are added once
+        add_file_limits(schema, settings)
+        return schema
 
-    app.openapi = openapi  # type: ignore[method-assign]
+    app.openapi = openapi  # type: ignore[method-assign]  # replacing app.openapi is FastAPI's documented hook
 
 
 def add_file_limits(schema: dict[str, Any], settings: Settings) -> None:

@@ -68,7 +68,7 @@ def render_api_markdown(app: FastAPI | None = None) -> str:
     for route in routes:
         if not route.include_in_schema:
             continue
-        for method in sorted(route.methods):
+        for method in sorted(route.methods or ()):
             operation = schema["paths"][route.path][method.lower()]
             lines += [f"## `{method} {route.path}`", "",
                       f"**{operation.get('summary', '')}.** Key: {_scope(route)}. "

@@ -17,9 +17,12 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from app.cli.common import add_source_arguments
+
+if TYPE_CHECKING:
+    import httpx
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 FIELDS = ["file", "category", "adapter_version", "score", "threshold", "is_anomalous", "verdict", "sha256", "error"]
@@ -133,8 +136,9 @@ def _client(args: argparse.Namespace) -> Iterator[Any]:
             backbone = load_service_backbone(settings)
         except (ValidationError, StartupError) as exc:
             raise ClipshotError(0, "startup", str(exc).splitlines()[0]) from exc
+        # TestClient is starlette's httpx2.Client: the same request/headers/close the Client uses
         with TestClient(create_app(settings, backbone=backbone), raise_server_exceptions=False) as http, \
-                Client(f"local store {args.store}", http=http) as client:
+                Client(f"local store {args.store}", http=cast("httpx.Client", http)) as client:
             yield client
 
 

@@ -170,7 +170,8 @@ class Batcher:
 
     def _dispatch(self, batch: list[_Item]) -> None:
         """One device task per chunk of the batch; the slot is freed when every chunk has finished."""
-        assert self._slots is not None
+        slots = self._slots
+        assert slots is not None
         groups = self._chunks(batch)
         remaining = [len(groups)]
         self._inflight += 1
@@ -179,7 +180,7 @@ class Batcher:
             remaining[0] -= 1
             if remaining[0] == 0:
                 self._inflight -= 1
-                self._slots.release()
+                slots.release()
 
         for group in groups:
             task = asyncio.create_task(self._run_group(group))

@@ -198,8 +198,8 @@ def render(image: Image.Image, heat: torch.Tensor | np.ndarray, threshold: float
     if mode == "none":
         return Rendered()
     if mode == "raw":
-        data, shape = raw_grid(heat)
-        return Rendered("raw", data, (shape[0], shape[1]))
+        data, grid = raw_grid(heat)
+        return Rendered("raw", data, (grid[0], grid[1]))
     vmin, vmax = colour_scale(threshold)
     size = output_size(image.size, heatmap_size, max_side)
     shape = (size[1], size[0])

@@ -155,7 +155,7 @@ class InferenceService:
                 trim.add_done_callback(self._trims.discard)
 
     async def _decoded(self, adapter: Adapter, label: str, source: str, uploads: list[Upload],
-                       heatmap: HeatmapMode) -> PredictResponse:
+                       heatmap: HeatmapOptions) -> PredictResponse:
         decoded = await asyncio.gather(*(run_in_threadpool(self._decode, u, label) for u in uploads))
         advice = await run_in_threadpool(self._advice, adapter, uploads, [d for d, _ in decoded])
         images = [d.image for d, _ in decoded]

@@ -58,6 +58,8 @@ class OpcUaResults:
             raise OpcUaConfigError(f"{env_var('opcua_endpoint')} is set but asyncua is not installed: "
                                    "pip install 'clipshot[line]'") from exc
         s = self.settings
+        if s.opcua_endpoint is None:
+            raise OpcUaConfigError(f"{env_var('opcua_endpoint')} is not set: no endpoint to serve")
         security = await asyncio.to_thread(load_security, s)
         server = Server(user_manager=_users(security, s.opcua_allow_anonymous,
                                             secure_only="None" not in s.opcua_security_policies))
@@ -65,7 +67,8 @@ class OpcUaResults:
         server.set_endpoint(s.opcua_endpoint)
         server.set_server_name("clipshot")
         await _secure(server, security, s.opcua_security_policies)
-        tokens = [ua.UserNameIdentityToken] + ([ua.AnonymousIdentityToken] if s.opcua_allow_anonymous else [])
+        tokens: list[type] = [ua.UserNameIdentityToken] + ([ua.AnonymousIdentityToken] if s.opcua_allow_anonymous
+                                                           else [])
         server.set_identity_tokens(tokens)
         idx = await server.register_namespace(NAMESPACE)
         self._idx, self._ua = idx, ua
@@ -73,7 +76,7 @@ class OpcUaResults:
         event_type = await server.create_custom_event_type(
             idx, "ResultReadyEventType", ua.ObjectIds.BaseEventType,
             [(name, ua.VariantType.String) for name in EVENT_FIELDS])
-        self._events = await server.get_event_generator(event_type, self._root)
+        self._events = await server.get_event_generator(event_type, self._root.nodeid)
         await self._root.add_method(idx, "GetLatestResult", self._get_latest, [ua.VariantType.String],
                                     [ua.VariantType.String])
         await self._root.add_method(idx, "InspectImage", self._inspect_image,

@@ -221,7 +221,8 @@ class ResultPublisher:
 
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id(slot),
                              protocol=mqtt.MQTTv311, clean_session=True)
-        client.reconnect_delay_set(*RECONNECT_DELAY_S)
+        # paho annotates whole seconds, but only compares, doubles and sleeps the delays: 0.1 s works
+        client.reconnect_delay_set(*RECONNECT_DELAY_S)  # type: ignore[arg-type]
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_publish = lambda *_: self._wake.set()

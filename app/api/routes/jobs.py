@@ -65,6 +65,7 @@ async def cancel_job(job_id: str, _: AdminDep, runner: RunnerDep, response: Resp
     """
     job = await run_in_threadpool(runner.cancel, job_id)
     if job.active:
-        job = await run_in_threadpool(runner.wait, job_id, CANCEL_WAIT_S) or job
+        waited = await run_in_threadpool(runner.wait, job_id, CANCEL_WAIT_S)  # None: gone meanwhile
+        job = waited or job
     response.status_code = 202 if job.active else 200
     return job

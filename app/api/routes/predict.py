@@ -7,7 +7,7 @@ listing them twice in the schema. Both at once must agree.
 
 from __future__ import annotations
 
-from typing import Annotated, get_args
+from typing import Annotated, cast, get_args
 
 from fastapi import APIRouter, File, Path, Query, Request, UploadFile
 
@@ -79,11 +79,12 @@ async def predict_category(
     heatmap_size: SizeQuery = None,
 ) -> PredictResponse:
     """Few-shot prediction; each answer names the adapter version that produced it."""
-    heatmap = await _one(request, "heatmap", heatmap_query, DEFAULT_HEATMAP, HEATMAP_MODES)
+    # FastAPI checks the query and _one the form field against HEATMAP_MODES, HeatmapMode's values
+    heatmap = cast(HeatmapMode, await _one(request, "heatmap", heatmap_query, DEFAULT_HEATMAP, HEATMAP_MODES))
     # Set only by the Ray Serve replica (in the ASGI scope, out of reach of HTTP clients): the version its
     # router resolved and routed on; plain `clipshot serve` resolves the active version here instead.
     pinned = request.scope.get(PINNED_VERSION_SCOPE)
-    return await published(request, inference.predict_category(category, files, heatmap,  # type: ignore[arg-type]
+    return await published(request, inference.predict_category(category, files, heatmap,
                                                                heatmap_size=heatmap_size, version=pinned))
 
 
@@ -99,7 +100,8 @@ async def predict_zero_shot(
     heatmap_size: SizeQuery = None,
 ) -> PredictResponse:
     """Generic bundle, or handcrafted prompts for ``object`` (CLIP backbones only)."""
-    heatmap = await _one(request, "heatmap", heatmap_query, DEFAULT_HEATMAP, HEATMAP_MODES)
+    # FastAPI checks the query and _one the form field against HEATMAP_MODES, HeatmapMode's values
+    heatmap = cast(HeatmapMode, await _one(request, "heatmap", heatmap_query, DEFAULT_HEATMAP, HEATMAP_MODES))
     object_name = await _one(request, "object", object_query, None)
-    return await published(request, inference.predict_zero_shot(files, heatmap, object_name,  # type: ignore[arg-type]
+    return await published(request, inference.predict_zero_shot(files, heatmap, object_name,
                                                                 heatmap_size=heatmap_size))

@@ -14,7 +14,6 @@ import email.utils
 import io
 import os
 import time
-from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
@@ -24,6 +23,7 @@ import httpx
 from clipshot_client.models import CategoryDetail, CategorySummary, PredictResponse, ReadyResponse
 
 ImageInput = str | os.PathLike[str] | bytes | IO[bytes]
+ImageInputs = ImageInput | list[ImageInput] | tuple[ImageInput, ...]  # a list or tuple is several images
 DEFAULT_URL = "http://127.0.0.1:8000"
 FALLBACK_WAIT_S = 1.0  # a 503 without a usable Retry-After: wait this long (doubling per retry)
 
@@ -112,7 +112,7 @@ class Client:
         """``/readyz``: 503 (not ready yet) is an answer here, not something to retry."""
         return ReadyResponse.model_validate(self._call("GET", "/readyz", ok=(503,)).json())
 
-    def predict(self, category: str, images: ImageInput | Sequence[ImageInput], *, heatmap: str | None = "none",
+    def predict(self, category: str, images: ImageInputs, *, heatmap: str | None = "none",
                 part_id: str | None = None, line: str | None = None, camera: str | None = None) -> PredictResponse:
         """Score images against a product; ``part_id``, ``line`` and ``camera`` go with the published verdicts."""
         data = {k: v for k, v in (("part_id", part_id), ("line", line), ("camera", camera)) if v is not None}
@@ -121,7 +121,7 @@ class Client:
                        files=self._files(images))
         return PredictResponse.model_validate(r.json())
 
-    def predict_zero_shot(self, images: ImageInput | Sequence[ImageInput], *, object_name: str | None = None,
+    def predict_zero_shot(self, images: ImageInputs, *, object_name: str | None = None,
                           heatmap: str | None = "none") -> PredictResponse:
         """Score without a registered product (generic bundle, or CLIP prompts for ``object_name``)."""
         params = {**({"heatmap": heatmap} if heatmap else {}), **({"object": object_name} if object_name else {})}
@@ -135,6 +135,6 @@ class Client:
         return CategoryDetail.model_validate(self._call("GET", f"/v1/categories/{category}").json())
 
     @staticmethod
-    def _files(images: ImageInput | Sequence[ImageInput]) -> list[tuple[str, tuple[str, bytes]]]:
+    def _files(images: ImageInputs) -> list[tuple[str, tuple[str, bytes]]]:
         items = list(images) if isinstance(images, list | tuple) else [images]
         return [("files", _upload(item, i)) for i, item in enumerate(items)]
