@@ -8,6 +8,7 @@ can be moved with its database.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import logging
 from collections.abc import Iterator
@@ -152,7 +153,7 @@ class InspectionStore:
             self._unlink(rows)
             deleted += len(rows)
 
-    def _unlink(self, rows: list[dict[str, Any]]) -> None:
+    def _unlink(self, rows: builtins.list[dict[str, Any]]) -> None:  # `list` here is the method above
         for row in rows:
             for name in (row.get("image_path"), row.get("overlay_path")):
                 if name:

@@ -100,7 +100,7 @@ def list_inspections(
     if format == "csv":
         return _csv(records, name, filters)
     rows, next_cursor = records.inspections.list(name, filters, cursor=cursor, limit=limit)
-    return InspectionPage(inspections=rows, next_cursor=next_cursor)  # type: ignore[arg-type]
+    return InspectionPage(inspections=rows, next_cursor=next_cursor)
 
 
 @router.get("/categories/{category}/inspections.csv", response_class=StreamingResponse,
@@ -137,4 +137,4 @@ def list_audit(
     filters = AuditFilter(category=category, action=action, key_name=key_name, since=_text(since),
                           until=_text(until))
     events, next_cursor = records.audit.list(filters, cursor=cursor, limit=limit)
-    return AuditPage(events=events, next_cursor=next_cursor)  # type: ignore[arg-type]
+    return AuditPage(events=events, next_cursor=next_cursor)
