@@ -12,13 +12,14 @@ import socket
 
 import httpx
 import pytest
+from cryptography.hazmat.primitives import serialization
 from threaded_server import free_port, threaded_server
 
 from app.client import Client as ServiceClient
 from app.core.config import Settings
 from app.main import StartupError, _start_opcua, check_opcua
 from app.serving.opcua_server import NAMESPACE
-from tests.helpers.certs import write_pair
+from tests.helpers.certs import ed25519_certificate, write_pair
 from tests.helpers.predict import CLIENT, files, good, png
 
 try:
@@ -219,12 +220,14 @@ def test_an_endpoint_without_users_needs_anonymous_said_out_loud():
 
 
 @pytest.mark.parametrize("case", ["missing_certificate", "garbage_certificate", "key_of_another_certificate",
-                                  "no_trust_folder", "broken_trusted_certificate", "bad_users_file"])
+                                  "ed25519_certificate", "no_trust_folder", "broken_trusted_certificate",
+                                  "bad_users_file"])
 def test_bad_security_files_stop_start_up_in_one_line_naming_the_setting(case, tmp_path):
     pki = make_pki(tmp_path / "pki")
     extra, named = {}, {"missing_certificate": "CLIPSHOT_OPCUA_CERTIFICATE",
                         "garbage_certificate": "CLIPSHOT_OPCUA_CERTIFICATE",
                         "key_of_another_certificate": "CLIPSHOT_OPCUA_PRIVATE_KEY",
+                        "ed25519_certificate": "CLIPSHOT_OPCUA_PRIVATE_KEY",
                         "no_trust_folder": "CLIPSHOT_OPCUA_TRUSTED_CLIENTS",
                         "broken_trusted_certificate": "CLIPSHOT_OPCUA_TRUSTED_CLIENTS",
                         "bad_users_file": "CLIPSHOT_OPCUA_USERS_FILE"}[case]
@@ -234,6 +237,8 @@ def test_bad_security_files_stop_start_up_in_one_line_naming_the_setting(case, t
         pki["server"][0].write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
     elif case == "key_of_another_certificate":
         extra["opcua_private_key"] = pki["stranger"][1]
+    elif case == "ed25519_certificate":  # a key type without RSA's public numbers: still a mismatch, in one line
+        pki["server"][0].write_bytes(ed25519_certificate("clipshot").public_bytes(serialization.Encoding.PEM))
     elif case == "no_trust_folder":
         extra["opcua_trusted_clients"] = tmp_path / "nowhere"
     elif case == "broken_trusted_certificate":

@@ -155,7 +155,7 @@ def load_security(settings: Settings) -> OpcUaSecurity:
     assert s.opcua_certificate and s.opcua_private_key and s.opcua_trusted_clients  # the settings check this
     certificate = load_certificate(s.opcua_certificate)
     key = _load_private_key(s.opcua_private_key)
-    if certificate.public_key().public_numbers() != key.public_key().public_numbers():
+    if certificate.public_key() != key.public_key():  # any key type: a non-RSA certificate is a mismatch too
         raise OpcUaConfigError(f"the private key {s.opcua_private_key} does not belong to the certificate "
                                f"{s.opcua_certificate}; check {env_var('opcua_private_key')}")
     if not s.opcua_trusted_clients.is_dir():

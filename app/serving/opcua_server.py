@@ -189,6 +189,8 @@ async def _secure(server: Any, security: OpcUaSecurity, policies: list[str]) -> 
     server.set_security_policy([POLICY_TYPES[policy](ua) for policy in policies])
     if security.certificate_der is None:
         return
+    if security.trusted_clients is None:  # load_security sets it with the certificate
+        raise OpcUaConfigError("an OPC UA certificate without a folder of trusted client certificates")
     await server.load_certificate(security.certificate_der)
     await server.load_private_key(security.private_key_der)
     if security.application_uri:  # clients check that the certificate names the server they talk to

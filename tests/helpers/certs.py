@@ -11,7 +11,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 KEY_BITS = 2048  # the smallest RSA key Basic256Sha256 accepts, and the quickest to generate
@@ -38,6 +38,17 @@ def app_certificate(key: rsa.RSAPrivateKey, name: str, uri: str, *, server: bool
                                          crl_sign=False, encipher_only=False, decipher_only=False), critical=False)
             .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
             .sign(key, hashes.SHA256()))
+
+
+def ed25519_certificate(name: str) -> x509.Certificate:
+    """A self-signed certificate over an Ed25519 key: valid X.509, but no key Basic256Sha256 (RSA) can pair with."""
+    key = ed25519.Ed25519PrivateKey.generate()
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    return (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+            .sign(key, None))
 
 
 def write_pair(folder: Path, stem: str, name: str, uri: str, *, server: bool) -> tuple[Path, Path]:
