@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import asdict, dataclass, field
+from typing import cast
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
-from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.tuners.lora import LoraLayer
 from torch import nn
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "c_fc", "c_proj")
@@ -48,7 +49,9 @@ class LoraSpec:
     def peft_config(self) -> LoraConfig:
         # B starts at zero (peft's default init), so an untrained adapter is exactly the frozen model.
         return LoraConfig(
-            r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=list(self.targets)
+            # peft annotates lora_alpha as int but only divides by it (alpha / r): a float alpha is valid
+            r=self.rank, lora_alpha=self.alpha,  # type: ignore[arg-type]
+            lora_dropout=self.dropout, target_modules=list(self.targets)
         )
 
 
@@ -64,7 +67,12 @@ _FOLDED_ATTR = "_clipshot_folded"
 _CACHE_ATTR = "_clipshot_lora_cache"
 
 
-def layer_cache(layer: nn.Module) -> dict:
+def lora_weights(layer: LoraLayer, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adapter ``name``'s A (rank, in) and B (out, rank) weights in ``layer`` (peft makes both bias-free Linears)."""
+    return cast(nn.Linear, layer.lora_A[name]).weight, cast(nn.Linear, layer.lora_B[name]).weight
+
+
+def layer_cache(layer: LoraLayer) -> dict:
     """Per-layer scratch for tensors derived from its resident adapters (the mixed-batch stacks): a plain
     attribute (never in ``state_dict``), emptied whenever an adapter is added, removed or reloaded, so nothing
     derived from an evicted or replaced adapter outlives it."""
@@ -115,7 +123,7 @@ def _fold(module: nn.Module, name: str, master: dict[str, torch.Tensor] | None =
         for prefix, layer in _named_tuner_layers(module):
             if name not in layer.lora_A:
                 continue
-            weight = layer.get_base_layer().weight
+            weight = cast(nn.Linear, layer.get_base_layer()).weight  # every target (DEFAULT_TARGETS) is a Linear
             if id(weight) not in state.pristine:
                 with torch.inference_mode(False):  # a normal tensor, so restoring works in any mode
                     state.pristine[id(weight)] = (weight, weight.detach().clone())
@@ -128,7 +136,7 @@ def _fold(module: nn.Module, name: str, master: dict[str, torch.Tensor] | None =
     state.name = name
 
 
-def _fp32(layer: BaseTunerLayer, part: str, name: str, key: str, master: dict[str, torch.Tensor] | None,
+def _fp32(layer: LoraLayer, part: str, name: str, key: str, master: dict[str, torch.Tensor] | None,
           device: torch.device) -> torch.Tensor:
     """The fp32 ``lora_A``/``lora_B`` weight of ``layer``: from ``master`` when it has it, else the resident one."""
     tensor = master.get(key) if master is not None else None
@@ -137,12 +145,12 @@ def _fp32(layer: BaseTunerLayer, part: str, name: str, key: str, master: dict[st
     return tensor.to(device, torch.float32)
 
 
-def _named_tuner_layers(module: nn.Module) -> list[tuple[str, BaseTunerLayer]]:
-    return [(n, m) for n, m in module.named_modules() if isinstance(m, BaseTunerLayer)]
+def _named_tuner_layers(module: nn.Module) -> list[tuple[str, LoraLayer]]:
+    return [(n, m) for n, m in module.named_modules() if isinstance(m, LoraLayer)]
 
 
-def _tuner_layers(module: nn.Module) -> list[BaseTunerLayer]:
-    return [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+def _tuner_layers(module: nn.Module) -> list[LoraLayer]:
+    return [m for m in module.modules() if isinstance(m, LoraLayer)]
 
 
 def resident_adapters(module: nn.Module) -> set[str]:

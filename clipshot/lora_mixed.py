@@ -21,10 +21,10 @@ from contextlib import contextmanager
 from typing import Literal
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from clipshot.lora import activate, layer_cache
+from clipshot.lora import activate, layer_cache, lora_weights
 
 MixedMode = Literal["group", "gather"]
 MIXED_MODES: tuple[str, ...] = ("group", "gather")
@@ -40,7 +40,7 @@ def mixed_batch(module: nn.Module, names: Sequence[str | None], *, mode: MixedMo
     if mode not in MIXED_MODES:
         raise ValueError(f"mode must be one of {MIXED_MODES}, got {mode!r}")
     activate(module, None)  # plain base path in every layer; the hooks below add the deltas
-    layers = [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+    layers = [m for m in module.modules() if isinstance(m, LoraLayer)]
     device = next(module.parameters()).device
     groups: dict[str, list[int]] = {}
     for i, name in enumerate(names):
@@ -71,16 +71,16 @@ def mixed_batch(module: nn.Module, names: Sequence[str | None], *, mode: MixedMo
             handle.remove()
 
 
-def _training(layers: list[BaseTunerLayer], name: str) -> bool:
+def _training(layers: Sequence[LoraLayer], name: str) -> bool:
     """Whether adapter ``name``'s tensors are trainable (a fine-tune in progress)."""
     layer = next(layer for layer in layers if name in layer.lora_A)
-    return layer.lora_A[name].weight.requires_grad
+    return lora_weights(layer, name)[0].requires_grad
 
 
 def _group_hook(present: list[str], index: dict[str, torch.Tensor]) -> Callable:
     rows = torch.cat([index[name] for name in present])  # every delta lands with ONE in-place index_add_
 
-    def hook(layer: BaseTunerLayer, args: tuple, out: torch.Tensor) -> torch.Tensor:
+    def hook(layer: LoraLayer, args: tuple, out: torch.Tensor) -> torch.Tensor:
         x = args[0]
         deltas = []
         for name in present:
@@ -92,24 +92,25 @@ def _group_hook(present: list[str], index: dict[str, torch.Tensor]) -> Callable:
     return hook
 
 
-def _stacks(layer: BaseTunerLayer, order: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _stacks(layer: LoraLayer, order: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, B * scale) of every adapter in ``order`` stacked for ``layer``, row 0 (and any adapter without this
     layer) all zeros; built once and kept on the layer until the resident adapters or their tensors change."""
-    key = (tuple(order), str(device),
-           *(_version(layer.lora_A[n].weight) + _version(layer.lora_B[n].weight) for n in order if n in layer.lora_A))
+    weights = {n: lora_weights(layer, n) for n in order if n in layer.lora_A}
+    key = (tuple(order), str(device), *(_version(a) + _version(b) for a, b in weights.values()))
     cached = layer_cache(layer).get("gather")
     if cached is not None and cached[0] == key:
         return cached[1], cached[2]
-    present = [n for n in order if n in layer.lora_A]
-    rank = max(layer.lora_A[n].weight.shape[0] for n in present)
-    a0, b0 = layer.lora_A[present[0]].weight, layer.lora_B[present[0]].weight
+    present = list(weights)
+    rank = max(a.shape[0] for a, _ in weights.values())
+    a0, b0 = weights[present[0]]
     a = torch.zeros(len(order) + 1, rank, a0.shape[1], device=device, dtype=a0.dtype)
     b = torch.zeros(len(order) + 1, b0.shape[0], rank, device=device, dtype=b0.dtype)
     for k, name in enumerate(order, start=1):
-        if name in layer.lora_A:
-            r = layer.lora_A[name].weight.shape[0]
-            a[k, :r] = layer.lora_A[name].weight
-            b[k, :, :r] = layer.lora_B[name].weight * layer.scaling[name]
+        if name in weights:
+            lora_a, lora_b = weights[name]
+            r = lora_a.shape[0]
+            a[k, :r] = lora_a
+            b[k, :, :r] = lora_b * layer.scaling[name]
     layer_cache(layer)["gather"] = (key, a, b)
     return a, b
 
@@ -123,11 +124,11 @@ def _version(tensor: torch.Tensor) -> tuple[int, int]:
         return id(tensor), -1
 
 
-def _gather_hook(layer: BaseTunerLayer, order: list[str], sample: torch.Tensor, device: torch.device) -> Callable:
+def _gather_hook(layer: LoraLayer, order: list[str], sample: torch.Tensor, device: torch.device) -> Callable:
     a, b = _stacks(layer, order, device)
     a_s, b_s = a[sample].transpose(1, 2), b[sample].transpose(1, 2)
 
-    def hook(_: BaseTunerLayer, args: tuple, out: torch.Tensor) -> torch.Tensor:
+    def hook(_: LoraLayer, args: tuple, out: torch.Tensor) -> torch.Tensor:
         x = args[0].to(a_s.dtype)
         flat = x.reshape(x.shape[0], -1, x.shape[-1])  # (N, tokens, D_in): batch-first, any middle dims
         delta = torch.bmm(torch.bmm(flat, a_s), b_s)

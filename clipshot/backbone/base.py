@@ -89,6 +89,7 @@ class Backbone(ABC):
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     layers: tuple[int, ...]
+    model: torch.nn.Module  # the frozen network the features are read from
     frame_multiple: int = 16  # input sides must be multiples of this (the deepest feature stride used)
 
     @property

@@ -5,12 +5,16 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from clipshot.backbone.base import PRECISIONS, Backbone, file_sha256, resolve_device, resolve_precision
 from clipshot.features import Features
+
+if TYPE_CHECKING:  # the package ships no type information: its model reads as Any, named here for the reader
+    from efficientnet_lite_pytorch import EfficientNet
 
 DEFAULT_SIZE = 320
 log = logging.getLogger(__name__)
@@ -35,6 +39,7 @@ class EfficientNetBackbone(Backbone):
     averaged, the coarse one upsampled onto the fine grid and concatenated, then L2-normalised."""
 
     supports_text = False
+    model: EfficientNet
 
     def __init__(self, *, variant: str = "efficientnet-lite0", device: str = "cpu", precision: str = "auto",
                  image_size: int | None = None):

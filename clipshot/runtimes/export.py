@@ -121,6 +121,7 @@ def export(backbone: Backbone, key: ExportKey, fmt: str, cache: Path, *, dpam: b
         return target
     cache.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".export-", dir=cache))
+    leftover: Path | None = work  # None once renamed into place
     try:
         with fold(), torch.inference_mode(False), torch.no_grad():
             _trace(backbone, key, work / ONNX_FILE, dpam=dpam)
@@ -144,10 +145,10 @@ def export(backbone: Backbone, key: ExportKey, fmt: str, cache: Path, *, dpam: b
             if not (target / _main_file(fmt)).is_file():
                 raise
         else:
-            work = None
+            leftover = None
     finally:
-        if work is not None:
-            shutil.rmtree(work, ignore_errors=True)
+        if leftover is not None:
+            shutil.rmtree(leftover, ignore_errors=True)
     return target
 
 

@@ -75,7 +75,7 @@ class FeatureRuntime:
     def features(self, backbone: Backbone, pixels: torch.Tensor, *, dpam: bool = False, lora: str | None = None,
                  fold: Callable[[], AbstractContextManager] = nullcontext) -> Features:
         """What ``backbone.extract(pixels, dpam=dpam)`` returns under the LoRA ``fold`` installs."""
-        key = export_key(backbone, tuple(pixels.shape[-2:]), dpam=dpam, lora=lora)
+        key = export_key(backbone, (pixels.shape[-2], pixels.shape[-1]), dpam=dpam, lora=lora)
         run, meta = self._session(backbone, key, dpam, fold)
         outputs = [torch.from_numpy(o) for o in run(pixels.detach().to("cpu", torch.float32).numpy())]
         cls = outputs.pop(0) if meta["has_cls"] else None
