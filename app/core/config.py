@@ -23,6 +23,8 @@ from app.core.mqtt_config import MqttSettings
 from app.core.opcua_config import OpcUaSettings
 from app.core.ray_config import RaySettings
 from app.core.record_config import RecordSettings
+from app.core.server_config import ServerSettings
+from app.core.upload_limits import UploadLimits
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +44,8 @@ class InsecureConfigurationError(RuntimeError):
     """Raised by ``Settings.validate_security`` when the service would start with no authentication."""
 
 
-class Settings(BaseSettings, MqttSettings, OpcUaSettings, RaySettings, RecordSettings):
+class Settings(BaseSettings, UploadLimits, ServerSettings, MqttSettings, OpcUaSettings, RaySettings,
+               RecordSettings):
     """Runtime configuration of the clipshot service (env prefix ``CLIPSHOT_``)."""
 
     model_config = SettingsConfigDict(
@@ -166,63 +169,6 @@ class Settings(BaseSettings, MqttSettings, OpcUaSettings, RaySettings, RecordSet
         "work it cannot overtake, so an overloaded line fails fast. Must be at least `max_predict_images`.",
     )
 
-    # --- upload limits -------------------------------------------------------------------------
-    max_upload_bytes: int = Field(
-        20 * MiB, ge=1, description="Largest accepted single image file (bytes); larger -> 413."
-    )
-    max_request_bytes: int = Field(
-        256 * MiB,
-        ge=1,
-        description="Largest accepted request body (bytes) over all files; larger -> 413. "
-        "Must be at least `max_upload_bytes`.",
-    )
-    max_image_pixels: int = Field(
-        40_000_000,
-        ge=1,
-        description="Largest accepted image area (width x height) read from the header before decoding; "
-        "guards against decompression bombs -> 413.",
-    )
-    max_request_pixels: int = Field(
-        64_000_000,
-        ge=1,
-        description="Most decoded pixels (sum of width x height over its images, read from the headers before "
-        "anything is decoded) one predict request may carry -> 413 (registration and feedback have their own "
-        "bound, `max_register_pixels`). Must be at least `max_image_pixels`.",
-    )
-    max_register_pixels: int | None = Field(
-        None,
-        ge=1,
-        description="Most decoded pixels (sum over its images, read from the headers) one registration or "
-        "feedback request may carry -> 413; they are never decoded all at once: the upload check decodes one "
-        "image at a time and the fit holds working-size copies, except that a tiled geometry fits at full "
-        "resolution, so a fit may hold every upload decoded (about 3 bytes a pixel) and the request holds this "
-        "much of `max_inflight_pixels` while it runs. Empty: `max_shots` x 12 MP (192 MP, 16 shots of a "
-        "12 MP camera), capped at `max_inflight_pixels`. Must lie between `max_image_pixels` and "
-        "`max_inflight_pixels`.",
-    )
-    max_inflight_pixels: int = Field(
-        200_000_000,
-        ge=1,
-        description="Most decoded pixels held by all predict, registration and feedback requests in flight "
-        "together (about 3 bytes each "
-        "as RGB, plus the overlay); a request that would pass it gets 503 + Retry-After before decoding. "
-        "Must be at least `max_request_pixels`.",
-    )
-    max_overlay_side: int = Field(
-        1024,
-        ge=64,
-        le=16384,
-        description="Longest side of any heatmap picture (overlay or mask, px): larger uploads get theirs drawn on "
-        "a downscaled copy (the response's `shape` says which), so its memory does not grow with the upload; "
-        "`heatmap_size` may ask for smaller.",
-    )
-
-    refuse_mismatched_images: bool = Field(
-        False,
-        description="Answer 400 `image_mismatch` for an upload unlike the product's shots (far smaller, "
-        "another colour mode or aspect ratio) instead of scoring it with a `warnings` entry.",
-    )
-
     # --- few-shot limits -----------------------------------------------------------------------
     min_shots: int = Field(
         1, ge=1, description="Fewest good reference photos accepted when registering a product."
@@ -299,60 +245,8 @@ class Settings(BaseSettings, MqttSettings, OpcUaSettings, RaySettings, RecordSet
         "clock skew between machines.",
     )
 
-    # --- server --------------------------------------------------------------------------------
-    host: str = Field("127.0.0.1", min_length=1, description="Interface `clipshot serve` binds to.")
-    port: int = Field(8000, ge=1, le=65535, description="TCP port `clipshot serve` listens on.")
-    log_format: Literal["text", "json"] = Field(
-        "text",
-        description="Log lines of `clipshot serve` (and the other commands): `text` or `json` (one object per "
-        "line with time, level, logger, message and request_id).",
-    )
-
     _insecure_warned: bool = PrivateAttr(False)  # the no-auth warning is said once per Settings, not per check
     _key_names: dict[str, str] = PrivateAttr(default_factory=dict)  # key fingerprint -> name (audit log)
-    max_header_bytes: int = Field(
-        32 * 1024,
-        ge=1024,
-        le=MiB,
-        description="Largest request line plus headers (bytes); beyond it `clipshot serve` answers 431 and "
-        "closes the connection before parsing more.",
-    )
-    header_timeout_s: float = Field(
-        10.0,
-        gt=0,
-        le=3600,
-        description="Time a client has from connecting (or from a request's first byte) to the end of its "
-        "headers (s); then 408 and the connection is closed.",
-    )
-    body_timeout_s: float = Field(
-        30.0,
-        gt=0,
-        le=3600,
-        description="Longest pause while a request body arrives (s); also the grace period after which the "
-        "body must average `min_body_rate`. A slower client gets 408 and is disconnected.",
-    )
-    min_body_rate: int = Field(
-        1024,
-        ge=0,
-        description="Slowest accepted average upload rate (bytes/s) once a body has taken `body_timeout_s`; "
-        "0 disables the rate check (the pause limit stays).",
-    )
-    keep_alive_timeout_s: int = Field(
-        5, ge=1, le=3600, description="How long an idle keep-alive connection stays open between requests (s)."
-    )
-    max_connections: int = Field(
-        1024,
-        ge=1,
-        le=1_000_000,
-        description="Most open HTTP connections; one more is answered 503 + Retry-After and closed, unless it is "
-        "a `/healthz` or `/readyz` probe that fits in `probe_connections`.",
-    )
-    probe_connections: int = Field(
-        8, ge=0, le=1024,
-        description="Connections allowed beyond `max_connections` for one `/healthz` or `/readyz` request each, so "
-        "a full server still answers its orchestrator's probes. Such a connection must send its request at once; "
-        "while all are taken a new one replaces the oldest that has not yet sent a probe request line.",
-    )
 
     @field_validator("device", mode="before")
     @classmethod
@@ -365,7 +259,7 @@ class Settings(BaseSettings, MqttSettings, OpcUaSettings, RaySettings, RecordSet
                 )
         return v
 
-    @field_validator("precision", "log_format", mode="before")
+    @field_validator("precision", mode="before")
     @classmethod
     def _normalise_precision(cls, v: Any) -> Any:
         return v.strip().lower() if isinstance(v, str) else v

@@ -12,10 +12,17 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from app.core.config import MiB, Settings, env_var
+from app.core.mqtt_config import MqttSettings
+from app.core.opcua_config import OpcUaSettings
+from app.core.ray_config import RaySettings
+from app.core.record_config import RecordSettings
+from app.core.server_config import ServerSettings
+from app.core.upload_limits import UploadLimits
 
 _HEADER = """\
 # Settings reference
@@ -94,14 +101,20 @@ def _bounds(field: FieldInfo) -> str:
     return ", ".join(parts) or "—"
 
 
+# The setting groups ``Settings`` inherits, in the order the page lists them after its own fields.
+GROUPS: tuple[type[BaseModel], ...] = (UploadLimits, ServerSettings, RecordSettings, MqttSettings, OpcUaSettings,
+                                       RaySettings)
+
+
 def _group(name: str) -> int:
-    return 3 if name.startswith("ray_") else 2 if name.startswith("opcua_") else 1 if name.startswith("mqtt_") else 0
+    """0 for a field ``Settings`` declares itself, else 1 + the index of the group that declares it."""
+    return next((i + 1 for i, group in enumerate(GROUPS) if name in group.model_fields), 0)
 
 
 def render_settings_markdown() -> str:
     """The full markdown page, one table row per ``Settings`` field, in declaration order."""
     rows = []
-    # MQTT's, OPC UA's and the Ray layout's settings (inherited, so pydantic lists them first) go last, in order
+    # the inherited groups (pydantic lists them first) go after Settings' own fields, in ``GROUPS`` order
     for name, field in sorted(Settings.model_fields.items(), key=lambda item: _group(item[0])):
         desc = (field.description or "").replace("|", "\\|").replace("\n", " ")
         rows.append(
