@@ -61,7 +61,8 @@ def load_service_backbone(settings: Settings) -> Backbone:
         raise StartupError(
             f"Cannot load backbone {settings.backbone!r}: {exc}\n"
             f"Fix: set {env_var('backbone')}=open_clip:<arch>:/path/to/open_clip_model.safetensors to use a "
-            f"local CLIP checkpoint file, or {env_var('backbone')}={EFFICIENTNET_LITE0} (bundled, works "
+            f"local CLIP checkpoint file, timm:<vit arch>:/path/to/model.safetensors for a DINOv2/DINOv3 file (memory "
+            f"branch only), or {env_var('backbone')}={EFFICIENTNET_LITE0} (bundled, works "
             "offline, memory branch only: few-shot categories, no zero-shot or fine-tuning)."
         ) from exc
 

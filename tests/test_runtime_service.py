@@ -1,8 +1,9 @@
 """Runtimes end to end on the tiny CLIP: LoRA folded into the export (with and without DPAM, square and non-square
-frames), the service under CLIPSHOT_RUNTIME (registration, prediction, what the bundle and version facts record),
-``clipshot export`` into the cache the service reads, and the start-up refusals.
+frames), the tiny DINOv2-style ViT (square, non-square and tiled frames), the service under CLIPSHOT_RUNTIME
+(registration, prediction, what the bundle and version facts record), ``clipshot export`` into the cache the service
+reads, and the start-up refusals.
 
-The tiny CLIP has random weights: these check structure and parity, never accuracy."""
+The tiny models have random weights: these check structure and parity, never accuracy."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from tests.helpers.decisions import manifest, register
 from tests.helpers.predict import CLIENT, good, png
 from tests.helpers.runtimes import SCORE_TOL, assert_parity
 from tests.helpers.serving import fit, settings_for
+from tests.helpers.vit import tiny_vit_spec, tiny_vit_weights
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("openvino")
@@ -62,6 +64,24 @@ def test_clip_export_folds_the_lora_and_matches_torch(backbone, tmp_path, runtim
     other = _with_lora(reference, adapter, seed=2)
     assert_parity(reference, served, backbone.preprocess(images, other.geometry), other)  # another LoRA: own graph
     assert len([p for p in tmp_path.iterdir() if p.name.endswith(served.runtime.format)]) == 4
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_vit_export_matches_torch_on_every_frame(tmp_path, runtime):
+    """The ViT's position table is resampled per frame and the export holds it as a constant, so each frame gets its
+    own graph; square, non-square and tiled views are each within the feature and score tolerances of PyTorch."""
+    pytest.importorskip("timm")
+    vit = load_backbone(tiny_vit_spec(tiny_vit_weights(tmp_path / "tiny.safetensors")))
+    reference = Detector(vit)
+    served = Detector(vit, runtime=FeatureRuntime(runtime, tmp_path / "cache"))
+    adapter = fit(reference, "widget")
+    images = [good(s) for s in range(20, 23)]
+    for geometry in (adapter.geometry, Geometry(resize="squash", frame=(42, 98)),
+                     Geometry(tiles=(1, 2), tile_size=(1.0, 0.6))):
+        variant = dataclasses.replace(adapter, geometry=reference.resolve_geometry(geometry, [(64, 64)]))
+        assert_parity(reference, served, vit.preprocess(images, variant.geometry), variant)
+    # two frames: the tiles are cut to the default square frame, so they share the square view's graph
+    assert len(list((tmp_path / "cache").glob(f"*-{served.runtime.format}"))) == 2
 
 
 def test_service_on_onnxruntime_registers_predicts_and_records_the_runtime(backbone, tmp_path):

@@ -1,4 +1,4 @@
-"""``clipshot info``: load a backbone and print what it supports (the offline check of a CLIP checkpoint)."""
+"""``clipshot info``: load a backbone and print what it supports (the offline check of a CLIP or ViT checkpoint)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ def register(subparsers: Any, name: str, help_text: str) -> argparse.ArgumentPar
         description="Load a backbone spec and print its resolution, layers, weights sha256 and supported branches.",
     )
     env_option(parser, "--backbone", EFFICIENTNET_LITE0,
-               "backbone spec, e.g. open_clip:ViT-B-16-plus-240:/path/to/weights.safetensors")
+               "backbone spec, e.g. open_clip:ViT-B-16-plus-240:/path/to/weights.safetensors or "
+               "timm:vit_small_patch14_dinov2:/path/to/model.safetensors")
     env_option(parser, "--device", "cpu", "auto, cpu, cuda, cuda:N")
     parser.set_defaults(func=info)
     return parser
@@ -30,6 +31,10 @@ def info(args: argparse.Namespace) -> int:
     print(f"weights sha256 {backbone.weights_sha256}")
     print(f"image size:    {backbone.image_size}")
     print(f"layers:        {list(backbone.layers)}")
+    print(f"frame multiple {backbone.frame_multiple}")
+    weights_path = getattr(backbone, "weights_path", None)
+    if weights_path:  # compare with `sha256sum` of the file and the sha256 published with it
+        print(f"weights file:  {weights_path}")
     branches = "text + memory (zero-shot, LoRA fine-tuning)" if backbone.supports_text else "memory only"
     print(f"branches:      {branches}")
     return 0

@@ -15,11 +15,12 @@ from clipshot.backbone.spec import (
     BackboneSpecError,
     parse_spec,
 )
+from clipshot.backbone.vit import TimmViTBackbone
 
 __all__ = [
     "Backbone", "BackboneLoadError", "BackboneSpec", "BackboneSpecError", "ClipBackbone", "DEFAULT_BACKBONE",
-    "EFFICIENTNET_LITE0", "EfficientNetBackbone", "PRECISION_CHOICES", "TINY_CLIP", "load_backbone", "parse_spec",
-    "resolve_device", "resolve_precision",
+    "EFFICIENTNET_LITE0", "EfficientNetBackbone", "PRECISION_CHOICES", "TINY_CLIP", "TimmViTBackbone", "load_backbone",
+    "parse_spec", "resolve_device", "resolve_precision",
 ]
 
 
@@ -42,6 +43,10 @@ def load_backbone(
         if layers or dpam_layers:
             raise ValueError(f"{parsed} has fixed feature layers; do not pass layers/dpam_layers")
         return EfficientNetBackbone(variant=parsed.arch, device=device, precision=precision, image_size=image_size)
+    if parsed.family == "timm":
+        if dpam_layers or quick_gelu is not None:
+            raise ValueError(f"{parsed} is a ViT without a CLIP head; do not pass dpam_layers/quick_gelu")
+        return TimmViTBackbone.load(parsed, device=device, precision=precision, image_size=image_size, layers=layers)
     return ClipBackbone(
         create_clip_model(parsed, image_size, quick_gelu), spec=str(parsed),
         device=device, precision=precision, layers=layers, dpam_layers=dpam_layers,

@@ -42,7 +42,7 @@ def parse_spec(spec: str) -> BackboneSpec:
     help_text = (
         f"expected one of 'open_clip:<arch>:<pretrained tag or path to .safetensors/.pt>', "
         f"'open_clip:<arch>:random' (random init, for speed tests only), {', '.join(repr(e) for e in EFFICIENTNETS)}, "
-        f"'{TINY_CLIP}'"
+        f"'{TINY_CLIP}', 'timm:<vit arch>:<path to .safetensors/.pth>' (DINOv2/DINOv3, memory branch only)"
     )
     if not isinstance(spec, str) or not spec.strip():
         raise BackboneSpecError(f"empty backbone spec; {help_text}")
@@ -52,14 +52,17 @@ def parse_spec(spec: str) -> BackboneSpec:
     if spec in EFFICIENTNETS:
         return BackboneSpec("imagenet", spec.partition(":")[2], "bundled")
     family, _, rest = spec.partition(":")
-    if family != "open_clip" or not rest:
+    if family not in ("open_clip", "timm") or not rest:
         raise BackboneSpecError(f"unknown backbone spec {spec!r}; {help_text}")
     arch, _, weights = rest.partition(":")
     if not arch:
         raise BackboneSpecError(f"backbone spec {spec!r} names no architecture; {help_text}")
+    if not weights and family == "timm":
+        raise BackboneSpecError(f"backbone spec {spec!r} names no weights; append the local weights file "
+                                f"('timm:{arch}:/path/to/model.safetensors'); {help_text}")
     if not weights:
         raise BackboneSpecError(
             f"backbone spec {spec!r} names no weights; append a pretrained tag (e.g. "
             f"'open_clip:ViT-B-16-plus-240:laion400m_e32') or a local checkpoint path; {help_text}"
         )
-    return BackboneSpec("open_clip", arch, None if weights == "random" else weights)
+    return BackboneSpec(family, arch, None if weights == "random" else weights)
