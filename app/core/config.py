@@ -62,7 +62,8 @@ class Settings(BaseSettings, UploadLimits, ServerSettings, MqttSettings, OpcUaSe
         "open_clip:ViT-B-16-plus-240:laion400m_e32",
         min_length=1,
         description="Frozen backbone spec: `open_clip:<arch>:<pretrained tag or path>`, "
-        "`imagenet:efficientnet-lite0|1|2` or `test:tiny-clip`. Adapters are only valid for the backbone "
+        "`imagenet:efficientnet-lite0|1|2`, `timm:<vit arch>:<path to a local DINOv2/DINOv3 file>` (memory branch "
+        "only) or `test:tiny-clip`. Adapters are only valid for the backbone "
         "they were built with.",
     )
     device: str = Field(
