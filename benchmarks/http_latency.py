@@ -10,6 +10,10 @@ server's ``/metrics`` (deltas per level, so earlier levels do not leak into late
     python benchmarks/http_latency.py --backbone test:tiny-clip --requests 32
     python benchmarks/http_latency.py --device cuda --backbone open_clip:ViT-B-16-plus-240:/w.safetensors
     python benchmarks/http_latency.py --url http://host:8000 --key CLIENT --admin-key ADMIN
+    python benchmarks/http_latency.py --device cpu --runtimes torch onnxruntime openvino --concurrency 1 8
+
+With ``--runtimes`` one local server per feature runtime (``CLIPSHOT_RUNTIME``) is started in turn, each with a
+fresh store (its first requests include the export, inside the warm-up) and one table row per runtime and level.
 
 Images: MVTec AD bottle from ``../shared/data/mvtec_ad/bottle`` when present, else generated textures.
 """
@@ -68,7 +72,7 @@ def free_port() -> int:
 
 
 @contextmanager
-def local_server(args: argparse.Namespace):
+def local_server(args: argparse.Namespace, runtime: str | None = None):
     """``python -m app.cli serve`` on loopback with a throwaway store; yields its base URL."""
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="clipshot-bench-") as store:
@@ -77,6 +81,8 @@ def local_server(args: argparse.Namespace):
                "CLIPSHOT_MAX_BATCH_WAIT_MS": str(args.batch_wait_ms), "CLIPSHOT_MAX_BATCH_SIZE": str(args.batch_size)}
         if args.image_size:
             env["CLIPSHOT_IMAGE_SIZE"] = str(args.image_size)
+        if runtime:
+            env["CLIPSHOT_RUNTIME"] = runtime
         log = open(Path(store) / "server.log", "w+")  # noqa: SIM115 - closed below, after the process
         command = [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
                    "--log-level", "warning"]
@@ -147,7 +153,8 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-async def benchmark(url: str, args: argparse.Namespace) -> str:
+async def benchmark(url: str, args: argparse.Namespace) -> list[str]:
+    """Table rows (without the runtime column), one per concurrency level."""
     headers = {"Authorization": f"Bearer {args.key}"}
     path = f"/v1/categories/{args.category}/predict"
     test_images = load_images(BOTTLE / "test", "*/*.png", args.max_images, seed=100)
@@ -177,9 +184,7 @@ async def benchmark(url: str, args: argparse.Namespace) -> str:
             rows.append(f"| {concurrency} | {count} | {failed} | {1000 * percentile(latencies, 50):.1f} | "
                         f"{1000 * percentile(latencies, 99):.1f} | {count / wall:.1f} | {images / batches:.1f} | "
                         + " | ".join(f"{v:.2f}" for v in per_image) + " |")
-    header = ("| concurrency | requests | failed | p50 ms | p99 ms | req/s | mean batch | "
-              + " | ".join(f"{s} ms/img" for s in STAGES) + " |")
-    return "\n".join([header, "|" + "---|" * (7 + len(STAGES)), *rows])
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -201,17 +206,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heatmap", choices=["jpeg", "png", "mask", "regions", "raw", "none"], default="png")
     parser.add_argument("--timeout", type=float, default=120.0, help="per-request timeout (s)")
     parser.add_argument("--startup-timeout", type=float, default=300.0)
+    parser.add_argument("--runtimes", nargs="+", choices=["torch", "onnxruntime", "openvino"], default=None,
+                        help="start one local server per feature runtime (CLIPSHOT_RUNTIME; CPU, fp32)")
     args = parser.parse_args(argv)
+    if args.url and args.runtimes:
+        parser.error("--runtimes starts its own servers; it cannot be combined with --url")
     source = "MVTec AD bottle" if BOTTLE.is_dir() else "generated textures"
+    rows: list[str] = []
     if args.url:
-        table = asyncio.run(benchmark(args.url.rstrip("/"), args))
+        rows = [f"| as served {row}" for row in asyncio.run(benchmark(args.url.rstrip("/"), args))]
         target = args.url
     else:
-        with local_server(args) as url:
-            table = asyncio.run(benchmark(url, args))
+        for runtime in args.runtimes or [None]:
+            with local_server(args, runtime) as url:
+                rows += [f"| {runtime or 'default'} {row}" for row in asyncio.run(benchmark(url, args))]
         target = f"local server, backbone {args.backbone}, device {args.device}"
+    header = ("| runtime | concurrency | requests | failed | p50 ms | p99 ms | req/s | mean batch | "
+              + " | ".join(f"{s} ms/img" for s in STAGES) + " |")
     print(f"clipshot HTTP latency: {target}; images: {source}; heatmap={args.heatmap}; one image per request\n")
-    print(table)
+    print("\n".join([header, "|" + "---|" * (8 + len(STAGES)), *rows]))
     return 0
 
 
