@@ -49,6 +49,25 @@ class AnomalyRegion(BaseModel):
     peak_score: float = Field(description="Highest anomaly score inside the region.")
 
 
+class DecisionConfidence(BaseModel):
+    """How sure the verdict is, read off the product's own evidence (conformal p-values)."""
+
+    p_value: float | None = Field(description="The value that speaks against this verdict: `good_p_value` for an "
+                                  "anomalous part, `defect_p_value` for a normal one. Small = a sure verdict.")
+    good_p_value: float = Field(description="Share of the product's good images (each scored against a memory "
+                                "without it) that score at least this high, as (k + 1) / (n + 1): \"a good part "
+                                "scores this high in X % of cases\". For a flagged part, the chance it is a good "
+                                "part after all.")
+    defect_p_value: float | None = Field(description="Share of the defect evidence scoring at most this high, as "
+                                         "(k + 1) / (n + 1): \"a defect scores this low in X % of cases\". Null "
+                                         "without defect evidence.")
+    good_images: int = Field(description="Good images the good p-value rests on (shots and confirmed goods).")
+    defect_images: int = Field(description="Defect scores the defect p-value rests on.")
+    defect_evidence: Literal["confirmed", "synthetic"] | None = Field(
+        description="`confirmed`: defects an operator confirmed through feedback; `synthetic`: defects pasted "
+        "into the shots at registration (cruder than real ones, so this reading is optimistic); null: none.")
+
+
 class StageTimings(BaseModel):
     """Where this image's time went (milliseconds); forward is shared by everything in its batch."""
 
@@ -73,6 +92,12 @@ class ImagePrediction(BaseModel):
     score_normalized: float | None = Field(
         None, description="score / threshold: 1.0 is this product's threshold, above 1 anomalous, so scores of "
         "different products (whose raw ranges differ) read alike. Null when there is no threshold (or it is 0).")
+    confidence: DecisionConfidence | None = Field(
+        None, description="How sure the verdict is, against the product's stored evidence: conformal p-values, "
+        "no model of the scores. Each is (k + 1) / (n + 1) over n stored scores, so it never goes below 1 / (n + 1): "
+        "with 4 shots no part looks rarer than 20 % among good ones, however high it scores; that is all 4 photos "
+        "can say, and confirming good parts and defects (feedback) sharpens it. It assumes parts vary as the "
+        "evidence did (shots from one batch or position understate that). Null when there is no verdict.")
     threshold: float | None = Field(description="Calibrated decision threshold; null when uncalibrated.")
     map_threshold: float | None = Field(
         None, description="Heatmap level that made this verdict: the image is anomalous exactly when its map's "
