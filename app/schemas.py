@@ -26,9 +26,10 @@ class Heatmap(BaseModel):
     """An anomaly map: a picture for people (jpeg/png overlay), a mask, or the numbers (raw)."""
 
     encoding: Literal["jpeg", "png", "mask", "raw"] = Field(
-        description="`jpeg` / `png`: the input with pixels above the map threshold (`vmin`, the prediction's "
-        "`map_threshold`) tinted (yellow to dark red up to `vmax`) and outlined in red; pixels at or below it are "
-        "untouched. `mask`: 1-bit PNG, white where the map exceeds it. "
+        description="`jpeg` / `png`: the input with the three strongest regions above the map threshold (`vmin`, "
+        "the prediction's `map_threshold`) tinted (yellow to dark red up to `vmax`), outlined in red and numbered "
+        "1-3 by peak (the first three of `regions`) in a red badge at their top-left corner; weaker regions and "
+        "pixels at or below the threshold are untouched. `mask`: 1-bit PNG, white where the map exceeds it. "
         "`raw`: the score grid over the whole input at about model resolution "
         "(resize it to the input's size) as little-endian float16; outside a category's ROI it is 0."
     )
@@ -108,8 +109,8 @@ class ImagePrediction(BaseModel):
     heatmap: Heatmap | None = Field(None, description="Anomaly map in the requested encoding; null for `none` and "
                                     "`regions`.")
     regions: list[AnomalyRegion] | None = Field(
-        None, description="For `heatmap=regions` and `mask`: areas above the threshold, strongest first (at most "
-        "32); empty when none. Null for the other modes.")
+        None, description="For `heatmap=regions` and `mask`: areas above the threshold, strongest (highest peak) "
+        "first (at most 32); the overlay numbers the first three 1-3. Empty when none. Null for the other modes.")
     regions_total: int | None = Field(None, description="How many regions there were (the list keeps 32).")
     warnings: list[str] = Field(default_factory=list, description=(
         "Why this verdict may be unreliable: an image far smaller than the product's shots (enlarged more than "
