@@ -26,9 +26,10 @@ class Heatmap(BaseModel):
     """An anomaly map: a picture for people (jpeg/png overlay), a mask, or the numbers (raw)."""
 
     encoding: Literal["jpeg", "png", "mask", "raw"] = Field(
-        description="`jpeg` / `png`: the input with pixels above the map threshold (`vmin`, the prediction's "
-        "`map_threshold`) tinted (yellow to dark red up to `vmax`) and outlined in red; pixels at or below it are "
-        "untouched. `mask`: 1-bit PNG, white where the map exceeds it. "
+        description="`jpeg` / `png`: the input with the three strongest regions above the map threshold (`vmin`, "
+        "the prediction's `map_threshold`) tinted (yellow to dark red up to `vmax`), outlined in red and numbered "
+        "1-3 by peak (the first three of `regions`) in a red badge at their top-left corner; weaker regions and "
+        "pixels at or below the threshold are untouched. `mask`: 1-bit PNG, white where the map exceeds it. "
         "`raw`: the score grid over the whole input at about model resolution "
         "(resize it to the input's size) as little-endian float16; outside a category's ROI it is 0."
     )
@@ -47,6 +48,25 @@ class AnomalyRegion(BaseModel):
     box: list[int] = Field(description="[x0, y0, x1, y1] in the uploaded image's pixels (x1, y1 exclusive).")
     area_pct: float = Field(description="Share of the image's area, in percent.")
     peak_score: float = Field(description="Highest anomaly score inside the region.")
+
+
+class DecisionConfidence(BaseModel):
+    """How sure the verdict is, read off the product's own evidence (conformal p-values)."""
+
+    p_value: float | None = Field(description="The value that speaks against this verdict: `good_p_value` for an "
+                                  "anomalous part, `defect_p_value` for a normal one. Small = a sure verdict.")
+    good_p_value: float = Field(description="Share of the product's good images (each scored against a memory "
+                                "without it) that score at least this high, as (k + 1) / (n + 1): \"a good part "
+                                "scores this high in X % of cases\". For a flagged part, the chance it is a good "
+                                "part after all.")
+    defect_p_value: float | None = Field(description="Share of the defect evidence scoring at most this high, as "
+                                         "(k + 1) / (n + 1): \"a defect scores this low in X % of cases\". Null "
+                                         "without defect evidence.")
+    good_images: int = Field(description="Good images the good p-value rests on (shots and confirmed goods).")
+    defect_images: int = Field(description="Defect scores the defect p-value rests on.")
+    defect_evidence: Literal["confirmed", "synthetic"] | None = Field(
+        description="`confirmed`: defects an operator confirmed through feedback; `synthetic`: defects pasted "
+        "into the shots at registration (cruder than real ones, so this reading is optimistic); null: none.")
 
 
 class StageTimings(BaseModel):
@@ -73,6 +93,12 @@ class ImagePrediction(BaseModel):
     score_normalized: float | None = Field(
         None, description="score / threshold: 1.0 is this product's threshold, above 1 anomalous, so scores of "
         "different products (whose raw ranges differ) read alike. Null when there is no threshold (or it is 0).")
+    confidence: DecisionConfidence | None = Field(
+        None, description="How sure the verdict is, against the product's stored evidence: conformal p-values, "
+        "no model of the scores. Each is (k + 1) / (n + 1) over n stored scores, so it never goes below 1 / (n + 1): "
+        "with 4 shots no part looks rarer than 20 % among good ones, however high it scores; that is all 4 photos "
+        "can say, and confirming good parts and defects (feedback) sharpens it. It assumes parts vary as the "
+        "evidence did (shots from one batch or position understate that). Null when there is no verdict.")
     threshold: float | None = Field(description="Calibrated decision threshold; null when uncalibrated.")
     map_threshold: float | None = Field(
         None, description="Heatmap level that made this verdict: the image is anomalous exactly when its map's "
@@ -83,8 +109,8 @@ class ImagePrediction(BaseModel):
     heatmap: Heatmap | None = Field(None, description="Anomaly map in the requested encoding; null for `none` and "
                                     "`regions`.")
     regions: list[AnomalyRegion] | None = Field(
-        None, description="For `heatmap=regions` and `mask`: areas above the threshold, strongest first (at most "
-        "32); empty when none. Null for the other modes.")
+        None, description="For `heatmap=regions` and `mask`: areas above the threshold, strongest (highest peak) "
+        "first (at most 32); the overlay numbers the first three 1-3. Empty when none. Null for the other modes.")
     regions_total: int | None = Field(None, description="How many regions there were (the list keeps 32).")
     warnings: list[str] = Field(default_factory=list, description=(
         "Why this verdict may be unreliable: an image far smaller than the product's shots (enlarged more than "

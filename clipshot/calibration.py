@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Literal
 
 import numpy as np
 from PIL import Image, ImageEnhance
@@ -195,6 +196,41 @@ def floor(cal: Calibration) -> float:
     if len(ranked) > 1 and ranked[0] in set(cal.confirmed):
         return maxima[ranked[1]]
     return max(cal.normal_scores)
+
+
+@dataclass(frozen=True)
+class Confidence:
+    """How unusual one score is against the product's stored evidence (``decision_confidence``)."""
+
+    good_p_value: float  # (good images scoring >= the score + 1) / (good images + 1)
+    defect_p_value: float | None  # (defect scores <= the score + 1) / (defect scores + 1); None without any
+    good_images: int
+    defect_images: int
+    defect_evidence: Literal["confirmed", "synthetic"] | None  # operator feedback, made from the shots, or none
+
+
+def decision_confidence(cal: Calibration, score: float) -> Confidence | None:
+    """Conformal p-values of ``score`` among the good and the defect evidence; None without good evidence.
+
+    Why these: the leave-one-out score of each good image is what a good part scores against a memory that has
+    not seen it, so a new good part's score is exchangeable with them and ``good_p_value`` = (k + 1) / (n + 1),
+    k of the n good images scoring at least as high, is a distribution-free answer to "how often does a good part
+    score this high" — with no model of the score's law. Each good image counts once, by its highest view
+    (``images_above``'s grouping), and a leave-one-out memory lacks one image, so good scores are, if anything,
+    high: the value errs towards doubting a flag. Its floor is 1 / (n + 1): with 4 shots no score can look rarer
+    than 20 % among good parts, which is all 4 photos can say. ``defect_p_value`` mirrors it on the defect
+    evidence (confirmed defects when there are any, else the synthetic ones, which are cruder than real defects):
+    how often a defect scores this low, the number that speaks against a "normal" verdict."""
+    if not cal.normal_scores or not math.isfinite(score):
+        return None
+    maxima = np.asarray(_image_maxima(cal))
+    good = float((np.count_nonzero(maxima >= score) + 1) / (maxima.size + 1))
+    kind: Literal["confirmed", "synthetic"] | None = (
+        "confirmed" if cal.validation_defect_scores else "synthetic" if cal.defect_scores else None)
+    defects = np.asarray(cal.validation_defect_scores or cal.defect_scores, dtype=np.float64)
+    defect = float((np.count_nonzero(defects <= score) + 1) / (defects.size + 1)) if defects.size else None
+    return Confidence(good_p_value=good, defect_p_value=defect, good_images=int(maxima.size),
+                      defect_images=int(defects.size), defect_evidence=kind)
 
 
 def _image_maxima(cal: Calibration) -> list[float]:

@@ -16,12 +16,16 @@ from app.serving import png_encoder
 from app.serving.heatmap import (
     ALPHA_MAX,
     CONTOUR_RGB,
+    OVERLAY_REGIONS,
+    badge_side,
     colour_scale,
     encode,
     find_regions,
     jpeg_overlay,
     mask_image,
+    number_badge,
     output_size,
+    overlay_image,
     png_overlay,
 )
 from app.serving.png_encoder import encode_png
@@ -83,9 +87,9 @@ def test_overlay_leaves_normal_pixels_untouched_and_outlines_the_region():
     out = decode(png_overlay(Image.fromarray(photo), heat, vmin=vmin, vmax=vmax)).astype(int)
     assert np.array_equal(out[:, :36], photo[:, :36])  # bilinear ramp reaches the threshold at x ~ 40
     assert (out[30, 38:42] == CONTOUR_RGB).all(axis=-1).any()  # the region's left edge (x = 40) is drawn
-    inside = out[10:50, 50:75]
+    inside = out[15:50, 50:75]  # below the rank badge (11 px, inside the top-left corner: no room above)
     assert not (inside == CONTOUR_RGB).all(axis=-1).any()  # interior is tinted, not outlined
-    assert np.abs(inside - photo[10:50, 50:75]).mean() > 20  # ...and visibly tinted
+    assert np.abs(inside - photo[15:50, 50:75]).mean() > 20  # ...and visibly tinted
 
 
 def test_tint_deepens_from_threshold_to_vmax_and_never_hides_the_part():
@@ -155,3 +159,47 @@ def test_jpeg_overlay_of_a_real_photo_is_far_smaller_than_png():
 def test_overlay_rejects_bad_maps(heat, vmin, vmax, match):
     with pytest.raises(ValueError, match=match):
         png_overlay(Image.new("RGB", (8, 8)), heat, vmin=vmin, vmax=vmax)
+
+
+def _occurrences(picture: np.ndarray, template: np.ndarray) -> list[tuple[int, int]]:
+    """(y, x) of every exact copy of ``template`` in ``picture`` (the overlay is compared before any lossy step)."""
+    windows = np.lib.stride_tricks.sliding_window_view(picture, template.shape, axis=(0, 1, 2))[:, :, 0]
+    return [tuple(map(int, p)) for p in np.argwhere((windows == template).all(axis=(2, 3, 4)))]
+
+
+def test_overlay_tints_outlines_and_numbers_only_the_three_strongest_regions():
+    """Five separate blobs above the threshold, the two weakest the largest (a pitted surface): only the three
+    highest peaks are tinted and outlined, each with its rank in a badge beside it (1 = highest peak, the order of
+    `regions`); the two weaker ones stay exactly as photographed, and no badge 4 or 5 exists."""
+    photo = np.full((200, 200, 3), 128, dtype=np.uint8)
+    yy, xx = np.mgrid[0:100, 0:100]
+    # (centre y, centre x, peak, radius) in map cells; the map is stretched 2x over the photo
+    blobs = [(30, 20, 0.95, 5), (30, 55, 0.9, 5), (30, 85, 0.85, 5), (75, 25, 0.7, 14), (75, 72, 0.65, 14)]
+    heat = np.zeros((100, 100), dtype=np.float32)
+    for cy, cx, peak, radius in blobs:
+        heat = np.maximum(heat, peak * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2.0 * (radius / 2) ** 2)))
+    vmin, vmax = 0.5, 1.0
+    out = np.asarray(overlay_image(Image.fromarray(photo), heat, vmin=vmin, vmax=vmax)).astype(int)
+    regions, total = find_regions(heat, vmin, (200, 200), (200, 200))
+    assert total == 5
+    for region, (cy, cx, _, _) in zip(regions, blobs, strict=True):  # listed strongest first, in blob order
+        x0, y0, x1, y1 = region.box
+        assert x0 <= 2 * cx < x1 and y0 <= 2 * cy < y1, (region, cx, cy)
+    for rank, (cy, cx, _, _) in enumerate(blobs, start=1):
+        centre = out[2 * cy - 2:2 * cy + 3, 2 * cx - 2:2 * cx + 3]
+        if rank <= OVERLAY_REGIONS:
+            assert np.abs(centre - 128).sum(axis=-1).min() > 30, rank  # tinted
+        else:
+            assert (centre == 128).all(), rank  # the weaker regions are left as photographed
+    weak = out[100:200]  # the two large, weak blobs fill the lower half: neither contour nor tint there
+    assert not (weak == CONTOUR_RGB).all(axis=-1).any() and (weak == 128).all()
+    side = badge_side((200, 200))
+    for rank in range(1, 6):
+        found = _occurrences(out, np.asarray(number_badge(rank, side)).astype(int))
+        if rank > OVERLAY_REGIONS:
+            assert found == [], rank
+            continue
+        assert len(found) == 1, (rank, found)  # exactly one badge per ranked region
+        (y, x), (x0, y0, x1, _) = found[0], regions[rank - 1].box
+        # the badge sits at its own region's top-left corner (within one badge side), not at another's
+        assert abs(x - x0) <= side and abs(y + side - y0) <= side and x < x1, (rank, found, regions[rank - 1])

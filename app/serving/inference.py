@@ -28,6 +28,7 @@ from app.metrics import Metrics
 from app.schemas import (
     OBJECT_NAME_PATTERN,
     AnomalyRegion,
+    DecisionConfidence,
     Heatmap,
     HeatmapMode,
     ImagePrediction,
@@ -40,6 +41,7 @@ from app.serving.heatmap import b64, render
 from app.serving.images import DecodedImage, decode_image, header_pixels
 from app.serving.pixel_budget import PixelBudget, release_free_memory
 from clipshot.adapter import Adapter
+from clipshot.calibration import decision_confidence
 from clipshot.detector import Detector
 from clipshot.geometry import Geometry, GeometryError
 
@@ -249,6 +251,7 @@ class InferenceService:
             adapter_version=adapter.version, score=pred.score, threshold=pred.threshold,
             score_normalized=(pred.score / pred.threshold if pred.threshold and pred.is_anomalous is not None
                               else None),
+            confidence=_confidence(adapter, pred.score, pred.is_anomalous),
             map_threshold=pred.map_threshold, is_anomalous=pred.is_anomalous, heatmap=heatmap, regions=regions,
             regions_total=out.regions_total, warnings=warnings,
             batch_size=result.batch_size,
@@ -257,3 +260,16 @@ class InferenceService:
                                  postprocess_ms=(time.perf_counter() - start) * ms),
         )
 
+
+
+def _confidence(adapter: Adapter, score: float, anomalous: bool | None) -> DecisionConfidence | None:
+    """The verdict's p-values from the adapter's calibration evidence; none without a verdict."""
+    found = None if anomalous is None or adapter.calibration is None else decision_confidence(adapter.calibration,
+                                                                                               score)
+    if found is None:
+        return None
+    against = found.good_p_value if anomalous else found.defect_p_value
+    return DecisionConfidence(p_value=against, good_p_value=found.good_p_value,
+                              defect_p_value=found.defect_p_value, good_images=found.good_images,
+                              defect_images=found.defect_images,
+                              defect_evidence=found.defect_evidence)

@@ -117,6 +117,17 @@ class Decision(_Model):
     verdicts: bool = True
 
 
+class DecisionConfidence(_Model):
+    """How sure the verdict is, read off the product's own evidence (conformal p-values)."""
+
+    p_value: float | None
+    good_p_value: float
+    defect_p_value: float | None
+    good_images: int
+    defect_images: int
+    defect_evidence: Literal['confirmed', 'synthetic'] | None
+
+
 class ErrorBody(_Model):
     """ErrorBody"""
 
@@ -176,6 +187,7 @@ class ImagePrediction(_Model):
     adapter_version: int | None
     score: float
     score_normalized: float | None = None
+    confidence: DecisionConfidence | None = None
     threshold: float | None
     map_threshold: float | None = None
     is_anomalous: bool | None
