@@ -27,6 +27,13 @@ async function api(method, path, body) {
   return data;
 }
 
+// A picture behind the key (an <img> cannot send the Authorization header): fetched as a Blob.
+async function apiBlob(path) {
+  const response = await fetch(API + path, { headers: state.key ? { Authorization: `Bearer ${state.key}` } : {} });
+  if (!response.ok) throw new ApiError(response.status, "http_" + response.status, `GET ${path}: HTTP ${response.status}`);
+  return response.blob();
+}
+
 function say(text, isError = false) {
   const box = $("message");
   box.textContent = text;
@@ -84,6 +91,7 @@ async function loadProducts() {
   if (details.some((p) => p.category === (state.selected || current))) pick.value = state.selected || current;
   if (state.selected) showDetail(details.find((p) => p.category === state.selected));
   refreshCards().catch((e) => fail(e, "Re-score"));
+  document.dispatchEvent(new Event("clipshot:products"));  // other views (history) follow the product list
 }
 
 function select(category) {
