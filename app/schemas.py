@@ -18,9 +18,12 @@ HeatmapMode = Literal["jpeg", "png", "mask", "regions", "raw", "none"]
 # --- prediction ------------------------------------------------------------------------------
 
 
-# What a product/object name may hold: it goes into CLIP prompts, manifests and logs, so no control characters,
-# line breaks or terminal escapes (shared by the zero-shot `object` and the register `description`).
-OBJECT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9 _-]{0,63}$"
+# What a product/object name may hold: it goes into CLIP prompts, manifests and logs, so ordinary text with
+# punctuation ("glass bottle, top view") but no control characters, line breaks, terminal escapes or bidi
+# overrides (shared by the zero-shot `object` and the register `description`). Starts with a letter or digit.
+OBJECT_NAME_PATTERN = r"^[^\W_][^\x00-\x1f\x7f-\x9f\u2028-\u202e\u2066-\u2069]{0,63}$"
+OBJECT_NAME_RULE = ("1-64 characters starting with a letter or digit; punctuation is fine, line breaks and "
+                    "control characters are not")
 
 class Heatmap(BaseModel):
     """An anomaly map: a picture for people (jpeg/png overlay), a mask, or the numbers (raw)."""
@@ -149,6 +152,8 @@ class ReadyResponse(BaseModel):
     status: Literal["ready", "not_ready"] = Field(description="`ready` once a forward pass succeeded.")
     backbone: str = Field(description="Backbone spec the service runs.")
     device: str = Field(description="Torch device it runs on, e.g. `cuda:0`.")
+    finetune: bool = Field(False, description="Whether the backbone can be fine-tuned (CLIP: text tower + LoRA); "
+                           "when false, registration serves the memory adapter only and `/finetune` answers 409.")
     checked_seconds_ago: float = Field(description="Age of the cached probe result.")
     detail: str | None = Field(None, description="Why the service is not ready.")
 

@@ -216,3 +216,28 @@ def test_non_clip_backbone_registers_memory_only_and_refuses_finetune(store, eff
         assert r.status_code == 409 and r.json()["error"]["code"] == "finetune_unsupported"
         assert "CLIP" in r.json()["error"]["message"] and snapshot(store) == before
         assert client.get("/v1/jobs", headers=ADMIN).json()["jobs"] == []
+
+
+def test_descriptions_take_punctuation_and_refuse_control_characters(store, tiny_backbone):
+    """Over a real socket: an ordinary description with a comma registers; a line break or a terminal escape is
+    refused with a message that names the rule (not a regular expression), before anything is written."""
+    import httpx
+    from threaded_server import threaded_server
+
+    settings = make_settings(store)
+    with threaded_server(settings, tiny_backbone) as url, httpx.Client(base_url=url, timeout=60) as http:
+        for bad in ("glass\nbottle", "bottle\x1b[31m", "\u202ebottle"):
+            r = http.post("/v1/categories/jar/shots", headers=ADMIN, files=shots([1]),
+                          data={"description": bad, "finetune": "false"})
+            assert r.status_code == 422, r.text
+            error = r.json()["error"]
+            assert error["code"] == "invalid_description" and "control characters" in error["message"]
+            assert "pattern" not in error["message"]
+        assert not (store / "categories" / "jar").exists()
+        r = http.post("/v1/categories/jar/shots", headers=ADMIN, files=shots(range(3)),
+                      data={"description": " glass bottle, top view (5/8\") ", "finetune": "false"})
+        assert r.status_code == 201, r.text
+        detail = http.get("/v1/categories/jar", headers=ADMIN).json()
+        assert detail["versions"][0]["object_name"] == 'glass bottle, top view (5/8")'
+        r = http.post("/v1/predict?object=glass%20bottle,%20top%20view", headers=ADMIN, files=shots([2]))
+        assert r.status_code == 200, r.text  # the zero-shot `object` follows the same rule

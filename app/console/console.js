@@ -27,6 +27,13 @@ async function api(method, path, body) {
   return data;
 }
 
+// A picture behind the key (an <img> cannot send the Authorization header): fetched as a Blob.
+async function apiBlob(path) {
+  const response = await fetch(API + path, { headers: state.key ? { Authorization: `Bearer ${state.key}` } : {} });
+  if (!response.ok) throw new ApiError(response.status, "http_" + response.status, `GET ${path}: HTTP ${response.status}`);
+  return response.blob();
+}
+
 function say(text, isError = false) {
   const box = $("message");
   box.textContent = text;
@@ -83,6 +90,8 @@ async function loadProducts() {
   pick.replaceChildren(...details.map((p) => new Option(p.category, p.category)));
   if (details.some((p) => p.category === (state.selected || current))) pick.value = state.selected || current;
   if (state.selected) showDetail(details.find((p) => p.category === state.selected));
+  refreshCards().catch((e) => fail(e, "Re-score"));
+  document.dispatchEvent(new Event("clipshot:products"));  // other views (history) follow the product list
 }
 
 function select(category) {
@@ -215,34 +224,66 @@ async function tryImages(files) {
   say(`Scored ${r.predictions.length} image(s) with ${category} version ${r.adapter_version}.`);
 }
 
+// Cards scored by a version that no longer serves (threshold change, feedback, rollback) are scored again, so
+// a card never shows a verdict the line would not give now. One request per product; the card keeps its place.
+async function refreshCards() {
+  const byCategory = new Map();
+  for (const card of $("results").querySelectorAll(".result")) {
+    const product = state.products.find((p) => p.category === card.dataset.category);
+    const serving = product ? product.active_version : null;
+    if (serving == null || Number(card.dataset.version) === serving || card.dataset.rescoring) continue;
+    card.dataset.rescoring = String(serving);
+    if (!byCategory.has(product.category)) byCategory.set(product.category, []);
+    byCategory.get(product.category).push(card);
+  }
+  for (const [category, cards] of byCategory) {
+    const form = new FormData();
+    for (const card of cards) form.append("files", cardFiles.get(card), cardFiles.get(card).name);
+    try {
+      const r = await api("POST", `/categories/${enc(category)}/predict?heatmap=jpeg`, form);
+      r.predictions.forEach((p, i) => fillCard(cards[i], p, cardFiles.get(cards[i])));
+    } finally {
+      for (const card of cards) delete card.dataset.rescoring;
+    }
+  }
+}
+
+const cardFiles = new WeakMap();  // card -> the File it shows, to score it again or send it as feedback
+
 function resultCard(category, p, file) {
   const card = $("result-template").content.firstElementChild.cloneNode(true);
+  card.dataset.category = category;
+  cardFiles.set(card, file);
+  fillCard(card, p, file);
+  const out = card.querySelector(".feedback-result");
+  const send = (label) => feedback(category, file, label)
+    .then((r) => { out.textContent = feedbackText(r); card.dataset.feedback = label; })
+    .catch((e) => fail(e, "Feedback"));
+  card.querySelector(".mark-good").addEventListener("click", () => send("good"));
+  card.querySelector(".mark-defect").addEventListener("click", () => send("defect"));
+  return card;
+}
+
+function fillCard(card, p, file) {
   const h = p.heatmap;
   card.querySelector(".overlay").src = h && h.encoding !== "raw"
     ? `data:image/${h.encoding};base64,${h.data}` : URL.createObjectURL(file);
   const verdict = card.querySelector(".verdict");
   const label = p.is_anomalous === null ? "uncalibrated" : p.is_anomalous ? "anomalous" : "normal";
   verdict.textContent = label.toUpperCase();
-  verdict.classList.add(label);
+  verdict.className = `verdict ${label}`;
   card.dataset.verdict = label;
+  card.dataset.version = p.adapter_version ?? "";
   card.querySelector(".file").textContent = p.filename || "";
   card.querySelector(".score").textContent = num(p.score);
   card.querySelector(".threshold").textContent = num(p.threshold);
   card.querySelector(".version").textContent = p.adapter_version ?? "—";
-  if (p.score_normalized != null) card.querySelector(".normalized").textContent = `= ${num(p.score_normalized, 2)} × threshold`;
+  card.querySelector(".normalized").textContent = p.score_normalized == null ? ""
+    : `= ${num(p.score_normalized, 2)} × threshold`;
   card.querySelector(".warnings").textContent = (p.warnings || []).join("; ");
-  const out = card.querySelector(".feedback-result");
-  const send = (label) => feedback(category, file, label)
-    .then((r) => { out.textContent = feedbackText(r); card.dataset.feedback = label; })
-    .catch((e) => fail(e, "Feedback"));
-  const good = card.querySelector(".mark-good");
-  const bad = card.querySelector(".mark-defect");
   // Name the correction for what the operator saw: a flagged good part is a false alarm, a passed bad part a miss.
-  good.textContent = label === "anomalous" ? "False alarm" : "Good part";
-  bad.textContent = label === "normal" ? "Missed defect" : "Defect";
-  good.addEventListener("click", () => send("good"));
-  bad.addEventListener("click", () => send("defect"));
-  return card;
+  card.querySelector(".mark-good").textContent = label === "anomalous" ? "False alarm" : "Good part";
+  card.querySelector(".mark-defect").textContent = label === "normal" ? "Missed defect" : "Defect";
 }
 
 async function feedback(category, file, label) {
@@ -274,10 +315,25 @@ function dropZone(zone, input, onFiles) {
   input.addEventListener("change", () => onFiles([...input.files]));
 }
 
+// The backbone's abilities from /readyz (public): a backbone without a text tower cannot fine-tune, so the box
+// is unticked and disabled instead of promising a job the server will skip.
+async function loadAbilities() {
+  const response = await fetch(API.replace(/\/v1$/, "") + "/readyz");
+  const ready = await response.json().catch(() => ({}));
+  const box = $("reg-finetune");
+  const can = ready.finetune !== false;
+  box.disabled = !can;
+  if (!can) box.checked = false;
+  box.dataset.checkedBy = "readyz";
+  box.parentElement.title = can ? "" : `${ready.backbone || "this backbone"} cannot be fine-tuned (no text tower): `
+    + "the memory adapter serves the product";
+}
+
 async function connect(event) {
   if (event) event.preventDefault();
   state.key = $("key").value.trim();
   sessionStorage.setItem("clipshot-key", state.key);
+  loadAbilities().catch(() => {});  // an older server without the field keeps the box as it is
   try {
     await loadProducts();
     $("status").textContent = "connected";

@@ -88,6 +88,22 @@ class InspectionStore:
             if cursor is None:
                 return
 
+    def kept_file(self, category: str, inspection_id: int, column: str) -> Path | None:
+        """The kept ``image_path`` or ``overlay_path`` file of one of ``category``'s inspections, or None when the
+        row, the kept picture or its file is gone (retention may have removed the file and cleared the path)."""
+        if column not in ("image_path", "overlay_path"):
+            raise ValueError(f"not an image column: {column}")
+        with self.db.tx() as tx:
+            row = tx.one(f"SELECT {column} FROM inspections WHERE category = ? AND id = ?", (category, inspection_id))
+        name = row and row[column]
+        if not name:
+            return None
+        path = (self.image_dir / name).resolve()
+        # The stored path is the writer's own, relative; refuse anything that would leave the image folder anyway.
+        if not path.is_relative_to(self.image_dir.resolve()) or not path.is_file():
+            return None
+        return path
+
     def delete_before(self, category: str, before: str) -> int:
         """Delete one product's inspections older than ``before`` with their images; how many rows went."""
         return self._delete("category = ? AND time < ?", (category, before))

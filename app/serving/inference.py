@@ -27,6 +27,7 @@ from app.errors import BadRequestError, ClipshotHTTPError, ConflictError, ImageE
 from app.metrics import Metrics
 from app.schemas import (
     OBJECT_NAME_PATTERN,
+    OBJECT_NAME_RULE,
     AnomalyRegion,
     DecisionConfidence,
     Heatmap,
@@ -91,7 +92,7 @@ class InferenceService:
         self._check_count(files)
         if object_name is not None and not OBJECT_NAME.fullmatch(object_name.strip()):
             raise ClipshotHTTPError(
-                "object must be 1-64 letters, digits, spaces, '_' or '-' (e.g. 'bottle', 'metal nut')",
+                f"object must be {OBJECT_NAME_RULE} (e.g. 'bottle', 'metal nut')",
                 code="invalid_object", status_code=422,
             )
         adapter, source = await run_in_threadpool(self._zero_shot_adapter, object_name and object_name.strip())

@@ -34,8 +34,8 @@ class Recording:
         """Wait until every queued inspection is written (the writer is asynchronous on purpose)."""
         assert self.records.writer.drain(DRAIN_S), "the record writer did not catch up"
 
-    def predict(self, seeds, *, data=None, headers=None, category="widget") -> httpx.Response:
-        files = [("files", (f"img{s}.png", png(good(s)), "image/png")) for s in seeds]
+    def predict(self, seeds, *, data=None, headers=None, category="widget", size=None) -> httpx.Response:
+        files = [("files", (f"img{s}.png", png(good(s, size)), "image/png")) for s in seeds]
         response = self.http.post(f"/v1/categories/{category}/predict", files=files, data=data or {},
                                   headers={**CLIENT, **(headers or {})})
         assert response.status_code == 200, response.text

@@ -8,6 +8,7 @@ Handlers stay thin: all rules live in ``CategoryService`` (``app.state.category_
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Body, Depends, File, Form, Path, Request, UploadFile
@@ -18,9 +19,11 @@ from app.api.deps import AdminDep, AuthFirstRoute, ClientDep, PixelBudgetDep, Se
 from app.api.responses import CATEGORY_DOC, CATEGORY_SCHEMA, errors
 from app.categories.geometry import GeometryRequest
 from app.categories.service import CategoryService
+from app.errors import ClipshotHTTPError
 from app.jobs.job_store import Job
 from app.schemas import (
     OBJECT_NAME_PATTERN,
+    OBJECT_NAME_RULE,
     CategoryDeleted,
     CategoryDetail,
     CategoryList,
@@ -60,8 +63,8 @@ async def register_shots(
     budget: PixelBudgetDep,
     files: Annotated[list[UploadFile] | None, File(description="Photos of GOOD parts: CLIPSHOT_MIN_SHOTS to "
                                                                  "CLIPSHOT_MAX_SHOTS (default 1-16).")] = None,
-    description: Annotated[str | None, Form(pattern=OBJECT_NAME_PATTERN, description="What the product is, for "
-                                            "the prompts: 1-64 letters, digits, spaces, '_' or '-'.")] = None,
+    description: Annotated[str | None, Form(max_length=200, description="What the product is, for the prompts: "
+                                            f"{OBJECT_NAME_RULE}.")] = None,
     finetune: Annotated[bool, Form(description="Start a background fine-tune (CLIP backbones).")] = True,
     resize: Annotated[Literal["auto", "squash", "letterbox", "native"] | None, Form(
         description="Fit into the model input: squash (stretch), letterbox (keep aspect, pad), native (keep "
@@ -81,6 +84,7 @@ async def register_shots(
     category's stored geometry, or on a new category to choose it from the shots. Admin only. Nothing is
     written unless every file, limit and the geometry checks out.
     """
+    description = _description(description)
     uploads = files or []
     # Read at most one byte past the limit: enough for decode_image to answer 413 without buffering more.
     data = [(f.filename or "", await f.read(settings.max_upload_bytes + 1)) for f in uploads]
@@ -88,11 +92,20 @@ async def register_shots(
     pixels = await run_in_threadpool(upload_pixels, data, max_pixels=settings.max_image_pixels,
                                      max_bytes=settings.max_upload_bytes)
     async with fit_admitted(budget, pixels):  # 413 / 503 from the headers, before a pixel is decoded
-        result = await service.register(category, data, description=description or None, finetune=finetune,
+        result = await service.register(category, data, description=description, finetune=finetune,
                                         geometry=geometry)
     return ShotsRegistered(category=result.category, version=result.version, job_id=result.job_id,
                            shots=result.shots, added=result.added, warnings=result.warnings,
                            decision=result.decision, geometry=result.geometry)
+
+
+def _description(text: str | None) -> str | None:
+    """The stripped description, or a 422 naming the rule (a regex in the message helps nobody on the line)."""
+    text = (text or "").strip()
+    if text and not re.fullmatch(OBJECT_NAME_PATTERN, text):
+        raise ClipshotHTTPError(f"description must be {OBJECT_NAME_RULE}", code="invalid_description",
+                                status_code=422)
+    return text or None
 
 
 @router.post("/{category}/finetune", dependencies=AUDITED,

@@ -27,6 +27,7 @@ async def readyz(request: Request, probe: ReadinessDep) -> JSONResponse:
     backbone = request.app.state.detector.backbone
     body = ReadyResponse(
         status="ready" if result.ok else "not_ready", backbone=backbone.spec, device=str(backbone.device),
+        finetune=backbone.supports_text,
         checked_seconds_ago=round(time.monotonic() - result.checked_at, 3), detail=result.detail,
     )
     return JSONResponse(body.model_dump(), status_code=200 if result.ok else 503)

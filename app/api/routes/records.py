@@ -12,17 +12,22 @@ import csv
 import io
 from collections.abc import Iterator
 from datetime import datetime
+from pathlib import Path as FilePath
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import StreamingResponse
+from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi.responses import FileResponse, Response, StreamingResponse
+from PIL import Image
+from starlette.concurrency import run_in_threadpool
 
 from app.api.audit import AUDITED
-from app.api.deps import AdminDep, AuthFirstRoute, ClientDep
+from app.api.deps import AdminDep, AuthFirstRoute, ClientDep, SettingsDep
 from app.api.responses import errors
 from app.api.routes.categories import CategoryPath
 from app.categories.service import CategoryService
+from app.errors import NotFoundError
 from app.records.audit import AuditFilter
+from app.records.images import thumbnail
 from app.records.inspections import COLUMNS, InspectionFilter
 from app.records.models import AuditPage, InspectionPage, InspectionsDeleted
 from app.records.pages import MAX_PAGE, time_text
@@ -30,6 +35,7 @@ from app.records.service import RecordService
 
 router = APIRouter(prefix="/v1", tags=["records"], route_class=AuthFirstRoute)
 CSV_COLUMNS = ("id", *COLUMNS)
+_PRIVATE = {"Cache-Control": "private, max-age=3600"}  # a kept picture never changes; it holds a part's image
 
 
 def get_records(request: Request) -> RecordService:
@@ -111,6 +117,57 @@ def export_inspections(category: CategoryPath, _: ClientDep, records: RecordsDep
                        filters: FilterDep) -> StreamingResponse:
     """The same filters as the listing; one row per inspection, header first. Client or admin key."""
     return _csv(records, CategoryService.name(category), filters)
+
+
+InspectionId = Annotated[int, Path(ge=1, description="The inspection's `id`.")]
+_PICTURE = {200: {"content": {"image/jpeg": {}, "image/png": {}}, "description": "The picture."},
+            **errors(400, 401, 404, 422, e404="No such inspection, or its picture was not kept (record mode "
+                                                "`off`/`verdicts`, or removed by retention).")}
+
+
+def _kept(records: RecordService, category: str, inspection_id: int, column: str) -> FilePath:
+    path = records.inspections.kept_file(CategoryService.name(category), inspection_id, column)
+    if path is None:
+        raise NotFoundError(f"inspection {inspection_id} of {category} has no kept "
+                            f"{'overlay' if column == 'overlay_path' else 'image'}")
+    return path
+
+
+@router.get("/categories/{category}/inspections/{inspection_id}/image", response_class=FileResponse,
+            summary="An inspection's kept image", responses=_PICTURE)
+def inspection_image(category: CategoryPath, inspection_id: InspectionId, _: ClientDep,
+                     records: RecordsDep) -> FileResponse:
+    """The picture as kept: the thumbnail (`record_mode=thumbnails`) or the uploaded file (`full`), e.g. to
+    send it back as feedback. Client or admin key."""
+    return FileResponse(_kept(records, category, inspection_id, "image_path"), headers=_PRIVATE)
+
+
+@router.get("/categories/{category}/inspections/{inspection_id}/thumbnail", response_class=Response,
+            summary="An inspection's image as a thumbnail", responses=_PICTURE)
+async def inspection_thumbnail(category: CategoryPath, inspection_id: InspectionId, _: ClientDep,
+                               records: RecordsDep, settings: SettingsDep) -> Response:
+    """A JPEG at most `CLIPSHOT_RECORD_THUMBNAIL_SIZE` pixels long, for lists: the kept thumbnail as is, or one
+    made from a kept full image. Client or admin key."""
+    path = _kept(records, category, inspection_id, "image_path")
+    size = settings.record_thumbnail_size
+    if path.suffix == ".jpg" and await run_in_threadpool(_fits, path, size):
+        return FileResponse(path, media_type="image/jpeg", headers=_PRIVATE)
+    data = await run_in_threadpool(thumbnail, path.read_bytes(), size)
+    return Response(data, media_type="image/jpeg", headers=_PRIVATE)
+
+
+@router.get("/categories/{category}/inspections/{inspection_id}/overlay", response_class=FileResponse,
+            summary="An inspection's kept overlay", responses=_PICTURE)
+def inspection_overlay(category: CategoryPath, inspection_id: InspectionId, _: ClientDep,
+                       records: RecordsDep) -> FileResponse:
+    """The heatmap overlay the client was answered (thumbnail-sized in `thumbnails` mode), when the predict
+    request asked for a `jpeg`/`png` heatmap and images were kept. Client or admin key."""
+    return FileResponse(_kept(records, category, inspection_id, "overlay_path"), headers=_PRIVATE)
+
+
+def _fits(path: FilePath, size: int) -> bool:
+    with Image.open(path) as image:
+        return max(image.size) <= size
 
 
 @router.delete("/categories/{category}/inspections", dependencies=AUDITED, response_model=InspectionsDeleted,

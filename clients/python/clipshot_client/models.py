@@ -291,6 +291,7 @@ class ReadyResponse(_Model):
     status: Literal['ready', 'not_ready']
     backbone: str
     device: str
+    finetune: bool = False
     checked_seconds_ago: float
     detail: str | None = None
 

@@ -1,0 +1,68 @@
+"""Take the console's screenshots for the docs: ``PYTHONPATH=. python docs/screenshots.py`` (needs Chromium +
+chromedriver, like tests/test_console_browser.py). Starts a real server on loopback with the tiny test backbone and
+the record in thumbnails mode, registers a product from generated images, scores a few, and saves each page
+section under docs/screenshots/*.png. The images are synthetic: the pictures show the layout, not a model."""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from PIL import Image  # noqa: E402
+from selenium import webdriver  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+from clipshot.backbone import load_backbone  # noqa: E402
+from tests.helpers.predict import defect, good, png  # noqa: E402
+from tests.helpers.records import recording  # noqa: E402
+
+OUT = ROOT / "docs" / "screenshots"
+
+
+def main() -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    options = webdriver.ChromeOptions()
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1400,1000"):
+        options.add_argument(arg)
+    with tempfile.TemporaryDirectory() as store, \
+            recording(Path(store), load_backbone("test:tiny-clip"), record_mode="thumbnails") as live:
+        for seed in range(6):
+            image = good(seed) if seed % 2 else defect(seed)
+            live.http.post("/v1/categories/widget/predict", headers={"Authorization": "Bearer client-key"},
+                           files=[("files", (f"part{seed}.png", png(image), "image/png"))],
+                           data={"part_id": f"P-{seed}", "line": "L1"})
+        live.drain()
+        driver = webdriver.Chrome(options=options)
+        try:
+            driver.get(live.url + "/console")
+            driver.find_element("id", "key").send_keys("admin-key")
+            driver.find_element("id", "connect").click()
+            time.sleep(2)
+            driver.find_element("css selector", '#product-list tr[data-category="widget"]').click()
+            shot = Path(store) / "try.png"
+            shot.write_bytes(png(defect(40)))
+            driver.find_element("id", "try-files").send_keys(str(shot))
+            time.sleep(3)
+            driver.save_screenshot(str(OUT / "console.png"))
+            driver.find_element("id", "hist-show").click()
+            WebDriverWait(driver, 60).until(lambda d: d.find_elements("css selector", "#history .inspection img[src]"))
+            time.sleep(1)
+            driver.set_window_size(1400, driver.execute_script("return document.body.scrollHeight") + 120)
+            time.sleep(1)
+            driver.save_screenshot(str(OUT / "history.png"))  # the whole page, History at the bottom
+        finally:
+            driver.quit()
+    for path in OUT.glob("*.png"):  # 256 colours: a quarter of the bytes, no visible loss on a UI
+        with Image.open(path) as image:
+            small = image.convert("RGB").quantize(256)
+        small.save(path, optimize=True)
+    print("\n".join(str(p.relative_to(ROOT)) for p in sorted(OUT.glob("*.png"))))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""The record's kept pictures over HTTP: the image as kept, a thumbnail for lists, and the overlay the client
+was answered; behind the client keys like the listing, 404 where nothing was kept."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from PIL import Image
+
+from tests.helpers.records import ADMIN, CLIENT, recording
+
+THUMB = 32  # record_thumbnail_size below: smaller than the 96 px uploads, so a thumbnail must be made
+
+
+def picture(response) -> Image.Image:
+    assert response.status_code == 200, response.text
+    return Image.open(io.BytesIO(response.content))
+
+
+@pytest.mark.parametrize("mode", ["thumbnails", "full"])
+def test_kept_pictures_are_served_to_client_keys(mode, tmp_path, tiny_backbone):
+    with recording(tmp_path / "store", tiny_backbone, record_mode=mode, record_thumbnail_size=THUMB) as live:
+        live.predict([11], size=(96, 64))
+        live.drain()
+        (row,) = live.inspections().json()["inspections"]
+        base = f"/v1/categories/widget/inspections/{row['id']}"
+        image = picture(live.http.get(f"{base}/image", headers=CLIENT))
+        # thumbnails mode keeps a THUMB px JPEG; full mode keeps the upload itself (96 x 64 PNG)
+        assert image.size == ((THUMB, THUMB * 2 // 3) if mode == "thumbnails" else (96, 64))
+        thumb = picture(live.http.get(f"{base}/thumbnail", headers=CLIENT))
+        assert (thumb.format, max(thumb.size)) == ("JPEG", THUMB)
+        overlay = picture(live.http.get(f"{base}/overlay", headers=ADMIN))
+        assert max(overlay.size) == (THUMB if mode == "thumbnails" else 96)
+        for suffix in ("image", "thumbnail", "overlay"):
+            assert live.http.get(f"{base}/{suffix}").status_code == 401  # no key
+            other = live.http.get(f"/v1/categories/gadget/inspections/{row['id']}/{suffix}", headers=CLIENT)
+            assert other.status_code == 404  # an id only answers under its own product
+        missing = live.http.get("/v1/categories/widget/inspections/999999/image", headers=CLIENT)
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+        assert live.http.get("/v1/categories/widget/inspections/0/image", headers=CLIENT).status_code == 422
+        assert live.http.get("/v1/categories/Bad!/inspections/1/image", headers=CLIENT).status_code == 400
+
+
+def test_verdicts_mode_keeps_no_picture(tmp_path, tiny_backbone):
+    with recording(tmp_path / "store", tiny_backbone, record_mode="verdicts") as live:
+        live.predict([12])
+        live.drain()
+        (row,) = live.inspections().json()["inspections"]
+        for suffix in ("image", "thumbnail", "overlay"):
+            r = live.http.get(f"/v1/categories/widget/inspections/{row['id']}/{suffix}", headers=CLIENT)
+            assert r.status_code == 404 and "no kept" in r.json()["error"]["message"]
