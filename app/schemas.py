@@ -20,8 +20,9 @@ HeatmapMode = Literal["jpeg", "png", "mask", "regions", "raw", "none"]
 
 # What a product/object name may hold: it goes into CLIP prompts, manifests and logs, so ordinary text with
 # punctuation ("glass bottle, top view") but no control characters, line breaks, terminal escapes or bidi
-# overrides (shared by the zero-shot `object` and the register `description`). Starts with a letter or digit.
-OBJECT_NAME_PATTERN = r"^[^\W_][^\x00-\x1f\x7f-\x9f\u2028-\u202e\u2066-\u2069]{0,63}$"
+# overrides, nor U+FFFD (bytes that were not UTF-8) (shared by the zero-shot `object` and the register
+# `description`). Starts with a letter or digit.
+OBJECT_NAME_PATTERN = r"^[^\W_][^\x00-\x1f\x7f-\x9f\u2028-\u202e\u2066-\u2069\ufffd]{0,63}$"
 OBJECT_NAME_RULE = ("1-64 characters starting with a letter or digit; punctuation is fine, line breaks and "
                     "control characters are not")
 

@@ -64,7 +64,8 @@ async def register_shots(
     files: Annotated[list[UploadFile] | None, File(description="Photos of GOOD parts: CLIPSHOT_MIN_SHOTS to "
                                                                  "CLIPSHOT_MAX_SHOTS (default 1-16).")] = None,
     description: Annotated[str | None, Form(max_length=200, description="What the product is, for the prompts: "
-                                            f"{OBJECT_NAME_RULE}.")] = None,
+                                            f"{OBJECT_NAME_RULE} (leading and trailing spaces are dropped).",
+                                            json_schema_extra={"pattern": OBJECT_NAME_PATTERN})] = None,
     finetune: Annotated[bool, Form(description="Start a background fine-tune (CLIP backbones).")] = True,
     resize: Annotated[Literal["auto", "squash", "letterbox", "native"] | None, Form(
         description="Fit into the model input: squash (stretch), letterbox (keep aspect, pad), native (keep "
