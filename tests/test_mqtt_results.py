@@ -74,6 +74,7 @@ def test_each_verdict_is_published_with_the_answer_and_the_line_fields(store, tm
         assert message["score"] == pred["score"] and message["sha256"] == pred["sha256"]
         assert message["verdict"] == ("anomalous" if pred["is_anomalous"] else "normal")
         assert message["normalised_score"] == pytest.approx(pred["score"] / pred["threshold"])
+        assert message["confidence"] == pred["confidence"] and pred["confidence"]["good_images"] == 4
         assert message["regions"] == pred["regions"] and message["adapter_version"] == pred["adapter_version"]
     assert len({m["message_id"] for m in subscriber.messages}) == 2
 

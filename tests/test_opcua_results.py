@@ -176,6 +176,7 @@ def test_plc_reads_the_same_result_over_opc_ua(tmp_path, tiny_backbone):
     record = out["event"]["record"]
     assert out["event"]["part"] == "P-1" and record["score"] == pred["score"] and record["sha256"] == pred["sha256"]
     assert record["regions"] == pred["regions"] and record["line"] == "L1"
+    assert record["confidence"] == pred["confidence"] is not None
     assert out["event"]["verdict"] == ("anomalous" if pred["is_anomalous"] else "normal")
     assert out["nodes"] == {"Score": pred["score"], "Verdict": out["event"]["verdict"], "PartId": "P-1",
                             "Line": "L1", "IsAnomalous": pred["is_anomalous"], "Sha256": pred["sha256"]}

@@ -73,6 +73,7 @@ def result_records(settings: Settings, answer: PredictResponse, context: LineCon
             "filename": pred.filename, "sha256": pred.sha256, "verdict": verdict, "is_anomalous": pred.is_anomalous,
             "score": pred.score, "threshold": pred.threshold,
             "normalised_score": pred.score / pred.threshold if pred.threshold else None,
+            "confidence": None if pred.confidence is None else pred.confidence.model_dump(),
             "adapter_version": pred.adapter_version, "adapter_source": answer.adapter_source,
             "regions": None if pred.regions is None else [r.model_dump() for r in pred.regions],
             "replica": answer.replica,
