@@ -141,8 +141,7 @@ def images_above(cal: Calibration, threshold: float) -> tuple[int, int]:
     ``normal_scores`` holds, per good image in order, its own score and its light views' (``Detector._calibrate``);
     the views of one image are not independent of it, so an image counts once, as above if any of its views is."""
     images = max(1, int(cal.shots or len(cal.normal_scores)))
-    groups = np.array_split(np.asarray(cal.normal_scores, dtype=np.float64), images)
-    return sum(bool(np.any(g > threshold)) for g in groups if g.size), images
+    return sum(m > threshold for m in _image_maxima(cal)), images
 
 
 def false_alarm_rate_at(cal: Calibration, threshold: float) -> float | None:
@@ -234,7 +233,8 @@ def decision_confidence(cal: Calibration, score: float) -> Confidence | None:
 
 
 def _image_maxima(cal: Calibration) -> list[float]:
-    """Each good image's largest score (its own and its light views', ``images_above``'s grouping)."""
+    """Each good image's largest leave-one-out score, its own and its light views' (``normal_scores`` holds them
+    per image in order): the one grouping the bound (``images_above``) and the confidence count images by."""
     images = max(1, int(cal.shots or len(cal.normal_scores)))
     groups = np.array_split(np.asarray(cal.normal_scores, dtype=np.float64), images)
     return [float(g.max()) for g in groups if g.size]
