@@ -67,6 +67,19 @@ def test_history_pages_thumbnails_and_feedback(browser, live):
     assert sum(s["source"] == "feedback" for s in shots["shots"]) == 1  # the kept image became a good shot
 
 
+def test_history_shows_confidence_and_lists_unsure_verdicts(browser, live):
+    open_history(browser, live.url)
+    browser.find_element("id", "hist-unsure").click()
+    browser.find_element("id", "hist-show").click()
+    unsure = live.inspections(min_p_value=0.05, limit=100).json()["inspections"]  # history.js's UNSURE_P
+    assert unsure, "the live predictions have p-values of at least 1/(4+1): unsure by construction"
+    wait(browser, lambda d: len(cards(d)) == len(unsure))
+    for card, row in zip(cards(browser), unsure, strict=True):
+        assert float(card.get_attribute("data-p-value")) == pytest.approx(row["p_value"])
+        assert card.find_element("css selector", ".sure").text.startswith("unsure (p ")
+    browser.find_element("id", "hist-unsure").click()  # leave the form as the other tests expect it
+
+
 def test_history_filters_by_verdict(browser, live):
     open_history(browser, live.url, verdict="anomalous")
     expected = len(live.inspections(verdict="anomalous", limit=100).json()["inspections"])

@@ -4,6 +4,9 @@
 "use strict";
 
 const HISTORY_PAGE = 24;  // rows per page: a screenful of thumbnails
+// "Unsure only" lists verdicts whose p-value against them is at least this: the conventional 5 % level, below
+// which the product's own evidence speaks clearly for the verdict.
+const UNSURE_P = 0.05;
 const historyView = { category: null, cursor: null, query: "" };
 
 function historyQuery() {
@@ -11,6 +14,7 @@ function historyQuery() {
   if ($("hist-verdict").value) params.set("verdict", $("hist-verdict").value);
   if ($("hist-min").value.trim() !== "") params.set("min_score", $("hist-min").value.trim());
   if ($("hist-max").value.trim() !== "") params.set("max_score", $("hist-max").value.trim());
+  if ($("hist-unsure").checked) params.set("min_p_value", String(UNSURE_P));
   return params;
 }
 
@@ -41,6 +45,13 @@ function inspectionCard(category, row) {
   verdict.textContent = row.verdict.toUpperCase();
   verdict.classList.add(row.verdict);
   card.querySelector(".score").textContent = `${num(row.score)} (v${row.version ?? "?"})`;
+  const sure = card.querySelector(".sure");
+  if (row.p_value !== null && row.p_value !== undefined) {
+    card.dataset.pValue = row.p_value;
+    sure.textContent = row.p_value < UNSURE_P ? `sure (p ${num(row.p_value)})` : `unsure (p ${num(row.p_value)})`;
+    sure.title = "The p-value that speaks against this verdict, from the product's own good (and defect) "
+      + "evidence: small = a sure verdict. It cannot go below 1/(n+1) with n good images.";
+  }
   card.querySelector(".when").textContent = row.time.replace("T", " ").slice(0, 19);
   card.querySelector(".origin").textContent = [row.part_id, row.line, row.camera, row.filename]
     .filter(Boolean).join(" · ");

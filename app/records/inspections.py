@@ -22,7 +22,7 @@ from app.records.pages import MAX_PAGE, Where, page
 log = logging.getLogger(__name__)
 COLUMNS = ("time", "category", "version", "score", "score_normalized", "verdict", "threshold", "map_threshold",
            "request_id", "part_id", "line", "camera", "filename", "sha256", "image_path", "overlay_path",
-           "image_bytes", "replica")
+           "image_bytes", "replica", "p_value", "good_p_value", "defect_p_value", "defect_evidence")
 _INSERT = f"INSERT INTO inspections ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
 _ORDER = " ORDER BY time DESC, id DESC"
 _DELETE_CHUNK = 500  # rows per DELETE ... IN (...): well under SQLite's and PostgreSQL's parameter limits
@@ -41,6 +41,7 @@ class InspectionFilter:
     version: int | None = None
     min_score: float | None = None
     max_score: float | None = None
+    min_p_value: float | None = None
 
     def where(self, category: str) -> Where:
         where = Where()
@@ -54,6 +55,7 @@ class InspectionFilter:
         where.add_if(self.version, "version = ?")
         where.add_if(self.min_score, "score >= ?")
         where.add_if(self.max_score, "score <= ?")
+        where.add_if(self.min_p_value, "p_value >= ?")
         return where
 
 

@@ -31,6 +31,15 @@ class Inspection(BaseModel):
     overlay_path: str | None = Field(description="Kept overlay, relative to the record folder.")
     image_bytes: int = Field(description="Bytes of the kept image and overlay.")
     replica: str | None = Field(description="The process that answered.")
+    p_value: float | None = Field(None, description="The verdict's confidence as the answer gave it: the p-value "
+                                  "that speaks against the verdict (small = sure); null without a verdict and for "
+                                  "inspections recorded before confidences were kept.")
+    good_p_value: float | None = Field(None, description="Share of the product's good evidence scoring at least "
+                                       "this high (see the predict answer's `confidence`).")
+    defect_p_value: float | None = Field(None, description="Share of the defect evidence scoring at most this high; "
+                                         "null without defect evidence.")
+    defect_evidence: Literal["confirmed", "synthetic"] | None = Field(
+        None, description="What the defect p-value rests on: confirmed defects or synthetic ones.")
 
 
 class InspectionPage(BaseModel):

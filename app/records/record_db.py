@@ -63,6 +63,12 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
         "CREATE INDEX audit_by_time ON audit_events (time DESC, id DESC)",
         "CREATE INDEX audit_by_category ON audit_events (category, time DESC, id DESC)",
     ]),
+    (2, [  # the verdict's confidence (conformal p-values), as the predict answer gives it
+        "ALTER TABLE inspections ADD COLUMN p_value {real}",
+        "ALTER TABLE inspections ADD COLUMN good_p_value {real}",
+        "ALTER TABLE inspections ADD COLUMN defect_p_value {real}",
+        "ALTER TABLE inspections ADD COLUMN defect_evidence TEXT",
+    ]),
 ]
 LATEST = MIGRATIONS[-1][0]
 

@@ -57,6 +57,10 @@ class RecordService:
                 "line": origin.line, "camera": origin.camera, "filename": pred.filename, "sha256": pred.sha256,
                 "replica": answer.replica,
             }
+            if pred.confidence is not None:
+                row.update(p_value=pred.confidence.p_value, good_p_value=pred.confidence.good_p_value,
+                           defect_p_value=pred.confidence.defect_p_value,
+                           defect_evidence=pred.confidence.defect_evidence)
             upload = uploads[index] if self.keeps_images and uploads and index < len(uploads) else None
             heatmap = pred.heatmap if self.keeps_images else None
             items.append(Pending(row, upload, heatmap.data if heatmap else None,

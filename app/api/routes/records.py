@@ -65,10 +65,14 @@ def inspection_filter(
     version: Annotated[int | None, Query(ge=1, description="Only this adapter version.")] = None,
     min_score: Annotated[float | None, Query(allow_inf_nan=False, description="Only scores >= this.")] = None,
     max_score: Annotated[float | None, Query(allow_inf_nan=False, description="Only scores <= this.")] = None,
+    min_p_value: Annotated[float | None, Query(ge=0, le=1, allow_inf_nan=False, description=(
+        "Only verdicts at least this unsure: `p_value` >= this (e.g. 0.05 lists the verdicts worth a second "
+        "look)."))] = None,
 ) -> InspectionFilter:
     """The listing's filters from the query string (shared by the JSON and CSV forms)."""
     return InspectionFilter(verdict=verdict, since=_text(since), until=_text(until), part_id=part_id, line=line,
-                            camera=camera, version=version, min_score=min_score, max_score=max_score)
+                            camera=camera, version=version, min_score=min_score, max_score=max_score,
+                            min_p_value=min_p_value)
 
 
 FilterDep = Annotated[InspectionFilter, Depends(inspection_filter)]

@@ -221,6 +221,10 @@ class Inspection(_Model):
     overlay_path: str | None
     image_bytes: int
     replica: str | None
+    p_value: float | None = None
+    good_p_value: float | None = None
+    defect_p_value: float | None = None
+    defect_evidence: Literal['confirmed', 'synthetic'] | None = None
 
 
 class InspectionPage(_Model):
