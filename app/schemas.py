@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from app.jobs.job_store import Job
 
@@ -122,6 +122,18 @@ class ImagePrediction(BaseModel):
         "1.2x apart). `CLIPSHOT_REFUSE_MISMATCHED_IMAGES=true` answers 400 `image_mismatch` instead."))
     batch_size: int = Field(description="Images in the device batch this image ran in.")
     timings: StageTimings = Field(description="Where this image's time went in the server.")
+    # Not part of the answer: the upload reduced for the inspection record's thumbnail (record mode
+    # `thumbnails`), made while the decoded image is at hand so the record's writer does not decode it again.
+    _record_picture: Any = PrivateAttr(None)
+
+    @property
+    def record_picture(self) -> Any:
+        """The reduced picture (a PIL image) for the record's thumbnail, or None."""
+        return self._record_picture
+
+    @record_picture.setter
+    def record_picture(self, picture: Any) -> None:
+        self._record_picture = picture
 
 
 class PredictResponse(BaseModel):

@@ -6,8 +6,9 @@ from __future__ import annotations
 import io
 
 import pytest
-from PIL import Image
+from PIL import ExifTags, Image
 
+from tests.helpers.predict import good
 from tests.helpers.records import ADMIN, CLIENT, recording
 
 THUMB = 32  # record_thumbnail_size below: smaller than the 96 px uploads, so a thumbnail must be made
@@ -50,3 +51,24 @@ def test_verdicts_mode_keeps_no_picture(tmp_path, tiny_backbone):
         for suffix in ("image", "thumbnail", "overlay"):
             r = live.http.get(f"/v1/categories/widget/inspections/{row['id']}/{suffix}", headers=CLIENT)
             assert r.status_code == 404 and "no kept" in r.json()["error"]["message"]
+
+
+def test_a_thumbnail_is_the_picture_the_prediction_judged(tmp_path, tiny_backbone):
+    """A phone photo stored sideways with an EXIF turn is judged upright; its thumbnail (and overlay) must show
+    it as judged, not as stored."""
+    stored = good(11, (96, 64))  # landscape as stored ...
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6  # ... shown turned 90 degrees clockwise: portrait, 64 x 96
+    buffer = io.BytesIO()
+    stored.save(buffer, format="JPEG", exif=exif)
+    with recording(tmp_path / "store", tiny_backbone, record_mode="thumbnails", record_thumbnail_size=THUMB) as live:
+        response = live.http.post("/v1/categories/widget/predict", headers=CLIENT,
+                                  files=[("files", ("phone.jpg", buffer.getvalue(), "image/jpeg"))])
+        assert response.status_code == 200, response.text
+        live.drain()
+        (row,) = live.inspections().json()["inspections"]
+        base = f"/v1/categories/widget/inspections/{row['id']}"
+        kept = picture(live.http.get(f"{base}/image", headers=CLIENT))
+        overlay = picture(live.http.get(f"{base}/overlay", headers=CLIENT))
+    assert kept.size == (THUMB * 2 // 3, THUMB)  # portrait, longer side THUMB, as the model saw it
+    assert overlay.size[0] < overlay.size[1]  # the overlay was drawn on the upright picture too

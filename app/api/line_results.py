@@ -70,7 +70,7 @@ async def _record(request: Request, answer: PredictResponse, context: LineContex
         return
     try:
         uploads = None
-        if records.keeps_images:
+        if records.needs_uploads(answer):
             uploads = []
             for upload in (await request.form()).getlist("files"):
                 if isinstance(upload, UploadFile):  # the request is still open: its spooled files are readable

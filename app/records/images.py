@@ -34,6 +34,12 @@ def thumbnail(data: bytes, size: int) -> bytes:
     with Image.open(io.BytesIO(data)) as image:
         image.draft("RGB", (size, size))  # JPEG: decode at a reduced scale, much faster for large frames
         small = image.convert("RGB")
+    return thumbnail_of(small, size)
+
+
+def thumbnail_of(picture: Image.Image, size: int) -> bytes:
+    """A JPEG of an already decoded ``picture`` whose longer side is at most ``size`` pixels."""
+    small = picture.convert("RGB") if picture.mode != "RGB" else picture.copy()
     small.thumbnail((size, size))
     out = io.BytesIO()
     small.save(out, format="JPEG", quality=THUMBNAIL_QUALITY)
@@ -57,15 +63,21 @@ def _write(root: Path, relative: str, data: bytes) -> None:
 
 
 def keep_images(root: Path, *, mode: str, category: str, upload: bytes | None, overlay: bytes | None,
-                overlay_encoding: str | None, thumbnail_size: int) -> KeptImages:
-    """Write what ``mode`` keeps (``thumbnails`` or ``full``) and say where; nothing for other modes."""
-    if mode not in ("thumbnails", "full") or upload is None:
-        return KeptImages()
+                overlay_encoding: str | None, thumbnail_size: int,
+                decoded: Image.Image | None = None) -> KeptImages:
+    """Write what ``mode`` keeps (``thumbnails`` or ``full``) and say where; nothing for other modes.
+
+    ``decoded``: the upload already decoded (and reduced) by the prediction; a thumbnail is made from it
+    instead of decoding ``upload`` again."""
     stem = f"{category}/{datetime.now(UTC):%Y-%m-%d}/{uuid.uuid4().hex}"
-    if mode == "thumbnails":
+    if mode == "thumbnails" and decoded is not None:
+        picture, image_path = thumbnail_of(decoded, thumbnail_size), f"{stem}.jpg"
+    elif mode == "thumbnails" and upload is not None:
         picture, image_path = thumbnail(upload, thumbnail_size), f"{stem}.jpg"
-    else:
+    elif mode == "full" and upload is not None:
         picture, image_path = upload, f"{stem}.{_extension(upload)}"
+    else:
+        return KeptImages()
     _write(root, image_path, picture)
     written, overlay_path = len(picture), None
     if overlay is not None and overlay_encoding in _OVERLAY_EXT:

@@ -39,8 +39,15 @@ class RecordService:
 
     @property
     def keeps_images(self) -> bool:
-        """True when the predict route must hand over the uploaded bytes."""
+        """True when the record keeps pictures (thumbnails or full images)."""
         return self.mode in KEEPS_IMAGES
+
+    def needs_uploads(self, answer: PredictResponse) -> bool:
+        """True when the predict route must hand over the uploaded bytes: full images are kept as uploaded;
+        thumbnails come from the picture the prediction reduced (``ImagePrediction.record_picture``), or from
+        the bytes for an answer that carries none (made by another process)."""
+        return self.mode == "full" or (self.mode == "thumbnails" and any(
+            p.record_picture is None for p in answer.predictions))
 
     def record(self, answer: PredictResponse, origin: LineContext, request_id: str | None,
                uploads: list[bytes] | None = None) -> int:
@@ -63,8 +70,9 @@ class RecordService:
                            defect_evidence=pred.confidence.defect_evidence)
             upload = uploads[index] if self.keeps_images and uploads and index < len(uploads) else None
             heatmap = pred.heatmap if self.keeps_images else None
+            picture = pred.record_picture if self.mode == "thumbnails" else None
             items.append(Pending(row, upload, heatmap.data if heatmap else None,
-                                 heatmap.encoding if heatmap else None))
+                                 heatmap.encoding if heatmap else None, picture))
         return self.writer.submit(items)
 
     def close(self) -> None:

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from PIL import Image
+
 from app.core.config import Settings
 from app.metrics import Metrics
 from app.records.images import KeptImages, keep_images
@@ -40,6 +42,7 @@ class Pending:
     upload: bytes | None = None
     overlay: str | None = None  # base64, as in the answer: decoded here, off the request path
     overlay_encoding: str | None = None
+    picture: Image.Image | None = None  # the upload, decoded and reduced by the prediction (thumbnails mode)
 
 
 class RecordWriter:
@@ -126,7 +129,8 @@ class RecordWriter:
                                      category=item.row["category"], upload=item.upload,
                                      overlay=base64.b64decode(item.overlay) if item.overlay else None,
                                      overlay_encoding=item.overlay_encoding,
-                                     thumbnail_size=self.settings.record_thumbnail_size)
+                                     thumbnail_size=self.settings.record_thumbnail_size,
+                                     decoded=item.picture)
                 kept.append(images)
                 item.row.update(image_path=images.image_path, overlay_path=images.overlay_path,
                                 image_bytes=images.image_bytes)

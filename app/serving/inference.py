@@ -39,7 +39,7 @@ from app.schemas import (
 from app.serving.adapter_cache import ZERO_SHOT_LABEL, AdapterCache
 from app.serving.batcher import Batcher, BatchResult, ships_bytes
 from app.serving.heatmap import b64, render
-from app.serving.images import DecodedImage, decode_image, header_pixels
+from app.serving.images import DecodedImage, decode_image, header_pixels, reduced_for_thumbnail
 from app.serving.pixel_budget import PixelBudget, release_free_memory
 from clipshot.adapter import Adapter
 from clipshot.calibration import decision_confidence
@@ -247,7 +247,7 @@ class InferenceService:
         verdict = "unknown" if pred.is_anomalous is None else ("anomalous" if pred.is_anomalous else "normal")
         self.metrics.observe_verdict(label, verdict, pred.score, pred.threshold)
         ms = 1000.0
-        return ImagePrediction(
+        prediction = ImagePrediction(
             filename=upload.filename, sha256=decoded.sha256, category=adapter.category,
             adapter_version=adapter.version, score=pred.score, threshold=pred.threshold,
             score_normalized=(pred.score / pred.threshold if pred.threshold and pred.is_anomalous is not None
@@ -260,6 +260,9 @@ class InferenceService:
                                  queue_ms=result.queue_s * ms, forward_ms=result.forward_s * ms,
                                  postprocess_ms=(time.perf_counter() - start) * ms),
         )
+        if self.settings.record_mode == "thumbnails":
+            prediction.record_picture = reduced_for_thumbnail(image, self.settings.record_thumbnail_size)
+        return prediction
 
 
 
