@@ -5,8 +5,8 @@
 #   2. the benchmarks on ViT-B/16+ with random weights at bf16 (what `auto` picks on an H100): feature speed with a
 #      LoRA folded vs run as a branch, training, HTTP latency, and mixed products (one forward with per-sample LoRA
 #      deltas: gather / group / split) vs one product alone;
-#   3. the feature forward through ONNX Runtime's CUDA execution provider (needs onnxruntime-gpu; skipped, not
-#      failed, where that provider is missing).
+#   3. the feature forward through ONNX Runtime's CUDA execution provider, then its TensorRT provider (needs
+#      onnxruntime-gpu, and TensorRT's libraries for the second; each skipped, not failed, where missing).
 # Each step's output is also written to ${OUT:-gpu-results}/ so it can be copied into the README.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -30,5 +30,14 @@ if python -c "import onnxruntime, sys; sys.exit('CUDAExecutionProvider' not in o
         || status=1
 else
     echo "ONNX Runtime CUDA execution provider not available: runtime step skipped" | tee "$out/runtime-speed.md"
+fi
+if python -c "import onnxruntime, sys; sys.exit('TensorrtExecutionProvider' not in onnxruntime.get_available_providers())" \
+        2>/dev/null; then
+    python benchmarks/runtime_speed.py --backbone open_clip:ViT-B-16-plus-240:random --runtimes torch onnxruntime \
+        --providers TensorrtExecutionProvider CUDAExecutionProvider CPUExecutionProvider --repeats 20 2>&1 \
+        | tee "$out/runtime-speed-tensorrt.md" || status=1
+else
+    echo "ONNX Runtime TensorRT execution provider not available: TensorRT step skipped" \
+        | tee "$out/runtime-speed-tensorrt.md"
 fi
 exit "$status"
