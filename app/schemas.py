@@ -267,6 +267,41 @@ class ThresholdChanged(BaseModel):
         "Set when the rule stops inspecting: expected recall 0 (no defect evidence scores above the threshold: "
         "detection is effectively off) or an expected false-alarm rate of 0.5 or more. The change is still "
         "made unless `dry_run`; preview first and ask the operator."))
+    recorded: RecordedEffect | None = Field(None, description="With `dry_run`: what the candidate rule would "
+                                            "flag among the recorded inspections, against the rule serving now.")
+
+
+class RecordedEffect(BaseModel):
+    """What a threshold does on the line's recorded traffic (``score > threshold`` over recorded scores)."""
+
+    inspections: int = Field(description="Recorded inspections counted: the newest 1000 at most, made by `versions`.")
+    versions: list[int] = Field(description="Versions whose inspections count (same model as the active one).")
+    threshold_now: float | None = Field(description="The threshold serving now.")
+    flagged_now: int | None = Field(description="Of them, scoring above the threshold serving now.")
+    flagged: int = Field(description="Of them, scoring above the candidate threshold.")
+    share_now: float | None = Field(description="flagged_now / inspections; null without inspections.")
+    share: float | None = Field(description="flagged / inspections; null without inspections.")
+
+
+class ScoreDistributions(BaseModel):
+    """``GET /v1/categories/{category}/scores``: the scores the active decision rests on, for a histogram."""
+
+    category: str = Field(description="The product category.")
+    version: int = Field(description="The active version whose evidence this is.")
+    decision: Decision = Field(description="Its decision rule; `score_normalized` = score / `threshold`.")
+    normal: list[float] = Field(description="Leave-one-out scores of the registration shots and their light "
+                                "views (each scored against a memory without it): how good parts score.")
+    confirmed_goods: list[float] = Field(description="Leave-one-out scores of the good parts operators confirmed "
+                                         "(feedback), and their light views.")
+    synthetic_defects: list[float] = Field(description="Defects pasted into the shots at registration.")
+    confirmed_defects: list[float] = Field(description="Defects operators confirmed (feedback).")
+    good_images: int = Field(description="Good images behind `normal` and `confirmed_goods` (each with its views).")
+    defect_evidence: Literal["confirmed", "synthetic"] | None = Field(
+        description="Which defect scores the expected recall counts: confirmed ones when there are any.")
+    recorded: list[float] = Field(description="Scores of the newest recorded inspections (newest first, at most "
+                                  "`recorded`) made by `recorded_versions`.")
+    recorded_versions: list[int] = Field(description="Versions that score like the active one (same tensors and "
+                                         "settings; a threshold change keeps them): their inspections count.")
 
 
 class FeedbackResult(BaseModel):

@@ -232,12 +232,18 @@ def decision_confidence(cal: Calibration, score: float) -> Confidence | None:
                       defect_images=int(defects.size), defect_evidence=kind)
 
 
-def _image_maxima(cal: Calibration) -> list[float]:
-    """Each good image's largest leave-one-out score, its own and its light views' (``normal_scores`` holds them
-    per image in order): the one grouping the bound (``images_above``) and the confidence count images by."""
+def image_scores(cal: Calibration) -> list[list[float]]:
+    """Each good image's leave-one-out scores, its own and its light views' (``normal_scores`` holds them per image
+    in order; ``confirmed`` indexes this list): the one grouping the bound (``images_above``), the confidence and
+    the service's score distributions count images by."""
     images = max(1, int(cal.shots or len(cal.normal_scores)))
     groups = np.array_split(np.asarray(cal.normal_scores, dtype=np.float64), images)
-    return [float(g.max()) for g in groups if g.size]
+    return [[float(s) for s in g] for g in groups if g.size]
+
+
+def _image_maxima(cal: Calibration) -> list[float]:
+    """Each good image's largest leave-one-out score (``image_scores``)."""
+    return [max(g) for g in image_scores(cal)]
 
 
 def _auto_threshold(normal: Sequence[float], defects: Sequence[float], validation: Sequence[float],

@@ -65,6 +65,7 @@ def test_every_route_checks_its_key_before_the_body_or_is_a_bodyless_public_page
     paths = {(m, r.path) for r in routes if isinstance(r, APIRoute) for m in r.methods}
     assert ("PUT", "/v1/categories/{category}/threshold") in paths
     assert ("POST", "/v1/categories/{category}/feedback") in paths
+    assert ("GET", "/v1/categories/{category}/scores") in paths
 
 
 @pytest.fixture(scope="module")

@@ -30,6 +30,7 @@ from starlette.concurrency import run_in_threadpool
 from app.categories import inspection
 from app.categories.category_edits import CategoryEdits, stale_conflict
 from app.categories.geometry import GeometryRequest
+from app.categories.score_evidence import score_evidence
 from app.categories.shot_ledger import (
     Ledger,
     adapter_facts,
@@ -345,6 +346,10 @@ class CategoryService(CategoryEdits):
 
     def list_all(self) -> list[dict[str, Any]]:
         return [self.summary(c) for c in self.store.categories() if self.store.versions(c)]
+
+    def scores(self, category: str) -> dict[str, Any]:
+        """The active version's score distributions and the versions of its model (``score_evidence``)."""
+        return score_evidence(self.store, self._existing(category))
 
     def detail(self, category: str) -> dict[str, Any]:
         """Summary plus the active decision and each version's key facts from its manifest (no tensors read)."""

@@ -90,6 +90,17 @@ class InspectionStore:
             if cursor is None:
                 return
 
+    def recent_scores(self, category: str, versions: builtins.list[int], limit: int) -> builtins.list[float]:
+        """Scores of the newest ``limit`` inspections made by any of ``versions``, newest first (a histogram's
+        worth: the (category, time) index is walked newest first and the walk stops at ``limit`` matches)."""
+        if not versions or limit <= 0:
+            return []
+        marks = ", ".join("?" * len(versions))
+        with self.db.tx() as tx:
+            rows = tx.all(f"SELECT score FROM inspections WHERE category = ? AND version IN ({marks}){_ORDER} "
+                          "LIMIT ?", (category, *versions, limit))
+        return [float(r["score"]) for r in rows]
+
     def kept_file(self, category: str, inspection_id: int, column: str) -> Path | None:
         """The kept ``image_path`` or ``overlay_path`` file of one of ``category``'s inspections, or None when the
         row, the kept picture or its file is gone (retention may have removed the file and cleared the path)."""

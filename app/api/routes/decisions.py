@@ -1,9 +1,9 @@
-"""Decision routes of a product: threshold policy, operator feedback, and its shot list.
+"""Decision routes of a product: threshold policy, operator feedback, its shot list and its score distributions.
 
-Auth: changes need an **admin** key; listing the shots accepts a client key too (hashes and file names,
-like the category detail). Every change answers with the new version it made, so the line can trace which
-rule judged a part and roll back with ``POST .../versions/{v}/activate``. Rules live in
-``CategoryService`` (``app/categories/category_edits.py``).
+Auth: changes need an **admin** key; listing the shots and the score distributions accepts a client key too
+(hashes, file names and scores, like the category detail and the inspection record). Every change answers with
+the new version it made, so the line can trace which rule judged a part and roll back with
+``POST .../versions/{v}/activate``. Rules live in ``CategoryService`` (``app/categories/category_edits.py``).
 """
 
 from __future__ import annotations
@@ -17,14 +17,30 @@ from app.api.audit import AUDITED
 from app.api.deps import AdminDep, AuthFirstRoute, ClientDep, PixelBudgetDep, SettingsDep
 from app.api.responses import errors
 from app.api.routes.categories import CategoriesDep, CategoryPath
+from app.api.routes.records import RecordsDep
 from app.categories.category_edits import policy_from_request
-from app.schemas import FeedbackResult, ShotList, ShotRemoved, ThresholdChanged, ThresholdRequest
+from app.categories.score_evidence import recorded_effect
+from app.categories.service import CategoryService
+from app.records.service import RecordService
+from app.schemas import (
+    FeedbackResult,
+    RecordedEffect,
+    ScoreDistributions,
+    ShotList,
+    ShotRemoved,
+    ThresholdChanged,
+    ThresholdRequest,
+)
 from app.serving.pixel_budget import fit_admitted, upload_pixels
 
 router = APIRouter(prefix="/v1/categories", tags=["categories"], route_class=AuthFirstRoute)
 
-_DRY_RUN_DOC = ("Preview: answer with the decision and its `warnings` without changing anything (the console "
-                "asks the operator before applying a rule that warns).")
+_DRY_RUN_DOC = ("Preview: answer with the decision, its `warnings` and what it would flag among the recorded "
+                "inspections (`recorded`) without changing anything (the console asks the operator before "
+                "applying a rule that warns).")
+# Recorded scores a histogram or a preview counts: enough for shares to 0.1 %, few enough for one quick answer.
+RECORDED_DEFAULT = 1000
+RECORDED_MAX = 10_000
 Sha256Path = Annotated[str, Path(description="SHA-256 of the shot (64 lowercase hex digits), from GET .../shots.")]
 
 
@@ -35,7 +51,7 @@ Sha256Path = Annotated[str, Path(description="SHA-256 of the shot (64 lowercase 
                              e409="No usable active version, it stores no calibration evidence, or another writer "
                                   "changed the active version meanwhile (`version_conflict`: retry).",
                              e422="A value out of range (rate not in (0, 0.5), negative threshold)."))
-async def set_threshold(category: CategoryPath, _: AdminDep, service: CategoriesDep,
+async def set_threshold(category: CategoryPath, _: AdminDep, service: CategoriesDep, records: RecordsDep,
                         body: Annotated[ThresholdRequest, Body()],
                         dry_run: Annotated[bool, Query(description=_DRY_RUN_DOC)] = False) -> ThresholdChanged:
     """New version = the active one under a new decision policy; answers with the expected rates. Admin only.
@@ -44,7 +60,36 @@ async def set_threshold(category: CategoryPath, _: AdminDep, service: Categories
     processed), so this is instant; roll back by activating the previous version. A rule that stops inspecting
     (expected recall 0, or half the good parts flagged) is still applied, with `warnings` saying so."""
     policy = policy_from_request(body.target_false_alarm_rate, body.threshold, body.policy)
-    return ThresholdChanged(**await service.set_threshold(category, policy, dry_run=dry_run))
+    answer = ThresholdChanged(**await service.set_threshold(category, policy, dry_run=dry_run))
+    if dry_run:
+        answer.recorded = await run_in_threadpool(_effect, service, records, answer)
+    return answer
+
+
+def _effect(service: CategoryService, records: RecordService, preview: ThresholdChanged) -> RecordedEffect:
+    """The preview's rule against the rule serving now, on the newest recorded scores of the same model."""
+    evidence = service.scores(preview.category)
+    versions = evidence["model_versions"]
+    scores = records.inspections.recent_scores(preview.category, versions, RECORDED_DEFAULT)
+    return RecordedEffect(**recorded_effect(scores, evidence["decision"]["threshold"], preview.decision.threshold,
+                                            versions))
+
+
+@router.get("/{category}/scores", response_model=ScoreDistributions, summary="The scores a decision rests on",
+            responses=errors(400, 401, 404, 409, 422, e404="Unknown category.",
+                             e409="No usable active version, or it stores no calibration evidence."))
+def score_distributions(
+    category: CategoryPath, _: ClientDep, service: CategoriesDep, records: RecordsDep,
+    recorded: Annotated[int, Query(ge=0, le=RECORDED_MAX, description=f"How many of the newest recorded "
+                                   f"inspections to include: default {RECORDED_DEFAULT}, at most {RECORDED_MAX}, "
+                                   "0 for none.")] = RECORDED_DEFAULT,
+) -> ScoreDistributions:
+    """The active version's calibration evidence by kind, its decision, and the scores of the newest recorded
+    inspections its model made: what the console draws the threshold over. Client or admin key."""
+    evidence = service.scores(category)
+    versions = evidence.pop("model_versions")
+    scores = records.inspections.recent_scores(evidence["category"], versions, recorded)
+    return ScoreDistributions(**evidence, recorded=scores, recorded_versions=versions)
 
 
 @router.post("/{category}/feedback", dependencies=AUDITED, status_code=201, response_model=FeedbackResult,

@@ -300,6 +300,34 @@ class ReadyResponse(_Model):
     detail: str | None = None
 
 
+class RecordedEffect(_Model):
+    """What a threshold does on the line's recorded traffic (``score > threshold`` over recorded scores)."""
+
+    inspections: int
+    versions: list[int]
+    threshold_now: float | None
+    flagged_now: int | None
+    flagged: int
+    share_now: float | None
+    share: float | None
+
+
+class ScoreDistributions(_Model):
+    """``GET /v1/categories/{category}/scores``: the scores the active decision rests on, for a histogram."""
+
+    category: str
+    version: int
+    decision: Decision
+    normal: list[float]
+    confirmed_goods: list[float]
+    synthetic_defects: list[float]
+    confirmed_defects: list[float]
+    good_images: int
+    defect_evidence: Literal['confirmed', 'synthetic'] | None
+    recorded: list[float]
+    recorded_versions: list[int]
+
+
 class ShotInfo(_Model):
     """One good image the active version's memory was fitted on."""
 
@@ -357,6 +385,7 @@ class ThresholdChanged(_Model):
     decision: Decision
     dry_run: bool = False
     warnings: list[str] | None = None
+    recorded: RecordedEffect | None = None
 
 
 class ThresholdRequest(_Model):
