@@ -15,6 +15,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from PIL import Image  # noqa: E402
 from selenium import webdriver  # noqa: E402
+from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 from clipshot.backbone import load_backbone  # noqa: E402
@@ -55,6 +56,7 @@ def main() -> None:
             driver.set_window_size(1400, driver.execute_script("return document.body.scrollHeight") + 120)
             time.sleep(1)
             driver.save_screenshot(str(OUT / "history.png"))  # the whole page, History at the bottom
+            threshold_view(driver)
         finally:
             driver.quit()
     for path in OUT.glob("*.png"):  # 256 colours: a quarter of the bytes, no visible loss on a UI
@@ -62,6 +64,21 @@ def main() -> None:
             small = image.convert("RGB").quantize(256)
         small.save(path, optimize=True)
     print("\n".join(str(p.relative_to(ROOT)) for p in sorted(OUT.glob("*.png"))))
+
+
+def threshold_view(driver: webdriver.Chrome) -> None:
+    """The threshold histogram with its line dragged a little left of the served one and previewed."""
+    section = driver.find_element("id", "threshold-section")
+    driver.execute_script("arguments[0].dispatchEvent(new Event('change'))", driver.find_element("id", "thv-category"))
+    time.sleep(1)  # reloaded: the recorded scores include the image tried above
+    driver.execute_script("arguments[0].scrollIntoView()", section)
+    handle = driver.find_element("id", "thv-handle")
+    ActionChains(driver).click_and_hold(handle).move_by_offset(-60, 0).release().perform()
+    driver.find_element("id", "thv-preview").click()
+    WebDriverWait(driver, 60).until(lambda d: d.find_element("id", "thv-server").get_attribute("data-warnings"))
+    driver.set_window_size(1400, driver.execute_script("return document.body.scrollHeight") + 120)
+    time.sleep(0.5)
+    section.screenshot(str(OUT / "threshold.png"))
 
 
 if __name__ == "__main__":

@@ -6,11 +6,11 @@
 "use strict";
 
 const SVG_NS = "http://www.w3.org/2000/svg";
-const CHART = { width: 800, height: 260, left: 48, right: 12, top: 12, bottom: 32, bins: 40 };
+const CHART = { width: 800, height: 260, left: 48, right: 24, top: 12, bottom: 32, bins: 40 };
 // [field of the scores answer, legend, colour]: one colour per kind of evidence.
 const SERIES = [
   ["normal", "good shots (leave-one-out)", "#1b7f3a"],
-  ["confirmed_goods", "confirmed goods", "#7cc47f"],
+  ["confirmed_goods", "confirmed goods", "#7b1fa2"],
   ["synthetic_defects", "synthetic defects", "#e08a00"],
   ["confirmed_defects", "confirmed defects", "#b3261e"],
   ["recorded", "recorded inspections", "#3367d6"],
