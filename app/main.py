@@ -27,6 +27,7 @@ from app.core.config import Settings, env_var
 from app.errors import install_error_handlers
 from app.jobs.job_runner import JobRunner
 from app.jobs.job_store import JobDatabaseError, JobStore
+from app.jobs.refit_jobs import RefitJobs
 from app.metrics import Metrics, RequestMetricsMiddleware
 from app.records.service import RecordService
 from app.serving.adapter_cache import AdapterCache
@@ -211,6 +212,8 @@ def _start_jobs_and_registry(app: FastAPI, stack: contextlib.AsyncExitStack) -> 
     runner.start()
     stack.push_async_callback(run_in_threadpool, runner.stop)
     s.job_runner = runner
+    s.refit_jobs = refits = RefitJobs(s.job_store, stale_s=s.settings.job_stale_s)
+    stack.push_async_callback(refits.stop)  # before the runner and the device worker stop
     s.categories = s.category_service = CategoryService(
         settings=s.settings, store=s.store, detector=s.detector, device_worker=s.device_worker,
         adapter_cache=s.adapter_cache, job_runner=runner)

@@ -20,7 +20,7 @@ from PIL import Image
 
 from clipshot.adapter import Adapter
 from clipshot.calibration import light_views
-from clipshot.chunked import Steps
+from clipshot.chunked import Steps, staged
 from clipshot.features import FEATURE_BATCH, Features
 from clipshot.memory_branch import MemoryBank
 from clipshot.synthetic import AnomalySynthesizer
@@ -59,11 +59,17 @@ def gather(detector: Detector, adapter: Adapter, shots: list[Image.Image], feats
     """Features of the light views and synthetic defects (the shots' own ``feats`` are reused)."""
     dpam = adapter.scoring.dpam
     view_feats = None
+    per_batch = max(1, FEATURE_BATCH // adapter.geometry.views_per_image)
     if views:
         all_views = [view for img in shots for view in light_views(img, views)]
-        view_feats = yield from detector.features_steps(all_views, adapter, dpam=dpam)
-    made, masks, sources = yield from synthetic_defects(detector, shots, adapter)
-    synth_feats = (yield from unit_features(detector, made, adapter)) if len(made) else None
+        view_feats = yield from staged("embedding light views", len(all_views),
+                                       detector.features_steps(all_views, adapter, dpam=dpam), per_chunk=per_batch)
+    made, masks, sources = yield from staged("making synthetic defects", len(shots),
+                                             synthetic_defects(detector, shots, adapter))
+    synth_feats = None
+    if len(made):
+        synth_feats = yield from staged("embedding synthetic defects", len(made),
+                                        unit_features(detector, made, adapter), per_chunk=per_batch)
     return Evidence(feats, view_feats, views, synth_feats, masks if len(made) else None, sources)
 
 

@@ -19,7 +19,7 @@ from clipshot.adapter import Adapter
 from clipshot.anomaly_map import pixel_map
 from clipshot.backbone import Backbone, ClipBackbone
 from clipshot.calibration import Calibration, DecisionPolicy, calibrate
-from clipshot.chunked import Steps, finish
+from clipshot.chunked import Stage, Steps, finish, staged
 from clipshot.features import FEATURE_BATCH, Features
 from clipshot.fusion import ScoringConfig, fuse_maps, image_score, map_threshold
 from clipshot.geometry import TILE_OVERLAP, Geometry, GeometryError, build_geometry, check_usable
@@ -375,8 +375,11 @@ class Detector:
         if policy is None:
             policy = adapter.calibration.policy_spec() if adapter.calibration is not None else DecisionPolicy()
         shots = list(shots)
-        feats = yield from self.features_steps(shots, adapter, dpam=adapter.scoring.dpam)
-        adapter.memory = yield from self.memory_bank_steps(feats, adapter, coreset_ratio)
+        per_batch = max(1, FEATURE_BATCH // adapter.geometry.views_per_image)
+        feats = yield from staged("embedding shots", len(shots),
+                                  self.features_steps(shots, adapter, dpam=adapter.scoring.dpam), per_chunk=per_batch)
+        adapter.memory = yield from staged("building memory bank", 1,
+                                           self.memory_bank_steps(feats, adapter, coreset_ratio), per_chunk=0)
         adapter.calibration = yield from self._calibrate(adapter, shots, feats, calibration_views, list(defects),
                                                          policy, coreset_ratio, confirmed)
         adapter.memory.kept = None  # calibration is done with the coreset's rows; the bank needs only itself
@@ -411,16 +414,20 @@ class Detector:
         to the same evidence and the adapter keeps the one that separates its synthetic defects from its unseen
         normals best (``clipshot.scoring_selection``); the served bank is then rebuilt the chosen way."""
         found = yield from evidence.gather(self, adapter, shots, feats, views)
+        folds = found.feats.batch_size
         if adapter.selection is not None and adapter.memory is not None:
-            loo = yield from selection.select(self, adapter, found)
-            adapter.memory = yield from self.memory_bank_steps(feats, adapter, coreset_ratio)
+            runs = len(selection.candidates(adapter.scoring, staged=self.backbone.stage_dims is not None))
+            loo = yield from staged("leave-one-out calibration", folds * runs, selection.select(self, adapter, found))
+            adapter.memory = yield from staged("building memory bank", 1,
+                                               self.memory_bank_steps(feats, adapter, coreset_ratio), per_chunk=0)
         else:
-            loo = yield from evidence.leave_one_out(self, adapter, found, served=adapter.memory)
+            loo = yield from staged("leave-one-out calibration", folds,
+                                    evidence.leave_one_out(self, adapter, found, served=adapter.memory))
         validation: list[float] = []
         step = max(1, FEATURE_BATCH // adapter.geometry.views_per_image)
         for start in range(0, len(defects), step):
             validation.extend(self.score_images(defects[start : start + step], adapter))
-            yield
+            yield Stage("scoring confirmed defects", min(start + step, len(defects)), len(defects))
         method = "leave-one-out" if len(shots) > 1 else "single-shot-augmented"
         return calibrate(loo.normal, loo.synthetic, shots=len(shots), validation_defect_scores=validation,
                          policy=policy, method=method, confirmed=confirmed)

@@ -28,7 +28,7 @@ ACTIONS = {
     "pin_version": "pin", "unpin_version": "unpin", "set_threshold": "threshold", "feedback": "feedback",
     "remove_shot": "shot_remove", "cancel_job": "finetune_cancel", "delete_inspections": "inspections_delete",
 }
-_DETAIL_QUERY = ("before",)  # query parameters worth keeping with the event
+_DETAIL_QUERY = ("before", "wait")  # query parameters worth keeping with the event (wait=false: a refit job)
 
 
 def _active_version(store: Any, category: str | None) -> int | None:

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     import asyncio
 
     from app.core.config import Settings
+    from app.jobs.refit_jobs import RefitProgress
     from model_store import AdapterStore
 
 log = logging.getLogger(__name__)
@@ -177,32 +178,51 @@ class CategoryEdits:
         return {"category": name, "version": version, "decision": decision, "warnings": decision_warnings(decision)}
 
     # -- feedback -----------------------------------------------------------------------------------
+    async def check_feedback(self, category: str, files: list[tuple[str, bytes]], *, label: str,
+                             defect_type: str | None = None, note: str | None = None) -> str:
+        """Every check ``feedback`` makes before writing, against the product as it is now (nothing written):
+        feedback answered 202 must have failed these with a 4xx instead."""
+        check_feedback_fields(label, defect_type, note)
+        name, hashes, sizes = await run_in_threadpool(self.validate_upload, category, files, minimum=1)
+        name, ledger = await self._ledger(name)
+        await run_in_threadpool(self._check_feedback, name, ledger, label, hashes, sizes)
+        return name
+
+    def _check_feedback(self, name: str, ledger: Ledger, label: str, hashes: list[str],
+                        sizes: list[tuple[int, int]]) -> tuple[Any, set[str], set[str]]:
+        """(served manifest, hashes already under ``label``, new hashes), or the 4xx that refuses the images."""
+        manifest = self._served(name, ledger)
+        # the category's geometry must apply to every new image (400 before anything is stored)
+        self._plan_geometry(name, ledger, sizes, GeometryRequest())
+        if not manifest.adapter.get("memory_layers"):
+            raise ConflictError(f"version {manifest.version} of {name!r} has no memory branch, so confirmed "
+                                "images cannot be learnt; register good shots first", code="no_memory_branch")
+        same, other = ((ledger.good_hashes, ledger.defect_hashes) if label == "good"
+                       else (ledger.defect_hashes, ledger.good_hashes))
+        clash = other & set(hashes)
+        if clash:
+            raise ConflictError(f"{len(clash)} image(s) are already listed as "
+                                f"{'defects' if label == 'good' else 'good shots'}; remove them first "
+                                "(DELETE .../shots/{sha256} for a good shot)", code="label_conflict")
+        fresh = set(hashes) - same
+        total = len(same | fresh)
+        if total > self.settings.max_category_images:
+            raise BadRequestError(f"the product would hold {total} {label} images, at most "
+                                  f"{self.settings.max_category_images}", code="too_many_images")
+        return manifest, same, fresh
+
     async def feedback(self, category: str, files: list[tuple[str, bytes]], *, label: str,
-                       defect_type: str | None = None, note: str | None = None) -> dict[str, Any]:
+                       defect_type: str | None = None, note: str | None = None,
+                       progress: RefitProgress | None = None) -> dict[str, Any]:
         """Confirmed goods join the memory, confirmed defects the validation set; a new version either way."""
         check_feedback_fields(label, defect_type, note)
         name, hashes, sizes = await run_in_threadpool(self.validate_upload, category, files, minimum=1)
         name = await run_in_threadpool(self._existing, name)
         async with self._lock(name):
+            if progress is not None:
+                await progress.started()
             _, ledger = await self._ledger(name)
-            manifest = self._served(name, ledger)
-            # the category's geometry must apply to every new image (400 before anything is stored)
-            await run_in_threadpool(self._plan_geometry, name, ledger, sizes, GeometryRequest())
-            if not manifest.adapter.get("memory_layers"):
-                raise ConflictError(f"version {manifest.version} of {name!r} has no memory branch, so confirmed "
-                                    "images cannot be learnt; register good shots first", code="no_memory_branch")
-            same, other = ((ledger.good_hashes, ledger.defect_hashes) if label == "good"
-                           else (ledger.defect_hashes, ledger.good_hashes))
-            clash = other & set(hashes)
-            if clash:
-                raise ConflictError(f"{len(clash)} image(s) are already listed as "
-                                    f"{'defects' if label == 'good' else 'good shots'}; remove them first "
-                                    "(DELETE .../shots/{sha256} for a good shot)", code="label_conflict")
-            fresh = set(hashes) - same
-            total = len(same | fresh)
-            if total > self.settings.max_category_images:
-                raise BadRequestError(f"the product would hold {total} {label} images, at most "
-                                      f"{self.settings.max_category_images}", code="too_many_images")
+            manifest, same, fresh = await run_in_threadpool(self._check_feedback, name, ledger, label, hashes, sizes)
             duplicates = len(hashes) - len(fresh)
             version = manifest.version
             cal = manifest.adapter.get("calibration")
@@ -215,7 +235,7 @@ class CategoryEdits:
                     defects = ledger.defects + (added if label == "defect" else [])
                     version, adapter = await self._fit_and_save(name, goods, defects, base=manifest,
                                                                 through_lora=True, new=added, expect=ledger.active,
-                                                                held=held)
+                                                                held=held, progress=progress)
                 cal = adapter.config()["calibration"]
                 n_goods = sum(r.get("source") == "feedback" for r in goods)
                 n_defects = len(defects)
@@ -236,24 +256,41 @@ class CategoryEdits:
                            "source": r.get("source", "registration"), "label": r.get("label", "good")}
                           for r in current_ledger(self.store, name).goods]}
 
-    async def remove_shot(self, category: str, sha256: str) -> dict[str, Any]:
+    async def check_remove_shot(self, category: str, sha256: str) -> str:
+        """Every check ``remove_shot`` makes before writing, against the product as it is now."""
+        name = await run_in_threadpool(self._existing, category)
+        self._check_removal(name, (await self._ledger(name))[1], sha256)
+        return name
+
+    def _check_removal(self, name: str, ledger: Ledger, sha256: str) -> tuple[Any, list[dict[str, Any]]]:
+        """(served manifest, the good shots without ``sha256``), or the 4xx that refuses the removal."""
+        if not SHA256.fullmatch(sha256):
+            raise BadRequestError(f"invalid sha256 {sha256!r}: 64 lowercase hex digits", code="invalid_sha256")
+        manifest = self._served(name, ledger)
+        if sha256 not in ledger.good_hashes:
+            raise NotFoundError(f"{name!r} has no good shot {sha256} in its active version "
+                                "(see GET .../shots)", code="shot_not_found")
+        goods = [r for r in ledger.goods if r["sha256"] != sha256]
+        if not goods:
+            raise ConflictError(f"{sha256} is the only shot of {name!r}; add another before removing it, "
+                                "or delete the category", code="last_shot")
+        return manifest, goods
+
+    async def remove_shot(self, category: str, sha256: str, *,
+                          progress: RefitProgress | None = None) -> dict[str, Any]:
         """New version fitted without one good image (409 if it is the last); its file stays for rollback."""
         name = await run_in_threadpool(self._existing, category)
         if not SHA256.fullmatch(sha256):
             raise BadRequestError(f"invalid sha256 {sha256!r}: 64 lowercase hex digits", code="invalid_sha256")
         async with self._lock(name):
+            if progress is not None:
+                await progress.started()
             _, ledger = await self._ledger(name)
-            manifest = self._served(name, ledger)
-            if sha256 not in ledger.good_hashes:
-                raise NotFoundError(f"{name!r} has no good shot {sha256} in its active version "
-                                    "(see GET .../shots)", code="shot_not_found")
-            goods = [r for r in ledger.goods if r["sha256"] != sha256]
-            if not goods:
-                raise ConflictError(f"{sha256} is the only shot of {name!r}; add another before removing it, "
-                                    "or delete the category", code="last_shot")
+            manifest, goods = self._check_removal(name, ledger, sha256)
             try:
                 version, adapter = await self._fit_and_save(name, goods, ledger.defects, base=manifest,
-                                                            through_lora=True, expect=ledger.active)
+                                                            through_lora=True, expect=ledger.active,
+                                                            progress=progress)
             except StoreError as exc:
                 raise ConflictError(str(exc), code="shots_missing") from exc
         self.cache.invalidate(name)
@@ -284,5 +321,6 @@ class CategoryEdits:
         raise NotImplementedError  # pragma: no cover
     async def _fit_and_save(self, name: str, goods: list[dict[str, Any]], defects: list[dict[str, Any]], *,
                             base: Any, through_lora: bool, object_name: str | None = None,
-                            new: Sequence[dict[str, Any]] = (), expect: int | None,
-                            held: Hold | None = None) -> tuple[int, Any]: raise NotImplementedError  # pragma: no cover
+                            new: Sequence[dict[str, Any]] = (), expect: int | None, held: Hold | None = None,
+                            progress: RefitProgress | None = None) -> tuple[int, Any]:
+        raise NotImplementedError  # pragma: no cover

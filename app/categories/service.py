@@ -48,7 +48,7 @@ from app.serving.device_worker import TRAIN
 from app.serving.images import decode_image
 from clipshot.adapter import Adapter
 from clipshot.calibration import Calibration
-from clipshot.chunked import Steps, timed
+from clipshot.chunked import Stage, Steps, reporting, timed
 from clipshot.detector import Detector
 from clipshot.geometry import Geometry
 from model_store import (
@@ -66,6 +66,7 @@ from model_store.manifest import Manifest
 
 if TYPE_CHECKING:
     from app.jobs.job_runner import JobRunner
+    from app.jobs.refit_jobs import RefitProgress
 
 DELETE_WAIT_S = 30.0  # how long DELETE waits for the category's running job to let go of the device
 
@@ -189,11 +190,26 @@ class CategoryService(CategoryEdits):
                          "thresholds (and fine-tuning needs at least 4 to validate itself)")
         return notes
 
+    async def check_register(self, category: str, files: list[tuple[str, bytes]],
+                             geometry: GeometryRequest | None = None) -> str:
+        """Every check ``register`` makes before writing, against the product as it is now (nothing written):
+        a registration answered 202 must have failed these with a 4xx instead."""
+        name, hashes, sizes = await run_in_threadpool(self.validate_upload, category, files)
+        ledger = await run_in_threadpool(current_ledger, self.store, name)
+        self._check_total(ledger, hashes)
+        await run_in_threadpool(self._plan_geometry, name, ledger, sizes, geometry or GeometryRequest())
+        return name
+
     async def register(self, category: str, files: list[tuple[str, bytes]], *, description: str | None = None,
-                       finetune: bool = True, geometry: GeometryRequest | None = None) -> Registration:
-        """Validate, store the shots, fit + activate the memory adapter over ALL good images, maybe fine-tune."""
+                       finetune: bool = True, geometry: GeometryRequest | None = None,
+                       progress: RefitProgress | None = None) -> Registration:
+        """Validate, store the shots, fit + activate the memory adapter over ALL good images, maybe fine-tune.
+
+        ``progress``: a refit job's progress, claimed once the category's lock is held and fed by the fit."""
         name, hashes, sizes = await run_in_threadpool(self.validate_upload, category, files)
         async with self._lock(name):
+            if progress is not None:
+                await progress.started()
             ledger = await run_in_threadpool(current_ledger, self.store, name)
             notes = self._check_total(ledger, hashes)
             plan = await run_in_threadpool(self._plan_geometry, name, ledger, sizes, geometry or GeometryRequest())
@@ -203,7 +219,8 @@ class CategoryService(CategoryEdits):
                 goods = ledger.goods + added
                 version, adapter = await self._fit_and_save(name, goods, ledger.defects, base=ledger.manifest,
                                                             through_lora=False, object_name=description, new=added,
-                                                            geometry=plan, expect=ledger.active, held=held)
+                                                            geometry=plan, expect=ledger.active, held=held,
+                                                            progress=progress)
         self.cache.invalidate(name)
         job_id = None
         if finetune and not self.detector.backbone.supports_text:
@@ -233,7 +250,8 @@ class CategoryService(CategoryEdits):
     async def _fit_and_save(self, name: str, goods: list[dict[str, Any]], defects: list[dict[str, Any]], *,
                             base: Manifest | None, through_lora: bool, object_name: str | None = None,
                             new: Sequence[dict[str, Any]] = (), geometry: Geometry | None = None,
-                            expect: int | None, held: Hold | None = None) -> tuple[int, Adapter]:
+                            expect: int | None, held: Hold | None = None,
+                            progress: RefitProgress | None = None) -> tuple[int, Adapter]:
         """Fit memory + calibration over ``goods`` (validation on ``defects``) and save it as the active version.
 
         ``through_lora``: a fine-tuned active version keeps its LoRA and prompts and only re-fits memory and
@@ -244,7 +262,7 @@ class CategoryService(CategoryEdits):
         that no version lists are removed, so a retry starts from the same store."""
         try:
             result = await self._fit(name, goods, defects, base=base, through_lora=through_lora,
-                                     object_name=object_name, geometry=geometry, expect=expect)
+                                     object_name=object_name, geometry=geometry, expect=expect, progress=progress)
         except BaseException as exc:
             if held is not None:
                 files = [r["name"] for r in new]
@@ -258,15 +276,19 @@ class CategoryService(CategoryEdits):
 
     async def _fit(self, name: str, goods: list[dict[str, Any]], defects: list[dict[str, Any]], *,
                    base: Manifest | None, through_lora: bool, object_name: str | None,
-                   geometry: Geometry | None = None, expect: int | None) -> tuple[int, Adapter]:
+                   geometry: Geometry | None = None, expect: int | None,
+                   progress: RefitProgress | None = None) -> tuple[int, Adapter]:
         s = self.settings
+        report = (lambda stage: None) if progress is None else progress.stage
         calibration = None if base is None else base.adapter.get("calibration")
         policy = Calibration.from_dict(calibration).policy_spec() if calibration else None
         if geometry is None and base is not None and base.adapter.get("geometry"):
             geometry = Geometry.from_dict(base.adapter["geometry"])  # re-fits keep the category's geometry
         # images at working size, one full decode at a time; ``working`` is the geometry scaled to them
+        report(Stage("decoding images", 0, len(goods) + len(defects)))
         good_images, defect_images, working = await run_in_threadpool(
             decode_for_fit, self.store, name, goods, defects, s, geometry, self.detector.backbone.image_size)
+        report(Stage("decoding images", len(goods) + len(defects), len(goods) + len(defects)))
         ratio = memory_coreset(len(good_images), s.max_shots)
         confirmed = [i for i, r in enumerate(goods) if r.get("source") == "feedback"]  # good_images' order
         source = None
@@ -286,7 +308,7 @@ class CategoryService(CategoryEdits):
                 steps = self.detector.refit_memory_steps(source, good_images, coreset_ratio=ratio,
                                                          defects=defect_images, policy=policy, confirmed=confirmed)
             try:
-                adapter, seconds = yield from timed(steps)
+                adapter, seconds = yield from timed(reporting(steps, report))
             finally:
                 if source is not None:
                     self.detector.detach(source)
@@ -303,10 +325,12 @@ class CategoryService(CategoryEdits):
                    "coreset_ratio": ratio,
                    "validation": validation_facts(adapter.config()["calibration"], n_feedback, len(defects))}
         fields: dict[str, Any] = {"shots": goods, "validation": defects, "metrics": metrics, "promotable": True}
+        report(Stage("saving version", 0, 1))
         if source is not None and base is not None and base.training is not None:
             fields["training"] = base.training.model_dump(mode="json")  # the LoRA it still carries
         version = await run_in_threadpool(save_adapter, self.store, self.detector, adapter, activate=True,
                                           expect_active=expect, **fields)
+        report(Stage("saving version", 1, 1))
         return version, adapter
 
     def _drop_if_empty(self, name: str, files: list[str]) -> None:

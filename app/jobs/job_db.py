@@ -15,22 +15,24 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, get_args
 from urllib.parse import urlsplit, urlunsplit
 
-from app.jobs.job_model import JobState
+from app.jobs.job_model import JobKind, JobState
 
 DB_FILENAME = "jobs.sqlite3"
 POSTGRES_SCHEMES = ("postgresql", "postgres")
 CONNECT_TIMEOUT_S = 5
 _SCHEMA_LOCK_ID = 0x636C6970  # pg_advisory_xact_lock key: two replicas starting at once create the table once
 _STATES = ", ".join(repr(s.value) for s in JobState)
+_KIND_CHECK = f"CHECK (kind IN ({', '.join(repr(k) for k in get_args(JobKind))}))"
 _COLUMNS = f"""
     id TEXT PRIMARY KEY,
     category TEXT NOT NULL,
-    kind TEXT NOT NULL CHECK (kind IN ('finetune')),
+    kind TEXT NOT NULL {_KIND_CHECK},
     state TEXT NOT NULL CHECK (state IN ({_STATES})),
     progress {{real}} NOT NULL DEFAULT 0 CHECK (progress >= 0 AND progress <= 1),
+    stage TEXT,
     step INTEGER,
     total_steps INTEGER,
     message TEXT,
@@ -38,6 +40,7 @@ _COLUMNS = f"""
     metrics TEXT,
     error TEXT,
     result_version INTEGER,
+    result TEXT,
     worker TEXT,
     heartbeat_at TEXT,
     cancel_requested INTEGER NOT NULL DEFAULT 0,
@@ -47,11 +50,14 @@ _COLUMNS = f"""
 _INDEXES = [
     "CREATE INDEX IF NOT EXISTS jobs_by_created ON jobs (created_at DESC)",
     "CREATE INDEX IF NOT EXISTS jobs_by_category ON jobs (category, created_at DESC)",
-    "CREATE UNIQUE INDEX IF NOT EXISTS jobs_one_active_per_category ON jobs (category) "
-    "WHERE state IN ('queued', 'running')",
+    # one active fine-tune per category; refits (register, feedback) queue on the category's lock instead
+    "DROP INDEX IF EXISTS jobs_one_active_per_category",
+    "CREATE UNIQUE INDEX IF NOT EXISTS jobs_one_active_finetune ON jobs (category) "
+    "WHERE kind = 'finetune' AND state IN ('queued', 'running')",
 ]
-# Columns added after the first SQLite release: older job files get them on open (ALTER TABLE ADD COLUMN).
-_ADDED_COLUMNS = {"worker": "TEXT", "heartbeat_at": "TEXT", "cancel_requested": "INTEGER NOT NULL DEFAULT 0"}
+# Columns added after the first release: older job tables get them on open (ALTER TABLE ADD COLUMN).
+_ADDED_COLUMNS = {"worker": "TEXT", "heartbeat_at": "TEXT", "cancel_requested": "INTEGER NOT NULL DEFAULT 0",
+                  "stage": "TEXT", "result": "TEXT"}
 
 
 class JobDatabaseError(RuntimeError):
@@ -87,19 +93,38 @@ Schema = Callable[[JobDatabase, Tx], None]
 
 
 def _jobs_schema(db: JobDatabase, tx: Tx) -> None:
-    """The ``jobs`` table and its indexes; old SQLite job files get the columns added since."""
+    """The ``jobs`` table and its indexes; older tables get the columns and job kinds added since."""
     if db.dialect == "postgresql":
         tx.run("SELECT pg_advisory_xact_lock(?)", (_SCHEMA_LOCK_ID,))
         columns = _COLUMNS.format(real="DOUBLE PRECISION")
         tx.run(f"CREATE TABLE IF NOT EXISTS jobs (seq BIGINT GENERATED ALWAYS AS IDENTITY UNIQUE, {columns})")
+        for name, decl in _ADDED_COLUMNS.items():
+            tx.run(f"ALTER TABLE jobs ADD COLUMN IF NOT EXISTS {name} {decl}")
+        check = tx.one("SELECT pg_get_constraintdef(oid) AS d FROM pg_constraint WHERE conname = 'jobs_kind_check'")
+        if check is None or "remove_shot" not in check["d"]:  # a table from before the refit kinds
+            tx.run("ALTER TABLE jobs DROP CONSTRAINT IF EXISTS jobs_kind_check")
+            tx.run(f"ALTER TABLE jobs ADD CONSTRAINT jobs_kind_check {_KIND_CHECK}")
     else:
         tx.run(f"CREATE TABLE IF NOT EXISTS jobs ({_COLUMNS.format(real='REAL')})")
+        table = tx.one("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'jobs'")
+        if table is not None and _KIND_CHECK not in table["sql"]:
+            _rebuild_sqlite_jobs(tx)  # SQLite cannot alter a CHECK: copy the rows into a table with the new one
         have = {r["name"] for r in tx.all("PRAGMA table_info(jobs)")}
         for name, decl in _ADDED_COLUMNS.items():
             if name not in have:
                 tx.run(f"ALTER TABLE jobs ADD COLUMN {name} {decl}")
     for sql in _INDEXES:
         tx.run(sql)
+
+
+def _rebuild_sqlite_jobs(tx: Tx) -> None:
+    """Recreate ``jobs`` with the current columns and checks, keeping every row and its insertion order."""
+    tx.run("ALTER TABLE jobs RENAME TO jobs_before_rebuild")
+    tx.run(f"CREATE TABLE jobs ({_COLUMNS.format(real='REAL')})")
+    old = {r["name"] for r in tx.all("PRAGMA table_info(jobs_before_rebuild)")}
+    kept = ", ".join(r["name"] for r in tx.all("PRAGMA table_info(jobs)") if r["name"] in old)
+    tx.run(f"INSERT INTO jobs ({kept}) SELECT {kept} FROM jobs_before_rebuild ORDER BY rowid")
+    tx.run("DROP TABLE jobs_before_rebuild")
 
 
 def redact(url: str) -> str:

@@ -16,6 +16,8 @@ from app.errors import ConflictError, NotFoundError
 
 INTERRUPTED_ERROR = "interrupted by service restart"
 INTERRUPTED_MESSAGE = "interrupted by a service restart; start it again with POST /v1/categories/{category}/finetune"
+REFIT_INTERRUPTED_ERROR = ("interrupted by service restart before the refit finished: if GET /v1/categories/{category} "
+                           "shows no new active version, nothing changed; send the request again")
 
 
 class JobState(StrEnum):
@@ -35,7 +37,9 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.failed: frozenset(),
     JobState.cancelled: frozenset(),
 }
-JobKind = Literal["finetune"]
+JobKind = Literal["finetune", "register", "feedback", "remove_shot"]
+RUNNER_KINDS = ("finetune",)  # kinds the job runner claims from the queue; the others run where they were accepted
+REFIT_KINDS = ("register", "feedback", "remove_shot")
 
 
 class Job(BaseModel):
@@ -48,8 +52,12 @@ class Job(BaseModel):
     kind: JobKind = Field(description="What the job does.")
     state: JobState = Field(description="Lifecycle state; succeeded, failed and cancelled are final.")
     progress: float = Field(0.0, ge=0.0, le=1.0, description="Fraction done, 0..1.")
-    step: int | None = Field(None, ge=0, description="Current optimisation step, if known.")
-    total_steps: int | None = Field(None, ge=0, description="Planned number of steps, if known.")
+    stage: str | None = Field(None, description="Refit jobs: the part of the fit under way (e.g. `embedding shots`, "
+                                                "`leave-one-out calibration`); `done` once finished.")
+    step: int | None = Field(None, ge=0, description="Fine-tunes: the current optimisation step; refits: units of "
+                                                     "the current stage done (images embedded, folds), if known.")
+    total_steps: int | None = Field(None, ge=0, description="Planned number of steps (refits: units of the current "
+                                                            "stage), if known.")
     message: str | None = Field(None, description="Latest human-readable status line.")
     params: dict[str, Any] = Field(default_factory=dict, description="Parameters the job was started with.")
     metrics: dict[str, Any] | None = Field(
@@ -57,6 +65,9 @@ class Job(BaseModel):
     )
     error: str | None = Field(None, description="Why the job failed, when state is failed.")
     result_version: int | None = Field(None, description="Adapter version the job produced, when succeeded.")
+    result: dict[str, Any] | None = Field(
+        None, description="Refit jobs, once succeeded: the body the synchronous call answers (version, decision, "
+                          "warnings, geometry, ...).")
     worker: str | None = Field(
         None, description="The worker process (`host:pid:tag`) that claimed the job, once it started."
     )

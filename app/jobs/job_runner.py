@@ -49,6 +49,7 @@ from app.categories.promotion import save_result
 from app.categories.shot_ledger import Ledger, decode_refs, ledger_at, memory_coreset
 from app.core.config import Settings
 from app.errors import ConflictError, OverloadedError
+from app.jobs.job_model import RUNNER_KINDS
 from app.jobs.job_store import ACTIVE_STATES, Job, JobNotFoundError, JobState, JobStore, StaleJobError
 from app.metrics import Metrics
 from app.serving.device_worker import TRAIN
@@ -137,6 +138,8 @@ class JobRunner:
         if self.jobs.shared:
             return  # queued jobs stay queued: another worker on the shared database takes them
         for job in self.jobs.list(state=JobState.queued, limit=10_000):
+            if job.kind not in RUNNER_KINDS:
+                continue  # a refit waiting for its category's lock: RefitJobs.stop ends it
             self._finish(job.id, None, state=JobState.failed, error=STOPPING_ERROR.format(c=job.category))
 
     @property
@@ -162,6 +165,9 @@ class JobRunner:
             if job.state not in ACTIVE_STATES:
                 raise ConflictError(f"Job {job_id} already finished ({job.state}); nothing to cancel.",
                                     code="job_finished")
+            if job.state == JobState.running and job.kind not in RUNNER_KINDS:
+                raise ConflictError(f"Job {job_id} is a {job.kind} refit already fitting; it cannot be cancelled "
+                                    "(it ends within its fit; roll back with .../activate)", code="job_not_cancellable")
             if job.state == JobState.queued:
                 try:  # only if still queued: a worker may claim it this very moment
                     job = self.jobs.update(job_id, expect=JobState.queued, state=JobState.cancelled,

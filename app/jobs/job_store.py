@@ -7,11 +7,13 @@ every caller and both databases get the same contract (``tests/test_app_job_stor
 
 * state machine: queued -> running | failed | cancelled; running -> succeeded | failed | cancelled;
   terminal states (succeeded, failed, cancelled) are final and the record is then immutable;
-* at most one active (queued or running) job per category, enforced by a partial UNIQUE index, so two
-  concurrent requests cannot both start a fine-tune (the loser gets ``JobConflictError`` = 409);
-* a queued job is claimed by exactly one worker (``claim_next``: ``FOR UPDATE SKIP LOCKED`` on PostgreSQL,
-  the database write lock on SQLite); the claimer stamps a heartbeat while it runs, and a job whose heartbeat
-  is older than the stale limit is failed by any worker (``reap_stale``), as a restart fails a local one;
+* at most one active (queued or running) fine-tune per category, enforced by a partial UNIQUE index, so two
+  concurrent requests cannot both start a fine-tune (the loser gets ``JobConflictError`` = 409); refit jobs
+  (register, feedback, remove_shot) are not limited: they wait for the category's lock like the synchronous call;
+* a queued fine-tune is claimed by exactly one worker (``claim_next``: ``FOR UPDATE SKIP LOCKED`` on PostgreSQL,
+  the database write lock on SQLite); a refit job is claimed by id by the process that accepted it (``claim``);
+  the claimer stamps a heartbeat while it runs, and a job whose heartbeat is older than the stale limit is
+  failed by any worker (``reap_stale``), as a restart fails a local one;
 * cancellation of a job running in another process is a flag the running worker reads with its heartbeat;
 * ``started_at`` / ``finished_at`` are stamped automatically on entering running / a terminal state.
 """
@@ -30,6 +32,8 @@ from app.jobs.job_model import (
     ACTIVE_STATES,
     INTERRUPTED_ERROR,
     INTERRUPTED_MESSAGE,
+    REFIT_INTERRUPTED_ERROR,
+    RUNNER_KINDS,
     TERMINAL_STATES,
     TRANSITIONS,
     InvalidTransitionError,
@@ -46,8 +50,10 @@ __all__ = ["ACTIVE_STATES", "DB_FILENAME", "INTERRUPTED_ERROR", "INTERRUPTED_MES
            "InvalidTransitionError", "Job", "JobConflictError", "JobDatabaseError", "JobKind", "JobNotFoundError",
            "JobState", "JobStore", "StaleJobError"]
 
-_UPDATABLE = ("state", "progress", "step", "total_steps", "message", "metrics", "error", "result_version")
-_JSON_COLUMNS = ("params", "metrics")
+_UPDATABLE = ("state", "progress", "stage", "step", "total_steps", "message", "metrics", "error", "result_version",
+              "result")
+_JSON_COLUMNS = ("params", "metrics", "result")
+_RUNNER_KINDS = ", ".join(repr(k) for k in RUNNER_KINDS)
 _ROW_FIELDS = frozenset(Job.model_fields)
 STALE_ERROR = "interrupted: worker {worker} sent no heartbeat for {seconds:.0f} s (it stopped or lost the database)"
 
@@ -131,9 +137,10 @@ class JobStore:
         return [_from_row(r) for r in rows]
 
     def active_for(self, category: str) -> Job | None:
-        """The queued or running job of ``category``, if any (at most one exists)."""
+        """The queued or running fine-tune of ``category``, if any (at most one exists)."""
         with self.db.tx() as tx:
-            row = tx.one("SELECT * FROM jobs WHERE category = ? AND state IN ('queued', 'running')", (category,))
+            row = tx.one("SELECT * FROM jobs WHERE category = ? AND state IN ('queued', 'running') "
+                         f"AND kind IN ({_RUNNER_KINDS})", (category,))
         return _from_row(row) if row else None
 
     def update(self, job_id: str, *, expect: JobState | None = None, **fields: Any) -> Job:
@@ -182,8 +189,8 @@ class JobStore:
         Exactly one of any number of concurrent claimers (threads, processes, machines) gets a given job.
         """
         with self.db.tx() as tx:
-            row = tx.one(f"SELECT id FROM jobs WHERE state = 'queued' ORDER BY created_at, {self.db.order_key} "
-                         f"LIMIT 1{self.db.skip_locked}")
+            row = tx.one(f"SELECT id FROM jobs WHERE state = 'queued' AND kind IN ({_RUNNER_KINDS}) "
+                         f"ORDER BY created_at, {self.db.order_key} LIMIT 1{self.db.skip_locked}")
             if row is None:
                 return None
             stamp = ts(now())
@@ -193,6 +200,18 @@ class JobStore:
                 return None  # taken meanwhile (cannot happen under the locks above; the poll retries)
             claimed = tx.one("SELECT * FROM jobs WHERE id = ?", (row["id"],))
         return _from_row(claimed) if claimed else None
+
+    def claim(self, job_id: str, worker: str, message: str) -> Job:
+        """Move this queued job to running for ``worker`` (a refit that got its category's lock);
+        ``StaleJobError`` when it is no longer queued (cancelled meanwhile)."""
+        with self.db.tx() as tx:
+            stamp = ts(now())
+            if not tx.run("UPDATE jobs SET state = 'running', worker = ?, started_at = ?, heartbeat_at = ?, "
+                          "message = ? WHERE id = ? AND state = 'queued'", (worker, stamp, stamp, message, job_id)):
+                raise StaleJobError(f"Job {job_id} is no longer queued.")
+            row = tx.one("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        assert row is not None  # updated in this transaction
+        return _from_row(row)
 
     def heartbeat(self, job_id: str, worker: str) -> str:
         """Stamp that ``worker`` still runs ``job_id``: ``"ok"``, ``"cancel"`` (someone asked) or ``"lost"``.
@@ -237,9 +256,13 @@ class JobStore:
         with self.db.tx() as tx:
             ids = [r["id"] for r in tx.all(f"SELECT id FROM jobs WHERE state IN ('queued', 'running')"
                                            f"{self.db.lock_rows}")]
+            stamp = ts(now())
             tx.run("UPDATE jobs SET state = 'failed', error = ?, message = ?, finished_at = ? "
-                   "WHERE state IN ('queued', 'running')",
-                   (INTERRUPTED_ERROR, INTERRUPTED_MESSAGE, ts(now())))  # the last progress message is stale now
+                   f"WHERE state IN ('queued', 'running') AND kind IN ({_RUNNER_KINDS})",
+                   (INTERRUPTED_ERROR, INTERRUPTED_MESSAGE, stamp))  # the last progress message is stale now
+            for row in tx.all("SELECT id, category FROM jobs WHERE state IN ('queued', 'running')"):
+                tx.run("UPDATE jobs SET state = 'failed', error = ?, message = NULL, finished_at = ? WHERE id = ?",
+                       (REFIT_INTERRUPTED_ERROR.format(category=row["category"]), stamp, row["id"]))
         return ids
 
     def count_by_state(self) -> dict[JobState, int]:

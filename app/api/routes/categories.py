@@ -9,18 +9,21 @@ Handlers stay thin: all rules live in ``CategoryService`` (``app.state.category_
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Depends, File, Form, Path, Request, UploadFile
+from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from app.api.audit import AUDITED
 from app.api.deps import AdminDep, AuthFirstRoute, ClientDep, PixelBudgetDep, SettingsDep
+from app.api.refit_route import ACCEPTED, RefitsDep, WaitQuery, start_refit
 from app.api.responses import CATEGORY_DOC, CATEGORY_SCHEMA, errors
 from app.categories.geometry import GeometryRequest
-from app.categories.service import CategoryService
+from app.categories.service import CategoryService, Registration
 from app.errors import ClipshotHTTPError
 from app.jobs.job_store import Job
+from app.jobs.refit_jobs import RefitProgress
 from app.schemas import (
     OBJECT_NAME_PATTERN,
     OBJECT_NAME_RULE,
@@ -49,18 +52,20 @@ CategoryPath = Annotated[str, Path(description=CATEGORY_DOC, json_schema_extra=C
 
 @router.post("/{category}/shots", dependencies=AUDITED, status_code=201, response_model=ShotsRegistered,
              summary="Register a product, or add good shots to it",
-             responses=errors(400, 401, 403, 409, 413, 415, 422, 503,
+             responses={**errors(400, 401, 403, 409, 413, 415, 422, 503,
                               e400="Invalid name, corrupt or empty image, too few or too many shots, "
                                    "geometry that does not fit the shots (ROI outside an image, tiles too large).",
                               e409="An image is a confirmed defect, or another writer changed the active version "
                                    "meanwhile (`version_conflict`: retry).",
-                              e422="Invalid form fields (e.g. a description outside its pattern)."))
+                              e422="Invalid form fields (e.g. a description outside its pattern)."), **ACCEPTED})
 async def register_shots(
     category: CategoryPath,
     _: AdminDep,
     service: CategoriesDep,
     settings: SettingsDep,
     budget: PixelBudgetDep,
+    refits: RefitsDep,
+    wait: WaitQuery = True,
     files: Annotated[list[UploadFile] | None, File(description="Photos of GOOD parts: CLIPSHOT_MIN_SHOTS to "
                                                                  "CLIPSHOT_MAX_SHOTS (default 1-16).")] = None,
     description: Annotated[str | None, Form(max_length=200, description="What the product is, for the prompts: "
@@ -78,12 +83,12 @@ async def register_shots(
                     "the other geometry fields = auto (tiles when the frame is over 4x the model input).")] = None,
     tile_overlap: Annotated[float | None, Form(ge=0, lt=0.9, description="Overlap of neighbouring tiles "
                                                "(fraction, default 0.25).")] = None,
-) -> ShotsRegistered:
+) -> ShotsRegistered | JSONResponse:
     """Register a product or add shots: the memory adapter over ALL its shots serves as soon as this returns.
 
     Geometry: give any of resize/roi/tile/tile_overlap to set it (the rest auto); give none to keep the
     category's stored geometry, or on a new category to choose it from the shots. Admin only. Nothing is
-    written unless every file, limit and the geometry checks out.
+    written unless every file, limit and the geometry checks out. ``wait=false``: 202 with a `register` job.
     """
     description = _description(description)
     uploads = files or []
@@ -92,9 +97,21 @@ async def register_shots(
     geometry = GeometryRequest.parse(resize=resize, roi=roi, tile=tile, tile_overlap=tile_overlap)
     pixels = await run_in_threadpool(upload_pixels, data, max_pixels=settings.max_image_pixels,
                                      max_bytes=settings.max_upload_bytes)
+    if not wait:
+        async def refit(progress: RefitProgress) -> dict[str, Any]:
+            return _registered(await service.register(category, data, description=description, finetune=finetune,
+                                                      geometry=geometry, progress=progress)).model_dump(mode="json")
+
+        params = {"images": len(data), "finetune": finetune, **({"description": description} if description else {})}
+        return await start_refit(refits, budget, pixels, kind="register", params=params, refit=refit,
+                                 check=lambda: service.check_register(category, data, geometry))
     async with fit_admitted(budget, pixels):  # 413 / 503 from the headers, before a pixel is decoded
         result = await service.register(category, data, description=description, finetune=finetune,
                                         geometry=geometry)
+    return _registered(result)
+
+
+def _registered(result: Registration) -> ShotsRegistered:
     return ShotsRegistered(category=result.category, version=result.version, job_id=result.job_id,
                            shots=result.shots, added=result.added, warnings=result.warnings,
                            decision=result.decision, geometry=result.geometry)

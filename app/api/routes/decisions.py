@@ -8,19 +8,22 @@ the new version it made, so the line can trace which rule judged a part and roll
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, File, Form, Path, Query, UploadFile
+from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from app.api.audit import AUDITED
 from app.api.deps import AdminDep, AuthFirstRoute, ClientDep, PixelBudgetDep, SettingsDep
+from app.api.refit_route import ACCEPTED, RefitsDep, WaitQuery, start_refit
 from app.api.responses import errors
 from app.api.routes.categories import CategoriesDep, CategoryPath
 from app.api.routes.records import RecordsDep
 from app.categories.category_edits import policy_from_request
 from app.categories.score_evidence import recorded_effect
 from app.categories.service import CategoryService
+from app.jobs.refit_jobs import RefitProgress
 from app.records.service import RecordService
 from app.schemas import (
     FeedbackResult,
@@ -94,32 +97,46 @@ def score_distributions(
 
 @router.post("/{category}/feedback", dependencies=AUDITED, status_code=201, response_model=FeedbackResult,
              summary="Teach a product with confirmed images",
-             responses=errors(400, 401, 403, 404, 409, 413, 415, 422, 503,
+             responses={**errors(400, 401, 403, 404, 409, 413, 415, 422, 503,
                               e400="Invalid name, label, defect type or note; corrupt or empty image; too many.",
                               e409="No usable active version or memory branch, an image already carries the "
-                                   "other label, or the active version changed meanwhile (`version_conflict`)."))
+                                   "other label, or the active version changed meanwhile (`version_conflict`)."),
+                        **ACCEPTED})
 async def feedback(
     category: CategoryPath,
     _: AdminDep,
     service: CategoriesDep,
     settings: SettingsDep,
     budget: PixelBudgetDep,
+    refits: RefitsDep,
     label: Annotated[str, Form(description="`good` (a false alarm) or `defect` (a confirmed or missed defect).")],
     files: Annotated[list[UploadFile] | None, File(description="1-16 images carrying that label.")] = None,
     defect_type: Annotated[str | None, Form(description="With `defect`: a slug such as `scratch`.")] = None,
     note: Annotated[str | None, Form(description="Up to 500 printable characters.")] = None,
-) -> FeedbackResult:
+    wait: WaitQuery = True,
+) -> FeedbackResult | JSONResponse:
     """Confirmed goods join the normal memory, confirmed defects the validation set. Admin only.
 
     Makes a new version (memory and calibration re-fitted, through the LoRA of a fine-tuned version) that
-    reports its recall on the confirmed defects; nothing is written unless every field and image checks out."""
+    reports its recall on the confirmed defects; nothing is written unless every field and image checks out.
+    ``wait=false``: 202 with a `feedback` job."""
     uploads = files or []
     data = [(f.filename or "", await f.read(settings.max_upload_bytes + 1)) for f in uploads]
     pixels = await run_in_threadpool(upload_pixels, data, max_pixels=settings.max_image_pixels,
                                      max_bytes=settings.max_upload_bytes)
+    kind, note = defect_type or None, note or None
+    if not wait:
+        async def refit(progress: RefitProgress) -> dict[str, Any]:
+            result = await service.feedback(category, data, label=label, defect_type=kind, note=note,
+                                            progress=progress)
+            return FeedbackResult(**result).model_dump(mode="json")
+
+        params = {"images": len(data), "label": label, **({"defect_type": kind} if kind else {})}
+        return await start_refit(refits, budget, pixels, kind="feedback", params=params, refit=refit,
+                                 check=lambda: service.check_feedback(category, data, label=label,
+                                                                      defect_type=kind, note=note))
     async with fit_admitted(budget, pixels):  # 413 / 503 from the headers, before a pixel is decoded
-        result = await service.feedback(category, data, label=label, defect_type=defect_type or None,
-                                        note=note or None)
+        result = await service.feedback(category, data, label=label, defect_type=kind, note=note)
     return FeedbackResult(**result)
 
 
@@ -132,11 +149,20 @@ def list_shots(category: CategoryPath, _: ClientDep, service: CategoriesDep) -> 
 
 @router.delete("/{category}/shots/{sha256}", dependencies=AUDITED,
                response_model=ShotRemoved, summary="Remove one shot",
-               responses=errors(400, 401, 403, 404, 409, 422, e404="Unknown category or shot.",
-                                e409="It is the last shot, no version is usable, or the active version changed "
-                                     "meanwhile (`version_conflict`: retry)."))
-async def remove_shot(category: CategoryPath, sha256: Sha256Path, _: AdminDep,
-                      service: CategoriesDep, budget: PixelBudgetDep) -> ShotRemoved:
-    """New version fitted without the shot; the old versions keep it, so activate rolls back. Admin only."""
+               responses={**errors(400, 401, 403, 404, 409, 422, e404="Unknown category or shot.",
+                                   e409="It is the last shot, no version is usable, or the active version changed "
+                                        "meanwhile (`version_conflict`: retry)."), **ACCEPTED})
+async def remove_shot(category: CategoryPath, sha256: Sha256Path, _: AdminDep, service: CategoriesDep,
+                      budget: PixelBudgetDep, refits: RefitsDep, wait: WaitQuery = True) -> ShotRemoved | JSONResponse:
+    """New version fitted without the shot; the old versions keep it, so activate rolls back. Admin only.
+
+    ``wait=false``: 202 with a `remove_shot` job."""
+    if not wait:
+        async def refit(progress: RefitProgress) -> dict[str, Any]:
+            result = await service.remove_shot(category, sha256, progress=progress)
+            return ShotRemoved(**result).model_dump(mode="json")
+
+        return await start_refit(refits, budget, 0, kind="remove_shot", params={"sha256": sha256}, refit=refit,
+                                 check=lambda: service.check_remove_shot(category, sha256))
     async with fit_admitted(budget, 0):  # nothing uploaded; the re-fit's memory is given back after
         return ShotRemoved(**await service.remove_shot(category, sha256))
