@@ -15,7 +15,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 import httpx
 import numpy as np
@@ -245,12 +245,23 @@ class Client:
     def category(self, category: str) -> CategoryInfo:
         return CategoryInfo.model_validate(self._call("GET", f"/v1/categories/{category}").json())
 
+    @overload
     def register(self, category: str, images: ImageInput | Sequence[ImageInput], *, description: str | None = None,
-                 finetune: bool = True) -> ShotsRegistered:
-        """Register a product (or add good shots); the memory adapter serves as soon as this returns."""
+                 finetune: bool = True, wait: Literal[True] = True) -> ShotsRegistered: ...
+    @overload
+    def register(self, category: str, images: ImageInput | Sequence[ImageInput], *, description: str | None = None,
+                 finetune: bool = True, wait: Literal[False]) -> Job: ...
+
+    def register(self, category: str, images: ImageInput | Sequence[ImageInput], *, description: str | None = None,
+                 finetune: bool = True, wait: bool = True) -> ShotsRegistered | Job:
+        """Register a product (or add good shots); the memory adapter serves as soon as this returns.
+
+        ``wait=False``: return the `register` job at once (the server checked everything first); follow it with
+        ``wait_job`` and read the same answer from its ``result``."""
         data = {"finetune": "true" if finetune else "false", **({"description": description} if description else {})}
-        r = self._call("POST", f"/v1/categories/{category}/shots", files=self._files(images), data=data)
-        return ShotsRegistered.model_validate(r.json())
+        r = self._call("POST", f"/v1/categories/{category}/shots", files=self._files(images), data=data,
+                       params=None if wait else {"wait": "false"})
+        return ShotsRegistered.model_validate(r.json()) if wait else Job.model_validate(r.json())
 
     def activate(self, category: str, version: int) -> CategorySummary:
         r = self._call("POST", f"/v1/categories/{category}/versions/{version}/activate")
@@ -273,12 +284,24 @@ class Client:
                        params={"dry_run": "true"} if dry_run else None)
         return ThresholdChanged.model_validate(r.json())
 
+    @overload
     def feedback(self, category: str, images: ImageInput | Sequence[ImageInput], label: Literal["good", "defect"],
-                 *, defect_type: str | None = None, note: str | None = None) -> FeedbackResult:
-        """Tell the product what parts really were: ``good`` (false alarms) or ``defect``."""
+                 *, defect_type: str | None = None, note: str | None = None,
+                 wait: Literal[True] = True) -> FeedbackResult: ...
+    @overload
+    def feedback(self, category: str, images: ImageInput | Sequence[ImageInput], label: Literal["good", "defect"],
+                 *, defect_type: str | None = None, note: str | None = None, wait: Literal[False]) -> Job: ...
+
+    def feedback(self, category: str, images: ImageInput | Sequence[ImageInput], label: Literal["good", "defect"],
+                 *, defect_type: str | None = None, note: str | None = None,
+                 wait: bool = True) -> FeedbackResult | Job:
+        """Tell the product what parts really were: ``good`` (false alarms) or ``defect``.
+
+        ``wait=False``: return the `feedback` job at once (see ``register``)."""
         data = {"label": label, **{k: v for k, v in (("defect_type", defect_type), ("note", note)) if v}}
-        r = self._call("POST", f"/v1/categories/{category}/feedback", files=self._files(images), data=data)
-        return FeedbackResult.model_validate(r.json())
+        r = self._call("POST", f"/v1/categories/{category}/feedback", files=self._files(images), data=data,
+                       params=None if wait else {"wait": "false"})
+        return FeedbackResult.model_validate(r.json()) if wait else Job.model_validate(r.json())
 
     def shots(self, category: str) -> list[Shot]:
         return [Shot.model_validate(s) for s in self._call("GET", f"/v1/categories/{category}/shots").json()["shots"]]

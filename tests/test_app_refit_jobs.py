@@ -12,10 +12,12 @@ import httpx
 import pytest
 from threaded_server import threaded_server
 
+from app.client import Client, FeedbackResult
 from app.core.config import Settings
-from app.jobs.job_store import JobState, JobStore
+from app.jobs.job_store import Job, JobState, JobStore
 from app.main import create_app
-from tests.helpers.jobs import shots
+from app.schemas import ShotsRegistered
+from tests.helpers.jobs import image_bytes, shots
 from tests.test_app_edit_conflicts import GatedTrainer
 from training.progress import Progress
 
@@ -251,3 +253,18 @@ def test_an_old_job_table_takes_refit_kinds_and_keeps_its_rows(tmp_path):
         done = jobs.update(jobs.claim(refit.id, "w", "fitting").id, state=JobState.succeeded,
                            result={"version": 2}, stage="done")
         assert done.result == {"version": 2} and done.stage == "done"
+
+
+def test_the_python_client_can_start_a_refit_and_follow_it(served):
+    client, _, _ = served
+    with Client(str(client.base_url).rstrip("/"), "admin-key") as api:
+        job = api.register("widget", [image_bytes(s) for s in range(4)], finetune=False, wait=False)
+        assert isinstance(job, Job) and job.kind == "register"
+        stages: list[str | None] = []
+        done = api.wait_job(job.id, timeout=WAIT_S, poll_s=0.01, progress=lambda j: stages.append(j.stage))
+        assert done.state == JobState.succeeded and done.result is not None
+        assert ShotsRegistered.model_validate(done.result).version == 1 and stages[-1] == "done"
+        job = api.feedback("widget", [image_bytes(40)], "good", wait=False)
+        done = api.wait_job(job.id, timeout=WAIT_S, poll_s=0.01)
+        assert done.kind == "feedback" and FeedbackResult.model_validate(done.result).version == 2
+        assert api.feedback("widget", [image_bytes(41)], "good").version == 3  # the default still waits

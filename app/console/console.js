@@ -135,7 +135,8 @@ async function loadShots() {
     li.textContent = `${shot.file_name || shot.sha256.slice(0, 12)} · ${shot.label} · ${shot.source} `;
     const drop = document.createElement("button");
     drop.type = "button"; drop.className = "small"; drop.textContent = "remove";
-    drop.addEventListener("click", () => api("DELETE", `/categories/${enc(category)}/shots/${shot.sha256}`)
+    drop.addEventListener("click", () => refitJob("DELETE", `/categories/${enc(category)}/shots/${shot.sha256}`, null,
+                                                  `Removing a shot of ${category}`)
       .then((r) => { say(`Removed a shot: ${category} is now version ${r.version}.`); return loadProducts(); })
       .then(loadShots).catch((e) => fail(e, "Remove shot")));
     li.append(drop);
@@ -176,7 +177,7 @@ async function register(event) {
   form.append("finetune", $("reg-finetune").checked ? "true" : "false");
   $("reg-submit").disabled = true;
   try {
-    const r = await api("POST", `/categories/${enc(category)}/shots`, form);
+    const r = await refitJob("POST", `/categories/${enc(category)}/shots`, form, `Registering ${category}`);
     $("reg-result").textContent = `${r.category}: version ${r.version} serves now (${r.shots} shots, ${r.added} new).`
       + (r.warnings.length ? " " + r.warnings.join(" ") : "");
     say(`Registered ${r.category}.`);
@@ -290,7 +291,7 @@ async function feedback(category, file, label) {
   const form = new FormData();
   form.append("files", file, file.name);
   form.append("label", label);
-  const r = await api("POST", `/categories/${enc(category)}/feedback`, form);
+  const r = await refitJob("POST", `/categories/${enc(category)}/feedback`, form, `Feedback for ${category}`);
   await loadProducts();
   return r;
 }
