@@ -247,9 +247,10 @@ class Job(_Model):
 
     id: str
     category: str
-    kind: Literal['finetune']
+    kind: Literal['finetune', 'register', 'feedback', 'remove_shot']
     state: JobState
     progress: float = 0.0
+    stage: str | None = None
     step: int | None = None
     total_steps: int | None = None
     message: str | None = None
@@ -257,6 +258,7 @@ class Job(_Model):
     metrics: dict[str, Any] | None = None
     error: str | None = None
     result_version: int | None = None
+    result: dict[str, Any] | None = None
     worker: str | None = None
     created_at: datetime
     started_at: datetime | None = None
