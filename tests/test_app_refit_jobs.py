@@ -165,6 +165,11 @@ def test_bad_input_is_refused_before_any_job_exists(served):
         "invalid_label", "unsupported_image", "category_not_found", "label_conflict", "shot_not_found"]
     assert client.get("/v1/jobs").json()["jobs"] == []
     assert client.get("/v1/categories/widget").json()["active_version"] == 1
+    # the same route takes good input as a job: the refusals above came from the job path's own checks
+    ok = client.post("/v1/categories/widget/feedback?wait=false", files=shots([40]), data={"label": "good"})
+    assert ok.status_code == 202, ok.text
+    assert [j["id"] for j in client.get("/v1/jobs").json()["jobs"]] == [ok.json()["id"]]
+    assert follow(client, ok.json()["id"])[0]["state"] == "succeeded"
 
 
 def test_a_refit_job_does_not_wait_behind_a_finetune_and_two_refits_take_turns(served):
