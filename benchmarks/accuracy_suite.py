@@ -17,6 +17,13 @@ and maps run through the unchanged ``Detector`` code. Pixel metrics use 256-px m
     python benchmarks/accuracy_suite.py --data ../shared/data --out docs/results/suite
     python benchmarks/accuracy_suite.py --data ../shared/data --out /tmp/s --variant memory_center=false \\
         --baseline docs/results/suite/results.json          # a candidate default against the shipped one
+    python benchmarks/accuracy_suite.py --out docs/results/int8 --shots 4 --seeds 0 1 2 --runtime onnxruntime \\
+        --quantize int8 --baseline docs/results/suite/results.json  # features through an int8 graph per seed
+
+``--runtime`` computes every feature (shots, synthetic defects, tests) through ONNX Runtime or OpenVINO;
+``--quantize int8`` through an int8 graph calibrated on that seed's shots only (at the geometry the fit chooses),
+so each seed has its own graph and the test set is extracted once per seed. The comparison then uses only the
+baseline's records of the seeds run here.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import json
 import math
 import platform
 import sys
+import tempfile
 import time
 from collections import OrderedDict, defaultdict
 from dataclasses import fields, replace
@@ -61,17 +69,25 @@ class CachedDetector(Detector):
         self.hits = self.misses = 0
         self.disk = disk  # optional folder shared by several suite processes (same backbone)
 
+    def _tag(self) -> str:
+        """What besides the pixels decides a feature: the runtime and, for int8, the shots that calibrated it."""
+        runtime = self.runtime
+        if runtime is None:
+            return "torch"
+        return f"{runtime.name}-{runtime.quantize}-{runtime.calibration_digest}" if runtime.quantize else runtime.name
+
     def features(self, pixels: torch.Tensor, adapter: Any, *, dpam: bool = False) -> Features:
         if adapter is not None and getattr(adapter, "lora", None) is not None:
             return super().features(pixels, adapter, dpam=dpam)
         data = pixels.detach().cpu().contiguous()
         digest = hashlib.blake2b(data.numpy().tobytes(), digest_size=16).hexdigest()
-        key = (tuple(data.shape), dpam, digest)
+        key = (tuple(data.shape), dpam, digest, self._tag())
         if key in self._cache:
             self.hits += 1
             self._cache.move_to_end(key)
             return self._cache[key]
-        name = f"{self.backbone.spec.replace(':', '_')}-{int(dpam)}-{digest}.pt"
+        tag = "" if self.runtime is None else f"{self._tag()}-"
+        name = f"{self.backbone.spec.replace(':', '_')}-{tag}{int(dpam)}-{digest}.pt"
         path = None if self.disk is None else self.disk / name
         if path is not None and path.exists():
             self.hits += 1
@@ -136,6 +152,9 @@ def make_factory(detector: Detector, variant: dict[str, Any], facts: dict[tuple,
         choose = bool(variant.get("choose"))
         overrides = {k: v for k, v in variant.items() if k != "choose"}
         scoring = replace(ScoringConfig(), **overrides) if overrides else None
+        if detector.runtime is not None and detector.runtime.quantize:  # int8: calibrated on these shots only
+            geometry = detector.resolve_geometry(None, [img.size for img in shots])
+            detector.runtime.calibrate(detector.backbone.preprocess(shots, geometry))
         adapter = detector.fit_memory(shots, category=category, scoring=scoring, choose_scoring=choose)
         cal = adapter.calibration
         facts[(category, seed, k)] = {
@@ -183,7 +202,8 @@ def run_suite(args: argparse.Namespace, detector: CachedDetector, variant: dict[
                       f"{_pct(m.get('false_alarm_rate'))} (predicted {_pct(rec['predicted_false_alarm_rate'])}) "
                       f"{rec['selection'] or ''}", flush=True)
     return {"records": records, "summary": summarise(records),
-            "settings": {"backbone": args.backbone, "variant": variant, "mask_size": args.mask_size,
+            "settings": {"backbone": args.backbone, "runtime": args.runtime, "quantize": args.quantize,
+                         "variant": variant, "mask_size": args.mask_size,
                          "plan": [[k, list(s)] for k, s in plan], "command": ["python", *sys.argv],
                          "machine": f"{platform.machine()} {platform.processor() or ''} "
                                     f"{torch.get_num_threads()} torch threads".strip(),
@@ -226,6 +246,13 @@ def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def baseline_rows(baseline: dict[str, Any], plan: list[tuple[int, tuple[int, ...]]]) -> list[dict[str, Any]]:
+    """The baseline's summary over the seeds this run measures (its own summary when it measured no others)."""
+    wanted = {(k, seed) for k, seeds in plan for seed in seeds}
+    records = [r for r in baseline.get("records", []) if (r["shots"], r["seed"]) in wanted]
+    return summarise(records) if records else baseline["summary"]
+
+
 def compare(current: list[dict[str, Any]], baseline: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], bool]:
     """Per (dataset, shots) differences in points; the gate fails when any gated metric drops by more than
     ``GATE_POINTS``."""
@@ -247,7 +274,8 @@ def compare(current: list[dict[str, Any]], baseline: list[dict[str, Any]]) -> tu
 
 def markdown(result: dict[str, Any], diffs: list[dict[str, Any]] | None, gate_ok: bool | None) -> str:
     s = result["settings"]
-    lines = [f"# Accuracy suite — `{s['backbone']}`, variant {s['variant'] or 'shipped defaults'}", "",
+    runtime = s.get("runtime", "torch") + (f" {s['quantize']}" if s.get("quantize") else "")
+    lines = [f"# Accuracy suite — `{s['backbone']}` ({runtime}), variant {s['variant'] or 'shipped defaults'}", "",
              f"Command: `{' '.join(s['command'])}` ({s['minutes']} min on {s['machine']}; feature cache "
              f"{s['feature_cache']['hits']} hits / {s['feature_cache']['misses']} extractions). Masks at "
              f"{s['mask_size']} px. Means over seeds; points = percent.", "",
@@ -300,13 +328,29 @@ def main() -> None:
     parser.add_argument("--partial", type=Path, default=None, help="append each run's record to this JSON-lines file")
     parser.add_argument("--feature-cache", type=Path, default=None,
                         help="folder to keep extracted features in, shared by suite processes on one machine")
+    parser.add_argument("--runtime", default="torch", choices=("torch", "onnxruntime", "openvino"),
+                        help="what computes the features (graphs exported into --runtime-cache)")
+    parser.add_argument("--quantize", default=None, choices=("int8",),
+                        help="int8 graphs calibrated on each seed's shots only (needs --runtime other than torch)")
+    parser.add_argument("--runtime-cache", type=Path, default=None, help="folder of exported graphs (default: temp)")
     args = parser.parse_args()
-    detector = CachedDetector(load_backbone(args.backbone, device="cpu", precision="fp32"), disk=args.feature_cache)
+    if args.quantize and args.runtime == "torch":
+        parser.error("--quantize int8 needs --runtime onnxruntime or openvino")
+    backbone = load_backbone(args.backbone, device="cpu", precision="fp32")
+    runtime = None
+    if args.runtime != "torch":
+        from clipshot.runtimes import FeatureRuntime
+
+        cache = args.runtime_cache or Path(tempfile.mkdtemp(prefix="suite-runtime-"))
+        runtime = FeatureRuntime(args.runtime, cache, quantize=args.quantize)
+    detector = CachedDetector(backbone, disk=args.feature_cache, runtime=runtime)
     for spec in args.variant:
         out = args.out if len(args.variant) == 1 else args.out / spec.replace(",", "+").replace("=", "-")
         baseline_path = args.baseline or out / "results.json"
-        baseline = json.loads(baseline_path.read_text())["summary"] if baseline_path.exists() else None
         result = run_suite(args, detector, parse_variant(spec))
+        plan = [(k, tuple(seed for seed in seeds if args.seeds is None or seed in args.seeds))
+                for k, seeds in PLAN if not args.shots or k in args.shots]
+        baseline = baseline_rows(json.loads(baseline_path.read_text()), plan) if baseline_path.exists() else None
         diffs, gate_ok = compare(result["summary"], baseline) if baseline is not None else (None, None)
         result["diff"], result["gate_pass"] = diffs, gate_ok
         out.mkdir(parents=True, exist_ok=True)

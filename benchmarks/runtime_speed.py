@@ -3,11 +3,13 @@ the README's performance section).
 
 Times exactly what a runtime replaces (``Backbone.extract`` on preprocessed pixels; scoring is PyTorch for all)
 at batch 1 and 8, and states each runtime's worst feature difference from PyTorch on the same pixels, so a speed
-is never quoted without its parity. ``--int8`` adds ONNX Runtime with static int8 post-training quantisation
-calibrated on the shots only (``--shots``): measured here, never shipped by default (its accuracy has to pass
-benchmarks/accuracy_suite.py first).
+is never quoted without its parity. ``--int8`` adds ONNX Runtime and OpenVINO running the static int8
+post-training quantisation (``clipshot.runtimes.quantize``) calibrated on the first ``--calibration`` images of
+``--shots`` only, timed on the rest of that folder where it has more: never a default (its accuracy is measured by
+benchmarks/accuracy_suite.py --quantize int8, docs/results/int8/).
 
     python benchmarks/runtime_speed.py [--backbone imagenet:efficientnet-lite0] [--repeats 10] [--int8 --shots DIR]
+    python benchmarks/runtime_speed.py --int8 --shots ../shared/data/mvtec_ad/bottle/train/good --calibration 4
     python benchmarks/runtime_speed.py --providers CUDAExecutionProvider   # GPU machine: ONNX Runtime's CUDA EP
 """
 
@@ -27,7 +29,7 @@ from PIL import Image
 
 from clipshot.backbone import load_backbone
 from clipshot.runtimes import FeatureRuntime, RuntimeUnavailable, open_session
-from clipshot.runtimes.export import ONNX_FILE
+from clipshot.runtimes.quantize import quantize_int8
 
 
 def _images(count: int, size: int, shots: Path | None) -> list[Image.Image]:
@@ -38,24 +40,6 @@ def _images(count: int, size: int, shots: Path | None) -> list[Image.Image]:
     return [Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)) for _ in range(count)]
 
 
-def _int8(folder: Path, calibration: np.ndarray, work: Path) -> Path:
-    """Static QDQ int8 of the fp32 graph, activations calibrated on ``calibration`` (the shots' pixels)."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
-    class Shots(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.rows = iter([{"pixels": calibration[i : i + 1]} for i in range(len(calibration))])
-
-        def get_next(self):
-            return next(self.rows, None)
-
-    out = work / "int8"
-    out.mkdir(exist_ok=True)
-    quantize_static(str(folder / ONNX_FILE), str(out / ONNX_FILE), Shots(), quant_format=QuantFormat.QDQ,
-                    per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="imagenet:efficientnet-lite0")
@@ -63,8 +47,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--runtimes", nargs="+", default=["torch", "onnxruntime", "openvino"])
     parser.add_argument("--providers", nargs="+", default=None, help="ONNX Runtime providers (default: CPU)")
-    parser.add_argument("--int8", action="store_true", help="also time ONNX Runtime int8 calibrated on --shots")
+    parser.add_argument("--int8", action="store_true", help="also time int8 graphs calibrated on --shots")
     parser.add_argument("--shots", type=Path, default=None, help="folder of good shots (int8 calibration, inputs)")
+    parser.add_argument("--calibration", type=int, default=4, help="shots the int8 graph is calibrated on")
     args = parser.parse_args()
 
     try:
@@ -76,7 +61,11 @@ def main() -> None:
     backbone = load_backbone(args.backbone, device="cpu", precision="fp32")
     size = backbone.image_size
     frame = (size, size)
-    pixels = backbone.preprocess(_images(max(args.batches), size, args.shots))
+    if args.int8 and args.shots is None:
+        parser.error("--int8 needs --shots: int8 is calibrated on good shots, never on random pixels")
+    images = _images(max(args.batches) + (args.calibration if args.int8 else 0), size, args.shots)
+    calibration = backbone.preprocess(images[: args.calibration]).numpy() if args.int8 else None
+    pixels = backbone.preprocess(images[args.calibration:] if args.int8 else images)
     work = Path(tempfile.mkdtemp(prefix="runtime-speed-"))
     with torch.inference_mode():
         reference = torch.cat(backbone.extract(pixels).patches, dim=-1).numpy()
@@ -102,9 +91,10 @@ def main() -> None:
             continue
         runners[name if not (args.providers and name == "onnxruntime") else f"onnxruntime {args.providers[0]}"] = (
             lambda x, _s=session: [np.concatenate(_s(x), axis=-1)])
-        if args.int8 and name == "onnxruntime":
-            quantised = _int8(folder, pixels[: min(len(pixels), 8)].numpy(), work)
-            runners["onnxruntime int8"] = lambda x, _s=open_session(quantised, "onnx"): [np.concatenate(_s(x), -1)]
+        if calibration is not None and not args.providers:
+            fmt = "onnx" if name == "onnxruntime" else "openvino"
+            quantised = open_session(quantize_int8(folder, work, calibration), fmt)
+            runners[f"{name} int8"] = lambda x, _s=quantised: [np.concatenate(_s(x), -1)]
     rows = []
     for batch in args.batches:
         x = np.ascontiguousarray(pixels[:batch].numpy())

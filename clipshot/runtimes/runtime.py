@@ -18,12 +18,14 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from clipshot import lora
 from clipshot.backbone import Backbone, ClipBackbone
 from clipshot.features import Features
 from clipshot.runtimes.export import META_FILE, ExportKey, export, export_key, lora_digest
+from clipshot.runtimes.quantize import QUANTIZE, QuantizeError, calibration_digest, quantize_int8
 from clipshot.runtimes.sessions import RuntimeUnavailable, Session, open_session
 
 if TYPE_CHECKING:
@@ -37,18 +39,37 @@ log = logging.getLogger(__name__)
 
 
 class FeatureRuntime:
-    """Feature extraction through ``name`` (``onnxruntime`` or ``openvino``) from graphs cached under ``cache``."""
+    """Feature extraction through ``name`` (``onnxruntime`` or ``openvino``) from graphs cached under ``cache``.
 
-    def __init__(self, name: str, cache: Path | str, *, threads: int | None = None):
+    ``quantize="int8"`` serves int8 graphs (``quantize.quantize_int8``) instead, each calibrated on the pixels
+    given to ``calibrate``: the product's shots. Without a calibration an int8 runtime refuses to run, since
+    calibrating on whatever arrives first (a test image) would quietly make the graph depend on it."""
+
+    def __init__(self, name: str, cache: Path | str, *, threads: int | None = None, quantize: str | None = None):
         if name not in FORMAT_OF:
             raise ValueError(f"runtime must be one of {', '.join(FORMAT_OF)} (torch needs no FeatureRuntime), "
                              f"got {name!r}")
+        if quantize is not None and quantize not in QUANTIZE:
+            raise ValueError(f"quantize must be one of {', '.join(QUANTIZE)} or none, got {quantize!r}")
         self.name = name
         self.format = FORMAT_OF[name]
         self.cache = Path(cache)
         self.threads = threads
+        self.quantize = quantize
+        self._calibration: np.ndarray | None = None
+        self.calibration_digest: str | None = None
         self._sessions: OrderedDict[str, tuple[Session, dict]] = OrderedDict()
         self._lora_digests: dict[str, str] = {}
+
+    def calibrate(self, shots: torch.Tensor | np.ndarray) -> str:
+        """Calibrate the int8 graphs from now on with ``shots`` (the product's shots preprocessed at its geometry,
+        (N, 3, H, W)); returns their digest, which names the graphs made from them."""
+        if self.quantize is None:
+            raise ValueError(f"runtime {self.name} runs fp32 graphs: only a quantised runtime is calibrated")
+        pixels = shots.detach().to("cpu", torch.float32).numpy() if isinstance(shots, torch.Tensor) else shots
+        self._calibration = np.ascontiguousarray(pixels, dtype=np.float32)
+        self.calibration_digest = calibration_digest(self._calibration)
+        return self.calibration_digest
 
     def check_backbone(self, backbone: Backbone) -> None:
         """Refuse, before any request, a backbone the runtime cannot serve (exports are fp32 CPU graphs)."""
@@ -64,7 +85,7 @@ class FeatureRuntime:
                 fold: Callable[[], AbstractContextManager] = nullcontext) -> Path:
         """Export (unless cached) the graph for ``frame``; returns its folder. ``fold`` puts the LoRA in place."""
         key = export_key(backbone, frame, dpam=dpam, lora=lora)
-        return self._export(backbone, key, dpam, fold)
+        return self._graph(backbone, key, dpam, fold)
 
     def prepare_adapter(self, detector: Detector, adapter: Adapter) -> Path:
         """``prepare`` for the graph that serves ``adapter``: its geometry's frame, its DPAM choice, its LoRA."""
@@ -99,17 +120,32 @@ class FeatureRuntime:
 
     def _session(self, backbone: Backbone, key: ExportKey, dpam: bool,
                  fold: Callable[[], AbstractContextManager]) -> tuple[Session, dict]:
-        digest = key.digest()
+        digest = key.digest() + (f"-{self.quantize}-{self.calibration_digest}" if self.quantize else "")
         if digest in self._sessions:
             self._sessions.move_to_end(digest)
             return self._sessions[digest]
-        folder = self._export(backbone, key, dpam, fold)
+        folder = self._graph(backbone, key, dpam, fold)
         entry = (open_session(folder, self.format, threads=self.threads),
                  json.loads((folder / META_FILE).read_text()))
         self._sessions[digest] = entry
         while len(self._sessions) > OPEN_SESSIONS:
             self._sessions.popitem(last=False)
         return entry
+
+    def _graph(self, backbone: Backbone, key: ExportKey, dpam: bool,
+               fold: Callable[[], AbstractContextManager]) -> Path:
+        """The fp32 graph for ``key``, or its int8 quantisation on the current calibration."""
+        folder = self._export(backbone, key, dpam, fold)
+        if self.quantize is None:
+            return folder
+        if self._calibration is None:
+            raise QuantizeError(f"runtime {self.name} with quantize {self.quantize} has no calibration: calibrate "
+                                "it on the product's shots first")
+        if tuple(self._calibration.shape[-2:]) != key.frame:
+            raise QuantizeError(f"the calibration shots are {self._calibration.shape[-2]}x"
+                                f"{self._calibration.shape[-1]} but the graph's frame is {key.frame[0]}x"
+                                f"{key.frame[1]}: calibrate on the shots at the product's geometry")
+        return quantize_int8(folder, self.cache, self._calibration)
 
     def _export(self, backbone: Backbone, key: ExportKey, dpam: bool,
                 fold: Callable[[], AbstractContextManager]) -> Path:
