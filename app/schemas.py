@@ -346,6 +346,8 @@ class AdapterVersionInfo(BaseModel):
 
     version: int = Field(description="Version number (1, 2, ...).")
     active: bool = Field(description="Whether predictions use this version now.")
+    pinned: bool | None = Field(None, description="Kept by version retention whatever its age (PUT .../pin); "
+                                "null when the pins file is unreadable.")
     integrity: str | None = Field(None, description="`ok` when the tensor file matches its manifest's sha256, else "
                                   "`corrupt: <why>` (activation is then refused with 409).")
     created: datetime | None = Field(None, description="When the version was saved (UTC).")

@@ -29,8 +29,14 @@ def detail(store: AdapterStore, info: dict[str, Any], integrity: Callable[[str, 
     name = info["category"]
     manifest = current_ledger(store, name).manifest
     calibration = None if manifest is None else manifest.adapter.get("calibration")
-    return {**info, "versions": [version_facts(store, name, v, info["active_version"], integrity)
-                                 for v in info["versions"]],
+    try:
+        pins: set[int] | None = store.pinned(name)
+    except StoreError:  # an unreadable pins file: say "unknown" rather than "not pinned"
+        pins = None
+    versions = [version_facts(store, name, v, info["active_version"], integrity) for v in info["versions"]]
+    for facts in versions:
+        facts["pinned"] = None if pins is None else facts["version"] in pins
+    return {**info, "versions": versions,
             "decision": Calibration.from_dict(calibration).decision() if calibration else None}
 
 

@@ -9,9 +9,12 @@ an older version therefore also rolls back the image set, so the served model an
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
+
+from PIL import Image, ImageOps
 
 from app.core.config import Settings
 from app.serving.images import decode_image, upright_size
@@ -20,9 +23,9 @@ from model_store import AdapterStore, StoreError
 from model_store.manifest import Manifest
 
 if TYPE_CHECKING:
-    from PIL import Image
-
     from clipshot.adapter import Adapter
+
+THUMBNAIL_QUALITY = 85  # JPEG quality of shot thumbnails: small files, no visible blocking at 256 px
 
 
 @dataclass
@@ -94,6 +97,23 @@ def _read(store: AdapterStore, category: str, ref: dict[str, Any]) -> bytes:
     except FileNotFoundError as exc:
         raise StoreError(f"category {category!r}: image {ref['name']} listed by the active version is "
                          "missing from shots/; restore it or activate another version") from exc
+
+
+def shot_thumbnail(store: AdapterStore, category: str, sha256: str, size: int) -> bytes | None:
+    """A JPEG, longer side at most ``size`` px and upright (EXIF applied), of an image the active version lists
+    (a good shot or a confirmed defect); None for any other hash. Only listed images are ever read: a hash the
+    ledger does not name never becomes a file path."""
+    ledger = current_ledger(store, category)
+    ref = next((r for r in ledger.goods + ledger.defects if r["sha256"] == sha256), None)
+    if ref is None:
+        return None
+    with Image.open(io.BytesIO(_read(store, category, ref))) as image:
+        image.draft("RGB", (size, size))  # JPEG: decode at a reduced scale, much faster for large frames
+        small = ImageOps.exif_transpose(image).convert("RGB")
+    small.thumbnail((size, size))
+    out = io.BytesIO()
+    small.save(out, format="JPEG", quality=THUMBNAIL_QUALITY)
+    return out.getvalue()
 
 
 def decode_refs(store: AdapterStore, category: str, refs: list[dict[str, Any]], settings: Settings, *,

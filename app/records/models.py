@@ -78,3 +78,43 @@ class AuditPage(BaseModel):
 
     events: list[AuditEvent]
     next_cursor: str | None = Field(description=_CURSOR_DOC)
+
+
+class TrendBucket(BaseModel):
+    """One hour or day of a product's recorded inspections."""
+
+    start: str = Field(description="Start of the bucket (UTC, ISO 8601); it lasts one `bucket`.")
+    inspections: int = Field(description="Inspections recorded in the bucket.")
+    anomalous: int = Field(description="Of those, answered anomalous.")
+    normal: int = Field(description="Of those, answered normal (the rest had no threshold: `unknown`).")
+    anomalous_rate: float | None = Field(description="anomalous / (anomalous + normal); null without verdicts.")
+    scored: int = Field(description="Inspections with a normalised score (those with a verdict).")
+    score_mean: float | None = Field(description="Mean normalised score (score / threshold; 1.0 = threshold).")
+    score_p95: float | None = Field(description="95th percentile of the normalised score, nearest rank: the "
+                                    "smallest recorded value with at least 95 % of the bucket at or below it.")
+    score_max: float | None = Field(description="Largest normalised score.")
+
+
+class TrendReference(BaseModel):
+    """What the active version's good evidence scores, normalised the same way: the line drift is read against."""
+
+    version: int = Field(description="The active version whose calibration this is.")
+    threshold: float = Field(description="Its threshold (the raw score that normalises to 1.0).")
+    normal_scores: int = Field(description="Leave-one-out scores of its good images and their light views.")
+    score_mean: float | None = Field(description="Their mean, normalised.")
+    score_p95: float | None = Field(description="Their 95th percentile (nearest rank), normalised.")
+    score_max: float | None = Field(description="The largest, normalised.")
+    expected_false_alarm_rate: float | None = Field(description="The false-alarm rate the version expects on "
+                                                    "good parts: compare with the buckets' `anomalous_rate`.")
+
+
+class InspectionTrend(BaseModel):
+    """``GET .../inspections/trend``: verdict rate and normalised-score drift per bucket, oldest first."""
+
+    category: str
+    bucket: Literal["hour", "day"] = Field(description="Bucket length (UTC hours or UTC days).")
+    since: str = Field(description="Start of the first bucket (UTC).")
+    until: str = Field(description="End of the last bucket (UTC, exclusive).")
+    buckets: list[TrendBucket] = Field(description="Every bucket of the range, empty ones included.")
+    reference: TrendReference | None = Field(description="The active version's calibration, normalised; null when "
+                                             "the product has no usable version or no threshold.")

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from app.api.routes import categories, decisions, health, jobs, metrics, predict, records
+from app.api.routes import categories, decisions, health, jobs, metrics, predict, product, records
 
 
 def all_routers() -> list[APIRouter]:
     """Versioned API first, then probes and metrics (unversioned: orchestrators hard-code those paths)."""
-    return [predict.router, categories.router, decisions.router, jobs.router, records.router, health.router,
-            metrics.router]
+    return [predict.router, categories.router, decisions.router, jobs.router, records.router, product.router,
+            health.router, metrics.router]
