@@ -1,13 +1,16 @@
 """Take the console's screenshots for the docs: ``PYTHONPATH=. python docs/screenshots.py`` (needs Chromium +
 chromedriver, like tests/test_console_browser.py). Starts a real server on loopback with the tiny test backbone and
 the record in thumbnails mode, registers a product from generated images, scores a few, and saves each page
-section under docs/screenshots/*.png. The images are synthetic: the pictures show the layout, not a model."""
+section under docs/screenshots/*.png. The images are synthetic: the pictures show the layout, not a model. For the
+product page's trend chart, the record also gets a day of synthetic rows whose scores creep up (``drifting_day``):
+the chart shows what drift looks like, not a measurement."""
 
 from __future__ import annotations
 
 import sys
 import tempfile
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -18,11 +21,30 @@ from selenium import webdriver  # noqa: E402
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
+from app.records.pages import time_text  # noqa: E402
 from clipshot.backbone import load_backbone  # noqa: E402
 from tests.helpers.predict import defect, good, png  # noqa: E402
 from tests.helpers.records import recording  # noqa: E402
 
 OUT = ROOT / "docs" / "screenshots"
+
+
+def drifting_day(threshold: float, typical: float) -> list[dict]:
+    """Record rows for the 23 hours before this one: 12 parts an hour whose normalised scores start around
+    ``typical`` (the good shots' mean) and creep up by a third of it, a few crossing the threshold late in the
+    day (synthetic, for the chart only)."""
+    rows, now = [], datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    for hour in range(23, 0, -1):
+        for part in range(12):
+            drift = (23 - hour) / 23
+            normalized = typical * (0.95 + 0.4 * drift + 0.03 * (part % 5)) + (0.3 if part == 11 and hour < 6 else 0)
+            rows.append({"time": time_text(now - timedelta(hours=hour, minutes=-4 * part)), "category": "widget",
+                         "version": 2, "score": normalized * threshold, "score_normalized": normalized,
+                         "verdict": "anomalous" if normalized > 1 else "normal", "threshold": threshold,
+                         "map_threshold": threshold, "request_id": None, "part_id": f"S-{hour}-{part}",
+                         "line": "L1", "camera": None, "filename": None, "sha256": f"{hour:032x}{part:032x}",
+                         "image_bytes": 0, "replica": "screenshots"})
+    return rows
 
 
 def main() -> None:
@@ -57,6 +79,7 @@ def main() -> None:
             time.sleep(1)
             driver.save_screenshot(str(OUT / "history.png"))  # the whole page, History at the bottom
             threshold_view(driver)
+            product_view(driver, live)
         finally:
             driver.quit()
     for path in OUT.glob("*.png"):  # 256 colours: a quarter of the bytes, no visible loss on a UI
@@ -79,6 +102,26 @@ def threshold_view(driver: webdriver.Chrome) -> None:
     driver.set_window_size(1400, driver.execute_script("return document.body.scrollHeight") + 120)
     time.sleep(0.5)
     section.screenshot(str(OUT / "threshold.png"))
+
+
+def product_view(driver: webdriver.Chrome, live) -> None:
+    """The product page after a day of drift (taken last: its version 2 and synthetic rows are for it alone)."""
+    # Version 2: a stricter manual threshold (the tiny random backbone's own sits right on its good shots),
+    # so the page shows a version to roll back to and a calibration below the threshold.
+    first = live.http.get("/v1/categories/widget", headers={"Authorization": "Bearer client-key"}).json()
+    live.http.put("/v1/categories/widget/threshold", headers={"Authorization": "Bearer admin-key"},
+                  json={"threshold": 1.5 * first["decision"]["threshold"]})
+    reference = live.http.get("/v1/categories/widget/inspections/trend",
+                              headers={"Authorization": "Bearer client-key"}).json()["reference"]
+    live.records.inspections.insert(drifting_day(reference["threshold"], reference["score_mean"]))
+    driver.set_window_size(1400, 1000)
+    driver.get(live.url + "/console#product/widget")  # reconnects with the tab's key and opens the page
+    WebDriverWait(driver, 60).until(lambda d: d.find_elements("css selector", "#page-shots .shot img[src]")
+                                    and d.find_elements("css selector", "#page-chart svg.trend .dot"))
+    time.sleep(1)
+    driver.set_window_size(1400, driver.execute_script("return document.body.scrollHeight") + 120)
+    time.sleep(1)
+    driver.save_screenshot(str(OUT / "product.png"))  # the product page: versions, shots, trend
 
 
 if __name__ == "__main__":

@@ -66,6 +66,9 @@ def test_every_route_checks_its_key_before_the_body_or_is_a_bodyless_public_page
     assert ("PUT", "/v1/categories/{category}/threshold") in paths
     assert ("POST", "/v1/categories/{category}/feedback") in paths
     assert ("GET", "/v1/categories/{category}/scores") in paths
+    # The product page's read routes are walked too (they read no body, but must still want a key).
+    assert ("GET", "/v1/categories/{category}/shots/{sha256}/thumbnail") in paths
+    assert ("GET", "/v1/categories/{category}/inspections/trend") in paths
 
 
 @pytest.fixture(scope="module")
