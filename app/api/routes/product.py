@@ -8,6 +8,7 @@ the pictures are the product's own reference shots). Nothing here changes state.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Query
@@ -18,10 +19,10 @@ from app.api.deps import AuthFirstRoute, ClientDep
 from app.api.responses import errors
 from app.api.routes.categories import CategoriesDep, CategoryPath
 from app.api.routes.decisions import Sha256Path
-from app.api.routes.records import RecordsDep, Since, Until
+from app.api.routes.records import RecordsDep
+from app.categories import shot_ledger
 from app.categories.category_edits import SHA256
 from app.categories.service import CategoryService
-from app.categories.shot_ledger import current_ledger, shot_thumbnail
 from app.errors import BadRequestError, ConflictError, NotFoundError
 from app.records import trend
 from app.records.models import InspectionTrend
@@ -31,6 +32,10 @@ from model_store import StoreError
 router = APIRouter(prefix="/v1/categories", route_class=AuthFirstRoute)
 # A stored shot never changes under its hash; private: it is a picture of the customer's part.
 _IMMUTABLE = {"Cache-Control": "private, max-age=86400, immutable"}
+TrendSince = Annotated[datetime | None, Query(description="Start of the range, rounded down to its bucket (ISO 8601; "
+                                             "no zone = UTC). Default: 24 hours or 30 days before `until`.")]
+TrendUntil = Annotated[datetime | None, Query(description="End of the range (exclusive), rounded up to a whole bucket "
+                                             "(ISO 8601; no zone = UTC). Default: now.")]
 THUMBNAIL_MAX = 512  # px: a grid of these is what the page shows; larger is what GET .../shots is not for
 
 
@@ -40,9 +45,10 @@ THUMBNAIL_MAX = 512  # px: a grid of these is what the page shows; larger is wha
                        **errors(400, 401, 404, 409, 422, e400="Invalid category name or sha256.",
                                 e404="The active version lists no shot or confirmed defect with that hash.",
                                 e409="The version lists it but its file is missing from the store.")})
-async def shot_thumbnail_route(
+async def shot_thumbnail(
     category: CategoryPath, sha256: Sha256Path, _: ClientDep, service: CategoriesDep,
-    size: Annotated[int, Query(ge=16, le=THUMBNAIL_MAX, description="Longer side in pixels.")] = 256,
+    size: Annotated[int, Query(ge=16, le=THUMBNAIL_MAX,
+                               description=f"Longer side in pixels (16-{THUMBNAIL_MAX}).")] = 256,
 ) -> Response:
     """A small JPEG of one image the active version lists (from `GET .../shots`, or a confirmed defect), for
     the product page. Client or admin key."""
@@ -50,7 +56,7 @@ async def shot_thumbnail_route(
     if not SHA256.fullmatch(sha256):
         raise BadRequestError(f"invalid sha256 {sha256!r}: 64 lowercase hex digits", code="invalid_sha256")
     try:
-        data = await run_in_threadpool(shot_thumbnail, service.store, name, sha256, size)
+        data = await run_in_threadpool(shot_ledger.shot_thumbnail, service.store, name, sha256, size)
     except StoreError as exc:
         raise ConflictError(str(exc), code="shots_missing") from exc
     if data is None:
@@ -66,7 +72,7 @@ async def shot_thumbnail_route(
 async def inspection_trend(
     category: CategoryPath, _: ClientDep, records: RecordsDep, service: CategoriesDep,
     bucket: Annotated[trend.Bucket, Query(description="`hour` or `day` (UTC).")] = "hour",
-    since: Since = None, until: Until = None,
+    since: TrendSince = None, until: TrendUntil = None,
 ) -> InspectionTrend:
     """Per bucket of the recorded inspections: counts, the anomalous rate and the normalised score's mean, 95th
     percentile and maximum, with the active version's calibration normalised the same way as the reference to
@@ -75,7 +81,7 @@ async def inspection_trend(
     name = CategoryService.name(category)
     start, end = trend.span(bucket, since, until)
     buckets = await run_in_threadpool(trend.trend, records.db, name, bucket, start, end)
-    ledger = await run_in_threadpool(current_ledger, service.store, name)
+    ledger = await run_in_threadpool(shot_ledger.current_ledger, service.store, name)
     calibration = None if ledger.manifest is None else ledger.manifest.adapter.get("calibration")
     return InspectionTrend(category=name, bucket=bucket, since=time_text(start), until=time_text(end),
                            buckets=buckets, reference=trend.reference(calibration, ledger.active))

@@ -22,6 +22,7 @@ class AdapterVersionInfo(_Model):
 
     version: int
     active: bool
+    pinned: bool | None = None
     integrity: str | None = None
     created: datetime | None = None
     promotable: bool | None = None
@@ -234,6 +235,17 @@ class InspectionPage(_Model):
     next_cursor: str | None
 
 
+class InspectionTrend(_Model):
+    """``GET .../inspections/trend``: verdict rate and normalised-score drift per bucket, oldest first."""
+
+    category: str
+    bucket: Literal['hour', 'day']
+    since: str
+    until: str
+    buckets: list[TrendBucket]
+    reference: TrendReference | None
+
+
 class InspectionsDeleted(_Model):
     """``DELETE .../inspections``: how many inspections (and their images) were removed."""
 
@@ -396,6 +408,32 @@ class ThresholdRequest(_Model):
     target_false_alarm_rate: float | None = None
     threshold: float | None = None
     policy: Literal['auto'] | None = None
+
+
+class TrendBucket(_Model):
+    """One hour or day of a product's recorded inspections."""
+
+    start: str
+    inspections: int
+    anomalous: int
+    normal: int
+    anomalous_rate: float | None
+    scored: int
+    score_mean: float | None
+    score_p95: float | None
+    score_max: float | None
+
+
+class TrendReference(_Model):
+    """What the active version's good evidence scores, normalised the same way: the line drift is read against."""
+
+    version: int
+    threshold: float
+    normal_scores: int
+    score_mean: float | None
+    score_p95: float | None
+    score_max: float | None
+    expected_false_alarm_rate: float | None
 
 
 class Validation(_Model):
