@@ -79,7 +79,7 @@ def test_page_shows_versions_shots_facts_and_the_trend_chart(browser, live):
     with_verdicts = [b for b in trend["buckets"] if b["anomalous_rate"] is not None]
     total = sum(b["inspections"] for b in trend["buckets"])
     assert total == 6  # the fixture's four goods and two defects
-    wait(browser, lambda d: len(d.find_elements("css selector", "#page-chart svg.trend rect.rate-bar"))
+    wait(browser, lambda d: len(d.find_elements("css selector", "#page-chart svg.trend g.bars rect.rate-bar"))
          == len(with_verdicts) > 0)
     assert browser.find_elements("css selector", "#page-chart svg.trend line.threshold")
     assert browser.find_elements("css selector", "#page-chart svg.trend line.ref-p95")  # the calibration line
