@@ -122,18 +122,18 @@ class ImagePrediction(BaseModel):
         "1.2x apart). `CLIPSHOT_REFUSE_MISMATCHED_IMAGES=true` answers 400 `image_mismatch` instead."))
     batch_size: int = Field(description="Images in the device batch this image ran in.")
     timings: StageTimings = Field(description="Where this image's time went in the server.")
-    # Not part of the answer: the upload reduced for the inspection record's thumbnail (record mode
-    # `thumbnails`), made while the decoded image is at hand so the record's writer does not decode it again.
-    _record_picture: Any = PrivateAttr(None)
+    # Not part of the answer: the upload and its overlay reduced for the inspection record's thumbnails (record
+    # mode `thumbnails`), made while both pictures are at hand so the record's writer decodes neither again.
+    _record_pictures: Any = PrivateAttr(None)
 
     @property
-    def record_picture(self) -> Any:
-        """The reduced picture (a PIL image) for the record's thumbnail, or None."""
-        return self._record_picture
+    def record_pictures(self) -> Any:
+        """``(upload, overlay or None)`` as reduced PIL images for the record's thumbnails, or None."""
+        return self._record_pictures
 
-    @record_picture.setter
-    def record_picture(self, picture: Any) -> None:
-        self._record_picture = picture
+    @record_pictures.setter
+    def record_pictures(self, pictures: Any) -> None:
+        self._record_pictures = pictures
 
 
 class PredictResponse(BaseModel):

@@ -3,8 +3,10 @@
 Starts one ``clipshot serve`` per record mode (each with its own throwaway store), registers the same product on
 each, then sends one-image predict requests at a fixed concurrency (default 8) in interleaved rounds (off,
 verdicts, thumbnails, off, ...), so drifting machine load affects every mode alike. Only one server is loaded at a
-time. Prints a markdown table: client-side p50 / p99 per mode, the added p50 against ``off`` (target < 5 %), and
-the inspections each server recorded and dropped (from its ``/metrics`` and ``GET .../inspections``).
+time. Prints a markdown table: client-side p50 / p99 per mode, the added p50 against ``off`` (target < 5 %), the
+server's CPU time per request (its ``process_cpu_seconds_total``, the record's writer thread included: on a shared
+machine the wall-clock p50 moves by about 10 % between runs, the CPU cost much less), and the inspections each
+server recorded and dropped (from its ``/metrics`` and ``GET .../inspections``).
 
     python benchmarks/record_overhead.py                          # efficientnet-lite0, CPU, 8 x 40 x 3 rounds
     python benchmarks/record_overhead.py --requests 16 --rounds 2   # a quick look
@@ -54,21 +56,35 @@ def recorded(url: str) -> tuple[int, float]:
     return count, dropped
 
 
+async def cpu_seconds(client: httpx.AsyncClient, url: str) -> float:
+    """The server process's user + system CPU time (``process_cpu_seconds_total`` in its ``/metrics``)."""
+    text = (await client.get(f"{url}/metrics")).text
+    return next(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                if line.startswith("process_cpu_seconds_total "))
+
+
 async def measure(urls: dict[str, str], images: list[tuple[str, bytes]], args: argparse.Namespace
-                  ) -> dict[str, list[float]]:
+                  ) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Latencies per mode, and the server CPU seconds each mode's measured requests cost (its writer included):
+    CPU time is what recording takes from predictions on a busy machine, and it is far less sensitive to other
+    jobs on the machine than a wall-clock percentile."""
     latencies: dict[str, list[float]] = {mode: [] for mode in urls}
+    cpu: dict[str, float] = {mode: 0.0 for mode in urls}
     headers = {"Authorization": f"Bearer {BENCH_KEY}"}
     async with httpx.AsyncClient(timeout=120) as client:
         for url in urls.values():  # warm-up: first forward, adapter load
             await run_level(client, url + PATH, images, args.concurrency, args.concurrency, "jpeg", headers)
         for _ in range(args.rounds):
             for mode, url in urls.items():
+                before = await cpu_seconds(client, url)
                 got, _, failures = await run_level(client, url + PATH, images, args.concurrency, args.requests,
                                                    "jpeg", headers)
                 if failures:
                     raise SystemExit(f"{failures} predict requests failed in mode {mode}")
+                await asyncio.sleep(0.5)  # the writer's thread finishes the round's rows (it is counted too)
+                cpu[mode] += await cpu_seconds(client, url) - before
                 latencies[mode] += got
-    return latencies
+    return latencies, cpu
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,18 +106,22 @@ def main(argv: list[str] | None = None) -> int:
         for url in urls.values():
             with Client(url, BENCH_ADMIN) as admin:
                 admin.register("product", [data for _, data in shots], finetune=False)
-        latencies = asyncio.run(measure(urls, images, args))
+        latencies, cpu = asyncio.run(measure(urls, images, args))
         counts = {mode: recorded(url) for mode, url in urls.items()}
     base = percentile(latencies["off"], 50)
     print(f"\n{args.backbone} on {args.device}, concurrency {args.concurrency}, {args.rounds} rounds x "
           f"{args.requests} requests per mode (one image each)\n")
-    print("| record_mode | p50 ms | p99 ms | added p50 | recorded | dropped |")
-    print("|---|---|---|---|---|---|")
+    base_cpu = cpu["off"] / len(latencies["off"])
+    print("| record_mode | p50 ms | p99 ms | added p50 | server CPU ms / request | added CPU | recorded | dropped |")
+    print("|---|---|---|---|---|---|---|---|")
     for mode, values in latencies.items():
         p50, p99 = percentile(values, 50), percentile(values, 99)
+        per_request = cpu[mode] / len(values)
         added = "-" if mode == "off" else f"{100 * (p50 / base - 1):+.1f} %"
+        added_cpu = "-" if mode == "off" else f"{100 * (per_request / base_cpu - 1):+.1f} %"
         count, dropped = counts[mode]
-        print(f"| {mode} | {1000 * p50:.1f} | {1000 * p99:.1f} | {added} | {count} | {dropped:.0f} |")
+        print(f"| {mode} | {1000 * p50:.1f} | {1000 * p99:.1f} | {added} | {1000 * per_request:.1f} | {added_cpu} "
+              f"| {count} | {dropped:.0f} |")
     return 0
 
 

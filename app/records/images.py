@@ -64,11 +64,11 @@ def _write(root: Path, relative: str, data: bytes) -> None:
 
 def keep_images(root: Path, *, mode: str, category: str, upload: bytes | None, overlay: bytes | None,
                 overlay_encoding: str | None, thumbnail_size: int,
-                decoded: Image.Image | None = None) -> KeptImages:
+                decoded: Image.Image | None = None, decoded_overlay: Image.Image | None = None) -> KeptImages:
     """Write what ``mode`` keeps (``thumbnails`` or ``full``) and say where; nothing for other modes.
 
-    ``decoded``: the upload already decoded (and reduced) by the prediction; a thumbnail is made from it
-    instead of decoding ``upload`` again."""
+    ``decoded`` / ``decoded_overlay``: the upload and its overlay already decoded (and reduced) by the
+    prediction; thumbnails are made from them instead of decoding ``upload`` / ``overlay`` again."""
     stem = f"{category}/{datetime.now(UTC):%Y-%m-%d}/{uuid.uuid4().hex}"
     if mode == "thumbnails" and decoded is not None:
         picture, image_path = thumbnail_of(decoded, thumbnail_size), f"{stem}.jpg"
@@ -80,7 +80,11 @@ def keep_images(root: Path, *, mode: str, category: str, upload: bytes | None, o
         return KeptImages()
     _write(root, image_path, picture)
     written, overlay_path = len(picture), None
-    if overlay is not None and overlay_encoding in _OVERLAY_EXT:
+    if mode == "thumbnails" and decoded_overlay is not None:
+        overlay, overlay_path = thumbnail_of(decoded_overlay, thumbnail_size), f"{stem}-overlay.jpg"
+        _write(root, overlay_path, overlay)
+        written += len(overlay)
+    elif overlay is not None and overlay_encoding in _OVERLAY_EXT:
         if mode == "thumbnails":
             overlay, overlay_path = thumbnail(overlay, thumbnail_size), f"{stem}-overlay.jpg"
         else:

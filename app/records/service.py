@@ -44,10 +44,10 @@ class RecordService:
 
     def needs_uploads(self, answer: PredictResponse) -> bool:
         """True when the predict route must hand over the uploaded bytes: full images are kept as uploaded;
-        thumbnails come from the picture the prediction reduced (``ImagePrediction.record_picture``), or from
+        thumbnails come from the pictures the prediction reduced (``ImagePrediction.record_pictures``), or from
         the bytes for an answer that carries none (made by another process)."""
         return self.mode == "full" or (self.mode == "thumbnails" and any(
-            p.record_picture is None for p in answer.predictions))
+            p.record_pictures is None for p in answer.predictions))
 
     def record(self, answer: PredictResponse, origin: LineContext, request_id: str | None,
                uploads: list[bytes] | None = None) -> int:
@@ -70,9 +70,11 @@ class RecordService:
                            defect_evidence=pred.confidence.defect_evidence)
             upload = uploads[index] if self.keeps_images and uploads and index < len(uploads) else None
             heatmap = pred.heatmap if self.keeps_images else None
-            picture = pred.record_picture if self.mode == "thumbnails" else None
+            picture, overlay = (pred.record_pictures or (None, None)) if self.mode == "thumbnails" else (None, None)
+            if overlay is not None:  # the overlay's thumbnail comes from the picture: no bytes to decode
+                heatmap = None
             items.append(Pending(row, upload, heatmap.data if heatmap else None,
-                                 heatmap.encoding if heatmap else None, picture))
+                                 heatmap.encoding if heatmap else None, picture, overlay))
         return self.writer.submit(items)
 
     def close(self) -> None:

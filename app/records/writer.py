@@ -43,6 +43,7 @@ class Pending:
     overlay: str | None = None  # base64, as in the answer: decoded here, off the request path
     overlay_encoding: str | None = None
     picture: Image.Image | None = None  # the upload, decoded and reduced by the prediction (thumbnails mode)
+    overlay_picture: Image.Image | None = None  # its overlay, likewise
 
 
 class RecordWriter:
@@ -130,7 +131,7 @@ class RecordWriter:
                                      overlay=base64.b64decode(item.overlay) if item.overlay else None,
                                      overlay_encoding=item.overlay_encoding,
                                      thumbnail_size=self.settings.record_thumbnail_size,
-                                     decoded=item.picture)
+                                     decoded=item.picture, decoded_overlay=item.overlay_picture)
                 kept.append(images)
                 item.row.update(image_path=images.image_path, overlay_path=images.overlay_path,
                                 image_bytes=images.image_bytes)

@@ -265,6 +265,7 @@ class Rendered:
     vmax: float | None = None
     regions: list[Region] | None = None
     regions_total: int | None = None
+    picture: Image.Image | None = None  # the overlay before encoding (jpeg / png), for the record's thumbnail
 
 
 def render(image: Image.Image, heat: torch.Tensor | np.ndarray, threshold: float | None, mode: str,
@@ -279,8 +280,8 @@ def render(image: Image.Image, heat: torch.Tensor | np.ndarray, threshold: float
     size = output_size(image.size, heatmap_size, max_side)
     shape = (size[1], size[0])
     if mode in ("jpeg", "png"):
-        return Rendered(mode, encode(overlay_image(image, heat, vmin=vmin, vmax=vmax, size=size), mode), shape,
-                        vmin, vmax)
+        overlay = overlay_image(image, heat, vmin=vmin, vmax=vmax, size=size)
+        return Rendered(mode, encode(overlay, mode), shape, vmin, vmax, picture=overlay)
     regions, total = find_regions(heat, vmin, image.size, size)
     if mode == "regions":
         return Rendered(regions=regions, regions_total=total, vmin=vmin)

@@ -261,7 +261,9 @@ class InferenceService:
                                  postprocess_ms=(time.perf_counter() - start) * ms),
         )
         if self.settings.record_mode == "thumbnails":
-            prediction.record_picture = reduced_for_thumbnail(image, self.settings.record_thumbnail_size)
+            side = self.settings.record_thumbnail_size
+            prediction.record_pictures = (reduced_for_thumbnail(image, side),
+                                          None if out.picture is None else reduced_for_thumbnail(out.picture, side))
         return prediction
 
 
