@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import statistics
 import sys
 from contextlib import ExitStack
 from pathlib import Path
@@ -64,12 +65,12 @@ async def cpu_seconds(client: httpx.AsyncClient, url: str) -> float:
 
 
 async def measure(urls: dict[str, str], images: list[tuple[str, bytes]], args: argparse.Namespace
-                  ) -> tuple[dict[str, list[float]], dict[str, float]]:
+                  ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Latencies per mode, and the server CPU seconds each mode's measured requests cost (its writer included):
     CPU time is what recording takes from predictions on a busy machine, and it is far less sensitive to other
     jobs on the machine than a wall-clock percentile."""
     latencies: dict[str, list[float]] = {mode: [] for mode in urls}
-    cpu: dict[str, float] = {mode: 0.0 for mode in urls}
+    cpu: dict[str, list[float]] = {mode: [] for mode in urls}  # per round
     headers = {"Authorization": f"Bearer {BENCH_KEY}"}
     async with httpx.AsyncClient(timeout=120) as client:
         for url in urls.values():  # warm-up: first forward, adapter load
@@ -82,7 +83,7 @@ async def measure(urls: dict[str, str], images: list[tuple[str, bytes]], args: a
                 if failures:
                     raise SystemExit(f"{failures} predict requests failed in mode {mode}")
                 await asyncio.sleep(0.5)  # the writer's thread finishes the round's rows (it is counted too)
-                cpu[mode] += await cpu_seconds(client, url) - before
+                cpu[mode].append((await cpu_seconds(client, url) - before) / len(got))
                 latencies[mode] += got
     return latencies, cpu
 
@@ -111,14 +112,18 @@ def main(argv: list[str] | None = None) -> int:
     base = percentile(latencies["off"], 50)
     print(f"\n{args.backbone} on {args.device}, concurrency {args.concurrency}, {args.rounds} rounds x "
           f"{args.requests} requests per mode (one image each)\n")
-    base_cpu = cpu["off"] / len(latencies["off"])
-    print("| record_mode | p50 ms | p99 ms | added p50 | server CPU ms / request | added CPU | recorded | dropped |")
+    print("| record_mode | p50 ms | p99 ms | added p50 | server CPU ms / request | added CPU, median of rounds "
+          "[quartiles] | recorded | dropped |")
     print("|---|---|---|---|---|---|---|---|")
     for mode, values in latencies.items():
         p50, p99 = percentile(values, 50), percentile(values, 99)
-        per_request = cpu[mode] / len(values)
+        per_request = statistics.fmean(cpu[mode])
         added = "-" if mode == "off" else f"{100 * (p50 / base - 1):+.1f} %"
-        added_cpu = "-" if mode == "off" else f"{100 * (per_request / base_cpu - 1):+.1f} %"
+        # each round's CPU per request against the `off` server's in the same round: the machine's drift cancels
+        ratios = [100 * (mine / off - 1) for mine, off in zip(cpu[mode], cpu["off"], strict=True)]
+        quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+        added_cpu = "-" if mode == "off" else (f"{statistics.median(ratios):+.1f} % [{quartiles[0]:+.1f}, "
+                                               f"{quartiles[2]:+.1f}]")
         count, dropped = counts[mode]
         print(f"| {mode} | {1000 * p50:.1f} | {1000 * p99:.1f} | {added} | {1000 * per_request:.1f} | {added_cpu} "
               f"| {count} | {dropped:.0f} |")

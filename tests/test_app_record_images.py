@@ -4,10 +4,14 @@ was answered; behind the client keys like the listing, 404 where nothing was kep
 from __future__ import annotations
 
 import io
+import os
+import threading
+import time
 
 import pytest
 from PIL import ExifTags, Image
 
+from app.records.writer import WRITER_NICE
 from tests.helpers.predict import good
 from tests.helpers.records import ADMIN, CLIENT, recording
 
@@ -72,3 +76,15 @@ def test_a_thumbnail_is_the_picture_the_prediction_judged(tmp_path, tiny_backbon
         overlay = picture(live.http.get(f"{base}/overlay", headers=CLIENT))
     assert kept.size == (THUMB * 2 // 3, THUMB)  # portrait, longer side THUMB, as the model saw it
     assert overlay.size[0] < overlay.size[1]  # the overlay was drawn on the upright picture too
+
+
+def test_the_record_writer_yields_the_cpu_to_predictions(tmp_path, tiny_backbone):
+    """The writer's picture work must not take a core from a forward: its thread runs WRITER_NICE nicer than
+    the server's (Linux gives each thread its own nice value)."""
+    with recording(tmp_path / "store", tiny_backbone, record_mode="thumbnails", register=False) as live:
+        writer = live.records.writer._thread
+        expected = min(19, os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) + WRITER_NICE)
+        deadline = time.monotonic() + 10  # the thread renices itself as it starts
+        while os.getpriority(os.PRIO_PROCESS, writer.native_id) != expected and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert os.getpriority(os.PRIO_PROCESS, writer.native_id) == expected
