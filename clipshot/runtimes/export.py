@@ -19,7 +19,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -119,10 +119,7 @@ def export(backbone: Backbone, key: ExportKey, fmt: str, cache: Path, *, dpam: b
     target = cache / f"{key.digest()}-{fmt}"
     if (target / _main_file(fmt)).is_file():
         return target
-    cache.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".export-", dir=cache))
-    leftover: Path | None = work  # None once renamed into place
-    try:
+    with published_folder(cache, target, _main_file(fmt), prefix=".export-") as work:
         with fold(), torch.inference_mode(False), torch.no_grad():
             _trace(backbone, key, work / ONNX_FILE, dpam=dpam)
             pixels = check_input(key)
@@ -139,17 +136,28 @@ def export(backbone: Backbone, key: ExportKey, fmt: str, cache: Path, *, dpam: b
         meta = {"key": key.to_dict(), "format": fmt, "outputs": len(reference), "has_cls": backbone.supports_text,
                 "grid": _grid(backbone, key), "max_abs_diff": worst, "tolerance": EXPORT_TOLERANCE}
         (work / META_FILE).write_text(json.dumps(meta, indent=2))
+    return target
+
+
+@contextlib.contextmanager
+def published_folder(cache: Path, target: Path, main_file: str, *, prefix: str) -> Iterator[Path]:
+    """A fresh work folder inside ``cache``, renamed to ``target`` when the block ends without an error.
+
+    The rename is atomic, so a reader (another worker, a crash's survivor) sees a whole graph folder or none.
+    When another process published ``target`` first (its ``main_file`` is there), theirs is kept and ours goes;
+    on any error the work folder is removed."""
+    cache.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir=cache))
+    try:
+        yield work
         try:
             os.rename(work, target)
-        except OSError:  # another process finished the same export first: theirs is as good
-            if not (target / _main_file(fmt)).is_file():
+        except OSError:  # another process finished the same graph first: theirs is as good
+            if not (target / main_file).is_file():
                 raise
-        else:
-            leftover = None
     finally:
-        if leftover is not None:
-            shutil.rmtree(leftover, ignore_errors=True)
-    return target
+        if work.exists():
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def _main_file(fmt: str) -> str:

@@ -17,16 +17,13 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from clipshot.runtimes.export import META_FILE, ONNX_FILE, OPENVINO_FILE
+from clipshot.runtimes.export import META_FILE, ONNX_FILE, OPENVINO_FILE, published_folder
 
 QUANTIZE = ("int8",)
 CALIBRATION_BATCH = 8  # rows per calibration step; min/max ranges do not depend on how the shots are batched
@@ -104,10 +101,7 @@ def quantize_int8(fp32_folder: Path, cache: Path, shots: np.ndarray) -> Path:
         from onnxruntime.quantization.shape_inference import quant_pre_process
     except ImportError as exc:
         raise QuantizeError("int8 quantisation needs onnxruntime: pip install 'clipshot[runtimes]'") from exc
-    cache.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".int8-", dir=cache))
-    leftover: Path | None = work
-    try:
+    with published_folder(cache, target, ONNX_FILE, prefix=".int8-") as work:
         prepared = work / "prepared.onnx"
         quant_pre_process(str(fp32_folder / ONNX_FILE), str(prepared), skip_symbolic_shape=True)
         reader = ShotCalibrationReader(shots)
@@ -123,14 +117,4 @@ def quantize_int8(fp32_folder: Path, cache: Path, shots: np.ndarray) -> Path:
                                                          "shape": list(shots.shape[1:])},
                      "max_abs_diff": None, "tolerance": None})
         (work / META_FILE).write_text(json.dumps(meta, indent=2))
-        try:
-            os.rename(work, target)
-        except OSError:  # another process finished the same quantisation first
-            if not (target / ONNX_FILE).is_file():
-                raise
-        else:
-            leftover = None
-    finally:
-        if leftover is not None:
-            shutil.rmtree(leftover, ignore_errors=True)
     return target
