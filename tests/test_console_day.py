@@ -9,7 +9,7 @@ from threaded_server import threaded_server
 
 from app.client import Client
 from app.core.config import Settings
-from tests.helpers.browser import accept_if_asked, browser, click, text_of, wait
+from tests.helpers.browser import accept_if_asked, browser, click, open_console, text_of, wait
 from tests.helpers.predict import defect, good, png
 
 __all__ = ["browser"]  # the fixture, imported for pytest
@@ -30,11 +30,7 @@ def server(tmp_path_factory, tiny_backbone):
 
 
 def connect(driver, url: str) -> None:
-    driver.get(url + "/console")
-    key = driver.find_element("id", "key")
-    key.clear()
-    key.send_keys(ADMIN_KEY)
-    driver.find_element("id", "connect").click()
+    open_console(driver, url, ADMIN_KEY)
     wait(driver, lambda d: text_of(d, "status") == "connected")
 
 

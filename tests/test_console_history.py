@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers.browser import assert_loaded_offline, browser, text_of, wait
+from tests.helpers.browser import assert_loaded_offline, browser, open_console, text_of, wait
 from tests.helpers.records import recording
 
 __all__ = ["browser"]  # the fixture, imported for pytest
@@ -29,11 +29,7 @@ def live(tmp_path_factory, tiny_backbone):
 
 
 def open_history(driver, url: str, verdict: str = "") -> None:
-    driver.get(url + "/console")
-    key = driver.find_element("id", "key")
-    key.clear()  # the tab may remember the previous test's key
-    key.send_keys("admin-key")
-    driver.find_element("id", "connect").click()
+    open_console(driver, url, "admin-key")
     wait(driver, lambda d: d.find_elements("css selector", "#hist-category option[value='widget']"))
     driver.get_log("browser")  # drain the page's first keyless call (401); from here on no error is expected
     driver.find_element("css selector", f"#hist-verdict option[value='{verdict}']").click()

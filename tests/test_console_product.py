@@ -9,7 +9,7 @@ import pytest
 from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
 
-from tests.helpers.browser import assert_loaded_offline, browser, click, text_of, wait
+from tests.helpers.browser import assert_loaded_offline, browser, click, open_console, text_of, wait
 from tests.helpers.predict import defect, good, png
 from tests.helpers.records import ADMIN, CLIENT, recording
 
@@ -35,11 +35,7 @@ def served(live, category="widget") -> dict:
 
 
 def open_page(driver, url: str, category: str = "widget") -> None:
-    driver.get(url + "/console")
-    key = driver.find_element("id", "key")
-    key.clear()  # the tab may remember the previous test's key
-    key.send_keys("admin-key")
-    driver.find_element("id", "connect").click()
+    open_console(driver, url, "admin-key")
     wait(driver, lambda d: d.find_elements("css selector", f'#product-list tr[data-category="{category}"] a.open-page'))
     driver.get_log("browser")  # drain the page's first keyless call (401); from here on no error is expected
     click(driver, f'#product-list tr[data-category="{category}"] a.open-page')  # again if the table re-rendered

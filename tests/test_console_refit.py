@@ -8,7 +8,7 @@ from threaded_server import threaded_server
 
 from app.core.config import Settings
 from app.main import create_app
-from tests.helpers.browser import browser, text_of, wait
+from tests.helpers.browser import browser, open_console, text_of, wait
 from tests.helpers.predict import defect, good, png
 
 __all__ = ["browser"]  # the fixture, imported for pytest
@@ -34,9 +34,7 @@ def server(tmp_path_factory, tiny_backbone):
 
 
 def test_registration_and_feedback_show_the_fits_progress_then_the_result(browser, server, tmp_path):
-    browser.get(server + "/console")
-    browser.find_element("id", "key").send_keys(ADMIN_KEY)
-    browser.find_element("id", "connect").click()
+    open_console(browser, server, ADMIN_KEY)
     wait(browser, lambda d: text_of(d, "status") == "connected")
     assert not browser.find_element("id", "refit").is_displayed()
     browser.execute_script(RECORD_STAGES)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers.browser import assert_loaded_offline, browser, text_of, wait
+from tests.helpers.browser import assert_loaded_offline, browser, open_console, text_of, wait
 from tests.helpers.predict import defect, good, png
 from tests.helpers.records import ADMIN, recording
 
@@ -64,11 +64,7 @@ def alert(driver):
 def test_drag_preview_and_apply(browser, live):
     served = live.http.get("/v1/categories/widget/scores", headers=ADMIN).json()
     assert len(served["recorded"]) == 10 and served["decision"]["expected_recall"] > 0  # something to move
-    browser.get(live.url + "/console")
-    key = browser.find_element("id", "key")
-    key.clear()
-    key.send_keys("admin-key")
-    browser.find_element("id", "connect").click()
+    open_console(browser, live.url, "admin-key")
     wait(browser, lambda d: len(d.find_elements("css selector", LIVE)) == 4)
     browser.get_log("browser")  # drain the page's first keyless call (401); from here on no error is expected
     browser.execute_script("document.getElementById('threshold-section').scrollIntoView()")

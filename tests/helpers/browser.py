@@ -43,6 +43,15 @@ def browser():
     driver.quit()
 
 
+def open_console(driver, base: str, key: str) -> None:
+    """Load ``base``/console and connect with ``key``; the caller waits for what it needs to see next."""
+    driver.get(base + "/console")
+    field = driver.find_element("id", "key")
+    field.clear()  # the tab may remember the previous test's key
+    field.send_keys(key)
+    driver.find_element("id", "connect").click()
+
+
 def wait(driver, condition, timeout: float = WAIT_S):
     """Poll ``condition``; an element the console re-rendered between find and read (stale) is just polled
     again, as a person would look again, instead of failing the test on a race with the page's refresh."""
