@@ -27,12 +27,10 @@ from app.schemas import (
     CategoryDeleted,
     CategoryDetail,
     CategorySummary,
-    HeatmapMode,
-    ImagePrediction,
-    PredictResponse,
     ReadyResponse,
     ShotsRegistered,
 )
+from app.schemas.prediction import HeatmapMode, ImagePrediction, PredictResponse
 
 ImageInput = str | os.PathLike[str] | bytes | Image.Image | np.ndarray
 DEFAULT_URL = "http://127.0.0.1:8000"

@@ -10,7 +10,8 @@ from threaded_server import free_port, threaded_server
 from app.client import Client, ClipshotError, anomaly_mask, encode_image, heatmap_grid, heatmap_image
 from app.core.config import Settings
 from app.jobs.job_store import Job, JobState
-from app.schemas import PredictResponse, ShotsRegistered
+from app.schemas import ShotsRegistered
+from app.schemas.prediction import PredictResponse
 from tests.helpers.predict import defect, good, png
 
 ADMIN_KEY, CLIENT_KEY = "admin-key", "client-key"

@@ -20,7 +20,7 @@ from starlette.datastructures import UploadFile
 
 from app.api.request_id import current_request_id
 from app.errors import ClipshotHTTPError
-from app.schemas import PredictResponse
+from app.schemas.prediction import PredictResponse
 from app.serving.result_publisher import LineContext, deliver
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from app.records.inspections import InspectionStore
 from app.records.pages import now_text
 from app.records.record_db import open_record_database
 from app.records.writer import Pending, RecordWriter
-from app.schemas import PredictResponse
+from app.schemas.prediction import PredictResponse
 from app.serving.result_publisher import LineContext
 
 KEEPS_IMAGES = ("thumbnails", "full")

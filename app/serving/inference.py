@@ -25,9 +25,8 @@ from app.core.config import Settings
 from app.core.identity import replica_name
 from app.errors import BadRequestError, ClipshotHTTPError, ConflictError, ImageError, NotFoundError, OverloadedError
 from app.metrics import Metrics
-from app.schemas import (
-    OBJECT_NAME_PATTERN,
-    OBJECT_NAME_RULE,
+from app.schemas import OBJECT_NAME_PATTERN, OBJECT_NAME_RULE
+from app.schemas.prediction import (
     AnomalyRegion,
     DecisionConfidence,
     Heatmap,

@@ -31,7 +31,7 @@ from typing import Any
 
 from app.core.config import Settings, env_var
 from app.metrics import Metrics
-from app.schemas import PredictResponse
+from app.schemas.prediction import PredictResponse
 from app.serving.outbox import Outbox, OutboxError
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from app.api.deps import AuthFirstRoute, ClientDep, InferenceDep
 from app.api.line_results import published
 from app.api.responses import CATEGORY_DOC, CATEGORY_SCHEMA, errors
 from app.errors import ClipshotHTTPError
-from app.schemas import HeatmapMode, PredictResponse
+from app.schemas.prediction import HeatmapMode, PredictResponse
 from app.serving.heatmap import DEFAULT_MAX_SIDE as MAX_HEATMAP_SIZE
 
 API_PREFIX = "/v1"
