@@ -1,7 +1,8 @@
 """CategoryService: register products from a few good photos, list/inspect/activate/delete their versions.
 
 Operator edits (threshold policy, feedback, shot removal) live in ``category_edits.py``; which images belong
-to a category is read from its active version (``shot_ledger.py``).
+to a category is read from its active version (``shot_ledger.py``); the checks an upload passes before
+anything is written are in ``upload_checks.py``.
 
 Why registration fits the memory adapter synchronously: it needs no training, so the product serves the
 moment the 201 returns; the (optional) fine-tune then runs as a background job and hot-swaps itself in only
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.concurrency import run_in_threadpool
 
-from app.categories import inspection
+from app.categories import inspection, upload_checks
 from app.categories.category_edits import CategoryEdits, stale_conflict
 from app.categories.geometry import GeometryRequest
 from app.categories.score_evidence import score_evidence
@@ -43,9 +44,8 @@ from app.categories.shot_ledger import (
 )
 from app.core.advice import chroma, shot_image_facts
 from app.core.config import Settings
-from app.errors import BadRequestError, ClipshotHTTPError, ConflictError, NotFoundError, OverloadedError
+from app.errors import ConflictError, NotFoundError, OverloadedError
 from app.serving.device_worker import TRAIN
-from app.serving.images import decode_image
 from clipshot.adapter import Adapter
 from clipshot.calibration import Calibration
 from clipshot.chunked import Stage, Steps, reporting, timed
@@ -54,11 +54,9 @@ from clipshot.geometry import Geometry
 from model_store import (
     AdapterStore,
     BundleNotFound,
-    InvalidName,
     StaleVersion,
     StoreError,
     VersionNotFound,
-    validate_category,
 )
 from model_store.adapters import load_adapter, save_adapter
 from model_store.holds import Hold
@@ -108,13 +106,7 @@ class CategoryService(CategoryEdits):
         self._integrity = inspection.IntegrityCache(store)
 
     # -- helpers ------------------------------------------------------------------------------------
-    @staticmethod
-    def name(category: str) -> str:
-        """Validated category slug, or 400 before the name ever touches a path."""
-        try:
-            return validate_category(category)
-        except InvalidName as exc:
-            raise BadRequestError(str(exc), code="invalid_category") from exc
+    name = staticmethod(upload_checks.category_name)  # routes validate path names through it
 
     def _existing(self, category: str) -> str:
         name = self.name(category)
@@ -139,56 +131,12 @@ class CategoryService(CategoryEdits):
     # -- registration -------------------------------------------------------------------------------
     def validate_upload(self, category: str, files: list[tuple[str, bytes]], *, minimum: int | None = None
                         ) -> tuple[str, list[str], list[tuple[int, int]]]:
-        """Checks of the upload itself (name, counts, every image); returns (name, content hashes, sizes)."""
-        name = self.name(category)
-        s = self.settings
-        least = s.min_shots if minimum is None else minimum
-        if len(files) < least:
-            raise BadRequestError(f"too few images: got {len(files)}, need at least {least}",
-                                  code="too_few_shots")
-        if len(files) > s.max_shots:
-            raise BadRequestError(f"too many images: got {len(files)}, at most {s.max_shots} per upload",
-                                  code="too_many_shots")
-        hashes, sizes = [], []
-        for filename, data in files:
-            try:
-                decoded = decode_image(data, max_pixels=s.max_image_pixels, max_bytes=s.max_upload_bytes)
-            except ClipshotHTTPError as exc:  # name the offending file: uploads hold up to 16 of them
-                exc.message = f"{filename or 'unnamed file'}: {exc.message}"
-                raise
-            hashes.append(decoded.sha256)
-            sizes.append(decoded.size)
-        return name, hashes, sizes
+        """Checks of the upload itself (``upload_checks.validate_upload``); returns (name, hashes, sizes)."""
+        return upload_checks.validate_upload(self.settings, category, files, minimum=minimum)
 
     def _plan_geometry(self, name: str, ledger: Ledger, sizes: list[tuple[int, int]],
                        request: GeometryRequest) -> Geometry:
-        """The geometry for all the category's good images (listed + new), checked before anything is written."""
-        stored_sizes_ = stored_sizes(self.store, name, ledger.goods, self.settings)  # headers: nothing decoded
-        try:
-            stored = Geometry.from_dict(ledger.manifest.adapter.get("geometry")) if ledger.manifest else None
-        except (ValueError, TypeError):
-            stored = None
-        return request.plan(self.detector, stored_sizes_ + sizes, stored)
-
-    def _check_total(self, ledger: Ledger, hashes: list[str]) -> list[str]:
-        """The category-wide limit (listed + new, deduplicated); checked under the category lock."""
-        s = self.settings
-        conflict = ledger.defect_hashes & set(hashes)
-        if conflict:
-            raise ConflictError(f"{len(conflict)} image(s) are confirmed defects of this product; a defect "
-                                "cannot also be a good shot", code="label_conflict")
-        total = len(ledger.good_hashes | set(hashes))
-        if total > s.max_category_images:
-            raise BadRequestError(
-                f"too many good images: the product would hold {total}, at most {s.max_category_images}; "
-                "remove some with DELETE /v1/categories/{category}/shots/{sha256}", code="too_many_shots")
-        notes = []
-        if len(set(hashes)) < len(hashes):
-            notes.append(f"{len(hashes) - len(set(hashes))} duplicate image(s) in the upload were stored once")
-        if total < s.recommended_min_shots:
-            notes.append(f"only {total} shot(s); {s.recommended_min_shots}-{s.max_shots} good photos give reliable "
-                         "thresholds (and fine-tuning needs at least 4 to validate itself)")
-        return notes
+        return upload_checks.plan_geometry(self.store, self.detector, self.settings, name, ledger, sizes, request)
 
     async def check_register(self, category: str, files: list[tuple[str, bytes]],
                              geometry: GeometryRequest | None = None) -> str:
@@ -196,7 +144,7 @@ class CategoryService(CategoryEdits):
         a registration answered 202 must have failed these with a 4xx instead."""
         name, hashes, sizes = await run_in_threadpool(self.validate_upload, category, files)
         ledger = await run_in_threadpool(current_ledger, self.store, name)
-        self._check_total(ledger, hashes)
+        upload_checks.check_total(self.settings, ledger, hashes)
         await run_in_threadpool(self._plan_geometry, name, ledger, sizes, geometry or GeometryRequest())
         return name
 
@@ -211,7 +159,7 @@ class CategoryService(CategoryEdits):
             if progress is not None:
                 await progress.started()
             ledger = await run_in_threadpool(current_ledger, self.store, name)
-            notes = self._check_total(ledger, hashes)
+            notes = upload_checks.check_total(self.settings, ledger, hashes)
             plan = await run_in_threadpool(self._plan_geometry, name, ledger, sizes, geometry or GeometryRequest())
             async with self._holding(name) as held:
                 added = await self._store_images(name, files, source="registration", skip=ledger.good_hashes,
