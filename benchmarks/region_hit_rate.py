@@ -41,7 +41,6 @@ from accuracy_suite import CachedDetector, discover  # noqa: E402
 from app.serving.heatmap import OVERLAY_REGIONS, rank_components, upsample  # noqa: E402
 from clipshot.anomaly_map import colour_scale  # noqa: E402
 from clipshot.backbone import load_backbone  # noqa: E402
-from clipshot.detector import Detector  # noqa: E402
 from clipshot.evaluation.dataset import (  # noqa: E402
     list_test_samples,
     list_train_good,
@@ -51,6 +50,7 @@ from clipshot.evaluation.dataset import (  # noqa: E402
 )
 from clipshot.evaluation.shots import select_shots  # noqa: E402
 from clipshot.features import FEATURE_BATCH  # noqa: E402
+from clipshot.prediction import make_prediction  # noqa: E402
 
 BATCH = 16  # the suite's batches (run_protocol's default), cut like Detector.predict: the cache keys match
 
@@ -73,7 +73,7 @@ def measure(detector: CachedDetector, parent: Path, category: str, shots: int, s
         for sample, image, score, heat in zip(batch, images, scores.tolist(), heats, strict=True):
             if not sample.label:
                 continue
-            pred = Detector.make_prediction(score, heat, adapter, image.size, None)
+            pred = make_prediction(score, heat, adapter, image.size, None)
             grid = adapter.geometry.image_grid(heat, image.size, heat.shape[-1])
             vmin, _ = colour_scale(pred.map_threshold)
             big = upsample(grid, (mask_size, mask_size))  # the suite's masks are squashed to a square too

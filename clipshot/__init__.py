@@ -6,7 +6,8 @@ Entry points: ``load_backbone(spec)`` builds the frozen model, ``Detector(backbo
 
 from clipshot.adapter import Adapter
 from clipshot.backbone import load_backbone
-from clipshot.detector import Detector, Prediction
+from clipshot.detector import Detector
+from clipshot.prediction import Prediction
 
 __version__ = "0.1.0"
 __all__ = ["Adapter", "Detector", "Prediction", "__version__", "load_backbone"]

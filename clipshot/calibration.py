@@ -138,7 +138,7 @@ def _estimated_rate(cal: Calibration, threshold: float) -> float:
 def images_above(cal: Calibration, threshold: float) -> tuple[int, int]:
     """(good images with any leave-one-out score above ``threshold``, good images): the count a bound rests on.
 
-    ``normal_scores`` holds, per good image in order, its own score and its light views' (``Detector._calibrate``);
+    ``normal_scores`` holds, per good image in order, its own score and its light views' (``clipshot.calibration_fit``);
     the views of one image are not independent of it, so an image counts once, as above if any of its views is."""
     images = max(1, int(cal.shots or len(cal.normal_scores)))
     return sum(m > threshold for m in _image_maxima(cal)), images

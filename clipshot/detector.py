@@ -5,40 +5,29 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
-from clipshot import calibration_evidence as evidence
 from clipshot import lora, mixed_batch
-from clipshot import scoring_selection as selection
 from clipshot.adapter import Adapter
 from clipshot.anomaly_map import pixel_map
 from clipshot.backbone import Backbone, ClipBackbone
-from clipshot.calibration import Calibration, DecisionPolicy, calibrate
-from clipshot.chunked import Stage, Steps, finish, staged
+from clipshot.calibration import DecisionPolicy
+from clipshot.calibration_fit import calibrate_steps
+from clipshot.chunked import Steps, finish, staged
 from clipshot.features import FEATURE_BATCH, Features
-from clipshot.fusion import ScoringConfig, fuse_maps, image_score, map_threshold
+from clipshot.fusion import ScoringConfig, fuse_maps, image_score
 from clipshot.geometry import TILE_OVERLAP, Geometry, GeometryError, build_geometry, check_usable
 from clipshot.memory_branch import MemoryBank, memory_precision
+from clipshot.prediction import Prediction, make_prediction
 from clipshot.prompts import handcrafted_embeddings
 from clipshot.runtimes import FeatureRuntime
 from clipshot.text_branch import text_maps, text_scores
 
 RECOMMENDED_MIN_SHOTS = 4
 ZERO_SHOT_IMAGE_SCORE = "peak"  # text-only adapters keep the map maximum: see ``Detector.text_adapter``
-
-
-@dataclass
-class Prediction:
-    score: float
-    threshold: float | None
-    is_anomalous: bool | None
-    anomaly_map: np.ndarray | None  # float32 (H, W)
-    map_threshold: float | None = None  # map pixels above it made the verdict (``fusion.map_threshold``)
 
 
 class Detector:
@@ -257,26 +246,8 @@ class Detector:
             chunk = images[start : start + FEATURE_BATCH]
             scores, maps = self.forward(self.backbone.preprocess(chunk, adapter.geometry), adapter)
             for image, score, heat in zip(chunk, scores.tolist(), maps, strict=True):
-                out.append(self.make_prediction(score, heat, adapter, image.size, map_size))
+                out.append(make_prediction(score, heat, adapter, image.size, map_size))
         return out
-
-    @staticmethod
-    def make_prediction(score: float, heat: torch.Tensor, adapter: Adapter, image_size: tuple[int, int],
-                        map_size: tuple[int, int] | str | None) -> Prediction:
-        """Verdict plus the heatmap mapped back onto the image (CPU post-processing, off the device worker).
-
-        ``heat`` is the (views * H, W) frame-resolution map; the result covers the whole image at ``map_size``."""
-        threshold = adapter.threshold
-        heatmap = None
-        if map_size is not None:
-            size = (image_size[1], image_size[0]) if isinstance(map_size, str) else (map_size[0], map_size[1])
-            if adapter.geometry.is_plain:
-                heatmap = F.interpolate(heat[None, None].float().cpu(), size=size, mode="bilinear",
-                                        align_corners=False)[0, 0].numpy()
-            else:  # a legacy frame-less geometry is square: the map's width is its side
-                heatmap = adapter.geometry.map_back(heat, image_size, heat.shape[-1], size)
-        verdict = None if threshold is None else bool(score > threshold)
-        return Prediction(float(score), threshold, verdict, heatmap, map_threshold(threshold, heat, adapter.scoring))
 
     # -- adapters without training -----------------------------------------------------------------
     def text_adapter(self, *, category: str, object_name: str | None = None,
@@ -380,8 +351,8 @@ class Detector:
                                   self.features_steps(shots, adapter, dpam=adapter.scoring.dpam), per_chunk=per_batch)
         adapter.memory = yield from staged("building memory bank", 1,
                                            self.memory_bank_steps(feats, adapter, coreset_ratio), per_chunk=0)
-        adapter.calibration = yield from self._calibrate(adapter, shots, feats, calibration_views, list(defects),
-                                                         policy, coreset_ratio, confirmed)
+        adapter.calibration = yield from calibrate_steps(self, adapter, shots, feats, calibration_views,
+                                                         list(defects), policy, coreset_ratio, confirmed)
         adapter.memory.kept = None  # calibration is done with the coreset's rows; the bank needs only itself
         if adapter.backbone:  # the calibration was just scored at this service's memory precision
             adapter.backbone = {**adapter.backbone, "memory_precision": self.memory_precision}
@@ -403,31 +374,3 @@ class Detector:
     def score_images(self, images: Sequence[Image.Image], adapter: Adapter) -> list[float]:
         """Image scores only (no maps): validation evidence such as confirmed defects."""
         return [p.score for p in self.predict(list(images), adapter, map_size=None)] if images else []
-
-    def _calibrate(self, adapter: Adapter, shots: list[Image.Image], feats: Features, views: int,
-                   defects: list[Image.Image], policy: DecisionPolicy,
-                   coreset_ratio: float | None = None, confirmed: Sequence[int] = ()) -> Steps[Calibration]:
-        """The threshold from leave-one-out evidence (``clipshot.calibration_evidence``): each shot, light variants
-        of it and synthetic defects made from it scored against a memory of the *other* shots.
-
-        With ``adapter.selection`` set (a product that chooses its own scoring), every candidate scoring is applied
-        to the same evidence and the adapter keeps the one that separates its synthetic defects from its unseen
-        normals best (``clipshot.scoring_selection``); the served bank is then rebuilt the chosen way."""
-        found = yield from evidence.gather(self, adapter, shots, feats, views)
-        folds = found.feats.batch_size
-        if adapter.selection is not None and adapter.memory is not None:
-            runs = len(selection.candidates(adapter.scoring, staged=self.backbone.stage_dims is not None))
-            loo = yield from staged("leave-one-out calibration", folds * runs, selection.select(self, adapter, found))
-            adapter.memory = yield from staged("building memory bank", 1,
-                                               self.memory_bank_steps(feats, adapter, coreset_ratio), per_chunk=0)
-        else:
-            loo = yield from staged("leave-one-out calibration", folds,
-                                    evidence.leave_one_out(self, adapter, found, served=adapter.memory))
-        validation: list[float] = []
-        step = max(1, FEATURE_BATCH // adapter.geometry.views_per_image)
-        for start in range(0, len(defects), step):
-            validation.extend(self.score_images(defects[start : start + step], adapter))
-            yield Stage("scoring confirmed defects", min(start + step, len(defects)), len(defects))
-        method = "leave-one-out" if len(shots) > 1 else "single-shot-augmented"
-        return calibrate(loo.normal, loo.synthetic, shots=len(shots), validation_defect_scores=validation,
-                         policy=policy, method=method, confirmed=confirmed)

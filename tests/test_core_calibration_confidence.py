@@ -8,7 +8,7 @@ import pytest
 
 from clipshot.calibration import Calibration, calibrate, decision_confidence
 
-# Four good images, each with its own leave-one-out score then one light view's (Detector._calibrate's order):
+# Four good images, each with its own leave-one-out score then one light view's (clipshot.calibration_fit's order):
 # per image maxima 0.12, 0.10, 0.15, 0.11. Synthetic defects well above them.
 NORMAL = [0.10, 0.12, 0.09, 0.10, 0.15, 0.13, 0.11, 0.08]
 MAXIMA = [0.12, 0.10, 0.15, 0.11]

@@ -17,7 +17,7 @@ from tests.helpers.evaluation import make_dataset
 def test_decision_metrics_count_verdicts_like_the_service():
     labels = [0, 0, 1, 1, 1]
     scores = [0.1, 0.5, 0.4, 0.6, 0.45]
-    # score > threshold flags: [F, T, F, T, F] at 0.45 (0.45 itself is NOT flagged, as in Detector.make_prediction)
+    # score > threshold flags: [F, T, F, T, F] at 0.45 (0.45 itself is NOT flagged, as in prediction.make_prediction)
     m = decision_metrics(labels, scores, 0.45)
     assert m["accuracy"] == pytest.approx(2 / 5)  # tn=1 (0.1), tp=1 (0.6)
     assert m["recall"] == pytest.approx(1 / 3)

@@ -44,6 +44,7 @@ from clipshot.adapter import Adapter
 from clipshot.calibration import decision_confidence
 from clipshot.detector import Detector
 from clipshot.geometry import Geometry, GeometryError
+from clipshot.prediction import make_prediction
 
 HeatmapOptions = tuple[HeatmapMode, int | None]  # mode, requested longer side of the picture
 OBJECT_NAME = re.compile(OBJECT_NAME_PATTERN)
@@ -231,7 +232,7 @@ class InferenceService:
         image = decoded.image
         mode, size = options
         with self.metrics.time_stage("postprocess", label):
-            pred = Detector.make_prediction(result.score, result.heat, adapter, image.size, None)
+            pred = make_prediction(result.score, result.heat, adapter, image.size, None)
             # the map over the whole image (ROI, padding and tiles placed back); the plain squash is unchanged
             grid = None if mode == "none" else adapter.geometry.image_grid(result.heat, image.size,
                                                                            result.heat.shape[-1])

@@ -33,7 +33,7 @@ from .shots import select_shots
 
 
 class PredictionLike(Protocol):
-    """The part of ``clipshot.detector.Prediction`` the protocol reads."""
+    """The part of ``clipshot.prediction.Prediction`` the protocol reads."""
 
     score: float
     anomaly_map: np.ndarray | None
