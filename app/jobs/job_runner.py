@@ -46,19 +46,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.categories.promotion import save_result
-from app.categories.shot_ledger import Ledger, decode_refs, ledger_at, memory_coreset
+from app.categories.shot_ledger import Ledger, decode_refs, ledger_at
 from app.core.config import Settings
 from app.errors import ConflictError, OverloadedError
+from app.jobs.finetune_plan import finetune_config, memory_baseline, trained_geometry
 from app.jobs.job_model import RUNNER_KINDS
 from app.jobs.job_store import ACTIVE_STATES, Job, JobNotFoundError, JobState, JobStore, StaleJobError
 from app.metrics import Metrics
 from app.serving.device_worker import TRAIN
-from clipshot.adapter import Adapter
-from clipshot.calibration import Calibration
 from clipshot.detector import Detector
-from clipshot.geometry import Geometry
-from model_store import AdapterStore, StoreError
-from model_store.adapters import load_adapter
+from model_store import AdapterStore
 from training.fewshot import FewShotConfig, FewShotTrainer
 from training.progress import Cancelled, CancelToken, Progress
 
@@ -276,16 +273,6 @@ class JobRunner:
             self.metrics.job_duration.labels(job.state.value).observe(seconds)
         self._refresh_gauge()
 
-    @staticmethod
-    def _geometry(ledger: Ledger) -> Geometry | None:
-        """The trained-from version's geometry: training must see the pixels prediction will see."""
-        if ledger.manifest is None:
-            return None
-        try:
-            return Geometry.from_dict(ledger.manifest.adapter.get("geometry"))
-        except (AttributeError, ValueError, TypeError):
-            return None
-
     def _train(self, job: Job, running: _Running) -> dict[str, Any]:
         if not self.store.versions(job.category):
             raise RuntimeError(f"category {job.category!r} has no versions")
@@ -300,9 +287,9 @@ class JobRunner:
         images = decode_refs(self.store, job.category, ledger.goods, self.settings)
         object_name = ledger.manifest.adapter.get("object_name")
         defects = decode_refs(self.store, job.category, ledger.defects, self.settings)
-        config = self._config(job.params, ledger)
-        geometry = self._geometry(ledger)
-        baseline = self._memory_baseline(job.category, ledger, config)
+        config = finetune_config(self.settings, job.params, ledger)
+        geometry = trained_geometry(ledger)
+        baseline = memory_baseline(self.store, self.detector, job.category, ledger, config)
         trainer = self._device(lambda: self.trainer_factory(
             self.detector, images, category=job.category, object_name=object_name, config=config,
             progress=running.observe, cancel=running.token, defects=defects, geometry=geometry,
@@ -322,18 +309,6 @@ class JobRunner:
         running.token.raise_if_cancelled()  # a cancel that arrived during result(): write nothing
         return self._save(job, result, ledger)
 
-    def _config(self, params: dict[str, Any], ledger: Ledger) -> FewShotConfig:
-        """Request budget, else the settings' defaults; the seconds budget always caps a job. The result keeps
-        the serving version's decision policy (an operator's threshold choice survives a fine-tune)."""
-        raw = None if ledger.manifest is None else ledger.manifest.adapter.get("calibration")
-        n = len(ledger.goods)
-        return FewShotConfig(steps=params.get("steps") or self.settings.finetune_steps,
-                             seconds=params.get("seconds") or self.settings.finetune_seconds,
-                             seed=params.get("seed") or 0, max_shots=self.settings.max_category_images,
-                             policy=Calibration.from_dict(raw).policy_spec() if raw else None,
-                             coreset_ratio=memory_coreset(n, self.settings.max_shots),
-                             confirmed=tuple(i for i, r in enumerate(ledger.goods) if r.get("source") == "feedback"))
-
     @staticmethod
     def _progress_fields(progress: Progress, config: FewShotConfig) -> dict[str, Any]:
         fractions = [progress.step / config.steps] if config.steps else []
@@ -342,19 +317,6 @@ class JobRunner:
         loss = "" if progress.loss is None else f", loss {progress.loss:.4f}"
         return {"progress": round(min(1.0, max(fractions, default=0.0)) * TRAIN_SHARE, 4), "step": progress.step,
                 "total_steps": progress.total_steps, "message": f"training step {progress.step}{loss}"}
-
-    def _memory_baseline(self, category: str, ledger: Ledger, config: FewShotConfig) -> Adapter | None:
-        """The serving version when it is a memory fit of exactly the job's shots, confirmed defects, policy and
-        coreset (it is their twin), so the result need not fit that baseline on the device again; else None."""
-        manifest = ledger.manifest
-        if manifest is None or manifest.adapter.get("lora") or manifest.metrics.get("kind") != "memory":
-            return None
-        if manifest.metrics.get("coreset_ratio") != config.coreset_ratio:
-            return None
-        try:
-            return load_adapter(self.store, self.detector, category, manifest.version)[0]
-        except StoreError:  # deleted or corrupt meanwhile: the trainer fits its own baseline
-            return None
 
     def _device_steps(self, steps: Generator[Any, None, Any], running: _Running) -> Any:
         """Run a generator of bounded device chunks (``clipshot.chunked``) one chunk per device task, so
