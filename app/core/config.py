@@ -9,7 +9,6 @@ and stores it on ``app.state.settings`` so tests can run several apps side by si
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from app.core.key_names import derived_name, split_named_keys
+from app.core.key_names import derived_name, parse_key_list, split_named_keys
 from app.core.mqtt_config import MqttSettings
 from app.core.opcua_config import OpcUaSettings
 from app.core.ray_config import RaySettings
@@ -315,34 +314,8 @@ class Settings(BaseSettings, UploadLimits, ServerSettings, MqttSettings, OpcUaSe
     @field_validator("admin_keys", "client_keys", mode="before")
     @classmethod
     def _parse_keys(cls, v: Any) -> Any:
-        """Accept `a,b`, `["a","b"]` or a Python list; strip blanks so a trailing comma is harmless."""
-        if v is None:
-            return []
-        if isinstance(v, str):
-            text = v.strip()
-            if text.startswith("["):
-                try:
-                    v = json.loads(text)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"key list looks like JSON but does not parse: {e.msg}") from None
-            else:
-                v = text.split(",")
-        if not isinstance(v, list | tuple):
-            raise ValueError("expected a comma-separated string or a list of strings")
-        keys: list[str] = []
-        for item in v:
-            if not isinstance(item, str):
-                raise ValueError("every key must be a string")
-            key = item.strip()
-            if not key:
-                continue
-            if any(c.isspace() for c in key):
-                raise ValueError(
-                    "keys must not contain whitespace (they are sent as `Authorization: Bearer <key>`)"
-                )
-            if key not in keys:
-                keys.append(key)
-        return keys
+        """The plain key-list forms (``key_names.parse_key_list``); ``_named_keys`` already unpacked the object."""
+        return parse_key_list(v)
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Settings:
