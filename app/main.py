@@ -162,7 +162,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             stack.push_async_callback(run_in_threadpool, publisher.stop)
         merge = settings.lora_merge == "on" or (settings.lora_merge == "auto" and backbone.device.type == "cuda")
         state.detector = detector = Detector(backbone, merge_lora=merge, mixed_lora=settings.mixed_lora,
-                                             runtime=feature_runtime(settings, backbone))
+                                             runtime=feature_runtime(settings, backbone),
+                                             memory_precision=settings.memory_precision)
         state.store = store = AdapterStore(settings.store)
         if swept := await run_in_threadpool(store.sweep_abandoned):
             log.info("removed %d leftover temp/trash entries of interrupted store writes", swept)

@@ -203,7 +203,7 @@ def run_suite(args: argparse.Namespace, detector: CachedDetector, variant: dict[
                       f"{rec['selection'] or ''}", flush=True)
     return {"records": records, "summary": summarise(records),
             "settings": {"backbone": args.backbone, "runtime": args.runtime, "quantize": args.quantize,
-                         "variant": variant, "mask_size": args.mask_size,
+                         "memory_precision": detector.memory_precision, "variant": variant, "mask_size": args.mask_size,
                          "plan": [[k, list(s)] for k, s in plan], "command": ["python", *sys.argv],
                          "machine": f"{platform.machine()} {platform.processor() or ''} "
                                     f"{torch.get_num_threads()} torch threads".strip(),
@@ -274,7 +274,8 @@ def compare(current: list[dict[str, Any]], baseline: list[dict[str, Any]]) -> tu
 
 def markdown(result: dict[str, Any], diffs: list[dict[str, Any]] | None, gate_ok: bool | None) -> str:
     s = result["settings"]
-    runtime = s.get("runtime", "torch") + (f" {s['quantize']}" if s.get("quantize") else "")
+    runtime = s.get("runtime", "torch") + (f" {s['quantize']}" if s.get("quantize") else "") + (
+        f", memory in {s['memory_precision']}" if s.get("memory_precision", "fp32") != "fp32" else "")
     lines = [f"# Accuracy suite — `{s['backbone']}` ({runtime}), variant {s['variant'] or 'shipped defaults'}", "",
              f"Command: `{' '.join(s['command'])}` ({s['minutes']} min on {s['machine']}; feature cache "
              f"{s['feature_cache']['hits']} hits / {s['feature_cache']['misses']} extractions). Masks at "
@@ -333,6 +334,8 @@ def main() -> None:
     parser.add_argument("--quantize", default=None, choices=("int8",),
                         help="int8 graphs calibrated on each seed's shots only (needs --runtime other than torch)")
     parser.add_argument("--runtime-cache", type=Path, default=None, help="folder of exported graphs (default: temp)")
+    parser.add_argument("--memory-precision", default="auto", choices=("auto", "fp32", "bf16"),
+                        help="what memory cosines are computed in (auto: the shipped rule for this CPU)")
     args = parser.parse_args()
     if args.quantize and args.runtime == "torch":
         parser.error("--quantize int8 needs --runtime onnxruntime or openvino")
@@ -343,7 +346,8 @@ def main() -> None:
 
         cache = args.runtime_cache or Path(tempfile.mkdtemp(prefix="suite-runtime-"))
         runtime = FeatureRuntime(args.runtime, cache, quantize=args.quantize)
-    detector = CachedDetector(backbone, disk=args.feature_cache, runtime=runtime)
+    detector = CachedDetector(backbone, disk=args.feature_cache, runtime=runtime,
+                              memory_precision=args.memory_precision)
     for spec in args.variant:
         out = args.out if len(args.variant) == 1 else args.out / spec.replace(",", "+").replace("=", "-")
         baseline_path = args.baseline or out / "results.json"

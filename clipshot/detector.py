@@ -20,7 +20,8 @@ from clipshot.chunked import Steps, finish, staged
 from clipshot.features import FEATURE_BATCH, Features
 from clipshot.fusion import ScoringConfig, fuse_maps, image_score
 from clipshot.geometry import TILE_OVERLAP, Geometry, GeometryError, build_geometry, check_usable
-from clipshot.memory_branch import MemoryBank, memory_precision
+from clipshot.memory_branch import MemoryBank, native_bf16
+from clipshot.memory_branch import memory_precision as choose_memory_precision
 from clipshot.prediction import Prediction, make_prediction
 from clipshot.prompts import handcrafted_embeddings
 from clipshot.runtimes import FeatureRuntime
@@ -34,7 +35,8 @@ class Detector:
     """Scores images against a product's adapter on one shared frozen backbone."""
 
     def __init__(self, backbone: Backbone, *, merge_lora: bool = False,
-                 mixed_lora: mixed_batch.MixedLora = "gather", runtime: FeatureRuntime | None = None):
+                 mixed_lora: mixed_batch.MixedLora = "gather", runtime: FeatureRuntime | None = None,
+                 memory_precision: str = "auto"):
         self.backbone = backbone
         # Feature forwards through ONNX Runtime / OpenVINO instead of PyTorch (``clipshot.runtimes``); scoring stays
         # here. A runtime graph has one LoRA folded in, so batches mixing LoRA products run one forward per product.
@@ -49,10 +51,10 @@ class Detector:
         if mixed_lora not in ("gather", "group", "split"):
             raise ValueError(f"mixed_lora must be 'gather', 'group' or 'split', got {mixed_lora!r}")
         self.mixed_lora = mixed_lora
-        # What memory scoring computes in (``memory_branch.memory_precision``): recorded in every adapter, since
-        # its calibration was scored that way.
-        self.memory_precision = memory_precision(getattr(backbone, "device", "cpu"),
-                                                 getattr(backbone, "precision", "fp32"))
+        # What memory scoring computes in for adapters fitted here (``memory_branch.memory_precision``): recorded in
+        # every adapter, since its calibration was scored that way (see ``scoring_precision``).
+        self.memory_precision = choose_memory_precision(getattr(backbone, "device", "cpu"),
+                                                        getattr(backbone, "precision", "fp32"), memory_precision)
         self._precision_warned: set[str] = set()
 
     # -- layout checks ---------------------------------------------------------------------------
@@ -78,12 +80,28 @@ class Detector:
                 )
         if adapter.text is not None and not self.backbone.supports_text:
             raise ValueError(f"adapter {adapter.category!r} has a text branch; {self.backbone.spec} has no text tower")
-        fitted = recorded.get("memory_precision") if recorded else None
-        if fitted and fitted != self.memory_precision and adapter.uid not in self._precision_warned:
+
+    def scoring_precision(self, adapter: Adapter) -> str:
+        """What ``adapter``'s memory distances are computed in: the precision its calibration was scored in, where
+        this device computes it natively, so moving a bundle between machines keeps its scores; otherwise this
+        service's own, with a warning once per adapter (its scores can then differ from its calibration by ~1e-3).
+
+        fp32 runs anywhere; bf16 where ``native_bf16`` (elsewhere it is emulated, slower than fp32); fp16 only on
+        an accelerator."""
+        fitted = adapter.backbone.get("memory_precision") if adapter.backbone else None
+        if not fitted or fitted == self.memory_precision:
+            return self.memory_precision
+        device = getattr(self.backbone, "device", torch.device("cpu"))
+        if fitted == "fp32" or (fitted == "bf16" and native_bf16(device)) or (
+                fitted == "fp16" and torch.device(device).type != "cpu"):
+            return fitted
+        if adapter.uid not in self._precision_warned:
             self._precision_warned.add(adapter.uid)  # once per adapter: this runs for every batch
             warnings.warn(f"adapter {adapter.category!r} was calibrated with memory scores computed in {fitted}; "
-                          f"this service computes them in {self.memory_precision}, so scores can differ from its "
-                          "calibration by ~1e-3; re-register or send feedback to recalibrate", stacklevel=2)
+                          f"this machine cannot compute them so, so they run in {self.memory_precision} and can "
+                          "differ from its calibration by ~1e-3; re-register or send feedback to recalibrate",
+                          stacklevel=2)
+        return self.memory_precision
 
     # -- LoRA residency --------------------------------------------------------------------------
     def _require_clip(self, what: str) -> ClipBackbone:
@@ -187,7 +205,7 @@ class Detector:
             bank = memory if memory is not None else adapter.memory
             part = features.select(rows)
             t_map = None if adapter.text is None else text_maps(part, adapter.text, cfg.temperature)
-            m_map = None if bank is None else bank.distances(part, self.memory_precision)
+            m_map = None if bank is None else bank.distances(part, self.scoring_precision(adapter))
             fused_rows = fuse_maps(t_map, m_map, cfg)
             fused = fused_rows.new_empty((len(adapters), *fused_rows.shape[1:])) if fused is None else fused
             fused[rows] = fused_rows
@@ -346,6 +364,8 @@ class Detector:
         if policy is None:
             policy = adapter.calibration.policy_spec() if adapter.calibration is not None else DecisionPolicy()
         shots = list(shots)
+        if adapter.backbone:  # the calibration below is scored at this service's memory precision
+            adapter.backbone = {**adapter.backbone, "memory_precision": self.memory_precision}
         per_batch = max(1, FEATURE_BATCH // adapter.geometry.views_per_image)
         feats = yield from staged("embedding shots", len(shots),
                                   self.features_steps(shots, adapter, dpam=adapter.scoring.dpam), per_chunk=per_batch)
@@ -354,8 +374,6 @@ class Detector:
         adapter.calibration = yield from calibrate_steps(self, adapter, shots, feats, calibration_views,
                                                          list(defects), policy, coreset_ratio, confirmed)
         adapter.memory.kept = None  # calibration is done with the coreset's rows; the bank needs only itself
-        if adapter.backbone:  # the calibration was just scored at this service's memory precision
-            adapter.backbone = {**adapter.backbone, "memory_precision": self.memory_precision}
         return adapter
 
     def memory_bank(self, feats: Features, adapter: Adapter, coreset_ratio: float | None = None, *,

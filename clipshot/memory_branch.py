@@ -11,20 +11,50 @@ from clipshot.chunked import Steps, finish
 from clipshot.features import Features
 
 SIM_BUDGET = 8_000_000  # similarity entries per matmul chunk: keeps the block cache-friendly and bounded
+COMPUTE_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Distance entries (bank rows x projected dims x picks) per coreset chunk: a few tenths of a second of work on
 # one CPU core, milliseconds on a GPU, so a large bank never holds the device worker for long.
 CORESET_CHUNK = 2**24
 
 
-def memory_precision(device: torch.device | str, precision: str) -> str:
-    """``fp32`` or ``fp16``: what memory cosines are computed in for a backbone on ``device`` at ``precision``.
+MEMORY_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
-    fp32 on CPU (half matmuls are slow there) and whenever the backbone runs fp32 (a service told fp32 must
-    not score in half); fp16 on an accelerator running a half precision, bf16 included: fp16's 10-bit mantissa
-    keeps the cosine error near 1e-3 where bf16's 7 bits would not."""
-    if torch.device(device).type == "cpu" or precision == "fp32":
-        return "fp32"
-    return "fp16"
+
+def native_bf16(device: torch.device | str = "cpu") -> bool:
+    """Whether ``device`` multiplies bf16 natively: CUDA GPUs that support it, CPUs with AVX512-BF16 or AMX.
+
+    Elsewhere PyTorch still computes bf16 matmuls, but by converting to fp32 on the way, slower than fp32 itself."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    return False
+
+
+def memory_precision(device: torch.device | str, precision: str, requested: str = "auto") -> str:
+    """``fp32``, ``bf16`` or ``fp16``: what memory cosines are computed in for a backbone on ``device`` at
+    ``precision``, unless ``requested`` names one.
+
+    ``auto``: fp16 on an accelerator running a half precision, bf16 included (fp16's 10-bit mantissa keeps the
+    cosine error near 1e-3 where bf16's 7 bits would not, and accelerators multiply both at the same speed); fp32
+    on an accelerator told fp32 (a service told fp32 must not score in half). On CPU, bf16 where the CPU
+    multiplies it natively and fp32 elsewhere: the nearest-neighbour matmul is most of a CPU predict's time, it
+    runs at the core's fp32 peak already, and native bf16 halves it. Inputs rounded to 8 significant bits move a
+    cosine by at most ~1e-2 in theory and by under 3e-3 (1.4e-3 in distance) on the shared sets' features; the
+    calibration is scored in the same precision (the adapter records it), and the accuracy suite gates the rule
+    (docs/results/memory-bf16/). fp16 is refused on CPU: PyTorch has no fast half matmul there (~10x fp32)."""
+    if requested not in MEMORY_PRECISIONS:
+        raise ValueError(f"memory precision must be one of {', '.join(MEMORY_PRECISIONS)}, got {requested!r}")
+    cpu = torch.device(device).type == "cpu"
+    if requested == "fp16" and cpu:
+        raise ValueError("memory precision fp16 needs an accelerator (half matmuls are ~10x slower than fp32 on "
+                         "CPU): use bf16 or fp32")
+    if requested != "auto":
+        return requested
+    if cpu:
+        return "bf16" if native_bf16("cpu") else "fp32"
+    return "fp32" if precision == "fp32" else "fp16"
 
 
 def greedy_coreset(bank: torch.Tensor, ratio: float, *, projection_dim: int = 128, seed: int = 0) -> torch.Tensor:
@@ -164,13 +194,13 @@ class MemoryBank:
     def distances(self, features: Features, precision: str | None = None) -> torch.Tensor:
         """(B, h, w): per layer (1 - max cosine)/2 to the bank, so 0 = seen before and 1 = opposite; averaged.
 
-        ``precision`` (``fp32`` / ``fp16``) is the compute dtype; None: ``memory_precision`` of the features'
-        device at half precision (fp32 on CPU, fp16 on an accelerator)."""
+        ``precision`` (``fp32`` / ``bf16`` / ``fp16``) is the compute dtype; None: ``memory_precision`` of the
+        features' device at half precision. Products multiply in that dtype; the max and what follows are fp32."""
         if len(features.patches) != len(self.layers):
             raise ValueError(f"memory bank has {len(self.layers)} layers, features have {len(features.patches)}")
         h, w = features.grid
         query0 = features.patches[0]
-        compute = torch.float32 if (precision or memory_precision(query0.device, "fp16")) == "fp32" else torch.float16
+        compute = COMPUTE_DTYPE[precision or memory_precision(query0.device, "fp16")]
         total = torch.zeros(query0.shape[0] * query0.shape[1], device=query0.device)
         terms = 0
         for layer, query in enumerate(features.patches):
@@ -183,12 +213,22 @@ class MemoryBank:
             parts = self._shift(self.layers[layer].to(query.device), layer, compute)
             flats = self._shift(query.reshape(-1, query.shape[-1]), layer, compute)
             for flat, bank in zip(flats, parts, strict=True):
+                flat, bank, offset = _shifted(flat, bank) if compute == torch.bfloat16 else (flat, bank, 0.0)
                 chunk = max(128, SIM_BUDGET // max(1, bank.shape[0]))
                 for start in range(0, flat.shape[0], chunk):
-                    sim = (flat[start : start + chunk] @ bank.t()).amax(dim=1).float()
+                    sim = (flat[start : start + chunk] @ bank.t()).amax(dim=1).float() + offset
                     total[start : start + chunk] += (1 - sim.clamp(-1, 1)) / 2
                 terms += 1
         return (total / terms).view(query0.shape[0], h, w)
+
+
+def _shifted(flat: torch.Tensor, bank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``flat`` and ``bank`` with a column of 1 and of -1 appended, and the 1 to add back: their products are then
+    cosine - 1, accumulated in fp32 and rounded to bf16 only at the end. bf16 keeps 8 significant bits, so a
+    cosine near 1 would come back in steps of 2^-8; cosine - 1 near 0 comes back in steps of 2^-8 of its own
+    size, which halves the largest distance error on the shared sets' features (1.4e-3 -> 7.5e-4)."""
+    return (torch.cat([flat, flat.new_ones(flat.shape[0], 1)], dim=1),
+            torch.cat([bank, bank.new_full((bank.shape[0], 1), -1.0)], dim=1), 1.0)
 
 
 def _split(x: torch.Tensor, stages: Sequence[int] | None) -> list[torch.Tensor]:

@@ -119,7 +119,11 @@ def test_hub_probe_answers_false_for_a_closed_port():
 def test_info_and_eval_honour_clipshot_backbone(capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("CLIPSHOT_BACKBONE", "test:tiny-clip")
     assert main(["info"]) == 0
-    assert "backbone:      test:tiny-clip" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "backbone:      test:tiny-clip" in out
+    from clipshot.memory_branch import native_bf16  # info says what memory scoring runs in on this machine
+
+    assert f"memory scoring {'bf16' if native_bf16('cpu') else 'fp32'} with memory_precision=auto" in out
     monkeypatch.setenv("CLIPSHOT_BACKBONE", "open_clip:NoSuchNet-7:random")
     assert main(["eval", "--data", str(tmp_path), "--device", "cpu", "--out", str(tmp_path / "out")]) == 2
     assert "NoSuchNet-7" in one_error_line(capsys)  # eval loaded the variable's backbone, not its default

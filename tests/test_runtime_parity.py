@@ -36,13 +36,15 @@ def backbone():
 
 @pytest.fixture(scope="module")
 def detectors(backbone, tmp_path_factory):
-    """The PyTorch detector and one per runtime, all on the one backbone object, graphs in a fresh cache."""
+    """The PyTorch detector and one per runtime, all on the one backbone object, graphs in a fresh cache. They
+    score memory in fp32, so predictions compare at the export's own tolerance (``parity`` checks bf16 too)."""
     from clipshot.detector import Detector
     from clipshot.runtimes import FeatureRuntime
 
     cache = tmp_path_factory.mktemp("runtime-cache")
-    return {"torch": Detector(backbone), **{name: Detector(backbone, runtime=FeatureRuntime(name, cache))
-                                            for name in RUNTIMES}}
+    return {"torch": Detector(backbone, memory_precision="fp32"),
+            **{name: Detector(backbone, runtime=FeatureRuntime(name, cache), memory_precision="fp32")
+               for name in RUNTIMES}}
 
 
 @functools.cache

@@ -82,6 +82,9 @@ def add_eval_parser(subparsers) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
                         help="auto = bf16 on GPUs that have it, fp32 on CPU")
+    parser.add_argument("--memory-precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                        help="what memory cosines are computed in: auto = bf16 on CPUs that multiply it natively, "
+                             "fp32 on other CPUs, fp16 on a GPU at half precision (the service's memory_precision)")
     parser.add_argument("--generic", type=Path, default=None,
                         help="store folder whose active generic (zero-shot) bundle serves the 0-shot runs")
     parser.add_argument("--mask-size", default="full", help="full (ground-truth resolution), 256 or 518")
@@ -162,7 +165,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from clipshot.evaluation import run_protocol, write_outputs
 
     detector = Detector(load_backbone(args.backbone, device=args.device, precision=args.precision,
-                                      image_size=args.image_size))
+                                      image_size=args.image_size), memory_precision=args.memory_precision)
     if args.shots is None:
         args.shots = [0, 1, 2, 4, 8, 16] if detector.backbone.supports_text else [1, 2, 4, 8, 16]
     if args.feedback < 0:
@@ -177,7 +180,7 @@ def run_eval(args: argparse.Namespace) -> int:
                           refine_adapter=_refiner(detector))
     settings = {"backbone": detector.backbone.spec, "backbone_sha256": detector.backbone.weights_sha256,
                 "image_size": detector.backbone.image_size, "device": str(detector.backbone.device),
-                "precision": detector.backbone.precision,
+                "precision": detector.backbone.precision, "memory_precision": detector.memory_precision,
                 "geometry": {"resize": args.resize, "roi": args.roi, "tile": args.tile,
                              "tile_overlap": args.tile_overlap}}
     paths = write_outputs(args.out, result, command=["clipshot", *sys.argv[1:]], settings=settings)

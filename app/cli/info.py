@@ -12,7 +12,8 @@ def register(subparsers: Any, name: str, help_text: str) -> argparse.ArgumentPar
     """Register ``info`` on the console script's subparsers."""
     parser = subparsers.add_parser(
         name, help=help_text,
-        description="Load a backbone spec and print its resolution, layers, weights sha256 and supported branches.",
+        description="Load a backbone spec and print its resolution, layers, weights sha256, supported branches and "
+        "the precision memory scoring runs in on this machine.",
     )
     env_option(parser, "--backbone", EFFICIENTNET_LITE0,
                "backbone spec, e.g. open_clip:ViT-B-16-plus-240:/path/to/weights.safetensors or "
@@ -37,4 +38,9 @@ def info(args: argparse.Namespace) -> int:
         print(f"weights file:  {weights_path}")
     branches = "text + memory (zero-shot, LoRA fine-tuning)" if backbone.supports_text else "memory only"
     print(f"branches:      {branches}")
+    from clipshot.memory_branch import memory_precision, native_bf16
+
+    precision = memory_precision(backbone.device, backbone.precision)
+    native = "native bf16" if native_bf16(backbone.device) else "no native bf16"
+    print(f"memory scoring {precision} with memory_precision=auto ({backbone.device.type}, {native})")
     return 0
