@@ -3,7 +3,7 @@
 ``runtime_speed.py`` times what a runtime replaces (the feature forward); this times what a station waits for per
 image once its pixels are decoded: ``Detector.forward`` = features + memory nearest-neighbour search + maps +
 image score, for a product fitted on ``--shots`` good images of ``--category``. Runtimes are timed round-robin
-(a shared machine's load falls on each alike), at batch 1 and 8, and each row states its worst score difference
+(a shared machine's load falls on each alike), on ``--threads`` threads each (default 1), at batch 1 and 8, and each row states its worst score difference
 from PyTorch at the same memory precision, so a speed is never quoted without its parity. The images/s ratio is
 against PyTorch with fp32 memory scoring, what a CPU service ran before bf16 scoring; ``same-precision x`` is
 against PyTorch at the row's own memory precision (what switching only the runtime gains).
@@ -43,7 +43,8 @@ def _detectors(args: argparse.Namespace, backbone, work: Path) -> dict[str, Dete
             for q in quantize:
                 label = f"{name}{' int8' if q else ''} | {precision}"
                 try:
-                    runtime = None if name == "torch" else FeatureRuntime(name, work, quantize=q)
+                    runtime = None if name == "torch" else FeatureRuntime(name, work, quantize=q,
+                                                                          threads=args.threads)
                     out[label] = Detector(backbone, runtime=runtime, memory_precision=precision)
                 except RuntimeUnavailable as exc:
                     print(f"{label}: unavailable ({exc})")
@@ -63,7 +64,11 @@ def main() -> None:
                         help="also int8 graphs, each calibrated on this product's shots only (opt-in export)")
     parser.add_argument("--emulated-bf16", action="store_true",
                         help="time bf16 memory scoring even where the CPU has no native bf16 (it is then slower)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="threads of every runtime and of PyTorch (default 1: per-core speed, and runtimes that "
+                             "share one process do not starve each other's thread pools)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     backbone = load_backbone(args.backbone, device="cpu", precision="fp32")
     shots = [load_image(p) for p in select_shots(list_train_good(args.data, args.category), args.shots,
