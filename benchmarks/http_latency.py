@@ -15,7 +15,9 @@ server's ``/metrics`` (deltas per level, so earlier levels do not leak into late
 With ``--runtimes`` one local server per feature runtime (``CLIPSHOT_RUNTIME``) is started in turn, each with a
 fresh store (its first requests include the export, inside the warm-up) and one table row per runtime and level.
 
-Images: MVTec AD bottle from ``../shared/data/mvtec_ad/bottle`` when present, else generated textures.
+Images: MVTec AD bottle from ``../shared/data/mvtec_ad/bottle`` when present, else generated textures;
+``--dataset DIR`` takes shots from ``DIR/train/good`` and test images from ``DIR/test/*/`` (PNG or JPEG), e.g.
+``--dataset ../shared/data/bsdata/ball_screw``.
 """
 
 from __future__ import annotations
@@ -61,8 +63,13 @@ def generated(count: int, seed: int, size: int = 256) -> list[tuple[str, bytes]]
 
 
 def load_images(pattern_root: Path, pattern: str, limit: int, seed: int) -> list[tuple[str, bytes]]:
-    paths = sorted(pattern_root.glob(pattern))[:limit] if pattern_root.is_dir() else []
-    return [(p.name, p.read_bytes()) for p in paths] or generated(limit, seed)
+    found = sorted(p for p in pattern_root.glob(pattern) if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    return [(p.name, p.read_bytes()) for p in found[:limit]] if pattern_root.is_dir() and found else generated(limit,
+                                                                                                            seed)
+
+
+def mime(name: str) -> str:
+    return "image/png" if name.lower().endswith(".png") else "image/jpeg"
 
 
 def free_port() -> int:
@@ -140,7 +147,7 @@ async def run_level(client: httpx.AsyncClient, path: str, images: list[tuple[str
             name, data = images[i % len(images)]
             start = time.perf_counter()
             r = await client.post(path, params={"heatmap": heatmap}, headers=headers,
-                                  files=[("files", (name, data, "image/png"))])
+                                  files=[("files", (name, data, mime(name)))])
             latencies.append(time.perf_counter() - start)
             failures += r.status_code != 200
 
@@ -157,16 +164,16 @@ async def benchmark(url: str, args: argparse.Namespace) -> list[str]:
     """Table rows (without the runtime column), one per concurrency level."""
     headers = {"Authorization": f"Bearer {args.key}"}
     path = f"/v1/categories/{args.category}/predict"
-    test_images = load_images(BOTTLE / "test", "*/*.png", args.max_images, seed=100)
+    test_images = load_images(args.dataset / "test", "*/*", args.max_images, seed=100)
     limits = httpx.Limits(max_connections=max(args.concurrency) + 4)
     async with httpx.AsyncClient(base_url=url, timeout=args.timeout, limits=limits) as client:
         name, data = test_images[0]
-        probe = await client.post(path, headers=headers, files=[("files", (name, data, "image/png"))])
+        probe = await client.post(path, headers=headers, files=[("files", (name, data, mime(name)))])
         if probe.status_code == 404:
-            shots = load_images(BOTTLE / "train" / "good", "*.png", args.shots, seed=0)
+            shots = load_images(args.dataset / "train" / "good", "*", args.shots, seed=0)
             r = await client.post(f"/v1/categories/{args.category}/shots", data={"finetune": "false"},
                                   headers={"Authorization": f"Bearer {args.admin_key}"},
-                                  files=[("files", (n, d, "image/png")) for n, d in shots])
+                                  files=[("files", (n, d, mime(n))) for n, d in shots])
             if r.status_code != 201:
                 raise SystemExit(f"could not register {args.category!r}: {r.status_code} {r.text}")
         await run_level(client, path, test_images, 2, args.warmup, args.heatmap, headers)
@@ -193,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--key", default=BENCH_KEY, help="client key (with --url)")
     parser.add_argument("--admin-key", default=BENCH_ADMIN, help="admin key to register the category if missing")
     parser.add_argument("--category", default="bench-bottle")
+    parser.add_argument("--dataset", type=Path, default=BOTTLE,
+                        help="folder with train/good/ shots and test/*/ images (default: MVTec AD bottle)")
     parser.add_argument("--backbone", default=os.environ.get("CLIPSHOT_BACKBONE", "imagenet:efficientnet-lite0"))
     parser.add_argument("--device", default=os.environ.get("CLIPSHOT_DEVICE", "auto"))
     parser.add_argument("--image-size", type=int, default=None, help="backbone input size (default: native)")
@@ -211,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.url and args.runtimes:
         parser.error("--runtimes starts its own servers; it cannot be combined with --url")
-    source = "MVTec AD bottle" if BOTTLE.is_dir() else "generated textures"
+    source = str(args.dataset) if args.dataset.is_dir() else "generated textures"
     rows: list[str] = []
     if args.url:
         rows = [f"| as served {row}" for row in asyncio.run(benchmark(args.url.rstrip("/"), args))]
