@@ -1,12 +1,12 @@
 """Inference speed of the whole scoring pipeline, side by side in one run: every runtime x memory precision.
 
 ``runtime_speed.py`` times what a runtime replaces (the feature forward); this times what a station waits for per
-image once its pixels are decoded: ``Detector.forward`` = features + memory nearest-neighbour search + maps +
-image score, for a product fitted on ``--shots`` good images of ``--category``. Runtimes are timed round-robin
-(a shared machine's load falls on each alike), on ``--threads`` threads each (default 1), at batch 1 and 8, and each row states its worst score difference
-from PyTorch at the same memory precision, so a speed is never quoted without its parity. The images/s ratio is
-against PyTorch with fp32 memory scoring, what a CPU service ran before bf16 scoring; ``same-precision x`` is
-against PyTorch at the row's own memory precision (what switching only the runtime gains).
+image once its pixels are decoded: ``Detector.forward`` = features + memory nearest-neighbour search + maps + image
+score, for a product fitted on ``--shots`` good images of ``--category``. Runtimes are timed round-robin (a shared
+machine's load falls on each alike), on ``--threads`` threads each (default 1), at batch 1 and 8, and each row
+states its worst score difference from PyTorch at the same memory precision, so a speed is never quoted without its
+parity. The images/s ratio is against PyTorch with fp32 memory scoring, what a CPU service ran before bf16 scoring;
+``same-precision x`` is against PyTorch at the row's own memory precision (what switching only the runtime gains).
 
     python benchmarks/pipeline_speed.py --data ../shared/data/mvtec_ad --category bottle [--repeats 8]
     python benchmarks/pipeline_speed.py --data ../shared/data/bsdata --category ball_screw --int8
