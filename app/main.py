@@ -34,6 +34,7 @@ from app.serving.adapter_cache import AdapterCache
 from app.serving.batcher import Batcher
 from app.serving.device_worker import DeviceWorker
 from app.serving.inference import InferenceService
+from app.serving.int8_graphs import int8_preparer
 from app.serving.mqtt_trigger import TriggerListener, start_trigger
 from app.serving.opcua_security import OpcUaConfigError, load_security
 from app.serving.opcua_server import OpcUaResults, start_opcua
@@ -72,7 +73,8 @@ def feature_runtime(settings: Settings, backbone: Backbone) -> FeatureRuntime | 
     """The configured feature runtime (None = PyTorch), refused at start-up if it cannot serve this backbone."""
     if settings.runtime == "torch":
         return None
-    runtime = FeatureRuntime(settings.runtime, settings.runtime_cache_dir)
+    quantize = None if settings.runtime_quantize == "none" else settings.runtime_quantize
+    runtime = FeatureRuntime(settings.runtime, settings.runtime_cache_dir, quantize=quantize)
     try:
         runtime.check_backbone(backbone)
     except (RuntimeUnavailable, ValueError) as exc:
@@ -178,7 +180,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                                                    device_capacity=settings.adapter_cache_device,
                                                    cpu_capacity=settings.adapter_cache_cpu,
                                                    device_bytes=settings.adapter_cache_device_bytes,
-                                                   cpu_bytes=settings.adapter_cache_cpu_bytes)
+                                                   cpu_bytes=settings.adapter_cache_cpu_bytes,
+                                                   prepare=int8_preparer(settings, store, detector, worker))
         stack.push_async_callback(_release_adapters, worker, cache)
         state.batcher = batcher = Batcher(detector, worker, cache, metrics, max_batch_size=settings.max_batch_size,
                                           max_wait_ms=settings.max_batch_wait_ms,

@@ -364,8 +364,12 @@ class Detector:
         if policy is None:
             policy = adapter.calibration.policy_spec() if adapter.calibration is not None else DecisionPolicy()
         shots = list(shots)
-        if adapter.backbone:  # the calibration below is scored at this service's memory precision
-            adapter.backbone = {**adapter.backbone, "memory_precision": self.memory_precision}
+        if adapter.backbone:  # the calibration below is scored at this service's memory precision, on its features
+            kept = {k: v for k, v in adapter.backbone.items() if k not in ("quantize", "calibration")}
+            adapter.backbone = {**kept, "memory_precision": self.memory_precision,
+                                "runtime": self.layout()["runtime"]}
+        if self.runtime is not None and self.runtime.quantize:  # its int8 graph, calibrated on these shots only
+            self.runtime.calibrate_adapter(adapter, self.backbone.preprocess(shots, adapter.geometry))
         per_batch = max(1, FEATURE_BATCH // adapter.geometry.views_per_image)
         feats = yield from staged("embedding shots", len(shots),
                                   self.features_steps(shots, adapter, dpam=adapter.scoring.dpam), per_chunk=per_batch)

@@ -23,6 +23,7 @@ from clipshot.adapter import Adapter
 from clipshot.backbone import Backbone
 from clipshot.features import Features
 from clipshot.lora_mixed import mixed_batch
+from clipshot.runtimes import FeatureRuntime
 
 if TYPE_CHECKING:
     from clipshot.backbone.clip import ClipBackbone
@@ -35,6 +36,7 @@ class FeatureSource(Protocol):
 
     backbone: Backbone
     mixed_lora: MixedLora
+    runtime: FeatureRuntime | None
 
     def features(self, pixels: torch.Tensor, adapter: Adapter | None, *, dpam: bool = False) -> Features: ...
 
@@ -72,6 +74,8 @@ def _in_order(parts: list[tuple[list[int], Features]]) -> Features:
 
 def _features(source: FeatureSource, pixels: torch.Tensor, adapters: list[Adapter], dpam: bool) -> Features:
     """Features of a batch whose samples use different adapters, in one forward unless ``split``."""
+    if source.runtime is not None:
+        return _per_graph(source, source.runtime, pixels, adapters, dpam)
     loras: dict[str | None, Adapter] = {a.uid: a for a in adapters if a.lora is not None}
     if not loras:
         return source.features(pixels, None, dpam=dpam)
@@ -92,3 +96,16 @@ def _features(source: FeatureSource, pixels: torch.Tensor, adapters: list[Adapte
     backbone = cast("ClipBackbone", source.backbone)  # the LoRAs are resident now: only CLIP backbones take them
     with mixed_batch(backbone.visual, names, mode=source.mixed_lora):  # leaves no LoRA active
         return source.backbone.extract(pixels, dpam=dpam)
+
+
+def _per_graph(source: FeatureSource, runtime: FeatureRuntime, pixels: torch.Tensor, adapters: list[Adapter],
+               dpam: bool) -> Features:
+    """One runtime forward per graph: rows share a forward only when their LoRA digest and int8 calibration are
+    the same (``FeatureRuntime.graph_identity``), so no row runs through another product's graph."""
+    groups: dict[tuple[str | None, str | None], list[int]] = {}
+    for i, adapter in enumerate(adapters):
+        groups.setdefault(runtime.graph_identity(adapter), []).append(i)
+    if len(groups) == 1:
+        return source.features(pixels, adapters[0], dpam=dpam)
+    return _in_order([(rows, source.features(pixels[rows], adapters[rows[0]], dpam=dpam))
+                      for rows in groups.values()])

@@ -52,6 +52,11 @@ def _to_adapter(category: str, tensors: dict, manifest: Manifest, detector: Dete
         warnings.warn(f"bundle {category} v{manifest.version} was fitted and calibrated at {made_at} but this "
                       f"backbone runs {runs_at}: scores shift slightly, so verdicts near the threshold may flip. "
                       "Re-register the shots on this deployment to recalibrate.", stacklevel=3)
+    quantized = adapter.backbone.get("quantize") if adapter.backbone else None
+    if quantized and detector.runtime is None:  # a runtime warns itself, per adapter it serves
+        warnings.warn(f"bundle {category} v{manifest.version} was fitted on {quantized} features but this service "
+                      "runs PyTorch's fp32 ones: its scores can differ from its calibration by the int8 drift; "
+                      "re-register or send feedback to refit it here", stacklevel=3)
     return adapter
 
 

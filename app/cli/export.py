@@ -6,9 +6,10 @@ batch. It lands in the same cache (``CLIPSHOT_RUNTIME_CACHE``, else ``<store>/ru
 started afterwards finds it instead of exporting while a line waits.
 
 ``--quantize int8`` also makes the int8 post-training quantisation of that graph (ONNX Runtime's static QDQ
-quantiser, per-channel weights), calibrated on the bundle's good shots only at its geometry; it is an opt-in
-artefact for the Python API and benchmarks (``FeatureRuntime(..., quantize="int8")``), measured in
-docs/results/int8/, and no service setting serves it.
+quantiser, per-channel weights), calibrated on the bundle's good shots only at its geometry (the artefact the
+Python API and benchmarks use, ``FeatureRuntime(..., quantize="int8")``; measured in docs/results/int8/). A service
+with ``CLIPSHOT_RUNTIME_QUANTIZE=int8`` makes its products' int8 graphs itself when it fits them
+(``app.serving.int8_graphs``).
 """
 
 from __future__ import annotations

@@ -141,6 +141,14 @@ class Settings(BaseSettings, UploadLimits, ServerSettings, MqttSettings, OpcUaSe
         "ahead of time by `clipshot export`) and checked against PyTorch before use; memory scoring, maps and "
         "calibration stay PyTorch, and features agree within 1e-4. Needs `device` cpu and `precision` fp32/auto.",
     )
+    runtime_quantize: Literal["none", "int8"] = Field(
+        "none",
+        description="`int8`: serve static int8 graphs (ONNX Runtime's QDQ quantisation) instead of fp32 ones, each "
+        "calibrated on exactly its product's shots at its geometry when the product is fitted (registration, "
+        "feedback, fine-tune); its memory bank, threshold and predictions all come from that graph. A graph missing "
+        "from the cache is re-made from the stored shots. Needs `runtime` onnxruntime or openvino; bundles fitted "
+        "without int8 keep their fp32 graph (with a warning) until refitted. Accuracy cost: docs/results/int8.",
+    )
     runtime_cache: Path | None = Field(
         None,
         description="Folder of exported runtime graphs, one sub-folder per backbone + frame + LoRA digest; "
@@ -342,6 +350,9 @@ class Settings(BaseSettings, UploadLimits, ServerSettings, MqttSettings, OpcUaSe
                 f"max_pending_images ({self.max_pending_images}) must be >= "
                 f"max_predict_images ({self.max_predict_images}): a full request could never be admitted"
             )
+        if self.runtime_quantize != "none" and self.runtime == "torch":
+            raise ValueError(f"runtime_quantize={self.runtime_quantize} needs runtime onnxruntime or openvino: "
+                             "PyTorch serves fp32 features only")
         if not self.job_worker and not self.job_db:
             raise ValueError("job_worker=false needs a shared PostgreSQL job_db: with the SQLite job file no other "
                              "process could run this one's fine-tunes")

@@ -44,6 +44,7 @@ from model_store import (
     VersionNotFound,
 )
 from model_store.adapters import load_adapter, load_generic_adapter
+from model_store.manifest import Manifest
 
 Key = tuple[str, ...]
 GENERIC = "generic"
@@ -73,8 +74,11 @@ class AdapterCache:
     """``get(category)`` -> the active version's ``Adapter``, cached; device residency managed in worker tasks."""
 
     def __init__(self, store: AdapterStore, detector: Detector, metrics: Metrics, worker: DeviceWorker,
-                 *, device_capacity: int, cpu_capacity: int, device_bytes: int = 0, cpu_bytes: int = 0) -> None:
-        """``*_capacity``: adapters per tier; ``*_bytes``: bytes per tier (0: no byte bound)."""
+                 *, device_capacity: int, cpu_capacity: int, device_bytes: int = 0, cpu_bytes: int = 0,
+                 prepare: Callable[[Adapter, Manifest], None] | None = None) -> None:
+        """``*_capacity``: adapters per tier; ``*_bytes``: bytes per tier (0: no byte bound); ``prepare``: run on
+        each category bundle loaded, before it serves (``app.serving.int8_graphs``: its int8 graph)."""
+        self.prepare = prepare
         self.store = store
         self.detector = detector
         self.metrics = metrics
@@ -103,8 +107,13 @@ class AdapterCache:
                 f"{what} does not exist or has no active adapter version; register it first.",
                 code="category_not_found",
             )
-        return self._cached(("category", category, str(resolved)), what,
-                            lambda: load_adapter(self.store, self.detector, category, resolved)[0])
+        return self._cached(("category", category, str(resolved)), what, lambda: self._load(category, resolved))
+
+    def _load(self, category: str, version: int) -> Adapter:
+        adapter, manifest = load_adapter(self.store, self.detector, category, version)
+        if self.prepare is not None:
+            self.prepare(adapter, manifest)
+        return adapter
 
     def get_generic(self) -> Adapter:
         """The active generic (zero-shot, object-agnostic) bundle; 404 when none was saved."""

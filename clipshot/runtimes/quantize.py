@@ -84,6 +84,11 @@ def ShotCalibrationReader(pixels: np.ndarray, input_name: str = "pixels", *,  # 
     return _Reader()
 
 
+def int8_folder(fp32_folder: Path, cache: Path, digest: str) -> Path:
+    """Where the int8 graph of ``fp32_folder`` calibrated on the shots of ``digest`` lives in ``cache``."""
+    return cache / f"{fp32_folder.name}-int8-{digest}"
+
+
 def quantize_int8(fp32_folder: Path, cache: Path, shots: np.ndarray) -> Path:
     """Quantise ``fp32_folder``'s ONNX graph calibrated on ``shots``; returns the int8 folder (cached).
 
@@ -92,7 +97,7 @@ def quantize_int8(fp32_folder: Path, cache: Path, shots: np.ndarray) -> Path:
     calibrated it). It appears atomically, like every export."""
     if shots is None or len(shots) == 0:
         raise QuantizeError("int8 calibration needs at least one shot")
-    target = cache / f"{fp32_folder.name}-int8-{calibration_digest(shots)}"
+    target = int8_folder(fp32_folder, cache, calibration_digest(shots))
     if (target / ONNX_FILE).is_file():
         return target
     openvino = importlib.util.find_spec("openvino") is not None
