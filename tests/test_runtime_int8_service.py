@@ -10,14 +10,12 @@ Tiny CLIP (random weights, 64x64 images): structure only, never accuracy."""
 
 from __future__ import annotations
 
-import io
 import shutil
 import warnings
 
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from PIL import Image
 from pydantic import ValidationError
 
 from app.main import create_app
@@ -26,44 +24,19 @@ from clipshot.detector import Detector
 from clipshot.runtimes import FeatureRuntime
 from model_store import AdapterStore
 from model_store.adapters import load_adapter
-from tests.helpers.categories import image_bytes
 from tests.helpers.decisions import manifest, register
+from tests.helpers.int8 import PROBES, SAME, decoded, reference, served_scores
 from tests.helpers.predict import CLIENT, good, png
 from tests.helpers.serving import settings_for
 
 pytest.importorskip("onnxruntime")
 
 SHOTS = {"alpha": range(4), "beta": range(40, 44)}  # two products, no shot in common
-PROBES = [good(s) for s in (30, 31, 32)]
-# Equal graphs on equal inputs: the served scores and the reference's differ by float summation order only (the
-# service batches the probes one request at a time, the reference as one batch), far below any int8 effect (~1e-2).
-SAME = 1e-6
-
-
-def _shots(category: str) -> list[Image.Image]:
-    """The images ``register`` uploads for ``category``, decoded."""
-    return [Image.open(io.BytesIO(image_bytes(s))).convert("RGB") for s in SHOTS[category]]
 
 
 @pytest.fixture(scope="module")
 def backbone():
     return load_backbone("test:tiny-clip")
-
-
-def _scores(client: TestClient, category: str) -> list[float]:
-    r = client.post(f"/v1/categories/{category}/predict?heatmap=none", headers=CLIENT,
-                    files=[("files", (f"{i}.png", png(image), "image/png")) for i, image in enumerate(PROBES)])
-    assert r.status_code == 200, r.text
-    return [p["score"] for p in r.json()["predictions"]]
-
-
-def _reference(backbone, store, category: str, cache) -> tuple[list[float], str]:
-    """Scores of the stored bundle through a fresh runtime calibrated on that product's shots alone."""
-    runtime = FeatureRuntime("onnxruntime", cache, quantize="int8")
-    detector = Detector(backbone, runtime=runtime)
-    adapter, _ = load_adapter(AdapterStore(store), detector, category)
-    digest = runtime.calibrate(backbone.preprocess(_shots(category), adapter.geometry))
-    return [p.score for p in detector.predict(PROBES, adapter, map_size=None)], digest
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +47,7 @@ def served(backbone, tmp_path_factory):
     with TestClient(create_app(settings, backbone=backbone)) as client:
         for category, seeds in SHOTS.items():
             register(client, seeds=seeds, category=category)
-        scores = {category: _scores(client, category) for category in SHOTS}
+        scores = {category: served_scores(client, category) for category in SHOTS}
         state = client.app.state
         adapters = [state.adapter_cache.get(category) for category in SHOTS]
         mixed = torch.stack([backbone.preprocess([image], adapters[0].geometry)[0] for image in PROBES[:2]])
@@ -90,14 +63,14 @@ def test_each_product_is_served_by_its_own_graph_calibrated_on_its_shots(backbon
     graphs = {p.name.rsplit("-", 1)[1] for p in settings.runtime_cache_dir.glob("*-int8-*")}
     assert graphs == {r["calibration"] for r in recorded.values()}  # one graph per product, no other
     for category in SHOTS:
-        reference, digest = _reference(backbone, store, category, tmp_path / category)
+        expected, digest = reference(backbone, store, category, decoded(SHOTS[category]), tmp_path / category)
         assert digest == recorded[category]["calibration"]  # exactly its shots, at its geometry
-        assert max(abs(a - b) for a, b in zip(scores[category], reference, strict=True)) <= SAME, category
+        assert max(abs(a - b) for a, b in zip(scores[category], expected, strict=True)) <= SAME, category
     # The two graphs really differ: alpha's probes through beta's calibration score otherwise.
     runtime = FeatureRuntime("onnxruntime", tmp_path / "swap", quantize="int8")
     detector = Detector(backbone, runtime=runtime)
     alpha, _ = load_adapter(AdapterStore(store), detector, "alpha")
-    runtime.calibrate(backbone.preprocess(_shots("beta"), alpha.geometry))
+    runtime.calibrate(backbone.preprocess(decoded(SHOTS["beta"]), alpha.geometry))
     alpha.backbone = {k: v for k, v in alpha.backbone.items() if k != "calibration"}  # serve on beta's shots
     swapped = [p.score for p in detector.predict(PROBES, alpha, map_size=None)]
     assert max(abs(a - b) for a, b in zip(scores["alpha"], swapped, strict=True)) > 100 * SAME
@@ -112,7 +85,7 @@ def test_a_restart_with_an_empty_cache_remakes_the_graphs_from_the_stored_shots(
     store, settings, scores, _ = served
     shutil.rmtree(settings.runtime_cache_dir)
     with TestClient(create_app(settings, backbone=backbone)) as client:
-        again = {category: _scores(client, category) for category in SHOTS}
+        again = {category: served_scores(client, category) for category in SHOTS}
     for category in SHOTS:
         assert max(abs(a - b) for a, b in zip(scores[category], again[category], strict=True)) <= SAME, category
     recorded = {manifest(store, c, 1)["adapter"]["backbone"]["calibration"] for c in SHOTS}
@@ -132,7 +105,7 @@ def test_shots_gone_and_graph_gone_is_a_clear_error(backbone, served, tmp_path):
         assert r.status_code == 409, r.text
         error = r.json()["error"]
         assert error["code"] == "int8_graph_unavailable" and "missing from shots/" in error["message"], error
-        assert len(_scores(client, "beta")) == len(PROBES)  # the other product is untouched
+        assert len(served_scores(client, "beta")) == len(PROBES)  # the other product is untouched
     alpha = manifest(copy, "alpha", 1)["adapter"]["backbone"]["calibration"]
     assert not list((copy / "runtime-cache").glob(f"*-int8-{alpha}"))  # never made from anything else
 
