@@ -2,17 +2,26 @@
 
 Feedback that adds good shots refits the product through the HTTP route: the new version records a new calibration
 digest (its shots changed), its graph is made, and it scores as a fresh ``FeatureRuntime`` calibrated on exactly
-the new shot set. A fine-tune (tiny CLIP, two steps) does the same on the shots decoded at full size.
+the new shot set. A fine-tune (tiny CLIP, two steps) does the same on the shots decoded at full size; a restart
+with the runtime cache deleted re-makes that graph from the stored shots' full-size decode (the working-size one
+has another digest).
 
 Tiny CLIP has random weights: structure only, never accuracy."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 from fastapi.testclient import TestClient
 
 from app.main import create_app
+from app.serving.int8_graphs import stored_calibrations
 from clipshot.backbone import load_backbone
+from clipshot.detector import Detector
+from clipshot.runtimes.quantize import calibration_digest
+from clipshot.runtimes.runtime import calibration_pixels
+from model_store import AdapterStore
 from tests.helpers.categories import ADMIN, image_bytes, wait_job
 from tests.helpers.decisions import manifest, register
 from tests.helpers.int8 import SAME, decoded, max_diff, reference, served_scores
@@ -92,3 +101,17 @@ def test_a_finetune_calibrates_its_graph_on_the_full_size_shots(backbone, tuned,
     assert digest == recorded  # the fine-tune's own decode: full size, not the working size
     assert max_diff(scores, expected) <= SAME
 
+
+def test_a_restart_with_an_empty_cache_remakes_the_finetuned_graph_from_the_full_size_shots(backbone, tuned):
+    store, settings, version, scores = tuned
+    recorded = manifest(store, "big", version)["adapter"]["backbone"]["calibration"]
+    stored = AdapterStore(store).manifest("big", version)
+    detector = Detector(backbone)
+    candidates = [calibration_digest(calibration_pixels(c))
+                  for c in stored_calibrations(AdapterStore(store), settings, detector, stored)]
+    assert candidates[1:] == [recorded] != candidates[:1]  # the working-size decode is not what it was fitted on
+    shutil.rmtree(settings.runtime_cache_dir)
+    with TestClient(create_app(settings, backbone=backbone)) as client:
+        again = served_scores(client, "big")
+    assert max_diff(scores, again) <= SAME
+    assert _graphs(settings.runtime_cache_dir) == {recorded}
