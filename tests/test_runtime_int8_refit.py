@@ -4,7 +4,7 @@ Feedback that adds good shots refits the product through the HTTP route: the new
 digest (its shots changed), its graph is made, and it scores as a fresh ``FeatureRuntime`` calibrated on exactly
 the new shot set. A fine-tune (tiny CLIP, two steps) does the same on the shots decoded at full size; a restart
 with the runtime cache deleted re-makes that graph from the stored shots' full-size decode (the working-size one
-has another digest).
+has another digest), and ``clipshot export --quantize int8`` writes exactly the graph the service then loads.
 
 Tiny CLIP has random weights: structure only, never accuracy."""
 
@@ -15,6 +15,7 @@ import shutil
 import pytest
 from fastapi.testclient import TestClient
 
+from app.cli.main import main
 from app.main import create_app
 from app.serving.int8_graphs import stored_calibrations
 from clipshot.backbone import load_backbone
@@ -115,3 +116,23 @@ def test_a_restart_with_an_empty_cache_remakes_the_finetuned_graph_from_the_full
         again = served_scores(client, "big")
     assert max_diff(scores, again) <= SAME
     assert _graphs(settings.runtime_cache_dir) == {recorded}
+
+
+def test_clipshot_export_writes_the_graph_an_int8_service_loads(backbone, tmp_path):
+    store = tmp_path / "store"
+    with TestClient(create_app(_int8_settings(store), backbone=backbone)) as client:
+        _register_big(client, "big")  # fitted on the working-size decode, which no plain PIL decode gives
+        scores = served_scores(client, "big")
+    recorded = manifest(store, "big", 1)["adapter"]["backbone"]["calibration"]
+    cache = tmp_path / "cache"
+    assert main(["export", "--category", "big", "--format", "onnx", "--quantize", "int8", "--store", str(store),
+                 "--runtime-cache", str(cache)]) == 0
+    (graph,) = cache.glob("*-int8-*")
+    assert graph.name.endswith(f"-int8-{recorded}")  # the folder the service looks for
+    made = (graph / "model.onnx").stat()
+    with TestClient(create_app(_int8_settings(store, runtime_cache=cache), backbone=backbone)) as client:
+        again = served_scores(client, "big")
+    assert max_diff(scores, again) <= SAME
+    assert list(cache.glob("*-int8-*")) == [graph]
+    kept = (graph / "model.onnx").stat()
+    assert (kept.st_ino, kept.st_mtime_ns) == (made.st_ino, made.st_mtime_ns)  # served as exported, not re-made

@@ -6,10 +6,13 @@ batch. It lands in the same cache (``CLIPSHOT_RUNTIME_CACHE``, else ``<store>/ru
 started afterwards finds it instead of exporting while a line waits.
 
 ``--quantize int8`` also makes the int8 post-training quantisation of that graph (ONNX Runtime's static QDQ
-quantiser, per-channel weights), calibrated on the bundle's good shots only at its geometry (the artefact the
-Python API and benchmarks use, ``FeatureRuntime(..., quantize="int8")``; measured in docs/results/int8/). A service
-with ``CLIPSHOT_RUNTIME_QUANTIZE=int8`` makes its products' int8 graphs itself when it fits them
-(``app.serving.int8_graphs``).
+quantiser, per-channel weights), calibrated on the bundle's good shots only at its geometry. A bundle fitted by a
+service with ``CLIPSHOT_RUNTIME_QUANTIZE=int8`` records the digest of the pixels its graph was calibrated on; its
+shots are then read back exactly as that service re-makes a missing graph (``app.serving.int8_graphs``: decoded as
+the fit decoded them, used only when their digest is the recorded one), so the export writes the very graph, under
+the very name, the service loads. A bundle fitted on fp32 features records none: its shots are decoded at full size
+(the artefact the Python API and benchmarks use, ``FeatureRuntime(..., quantize="int8")``; measured in
+docs/results/int8/), and an int8 service still serves such a bundle with its fp32 graph.
 """
 
 from __future__ import annotations
@@ -39,7 +42,11 @@ def register(subparsers: Any, name: str, help_text: str) -> argparse.ArgumentPar
     parser.add_argument("--version", type=int, default=None, help="bundle version (default: the active one)")
     parser.add_argument("--quantize", choices=QUANTIZE, default="none",
                         help="int8: also write the graph's static int8 quantisation, calibrated on the bundle's good "
-                        "shots only (opt-in; see docs/results/int8 for what it costs in accuracy)")
+                        "shots only. A bundle fitted with CLIPSHOT_RUNTIME_QUANTIZE=int8 gets exactly the graph that "
+                        "service loads (its stored shots decoded as its fit decoded them, checked against the "
+                        "calibration digest it recorded; refused if they no longer match); a bundle fitted on fp32 "
+                        "features is calibrated on its shots decoded at full size, for the Python API and benchmarks "
+                        "(an int8 service serves it with its fp32 graph). See docs/results/int8 for the accuracy cost")
     env_option(parser, "--store", "store", "adapter store directory")
     env_option(parser, "--runtime-cache", "<store>/runtime-cache", "folder of exported graphs")
     parser.set_defaults(func=run_export)
@@ -48,6 +55,8 @@ def register(subparsers: Any, name: str, help_text: str) -> argparse.ArgumentPar
 
 def run_export(args: argparse.Namespace) -> int:
     """Load the bundle and its backbone (fp32, CPU), export, print where the graph is and how close it came."""
+    from app.errors import ClipshotHTTPError
+    from app.serving.int8_graphs import stored_calibrations
     from clipshot.backbone import load_backbone
     from clipshot.detector import Detector
     from clipshot.runtimes import ExportError, FeatureRuntime, RuntimeUnavailable
@@ -71,10 +80,15 @@ def run_export(args: argparse.Namespace) -> int:
         runtime = FeatureRuntime(RUNTIME_OF[args.format], cache.expanduser(), quantize=quantize)
         detector = Detector(backbone, runtime=runtime)
         adapter, manifest = load_adapter(store, detector, args.category, args.version)
-        if quantize is not None:
+        recorded_calibration = adapter.backbone.get("calibration") if adapter.backbone else None
+        if quantize is not None and recorded_calibration:
+            settings = _decode_settings(store_dir, args.format, quantize)
+            runtime.shot_source(str(recorded_calibration),
+                                lambda: stored_calibrations(store, settings, detector, manifest))
+        elif quantize is not None:
             runtime.calibrate(backbone.preprocess(_good_shots(store, manifest), adapter.geometry))
         folder = runtime.prepare_adapter(detector, adapter)
-    except (StoreError, RuntimeUnavailable, ExportError, QuantizeError, OSError) as exc:
+    except (StoreError, RuntimeUnavailable, ExportError, QuantizeError, ClipshotHTTPError, OSError) as exc:
         raise CliError(str(exc)) from exc
     meta = json.loads((folder / META_FILE).read_text())
     frame = meta["key"]["frame"]
@@ -87,6 +101,20 @@ def run_export(args: argparse.Namespace) -> int:
     else:
         print(f"vs PyTorch:    max |diff| {meta['max_abs_diff']:.2g} (allowed {meta['tolerance']:g})")
     return 0
+
+
+def _decode_settings(store: Path, format_name: str, quantize: str) -> Any:
+    """The service settings (environment and .env included) whose upload limits the shots are decoded under, as the
+    service decodes them: a shot over this deployment's limits is refused here as it would be there."""
+    from pydantic import ValidationError
+
+    from app.core.config import Settings
+
+    try:  # the runtime named here, so an environment that sets no runtime still validates with int8
+        return Settings(store=store, runtime=RUNTIME_OF[format_name], runtime_quantize=quantize, insecure_dev=True,
+                        admin_keys=[], client_keys=[], mqtt_host=None, record_mode="off")
+    except ValidationError as exc:
+        raise CliError("the service settings are invalid: " + "; ".join(e["msg"] for e in exc.errors())) from exc
 
 
 def _good_shots(store: Any, manifest: Any) -> list:
