@@ -33,7 +33,8 @@ def stored_calibrations(store: AdapterStore, settings: Settings, detector: Detec
                         manifest: Manifest) -> Iterator[np.ndarray]:
     """The pixels a fit of ``manifest``'s version may have calibrated on, most likely first: its good shots at the
     working size a registration or feedback refit decodes them at (``decode_for_fit``), then at full size (a
-    fine-tune's decode). The caller keeps the one whose digest the bundle recorded."""
+    fine-tune's decode; where the working size divides the image evenly both give the same pixels). The caller
+    keeps the one whose digest the bundle recorded, never another."""
     goods = [r.model_dump(mode="json") for r in manifest.shots if r.label == "good"]
     if not goods:
         raise QuantizeError(f"{manifest.category} v{manifest.version} lists no good shots to calibrate int8 on")
