@@ -121,6 +121,7 @@ def test_a_bundle_fitted_on_the_other_precision_is_served_with_one_warning(backb
     int8 = Detector(backbone, runtime=FeatureRuntime("onnxruntime", tmp_path / "int8", quantize="int8"))
     plain = int8.fit_memory([good(s) for s in range(4)], category="plain", text=False, calibration_views=0)
     plain.backbone = {k: v for k, v in plain.backbone.items() if k not in ("quantize", "calibration")}
+    plain.version = 1  # as loaded from a store: a job's unstored adapters are served fp32 without a warning
     with pytest.warns(UserWarning, match="fitted on fp32 features"):
         served_plain = int8.predict(PROBES[:1], plain, map_size=None)[0].score
     with warnings.catch_warnings():

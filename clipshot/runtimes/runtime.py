@@ -109,7 +109,9 @@ class FeatureRuntime:
         """The calibration digest of the graph that serves ``adapter`` (``FP32``: the fp32 graph; None: the
         runtime's own). A bundle fitted on int8 features served by fp32 ones, or the other way round, is served
         with a warning once per adapter, like a memory-precision mismatch: its threshold was set on the other
-        features, so its scores can differ from its calibration by the int8 drift (~1e-2)."""
+        features, so its scores can differ from its calibration by the int8 drift (~1e-2). A job's own
+        unstored adapters (a fine-tune's validation banks) run the fp32 graph without a warning: both sides of its
+        comparison are scored on the same fp32 features."""
         recorded = adapter.backbone.get("calibration") if adapter is not None and adapter.backbone else None
         if self.quantize is None or adapter is None:
             if recorded and adapter is not None:
@@ -119,7 +121,7 @@ class FeatureRuntime:
             return str(recorded)
         if self.calibration_digest is not None:
             return None
-        if adapter.memory is not None:
+        if adapter.memory is not None and adapter.version is not None:  # a stored bundle, not a job's own
             self._warn(adapter, f"was fitted on fp32 features; it is served by its fp32 graph ({self.name}), "
                        "not an int8 one")
         return FP32
