@@ -41,7 +41,7 @@ def memory_precision(device: torch.device | str, precision: str, requested: str 
     on an accelerator told fp32 (a service told fp32 must not score in half). On CPU, bf16 where the CPU
     multiplies it natively and fp32 elsewhere: the nearest-neighbour matmul is most of a CPU predict's time, it
     runs at the core's fp32 peak already, and native bf16 halves it. Inputs rounded to 8 significant bits move a
-    cosine by at most ~1e-2 in theory and by under 3e-3 (1.4e-3 in distance) on the shared sets' features; the
+    cosine by at most ~1e-2 in theory and a distance by under 7.5e-4 on the shared sets' features (``_shifted``); the
     calibration is scored in the same precision (the adapter records it), and the accuracy suite gates the rule
     (docs/results/memory-bf16/). fp16 is refused on CPU: PyTorch has no fast half matmul there (~10x fp32)."""
     if requested not in MEMORY_PRECISIONS:
