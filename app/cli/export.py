@@ -81,12 +81,13 @@ def run_export(args: argparse.Namespace) -> int:
         detector = Detector(backbone, runtime=runtime)
         adapter, manifest = load_adapter(store, detector, args.category, args.version)
         recorded_calibration = adapter.backbone.get("calibration") if adapter.backbone else None
-        if quantize is not None and recorded_calibration:
+        if quantize is not None:
             settings = _decode_settings(store_dir, args.format, quantize)
-            runtime.shot_source(str(recorded_calibration),
-                                lambda: stored_calibrations(store, settings, detector, manifest))
-        elif quantize is not None:
-            runtime.calibrate(backbone.preprocess(_good_shots(store, manifest), adapter.geometry))
+            if recorded_calibration:
+                runtime.shot_source(str(recorded_calibration),
+                                    lambda: stored_calibrations(store, settings, detector, manifest))
+            else:
+                runtime.calibrate(backbone.preprocess(_good_shots(store, settings, manifest), adapter.geometry))
         folder = runtime.prepare_adapter(detector, adapter)
     except (StoreError, RuntimeUnavailable, ExportError, QuantizeError, ClipshotHTTPError, OSError) as exc:
         raise CliError(str(exc)) from exc
@@ -117,15 +118,12 @@ def _decode_settings(store: Path, format_name: str, quantize: str) -> Any:
         raise CliError("the service settings are invalid: " + "; ".join(e["msg"] for e in exc.errors())) from exc
 
 
-def _good_shots(store: Any, manifest: Any) -> list:
-    """The bundle's good shots (the memory's images), the only images an int8 graph may be calibrated on."""
-    from PIL import Image
+def _good_shots(store: Any, settings: Any, manifest: Any) -> list:
+    """The bundle's good shots (the memory's images), the only images an int8 graph may be calibrated on, decoded
+    at full size the way every fit decodes stored shots (upright, under the upload limits)."""
+    from app.categories.shot_ledger import decode_refs
 
-    names = [ref.name for ref in manifest.shots if ref.label == "good"]
-    if not names:
+    goods = [ref.model_dump(mode="json") for ref in manifest.shots if ref.label == "good"]
+    if not goods:
         raise CliError(f"{manifest.category} v{manifest.version} lists no good shots to calibrate int8 on")
-    images = []
-    for name in names:
-        with Image.open(store.shot_path(manifest.category, name)) as img:
-            images.append(img.convert("RGB"))
-    return images
+    return decode_refs(store, manifest.category, goods, settings)
