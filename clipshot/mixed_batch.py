@@ -15,7 +15,7 @@ Every image of a mixed batch must have the same pixel shape: the same model fram
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Literal, Protocol, cast
+from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
 
 import torch
 
@@ -85,13 +85,12 @@ def _features(source: FeatureSource, pixels: torch.Tensor, adapters: list[Adapte
     for adapter in loras.values():
         if adapter.uid not in resident:
             source.attach(adapter)
-    if source.mixed_lora == "split":  # one forward per LoRA product, one for the rest, rows put back in order
-        parts: list[tuple[list[int], Features]] = []
-        for key in [*loras, None]:
-            rows = [i for i, a in enumerate(adapters) if (a.uid if a.lora is not None else None) == key]
-            if rows:
-                parts.append((rows, source.features(pixels[rows], loras.get(key), dpam=dpam)))
-        return _in_order(parts)
+    if source.mixed_lora == "split":  # one forward per LoRA product, one for the rest
+        split: dict[str | None, tuple[Adapter | None, list[int]]] = {}
+        for i, adapter in enumerate(adapters):
+            key = adapter.uid if adapter.lora is not None else None
+            split.setdefault(key, (loras.get(key), []))[1].append(i)
+        return _grouped(source, pixels, split, dpam)
     names = [a.uid if a.lora is not None else None for a in adapters]
     backbone = cast("ClipBackbone", source.backbone)  # the LoRAs are resident now: only CLIP backbones take them
     with mixed_batch(backbone.visual, names, mode=source.mixed_lora):  # leaves no LoRA active
@@ -102,10 +101,17 @@ def _per_graph(source: FeatureSource, runtime: FeatureRuntime, pixels: torch.Ten
                dpam: bool) -> Features:
     """One runtime forward per graph: rows share a forward only when their LoRA digest and int8 calibration are
     the same (``FeatureRuntime.graph_identity``), so no row runs through another product's graph."""
-    groups: dict[tuple[str | None, str | None], list[int]] = {}
+    groups: dict[tuple[str | None, str | None], tuple[Adapter | None, list[int]]] = {}
     for i, adapter in enumerate(adapters):
-        groups.setdefault(runtime.graph_identity(adapter), []).append(i)
+        groups.setdefault(runtime.graph_identity(adapter), (adapter, []))[1].append(i)
+    return _grouped(source, pixels, groups, dpam)
+
+
+def _grouped(source: FeatureSource, pixels: torch.Tensor, groups: dict[Any, tuple[Adapter | None, list[int]]],
+             dpam: bool) -> Features:
+    """One forward per group (its adapter, its rows), the rows put back in the batch's order; a lone group is one
+    forward over the whole batch, uncopied."""
     if len(groups) == 1:
-        return source.features(pixels, adapters[0], dpam=dpam)
-    return _in_order([(rows, source.features(pixels[rows], adapters[rows[0]], dpam=dpam))
-                      for rows in groups.values()])
+        ((adapter, _),) = groups.values()
+        return source.features(pixels, adapter, dpam=dpam)
+    return _in_order([(rows, source.features(pixels[rows], adapter, dpam=dpam)) for adapter, rows in groups.values()])
