@@ -132,7 +132,9 @@ def parse_variant(spec: str) -> dict[str, Any]:
         if key not in known or not raw:
             raise SystemExit(f"--variant {item!r}: expected KEY=VALUE with KEY one of {', '.join(known)}")
         value: Any = raw
-        if raw.lower() in ("true", "false", "on", "off"):
+        if known[key] in (str, "str"):  # a named mode ("off" is a name here, not False)
+            pass
+        elif raw.lower() in ("true", "false", "on", "off"):
             value = raw.lower() in ("true", "on")
         else:
             try:
@@ -162,6 +164,7 @@ def make_factory(detector: Detector, variant: dict[str, Any], facts: dict[tuple,
             "confident": None if cal is None else cal.confident,
             "scoring": adapter.scoring.to_dict(),
             "selection": None if adapter.selection is None else adapter.selection.get("chosen"),
+            "position_baseline": None if adapter.baseline_choice is None else adapter.baseline_choice["chosen"],
             "verdicts": adapter.threshold is not None,
             "geometry": adapter.geometry.to_dict() if hasattr(adapter.geometry, "to_dict") else None,
         }
@@ -200,7 +203,7 @@ def run_suite(args: argparse.Namespace, detector: CachedDetector, variant: dict[
                 print(f"{name} k={k} seed={rec['seed']}: image {100 * m['image_auroc']:.1f} pixel "
                       f"{100 * m['pixel_auroc']:.1f} F1@t {_pct(m.get('f1_at_threshold'))} false alarms "
                       f"{_pct(m.get('false_alarm_rate'))} (predicted {_pct(rec['predicted_false_alarm_rate'])}) "
-                      f"{rec['selection'] or ''}", flush=True)
+                      f"{rec['selection'] or ''} {rec['position_baseline'] or ''}".rstrip(), flush=True)
     return {"records": records, "summary": summarise(records),
             "settings": {"backbone": args.backbone, "runtime": args.runtime, "quantize": args.quantize,
                          "memory_precision": detector.memory_precision, "variant": variant, "mask_size": args.mask_size,

@@ -45,6 +45,10 @@ class Adapter:
     # None: the scoring was fixed by whoever built the adapter; a dict: the product chose it from its own shots
     # at calibration (``clipshot.scoring_selection``: the rule, the choice, every candidate's evidence).
     selection: dict | None = None
+    # The (views * H, W) normal level its maps are divided by (``clipshot.position_baseline``), or None; and the
+    # evidence that decided it (None: the product never weighed one).
+    baseline: torch.Tensor | None = None
+    baseline_choice: dict | None = None
     # What the shots looked like (median size, colour): lets a server tell an upload unlike them; None = unknown
     shot_images: dict | None = None
     version: int | None = None
@@ -66,6 +70,7 @@ class Adapter:
         """Bytes of the adapter's tensors (memory bank, text embeddings, LoRA and prompt state): what holding
         it costs a cache tier."""
         loose = [self.text, *(self.lora_state or {}).values(), *(self.prompt_state or {}).values()]
+        loose.append(self.baseline)
         return (0 if self.memory is None else self.memory.nbytes) + sum(
             t.numel() * t.element_size() for t in loose if t is not None)
 
@@ -78,6 +83,8 @@ class Adapter:
                 tensors[f"memory.layer{i}"] = layer.detach().cpu().contiguous()
             for i, center in enumerate(self.memory.centers or []):
                 tensors[f"memory.center{i}"] = center.detach().cpu().float().contiguous()
+        if self.baseline is not None:
+            tensors["memory.baseline"] = self.baseline.detach().cpu().float().contiguous()
         for key, value in (self.lora_state or {}).items():
             tensors[f"lora.{key}"] = value.detach().cpu().float().contiguous()
         for key, value in (self.prompt_state or {}).items():
@@ -97,6 +104,7 @@ class Adapter:
             "backbone": self.backbone,
             "geometry": self.geometry.to_dict(),
             "scoring_selection": self.selection,
+            "position_baseline": self.baseline_choice,
             "shot_images": self.shot_images,
         }
 
@@ -117,6 +125,11 @@ class Adapter:
         scoring.setdefault("memory_center", False)
         scoring.setdefault("image_score", "peak")
         scoring.setdefault("memory_stages", False)
+        scoring.setdefault("position_baseline", "off")
+        choice = config.get("position_baseline")
+        baseline = tensors.get("memory.baseline")
+        if choice and choice.get("chosen") == "divided" and baseline is None:
+            raise ValueError("bundle config divides maps by a position baseline but memory.baseline is missing")
         lora_state = {k[len("lora."):]: v for k, v in tensors.items() if k.startswith("lora.")}
         prompt_state = {k: v for k, v in tensors.items() if k.startswith("prompt.")}
         if config.get("lora") and not lora_state:
@@ -136,6 +149,8 @@ class Adapter:
             backbone=dict(config.get("backbone", {})),
             geometry=Geometry.from_dict(config.get("geometry")),
             selection=config.get("scoring_selection"),
+            baseline=baseline,
+            baseline_choice=choice,
             shot_images=config.get("shot_images"),
             version=version,
             uid=adapter_uid("c", category, version) if version is not None else uuid.uuid4().hex,

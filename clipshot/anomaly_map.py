@@ -84,9 +84,11 @@ UNCALIBRATED_THRESHOLD = 0.5  # middle of the [0, 1] score range every branch pr
 
 
 def colour_scale(threshold: float | None) -> tuple[float, float]:
-    """(vmin, vmax) for showing a map: vmin is the threshold (untinted at or below it), vmax = 2 x threshold
-    (capped at 1, the top of every score range), so two pictures can be compared by eye. An uncalibrated
-    adapter uses ``UNCALIBRATED_THRESHOLD``."""
+    """(vmin, vmax) for showing a map: vmin is the threshold (untinted at or below it, so the picture marks
+    exactly the pixels that made the verdict), vmax = 2 x threshold, so two pictures can be compared by eye. A
+    threshold under 1 caps vmax at 1, the top of a distance or probability; maps divided by a product's normal
+    level (``clipshot.position_baseline``) are ratios with thresholds past 1, and keep 2 x threshold. An
+    uncalibrated adapter uses ``UNCALIBRATED_THRESHOLD``."""
     t = UNCALIBRATED_THRESHOLD if threshold is None or not math.isfinite(threshold) else float(threshold)
-    t = min(max(t, 0.0), 0.99)
-    return t, max(min(2.0 * t, 1.0), t + 0.01)
+    t = max(t, 0.0)
+    return t, max(2.0 * t if t >= 1.0 else min(2.0 * t, 1.0), t + 0.01)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from PIL import Image
 
 from clipshot import calibration_evidence as evidence
+from clipshot import position_baseline
 from clipshot import scoring_selection as selection
 from clipshot.adapter import Adapter
 from clipshot.calibration import Calibration, DecisionPolicy, calibrate
@@ -34,6 +35,7 @@ def calibrate_steps(detector: Detector, adapter: Adapter, shots: list[Image.Imag
     With ``adapter.selection`` set (a product that chooses its own scoring), every candidate scoring is applied
     to the same evidence and the adapter keeps the one that separates its synthetic defects from its unseen
     normals best (``clipshot.scoring_selection``); the served bank is then rebuilt the chosen way."""
+    adapter.baseline = None  # the evidence is scored on plain maps; the product's level is decided from them
     found = yield from evidence.gather(detector, adapter, shots, feats, views)
     folds = found.feats.batch_size
     if adapter.selection is not None and adapter.memory is not None:
@@ -44,6 +46,7 @@ def calibrate_steps(detector: Detector, adapter: Adapter, shots: list[Image.Imag
     else:
         loo = yield from staged("leave-one-out calibration", folds,
                                 evidence.leave_one_out(detector, adapter, found, served=adapter.memory))
+    loo = position_baseline.decide(adapter, found, loo)
     validation: list[float] = []
     step = max(1, FEATURE_BATCH // adapter.geometry.views_per_image)
     for start in range(0, len(defects), step):

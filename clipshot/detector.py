@@ -10,7 +10,7 @@ from dataclasses import replace
 import torch
 from PIL import Image
 
-from clipshot import lora, mixed_batch
+from clipshot import lora, mixed_batch, position_baseline
 from clipshot.adapter import Adapter
 from clipshot.anomaly_map import pixel_map
 from clipshot.backbone import Backbone, ClipBackbone
@@ -218,6 +218,8 @@ class Detector:
             maps[rows] = pixel_map(fused[rows], frame, sigma, views=features.views)
         for uid, adapter in unique.items():
             rows = rows_of(owners[uid])
+            if adapter.baseline is not None:
+                maps[rows] = position_baseline.apply(maps[rows], adapter.baseline)
             scores[rows] = image_score(cls[uid], maps[rows], adapter.scoring).to(scores.dtype)
         return scores, maps
 

@@ -11,6 +11,7 @@ COMBINATIONS = ("harmonic", "mean", "max")
 # that maximum and the map's mean (how much of the part is off), with no weight to choose: both are distances
 # on the same scale, and the geometric mean ranks by their relative change alike.
 IMAGE_SCORES = ("peak", "peak_mean")
+POSITION_BASELINES = ("off", "auto", "on")
 
 
 @dataclass
@@ -32,12 +33,18 @@ class ScoringConfig:
     # Score each backbone stage concatenated in a patch vector by its own cosine (``MemoryBank`` docstring);
     # no effect on backbones whose layers are already separate (CLIP). Bundles written before load with False.
     memory_stages: bool = True
+    # Divide the map by the normal level the shots show at each position (``clipshot.position_baseline``): "auto"
+    # (the product decides from its own synthetic defects at calibration), "on" or "off". Bundles written before
+    # this setting load with "off".
+    position_baseline: str = "auto"
 
     def __post_init__(self) -> None:
         if self.image_combination not in COMBINATIONS:
             raise ValueError(f"image_combination must be one of {COMBINATIONS}, got {self.image_combination!r}")
         if self.image_score not in IMAGE_SCORES:
             raise ValueError(f"image_score must be one of {IMAGE_SCORES}, got {self.image_score!r}")
+        if self.position_baseline not in POSITION_BASELINES:
+            raise ValueError(f"position_baseline must be one of {POSITION_BASELINES}, got {self.position_baseline!r}")
         if not 0 <= self.text_weight <= 1:
             raise ValueError("text_weight must be in [0, 1]")
 

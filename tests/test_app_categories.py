@@ -210,6 +210,10 @@ def test_non_clip_backbone_registers_memory_only_and_refuses_finetune(store, eff
         assert r.json()["job_id"] is None and any("fine-tuning skipped" in w for w in r.json()["warnings"])
         detail = client.get("/v1/categories/bolt", headers=ADMIN).json()
         assert detail["versions"][0]["branches"] == ["memory"]
+        # A memory-only product weighed dividing its maps by its own normal level: the evidence is shown.
+        weighed = detail["versions"][0]["position_baseline"]
+        assert weighed["mode"] == "auto" and weighed["chosen"] in ("plain", "divided")
+        assert {"image_separation", "pixel_separation", "separation"} <= set(weighed["plain"])
         before = snapshot(store)
         r = client.post("/v1/categories/bolt/finetune", headers=ADMIN)
         # 409, as for zero-shot without CLIP (the issue found 400 here and 409 there)

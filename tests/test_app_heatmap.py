@@ -108,7 +108,10 @@ def test_tint_deepens_from_threshold_to_vmax_and_never_hides_the_part():
 
 def test_colour_scale_without_a_threshold_uses_the_middle_of_the_score_range():
     assert colour_scale(None) == (0.5, 1.0) and colour_scale(float("nan")) == (0.5, 1.0)
-    assert colour_scale(0.8) == (0.8, 1.0)  # capped at the top of the score range
+    assert colour_scale(0.8) == (0.8, 1.0)  # capped at the top of a distance's range
+    # A ratio map (divided by the product's normal level) has its threshold past 1: the picture must still start
+    # at it, or pixels under the verdict's level would be tinted and listed as regions.
+    assert colour_scale(1.4) == (1.4, 2.8)
 
 
 @pytest.mark.parametrize(("size", "asked", "expected"), [

@@ -9,6 +9,7 @@ from PIL import Image
 
 from clipshot.anomaly_map import gaussian_blur
 from clipshot.features import Features
+from clipshot.fusion import ScoringConfig
 from clipshot.memory_branch import MemoryBank, greedy_coreset
 from model_store import AdapterStore, BackboneMismatch, BundleCorrupt
 from model_store.adapters import load_adapter, save_adapter
@@ -16,7 +17,9 @@ from tests.conftest import textured
 
 
 def test_image_equal_to_a_shot_scores_about_zero(tiny_detector, good_images):
-    adapter = tiny_detector.fit_memory(good_images, category="tex", text=False)
+    # Plain distances (no division by a position level, which would rescale them): what the memory measures.
+    adapter = tiny_detector.fit_memory(good_images, category="tex", text=False,
+                                       scoring=ScoringConfig(position_baseline="off"))
     score = tiny_detector.predict([good_images[2]], adapter)[0].score
     # fp16 memory bank: cosine of a vector with itself is 1 within ~1e-3, so the distance is ~0.
     assert score < 2e-3

@@ -56,7 +56,8 @@ def test_clip_export_folds_the_lora_and_matches_torch(backbone, tmp_path, runtim
     adapter = _with_lora(reference, fit(reference, "widget"), seed=1)
     images = [good(s) for s in range(20, 23)]
     for variant in (adapter, dataclasses.replace(adapter, scoring=dataclasses.replace(adapter.scoring, dpam=True)),
-                    dataclasses.replace(adapter, geometry=Geometry(resize="squash", frame=(48, 96)))):
+                    dataclasses.replace(adapter, geometry=Geometry(resize="squash", frame=(48, 96)),
+                                        baseline=None)):  # a position baseline belongs to its own frame
         assert_parity(reference, served, backbone.preprocess(images, variant.geometry), variant)
     # One graph per (frame, DPAM) with this LoRA; the LoRA is folded only while exporting: torch sees the base.
     assert len([p for p in tmp_path.iterdir() if p.name.endswith(served.runtime.format)]) == 3
@@ -78,7 +79,9 @@ def test_vit_export_matches_torch_on_every_frame(tmp_path, runtime):
     images = [good(s) for s in range(20, 23)]
     for geometry in (adapter.geometry, Geometry(resize="squash", frame=(42, 98)),
                      Geometry(tiles=(1, 2), tile_size=(1.0, 0.6))):
-        variant = dataclasses.replace(adapter, geometry=reference.resolve_geometry(geometry, [(64, 64)]))
+        own = geometry is adapter.geometry  # a position baseline belongs to the frame it was fitted at
+        variant = dataclasses.replace(adapter, geometry=reference.resolve_geometry(geometry, [(64, 64)]),
+                                      baseline=adapter.baseline if own else None)
         assert_parity(reference, served, vit.preprocess(images, variant.geometry), variant)
     # two frames: the tiles are cut to the default square frame, so they share the square view's graph
     assert len(list((tmp_path / "cache").glob(f"*-{served.runtime.format}"))) == 2

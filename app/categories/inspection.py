@@ -57,6 +57,7 @@ def version_facts(store: AdapterStore, name: str, version: int, active: int | No
             "backbone": m.backbone.spec, "runtime": m.backbone.runtime or "torch",
             "geometry": m.adapter.get("geometry"),
             "scoring": m.adapter.get("scoring"), "scoring_selection": m.adapter.get("scoring_selection"),
+            "position_baseline": m.adapter.get("position_baseline"),
             "validation": validation_facts(m.adapter.get("calibration"), goods, len(m.validation))}
 
 

@@ -76,6 +76,9 @@ def add_eval_parser(subparsers) -> None:
     parser.add_argument("--image-score", choices=("peak", "peak_mean"), default=None,
                         help="map -> image score: peak_mean (shipped: geometric mean of the map's maximum and mean) or "
                              "peak (the maximum alone)")
+    parser.add_argument("--position-baseline", choices=("off", "auto", "on"), default=None,
+                        help="divide maps by the normal level the shots show at each position: auto (each product "
+                             "decides from its own synthetic defects), on, off (clipshot/position_baseline.py)")
     parser.add_argument("--scoring", choices=("shipped", "choose"), default="shipped",
                         help="shipped: the scoring above; choose: each product picks its memory scoring from its own "
                              "shots (clipshot/scoring_selection.py), starting from the flags above")
@@ -128,7 +131,8 @@ def _adapter_factory(detector, args: argparse.Namespace):
             fixed = {key: value for key, value in (
                 ("memory_center", None if args.memory_center is None else args.memory_center == "on"),
                 ("memory_stages", None if args.memory_stages is None else args.memory_stages == "on"),
-                ("image_score", args.image_score)) if value is not None}
+                ("image_score", args.image_score), ("position_baseline", args.position_baseline))
+                if value is not None}
             scoring = ScoringConfig(**fixed) if fixed else None
             adapter = detector.fit_memory(shots, category=category, text=args.mode == "fused", object_name=category,
                                           geometry=geometry, scoring=scoring, choose_scoring=args.scoring == "choose")

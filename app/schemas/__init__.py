@@ -245,6 +245,11 @@ class AdapterVersionInfo(BaseModel):
         None, description="How the product chose that scoring from its own shots: `rule`, `chosen` and every "
                           "candidate's `image_separation` / `pixel_separation` (AUROC of its synthetic defects "
                           "against its leave-one-out normals); null when the scoring was fixed.")
+    position_baseline: dict[str, Any] | None = Field(
+        None, description="Whether the version divides its maps by the normal level its shots show at each position "
+                          "(`chosen`: `divided` or `plain`), by which `mode` (`auto`: decided from its own shots; "
+                          "`on`), with the `plain` and `divided` separations of its synthetic defects from its "
+                          "leave-one-out normals, or the `reason` it could not; null when never weighed.")
     error: str | None = Field(None, description="Set when the manifest cannot be read (the version is unusable).")
 
 

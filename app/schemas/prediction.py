@@ -30,8 +30,9 @@ class Heatmap(BaseModel):
                              "`heatmap_size` or 1024) or of the raw grid.")
     dtype: Literal["float16"] | None = Field(None, description="Element type of `raw` data (little-endian).")
     vmin: float | None = Field(None, description="Level the picture uses: untinted (mask: black) at or below "
-                               "it. The prediction's `map_threshold` (at most 0.99), or 0.5 when uncalibrated.")
-    vmax: float | None = Field(None, description="Score at which the tint is deepest (2 x vmin, at most 1).")
+                               "it. The prediction's `map_threshold`, or 0.5 when uncalibrated.")
+    vmax: float | None = Field(None, description="Score at which the tint is deepest: 2 x vmin, at most 1 when "
+                               "vmin is under 1 (maps divided by the product's normal level are ratios, past 1).")
 
 
 class AnomalyRegion(BaseModel):

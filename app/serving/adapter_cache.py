@@ -292,8 +292,10 @@ def _over(size: int, budget: int) -> bool:
 
 
 def _move(adapter: Adapter, device: torch.device) -> None:
-    """Memory bank and cached text embeddings follow the adapter between tiers."""
+    """Memory bank, cached text embeddings and the position baseline follow the adapter between tiers."""
     if adapter.memory is not None:
         adapter.memory.to(device)
     if adapter.text is not None:
         adapter.text = adapter.text.to(device)
+    if adapter.baseline is not None:
+        adapter.baseline = adapter.baseline.to(device)

@@ -38,6 +38,7 @@ class AdapterVersionInfo(_Model):
     geometry: dict[str, Any] | None = None
     scoring: dict[str, Any] | None = None
     scoring_selection: dict[str, Any] | None = None
+    position_baseline: dict[str, Any] | None = None
     error: str | None = None
 
 
