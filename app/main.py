@@ -74,6 +74,10 @@ def feature_runtime(settings: Settings, backbone: Backbone) -> FeatureRuntime | 
     if settings.runtime == "torch":
         return None
     quantize = None if settings.runtime_quantize == "none" else settings.runtime_quantize
+    if quantize is not None:
+        log.warning("%s=%s: int8 features fail the accuracy gate (F1 at threshold -2.7 points on one shared dataset "
+                    "at 16 shots, docs/results/int8); check your product with `clipshot eval` before relying on its "
+                    "verdicts", env_var("runtime_quantize"), quantize)
     runtime = FeatureRuntime(settings.runtime, settings.runtime_cache_dir, quantize=quantize)
     try:
         runtime.check_backbone(backbone)

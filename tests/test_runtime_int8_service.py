@@ -137,3 +137,17 @@ def test_int8_needs_an_onnx_runtime_or_openvino(tmp_path):
         settings_for(tmp_path, runtime_quantize="int8")
     with pytest.raises(ValidationError, match="runtime_quantize"):
         settings_for(tmp_path, runtime="openvino", runtime_quantize="int4")
+
+
+def test_turning_int8_on_warns_that_it_fails_the_accuracy_gate(backbone, tmp_path, caplog):
+    """int8 failed the suite's 1-point rule (docs/results/int8): whoever turns it on is told at start-up."""
+    from app.main import feature_runtime
+
+    with caplog.at_level("WARNING", logger="app.main"):
+        feature_runtime(settings_for(tmp_path, runtime="onnxruntime"), backbone)
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger="app.main"):
+        runtime = feature_runtime(settings_for(tmp_path, runtime="onnxruntime", runtime_quantize="int8"), backbone)
+    assert runtime is not None and runtime.quantize == "int8"
+    assert any("CLIPSHOT_RUNTIME_QUANTIZE=int8" in r.getMessage() and "docs/results/int8" in r.getMessage()
+               for r in caplog.records), caplog.text

@@ -147,7 +147,9 @@ class Settings(BaseSettings, UploadLimits, ServerSettings, MqttSettings, OpcUaSe
         "calibrated on exactly its product's shots at its geometry when the product is fitted (registration, "
         "feedback, fine-tune); its memory bank, threshold and predictions all come from that graph. A graph missing "
         "from the cache is re-made from the stored shots. Needs `runtime` onnxruntime or openvino; bundles fitted "
-        "without int8 keep their fp32 graph (with a warning) until refitted. Accuracy cost: docs/results/int8.",
+        "without int8 keep their fp32 graph (with a warning) until refitted. Not recommended: it fails the accuracy "
+        "gate (F1 at threshold -2.7 points on one shared dataset at 16 shots, docs/results/int8); check your product "
+        "first.",
     )
     runtime_cache: Path | None = Field(
         None,
