@@ -69,6 +69,9 @@ def test_page_shows_versions_shots_facts_and_the_trend_chart(browser, live):
     scoring = versions[detail["active_version"]]["scoring"]
     assert browser.find_element("css selector", '#page-scoring dd[data-field="image_score"]').text \
         == scoring["image_score"]
+    weighed = versions[detail["active_version"]]["position_baseline"]  # the product's own decision, with its why
+    shown = browser.find_element("css selector", '#page-scoring dd[data-field="position_baseline"]').text
+    assert shown.startswith(f"{weighed['mode']}: {weighed['chosen']} ("), shown
 
     trend = live.http.get("/v1/categories/widget/inspections/trend", params={"bucket": "hour"},
                           headers=CLIENT).json()

@@ -118,10 +118,20 @@
     }));
   }
 
+  // Whether the version divides its maps by its own normal level per position, and on what evidence.
+  function levelChoice(version) {
+    const weighed = version.position_baseline, mode = version.scoring && version.scoring.position_baseline;
+    if (!weighed) return mode || "off";
+    if (weighed.reason) return `${weighed.mode}: ${weighed.chosen} (${weighed.reason})`;
+    const sep = (side) => num(weighed[side] && weighed[side].separation, 3);
+    return `${weighed.mode}: ${weighed.chosen} (separation plain ${sep("plain")}, divided ${sep("divided")})`;
+  }
+
   function renderFacts(product) {
     const active = product.versions.find((v) => v.active) || {};
     factList($("page-geometry"), active.geometry || { geometry: "not stored (chosen from the image sizes)" });
-    factList($("page-scoring"), active.scoring || { scoring: "not reported" });
+    factList($("page-scoring"), active.scoring ? { ...active.scoring, position_baseline: levelChoice(active) }
+      : { scoring: "not reported" });
     const selection = active.scoring_selection;
     const box = $("page-selection");
     if (!selection) {
