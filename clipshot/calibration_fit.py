@@ -34,7 +34,9 @@ def calibrate_steps(detector: Detector, adapter: Adapter, shots: list[Image.Imag
 
     With ``adapter.selection`` set (a product that chooses its own scoring), every candidate scoring is applied
     to the same evidence and the adapter keeps the one that separates its synthetic defects from its unseen
-    normals best (``clipshot.scoring_selection``); the served bank is then rebuilt the chosen way."""
+    normals best (``clipshot.scoring_selection``); the served bank is then rebuilt the chosen way. Then the
+    product decides, on the same evidence, whether its maps are divided by its own normal level per position
+    (``clipshot.position_baseline``), and the threshold comes from the maps it will serve."""
     adapter.baseline = None  # the evidence is scored on plain maps; the product's level is decided from them
     found = yield from evidence.gather(detector, adapter, shots, feats, views)
     folds = found.feats.batch_size
