@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from clipshot.fusion import image_score
-from clipshot.scoring_selection import image_separation, pixel_separation
+from clipshot.scoring_selection import choose, weigh
 
 if TYPE_CHECKING:
     from clipshot.adapter import Adapter
@@ -35,7 +35,6 @@ if TYPE_CHECKING:
 
 MIN_SHOTS = 3
 FLOOR = 0.01  # the level is kept at or above this fraction of its own mean: a guard against division by ~0 only
-TIE = 1e-6  # separations closer than this are equal, and the plain map stays
 RULE = ("divide the map by the shots' leave-one-out mean map when that separates the product's synthetic defects "
         "from its leave-one-out normals better (mean of image and pixel AUROC); ties keep the plain map")
 
@@ -84,23 +83,16 @@ def decide(adapter: Adapter, ev: Evidence, loo: LeaveOneOut) -> LeaveOneOut:
     folds = loo.normal_maps.reshape(shots, per_fold, *loo.normal_maps.shape[1:])
     own = folds[:, 0]  # each shot's own map against the other shots (light views follow it)
     others = torch.stack([level(own[[j for j in range(shots) if j != i]]) for i in range(shots)])
-    divided = replace(loo, normal_maps=(folds / others[:, None]).flatten(0, 1),
-                      synthetic_maps=loo.synthetic_maps / others[torch.tensor(ev.sources, dtype=torch.long)]
-                      if len(ev.sources) else loo.synthetic_maps)
-    divided.normal = image_score(None, divided.normal_maps, adapter.scoring).tolist()
-    divided.synthetic = image_score(None, divided.synthetic_maps, adapter.scoring).tolist() if len(ev.sources) else []
-    plain_sep, divided_sep = _separation(ev, loo), _separation(ev, divided)
-    plain_at, divided_at = plain_sep["separation"], divided_sep["separation"]
-    use = mode == "on" or (plain_at is not None and divided_at is not None and divided_at > plain_at + TIE)
+    normal_maps = (folds / others[:, None]).flatten(0, 1)
+    synthetic_maps = loo.synthetic_maps  # empty when no synthetic defect came out
+    if ev.sources:
+        synthetic_maps = synthetic_maps / others[torch.tensor(ev.sources, dtype=torch.long)]
+    divided = replace(loo, normal_maps=normal_maps, synthetic_maps=synthetic_maps,
+                      normal=image_score(None, normal_maps, adapter.scoring).tolist(),
+                      synthetic=image_score(None, synthetic_maps, adapter.scoring).tolist() if ev.sources else [])
+    weighed = [weigh("plain", adapter.scoring, ev, loo), weigh("divided", adapter.scoring, ev, divided)]
+    use = mode == "on" or choose(weighed) == 1  # ties keep the plain map, the earlier candidate
     adapter.baseline = level(own) if use else None
     adapter.baseline_choice = {"rule": RULE, "mode": mode, "chosen": "divided" if use else "plain",
-                               "plain": plain_sep, "divided": divided_sep}
+                               "plain": weighed[0].to_dict(), "divided": weighed[1].to_dict()}
     return divided if use else loo
-
-
-def _separation(ev: Evidence, loo: LeaveOneOut) -> dict[str, float | None]:
-    image = image_separation(loo.normal, loo.synthetic)
-    pixel = None if ev.masks is None else pixel_separation(loo.synthetic_maps, ev.masks, loo.normal_maps)
-    known = [v for v in (image, pixel) if v is not None]
-    return {"image_separation": image, "pixel_separation": pixel,
-            "separation": sum(known) / len(known) if known else None}

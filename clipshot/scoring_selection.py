@@ -119,14 +119,19 @@ def selection_record(evidence: Sequence[CandidateEvidence], chosen: int) -> dict
     return {"rule": RULE, "chosen": evidence[chosen].name, "candidates": [e.to_dict() for e in evidence]}
 
 
+def weigh(name: str, scoring: ScoringConfig, ev: evidence.Evidence, loo: evidence.LeaveOneOut) -> CandidateEvidence:
+    """How well ``loo`` (``ev`` scored one way) separates the synthetic defects from the leave-one-out normals."""
+    pixel = None if ev.masks is None else pixel_separation(loo.synthetic_maps, ev.masks, loo.normal_maps)
+    return CandidateEvidence(name, scoring, image_separation(loo.normal, loo.synthetic), pixel)
+
+
 def select(detector: Detector, adapter: Adapter, ev: evidence.Evidence) -> Steps[evidence.LeaveOneOut]:
     """Score ``ev`` under every candidate, set the adapter's scoring to the best-separating one, record the choice
     and every candidate's evidence in ``adapter.selection``, and return the chosen one's leave-one-out scores."""
     found, runs = [], []
     for name, cfg in candidates(adapter.scoring, staged=detector.backbone.stage_dims is not None):
         loo = yield from evidence.leave_one_out(detector, replace(adapter, scoring=cfg), ev)
-        pixel = None if ev.masks is None else pixel_separation(loo.synthetic_maps, ev.masks, loo.normal_maps)
-        found.append(CandidateEvidence(name, cfg, image_separation(loo.normal, loo.synthetic), pixel))
+        found.append(weigh(name, cfg, ev, loo))
         runs.append(loo)
     best = choose(found)
     adapter.scoring = found[best].scoring
