@@ -23,7 +23,8 @@ and maps run through the unchanged ``Detector`` code. Pixel metrics use 256-px m
 ``--runtime`` computes every feature (shots, synthetic defects, tests) through ONNX Runtime or OpenVINO;
 ``--quantize int8`` through an int8 graph calibrated on that seed's shots only (at the geometry the fit chooses),
 so each seed has its own graph and the test set is extracted once per seed. The comparison then uses only the
-baseline's records of the seeds run here.
+baseline's records of the seeds run here. ``--resize`` fixes the geometry's resize mode for every product (as a
+registration naming it), to screen the geometry rule, e.g. on ``benchmarks/variable_size.py``'s derived sets.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from clipshot.evaluation import run_protocol
 from clipshot.evaluation.dataset import list_categories
 from clipshot.features import Features
 from clipshot.fusion import ScoringConfig
+from clipshot.geometry import RESIZE_MODES
 
 PLAN = ((1, (0, 1, 2)), (4, (0, 1, 2, 3, 4)), (16, (0, 1, 2)))  # (shots, seeds)
 GATE_POINTS = 1.0  # the house rule: no dataset may lose more than this many points on a gated metric
@@ -145,9 +147,10 @@ def parse_variant(spec: str) -> dict[str, Any]:
     return out
 
 
-def make_factory(detector: Detector, variant: dict[str, Any], facts: dict[tuple, dict]):
+def make_factory(detector: Detector, variant: dict[str, Any], facts: dict[tuple, dict], resize: str | None = None):
     """Adapters exactly as registration builds them (``fit_memory``, its geometry rule and defaults), with the
-    variant's scoring overrides; the calibration's own predictions are kept in ``facts`` per run."""
+    variant's scoring overrides; the calibration's own predictions are kept in ``facts`` per run. ``resize``: the
+    geometry's resize mode as a registration naming it gets (the rest of the auto rule unchanged)."""
 
     def make_adapter(shots: list[Image.Image], k: int, seed: int, *, category: str):
         start = time.perf_counter()
@@ -157,7 +160,9 @@ def make_factory(detector: Detector, variant: dict[str, Any], facts: dict[tuple,
         if detector.runtime is not None and detector.runtime.quantize:  # int8: calibrated on these shots only
             geometry = detector.resolve_geometry(None, [img.size for img in shots])
             detector.runtime.calibrate(detector.backbone.preprocess(shots, geometry))
-        adapter = detector.fit_memory(shots, category=category, scoring=scoring, choose_scoring=choose)
+        geometry = None if resize is None else detector.plan_geometry([img.size for img in shots], resize=resize)
+        adapter = detector.fit_memory(shots, category=category, scoring=scoring, choose_scoring=choose,
+                                      geometry=geometry)
         cal = adapter.calibration
         facts[(category, seed, k)] = {
             "predicted_false_alarm_rate": None if cal is None else cal.expected_false_alarm_rate,
@@ -189,7 +194,7 @@ def run_suite(args: argparse.Namespace, detector: CachedDetector, variant: dict[
         for k, seeds in plan:
             if not seeds:
                 continue
-            result = run_protocol(parent, detector, make_factory(detector, variant, facts), mode="memory",
+            result = run_protocol(parent, detector, make_factory(detector, variant, facts, args.resize), mode="memory",
                                   categories=[category], shots=[k], seeds=list(seeds), mask_size=args.mask_size,
                                   examples_per_defect=0, progress=False)
             for rec in result.records:
@@ -206,7 +211,8 @@ def run_suite(args: argparse.Namespace, detector: CachedDetector, variant: dict[
                       f"{rec['selection'] or ''} {rec['position_baseline'] or ''}".rstrip(), flush=True)
     return {"records": records, "summary": summarise(records),
             "settings": {"backbone": args.backbone, "runtime": args.runtime, "quantize": args.quantize,
-                         "memory_precision": detector.memory_precision, "variant": variant, "mask_size": args.mask_size,
+                         "memory_precision": detector.memory_precision, "variant": variant,
+                         "resize": args.resize, "mask_size": args.mask_size,
                          "plan": [[k, list(s)] for k, s in plan], "command": ["python", *sys.argv],
                          "machine": f"{platform.machine()} {platform.processor() or ''} "
                                     f"{torch.get_num_threads()} torch threads".strip(),
@@ -279,7 +285,9 @@ def markdown(result: dict[str, Any], diffs: list[dict[str, Any]] | None, gate_ok
     s = result["settings"]
     runtime = s.get("runtime", "torch") + (f" {s['quantize']}" if s.get("quantize") else "") + (
         f", memory in {s['memory_precision']}" if s.get("memory_precision", "fp32") != "fp32" else "")
-    lines = [f"# Accuracy suite — `{s['backbone']}` ({runtime}), variant {s['variant'] or 'shipped defaults'}", "",
+    resize = f", geometry resize {s['resize']}" if s.get("resize") else ""
+    lines = [f"# Accuracy suite — `{s['backbone']}` ({runtime}), variant {s['variant'] or 'shipped defaults'}{resize}",
+             "",
              f"Command: `{' '.join(s['command'])}` ({s['minutes']} min on {s['machine']}; feature cache "
              f"{s['feature_cache']['hits']} hits / {s['feature_cache']['misses']} extractions). Masks at "
              f"{s['mask_size']} px. Means over seeds; points = percent.", "",
@@ -337,6 +345,9 @@ def main() -> None:
     parser.add_argument("--quantize", default=None, choices=("int8",),
                         help="int8 graphs calibrated on each seed's shots only (needs --runtime other than torch)")
     parser.add_argument("--runtime-cache", type=Path, default=None, help="folder of exported graphs (default: temp)")
+    parser.add_argument("--resize", default=None, choices=RESIZE_MODES,
+                        help="geometry resize mode for every product, as a registration naming it (default: the "
+                             "auto rule)")
     parser.add_argument("--memory-precision", default="auto", choices=("auto", "fp32", "bf16"),
                         help="what memory cosines are computed in (auto: the shipped rule for this CPU)")
     args = parser.parse_args()
