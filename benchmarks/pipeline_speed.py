@@ -7,6 +7,9 @@ machine's load falls on each alike), on ``--threads`` threads each (default 1), 
 states its worst score difference from PyTorch at the same memory precision, so a speed is never quoted without its
 parity. The images/s ratio is against PyTorch with fp32 memory scoring, what a CPU service ran before bf16 scoring;
 ``same-precision x`` is against PyTorch at the row's own memory precision (what switching only the runtime gains).
+``--per-cell`` adds every row again with every stage searched at every cell of the stride-8 grid
+(``memory_stage_grids=False``, the scoring before stage grids), timed in the same round-robin; its parity and ratios
+are against its own PyTorch rows.
 
     python benchmarks/pipeline_speed.py --data ../shared/data/mvtec_ad --category bottle [--repeats 8]
     python benchmarks/pipeline_speed.py --data ../shared/data/bsdata --category ball_screw --int8
@@ -29,8 +32,11 @@ from clipshot.backbone import load_backbone
 from clipshot.detector import Detector
 from clipshot.evaluation.dataset import list_test_samples, list_train_good, load_image
 from clipshot.evaluation.shots import select_shots
+from clipshot.fusion import ScoringConfig
 from clipshot.memory_branch import native_bf16
 from clipshot.runtimes import FeatureRuntime, RuntimeUnavailable
+
+PER_CELL = " per-cell"
 
 
 def _detectors(args: argparse.Namespace, backbone, work: Path) -> dict[str, Detector]:
@@ -38,10 +44,10 @@ def _detectors(args: argparse.Namespace, backbone, work: Path) -> dict[str, Dete
     precisions = ["fp32", "bf16"] if native_bf16("cpu") or args.emulated_bf16 else ["fp32"]
     out: dict[str, Detector] = {}
     for precision in precisions:
-        for name in args.runtimes:
+        for name, scoring in [(n, tag) for tag in (["", PER_CELL] if args.per_cell else [""]) for n in args.runtimes]:
             quantize = [None, "int8"] if args.int8 and name != "torch" else [None]
             for q in quantize:
-                label = f"{name}{' int8' if q else ''} | {precision}"
+                label = f"{name}{' int8' if q else ''}{scoring} | {precision}"
                 try:
                     runtime = None if name == "torch" else FeatureRuntime(name, work, quantize=q,
                                                                           threads=args.threads)
@@ -49,6 +55,12 @@ def _detectors(args: argparse.Namespace, backbone, work: Path) -> dict[str, Dete
                 except RuntimeUnavailable as exc:
                     print(f"{label}: unavailable ({exc})")
     return out
+
+
+def _torch_row(label: str, precision: str | None = None) -> str:
+    """The PyTorch row a row is compared with: same scoring, its own memory precision unless given."""
+    name, own = label.split(" | ")
+    return f"torch{PER_CELL if name.endswith(PER_CELL) else ''} | {precision or own}"
 
 
 def main() -> None:
@@ -64,6 +76,9 @@ def main() -> None:
                         help="also int8 graphs, each calibrated on this product's shots only (opt-in export)")
     parser.add_argument("--emulated-bf16", action="store_true",
                         help="time bf16 memory scoring even where the CPU has no native bf16 (it is then slower)")
+    parser.add_argument("--per-cell", action="store_true",
+                        help="also time every stage searched at every grid cell (memory_stage_grids off, the scoring "
+                             "before stage grids), side by side")
     parser.add_argument("--threads", type=int, default=1,
                         help="threads of every runtime and of PyTorch (default 1: per-core speed, and runtimes that "
                              "share one process do not starve each other's thread pools)")
@@ -84,7 +99,8 @@ def main() -> None:
             if detector.runtime is not None and detector.runtime.quantize:
                 geometry = detector.resolve_geometry(None, [s.size for s in shots])
                 detector.runtime.calibrate(backbone.preprocess(shots, geometry))
-            adapters[label] = detector.fit_memory(shots, category=args.category)
+            scoring = ScoringConfig(memory_stage_grids=PER_CELL not in label)
+            adapters[label] = detector.fit_memory(shots, category=args.category, scoring=scoring)
     geometry = next(iter(adapters.values())).geometry
     pixels = backbone.preprocess(images, geometry)
 
@@ -99,7 +115,7 @@ def main() -> None:
         x = pixels[:batch]
         scores = {label: d.forward(x, adapters[label])[0] for label, d in detectors.items()}  # warm-up + parity
         for label in detectors:
-            reference = scores[f"torch | {label.split(' | ')[1]}"]
+            reference = scores[_torch_row(label)]
             diffs[label, batch] = float((scores[label] - reference).abs().max())
         for _ in range(args.repeats):
             for label, detector in detectors.items():
@@ -110,10 +126,10 @@ def main() -> None:
           "| max score diff vs torch |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for batch in args.batches:
-        base = statistics.median(times["torch | fp32", batch]) / batch
         for label in detectors:
+            base = statistics.median(times[_torch_row(label, "fp32"), batch]) / batch
             ms = statistics.median(times[label, batch]) / batch
-            same = statistics.median(times[f"torch | {label.split(' | ')[1]}", batch]) / batch
+            same = statistics.median(times[_torch_row(label), batch]) / batch
             name, precision = label.split(" | ")
             print(f"| {name} | {precision} | {batch} | {1000 * ms:.1f} | {1 / ms:.1f} | {base / ms:.2f}x "
                   f"| {same / ms:.2f}x | {diffs[label, batch]:.1e} |")

@@ -100,6 +100,7 @@ class Adapter:
             "memory_layers": 0 if self.memory is None else len(self.memory.layers),
             "memory_centered": self.memory is not None and self.memory.centered,
             "memory_stages": None if self.memory is None else self.memory.stages,
+            "memory_stage_pools": None if self.memory is None else self.memory.pools,
             "object_name": self.object_name,
             "backbone": self.backbone,
             "geometry": self.geometry.to_dict(),
@@ -117,7 +118,7 @@ class Adapter:
             centers = ([tensors[f"memory.center{i}"] for i in range(layers)]
                        if layers and config.get("memory_centered") else None)
             memory = (MemoryBank([tensors[f"memory.layer{i}"] for i in range(layers)], centers,
-                                 config.get("memory_stages")) if layers else None)
+                                 config.get("memory_stages"), config.get("memory_stage_pools")) if layers else None)
         except KeyError as exc:
             raise ValueError(f"bundle config promises {layers} memory layers but {exc} is missing") from exc
         scoring = dict(config.get("scoring", {}))
@@ -126,6 +127,7 @@ class Adapter:
         scoring.setdefault("image_score", "peak")
         scoring.setdefault("memory_stages", False)
         scoring.setdefault("position_baseline", "off")
+        scoring.setdefault("memory_stage_grids", False)
         choice = config.get("position_baseline")
         baseline = tensors.get("memory.baseline")
         if choice and choice.get("chosen") == "divided" and baseline is None:

@@ -392,8 +392,9 @@ class Detector:
                           keep: Sequence[torch.Tensor] | None = None) -> Steps[MemoryBank]:
         """``memory_bank`` with the coreset's loop in bounded chunks."""
         stages = self.backbone.stage_dims if adapter.scoring.memory_stages else None
+        pools = self.backbone.stage_pools if stages is not None and adapter.scoring.memory_stage_grids else None
         return MemoryBank.from_features_steps(feats, coreset_ratio, center=adapter.scoring.memory_center,
-                                              stages=stages, keep=keep)
+                                              stages=stages, pools=pools, keep=keep)
 
     def score_images(self, images: Sequence[Image.Image], adapter: Adapter) -> list[float]:
         """Image scores only (no maps): validation evidence such as confirmed defects."""

@@ -108,10 +108,18 @@ class MemoryBank:
     for EfficientNet-Lite0's stride-8 and stride-16 outputs) every stage is scored as a layer of its own: its
     slice re-normalised, centred on its own mean, its own nearest neighbour, and the stage distances averaged,
     as the CLIP layers already are. Concatenated and normalised together, the stage with the larger activations
-    outweighs the other (issue 10: ball screw image AUROC 91.7 -> 92.3, bottle pixel AUROC 98.4 -> 98.7)."""
+    outweighs the other (issue 10: ball screw image AUROC 91.7 -> 92.3, bottle pixel AUROC 98.4 -> 98.7).
+
+    With ``pools`` (per stage, how many grid cells its own feature grid spans: 1, 2 for EfficientNet-Lite0) a stage
+    computed at a coarser stride is searched at that stride: at every p-th cell of every p-th row, exactly as
+    before (the whole bank, every row kept), and linearly interpolated between them. The backbone upsampled that
+    stage onto the grid, so neighbouring cells carry interpolations of the same few vectors; searching all of them
+    costs p^2 times the work for no detail the stage has. Sampling cells rather than averaging blocks keeps each
+    query a vector of the kind the bank holds (block means are smoother than any bank row, which moved the
+    paper texture's threshold: docs/results/stage-grids/)."""
 
     def __init__(self, layers: list[torch.Tensor], centers: list[torch.Tensor] | None = None,
-                 stages: Sequence[int] | None = None):
+                 stages: Sequence[int] | None = None, pools: Sequence[int] | None = None):
         if not layers or any(layer.ndim != 2 for layer in layers):
             raise ValueError("a memory bank needs one (M, D) tensor per layer")
         if centers is not None and (len(centers) != len(layers) or any(
@@ -120,9 +128,12 @@ class MemoryBank:
         if stages is not None and (not stages or any(int(w) < 1 for w in stages)
                                    or any(sum(stages) != layer.shape[1] for layer in layers)):
             raise ValueError(f"memory stages {stages} must be positive widths summing to the feature dim")
+        if pools is not None and (stages is None or len(pools) != len(stages) or any(int(p) < 1 for p in pools)):
+            raise ValueError(f"memory stage pools {pools} need one factor >= 1 per stage (stages {stages})")
         self.layers = [layer.to(torch.float16).contiguous() for layer in layers]
         self.centers = None if centers is None else [c.float().contiguous() for c in centers]
         self.stages = None if stages is None else [int(w) for w in stages]
+        self.pools = None if pools is None or all(int(p) == 1 for p in pools) else [int(p) for p in pools]
         # Rows a coreset kept, per layer, as indices into the flattened (images x patches) rows it was built from:
         # calibration's leave-one-out banks are this same coreset without the held-out image. Set by
         # ``from_features`` when a coreset ran; not part of the bundle.
@@ -130,14 +141,16 @@ class MemoryBank:
 
     @classmethod
     def from_features(cls, features: Features, coreset_ratio: float | None = None, *,
-                      center: bool = False, stages: Sequence[int] | None = None) -> MemoryBank:
+                      center: bool = False, stages: Sequence[int] | None = None,
+                      pools: Sequence[int] | None = None) -> MemoryBank:
         """Bank of every patch of ``features``; ``center`` stores their per-layer mean (taken before the coreset,
         so the centre is the mean of all the normal patches, not of the kept subset; per stage with ``stages``)."""
-        return finish(cls.from_features_steps(features, coreset_ratio, center=center, stages=stages))
+        return finish(cls.from_features_steps(features, coreset_ratio, center=center, stages=stages, pools=pools))
 
     @classmethod
     def from_features_steps(cls, features: Features, coreset_ratio: float | None = None, *,
                             center: bool = False, stages: Sequence[int] | None = None,
+                            pools: Sequence[int] | None = None,
                             keep: Sequence[torch.Tensor] | None = None) -> Steps[MemoryBank]:
         """``from_features`` with the coreset's loop in bounded chunks (see ``clipshot.chunked``).
 
@@ -159,7 +172,7 @@ class MemoryBank:
                 kept.append((yield from greedy_coreset_steps(points, coreset_ratio)))
         if kept is not None:
             layers = [layer[k] for layer, k in zip(layers, kept, strict=True)]
-        bank = cls(layers, centers, stages)
+        bank = cls(layers, centers, stages, pools)
         bank.kept = kept
         return bank
 
@@ -200,8 +213,9 @@ class MemoryBank:
             raise ValueError(f"memory bank has {len(self.layers)} layers, features have {len(features.patches)}")
         h, w = features.grid
         query0 = features.patches[0]
+        batch = query0.shape[0]
         compute = COMPUTE_DTYPE[precision or memory_precision(query0.device, "fp16")]
-        total = torch.zeros(query0.shape[0] * query0.shape[1], device=query0.device)
+        total = torch.zeros(batch * h * w, device=query0.device)
         terms = 0
         for layer, query in enumerate(features.patches):
             if query.shape[-1] != self.layers[layer].shape[-1]:
@@ -211,15 +225,44 @@ class MemoryBank:
             # never kept: it costs one pass over the bank against the chunks' pass per query patch, and keeping
             # it would hold a second copy of every bank in the cache tiers.
             parts = self._shift(self.layers[layer].to(query.device), layer, compute)
+            pools = self.pools or [1] * len(parts)
             flats = self._shift(query.reshape(-1, query.shape[-1]), layer, compute)
-            for flat, bank in zip(flats, parts, strict=True):
-                flat, bank, offset = _shifted(flat, bank) if compute == torch.bfloat16 else (flat, bank, 0.0)
-                chunk = max(128, SIM_BUDGET // max(1, bank.shape[0]))
-                for start in range(0, flat.shape[0], chunk):
-                    sim = (flat[start : start + chunk] @ bank.t()).amax(dim=1).float() + offset
-                    total[start : start + chunk] += (1 - sim.clamp(-1, 1)) / 2
+            for flat, bank, pool in zip(flats, parts, pools, strict=True):
+                if pool > 1:
+                    flat = _strided(flat, (batch, h, w), pool)
+                nearest = _nearest(flat, bank, compute)
+                total += nearest if pool == 1 else _upsampled(nearest, (batch, h, w), pool)
                 terms += 1
         return (total / terms).view(query0.shape[0], h, w)
+
+
+def _nearest(flat: torch.Tensor, bank: torch.Tensor, compute: torch.dtype) -> torch.Tensor:
+    """(N,) fp32: (1 - the largest cosine of each row of ``flat`` with ``bank``)/2, in chunks of SIM_BUDGET."""
+    flat, bank, offset = _shifted(flat, bank) if compute == torch.bfloat16 else (flat, bank, 0.0)
+    out = torch.empty(flat.shape[0], device=flat.device)
+    chunk = max(128, SIM_BUDGET // max(1, bank.shape[0]))
+    for start in range(0, flat.shape[0], chunk):
+        sim = (flat[start : start + chunk] @ bank.t()).amax(dim=1).float() + offset
+        out[start : start + chunk] = (1 - sim.clamp(-1, 1)) / 2
+    return out
+
+
+def _strided(flat: torch.Tensor, shape: tuple[int, int, int], pool: int) -> torch.Tensor:
+    """(B*h*w, D) rows on the grid -> (B*ceil(h/p)*ceil(w/p), D): the cells at every p-th row and column."""
+    batch, h, w = shape
+    return flat.reshape(batch, h, w, -1)[:, ::pool, ::pool].reshape(-1, flat.shape[-1])
+
+
+def _upsampled(near: torch.Tensor, shape: tuple[int, int, int], pool: int) -> torch.Tensor:
+    """Distances at the cells ``_strided`` took -> (B*h*w,) on the grid: exact there, bilinear between them (cell
+    i lies at i / p of the sampled grid, which ``align_corners=True`` maps exactly), the last one held beyond."""
+    batch, h, w = shape
+    rows, cols = -(-h // pool), -(-w // pool)
+    sampled = near.view(batch, 1, rows, cols)
+    up = F.interpolate(sampled, size=(pool * (rows - 1) + 1, pool * (cols - 1) + 1), mode="bilinear",
+                       align_corners=True)
+    up = F.pad(up, (0, max(0, w - up.shape[-1]), 0, max(0, h - up.shape[-2])), mode="replicate")
+    return up[:, 0, :h, :w].reshape(-1)
 
 
 def _shifted(flat: torch.Tensor, bank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:

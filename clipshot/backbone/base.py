@@ -97,6 +97,12 @@ class Backbone(ABC):
         """Channel widths of the stages concatenated in each patch vector, or None when every layer is one stage."""
         return None
 
+    @property
+    def stage_pools(self) -> tuple[int, ...] | None:
+        """Per stage of ``stage_dims``, how many patch-grid cells its own feature grid spans on each side (1 = the
+        grid's resolution; 2 = a stage computed at twice the grid's stride and upsampled onto it); None as there."""
+        return None
+
     def preprocess(self, images: Sequence[Image.Image], geometry: Geometry | None = None) -> torch.Tensor:
         """Views of the images as the category's geometry cuts them (default: squash-resize to the square
         input, no crop: a crop could cut a defect at the border), normalised: (N * views, 3, H, W)."""

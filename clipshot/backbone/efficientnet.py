@@ -70,6 +70,11 @@ class EfficientNetBackbone(Backbone):
         """Channels of the used stages, in the order ``extract`` concatenates them (fine grid first)."""
         return tuple(self._widths[s] for s in self.layers)
 
+    @property
+    def stage_pools(self) -> tuple[int, ...]:
+        """The stride-16 stage spans 2 x 2 cells of the stride-8 grid it is upsampled onto."""
+        return tuple(stride // self.layers[0] for stride in self.layers)
+
     def _probe_stages(self) -> tuple[dict[int, int], dict[int, int]]:
         """Index of the last block and channel width at each output stride, found by running a dummy input once."""
         ends: dict[int, int] = {}
