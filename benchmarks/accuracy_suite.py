@@ -157,10 +157,10 @@ def make_factory(detector: Detector, variant: dict[str, Any], facts: dict[tuple,
         choose = bool(variant.get("choose"))
         overrides = {k: v for k, v in variant.items() if k != "choose"}
         scoring = replace(ScoringConfig(), **overrides) if overrides else None
+        sizes = [img.size for img in shots]
+        geometry = None if resize is None else detector.plan_geometry(sizes, resize=resize)
         if detector.runtime is not None and detector.runtime.quantize:  # int8: calibrated on these shots only
-            geometry = detector.resolve_geometry(None, [img.size for img in shots])
-            detector.runtime.calibrate(detector.backbone.preprocess(shots, geometry))
-        geometry = None if resize is None else detector.plan_geometry([img.size for img in shots], resize=resize)
+            detector.runtime.calibrate(detector.backbone.preprocess(shots, detector.resolve_geometry(geometry, sizes)))
         adapter = detector.fit_memory(shots, category=category, scoring=scoring, choose_scoring=choose,
                                       geometry=geometry)
         cal = adapter.calibration
