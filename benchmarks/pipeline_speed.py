@@ -44,10 +44,10 @@ def _detectors(args: argparse.Namespace, backbone, work: Path) -> dict[str, Dete
     precisions = ["fp32", "bf16"] if native_bf16("cpu") or args.emulated_bf16 else ["fp32"]
     out: dict[str, Detector] = {}
     for precision in precisions:
-        for name, scoring in [(n, tag) for tag in (["", PER_CELL] if args.per_cell else [""]) for n in args.runtimes]:
+        for name, tag in [(n, t) for t in (["", PER_CELL] if args.per_cell else [""]) for n in args.runtimes]:
             quantize = [None, "int8"] if args.int8 and name != "torch" else [None]
             for q in quantize:
-                label = f"{name}{' int8' if q else ''}{scoring} | {precision}"
+                label = f"{name}{' int8' if q else ''}{tag} | {precision}"
                 try:
                     runtime = None if name == "torch" else FeatureRuntime(name, work, quantize=q,
                                                                           threads=args.threads)

@@ -55,20 +55,20 @@ def derive(category: Path, out: Path, smallest: float, seed: int) -> int:
         masks = []
         if rel.parts[0] == "test" and rel.parts[1] != "good":
             masks = sorted((category / "ground_truth" / rel.parts[1]).glob(path.stem + "*"))
-        if masks:
-            ys, xs = np.nonzero(np.asarray(Image.open(masks[0]).convert("L")) > 0)
+        mask = Image.open(masks[0]) if masks else None
+        keep = None
+        if mask is not None:
+            ys, xs = np.nonzero(np.asarray(mask.convert("L")) > 0)
             keep = (int(xs.mean()), int(ys.mean())) if xs.size else None
-        else:
-            keep = None
         box = crop_box(image.size, smallest, rng, keep)
         target = (out / rel).with_suffix(".png")
         target.parent.mkdir(parents=True, exist_ok=True)
         image.crop(box).save(target)
         written += 1
-        for mask in masks[:1]:
-            mask_target = (out / "ground_truth" / rel.parts[1] / mask.name).with_suffix(".png")
+        if mask is not None:
+            mask_target = (out / "ground_truth" / rel.parts[1] / masks[0].name).with_suffix(".png")
             mask_target.parent.mkdir(parents=True, exist_ok=True)
-            Image.open(mask).crop(box).save(mask_target)
+            mask.crop(box).save(mask_target)
     return written
 
 

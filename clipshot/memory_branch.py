@@ -233,7 +233,7 @@ class MemoryBank:
                 nearest = _nearest(flat, bank, compute)
                 total += nearest if pool == 1 else _upsampled(nearest, (batch, h, w), pool)
                 terms += 1
-        return (total / terms).view(query0.shape[0], h, w)
+        return (total / terms).view(batch, h, w)
 
 
 def _nearest(flat: torch.Tensor, bank: torch.Tensor, compute: torch.dtype) -> torch.Tensor:
